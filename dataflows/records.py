@@ -1,0 +1,380 @@
+"""Records on the wire: the wine schema, decoding into columns, and dead letters.
+
+Everything here is plain Python and numpy, testable without Bytewax or Kafka.
+
+A records-topic message is a `WineRecord` in one of three encodings, chosen by its
+`content-type` header: protobuf (the default when the header is absent), JSON with the
+same field names, or one `;`-separated CSV line in the UCI wine layout. A batch of
+messages decodes into one `RecordColumns` per data type: features as a float64 matrix
+with NaN for "missing" (explicit NaN/inf inputs are rejected at decode time, so NaN in
+the matrix can only mean absent).
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import orjson
+from google.protobuf.message import DecodeError
+
+from protos import waxserve_pb2 as pb
+
+WINE_FEATURES: tuple[str, ...] = (
+    "fixed_acidity",
+    "volatile_acidity",
+    "citric_acid",
+    "residual_sugar",
+    "chlorides",
+    "free_sulfur_dioxide",
+    "total_sulfur_dioxide",
+    "density",
+    "ph",
+    "sulphates",
+    "alcohol",
+)
+"""The 11 feature fields of a wine record, in the column order of `RecordColumns.features`."""
+
+LABEL_FIELD = "quality"
+DEFAULT_DATA_TYPE = "wine"
+FEATURE_INDEX: dict[str, int] = {name: i for i, name in enumerate(WINE_FEATURES)}
+
+CONTENT_TYPE_HEADER = "content-type"
+CONTENT_TYPE_PROTOBUF = "application/x-protobuf"
+CONTENT_TYPE_JSON = "application/json"
+CONTENT_TYPE_CSV = "text/csv"
+
+Headers = list[tuple[str, bytes]]
+OutMessage = tuple[bytes | None, bytes | None, Headers]
+"""A message for a sink: key, value, headers."""
+
+
+def canonical_name(name: str) -> str:
+    """Field name normalised for matching model inputs to record fields.
+
+    PMML names its fields "fixed acidity" and "pH"; records say `fixed_acidity` and `ph`.
+    Lower-casing and folding every run of non-alphanumerics to `_` maps one onto the other.
+    """
+    return re.sub(r"[^0-9a-z]+", "_", name.lower()).strip("_")
+
+
+_CANONICAL_FEATURES = {canonical_name(f): f for f in WINE_FEATURES}
+
+
+def record_field_for(model_input: str) -> str | None:
+    """The wine record field that feeds a model input of this name, or None."""
+    return _CANONICAL_FEATURES.get(canonical_name(model_input))
+
+
+class RecordError(ValueError):
+    """A record that cannot be scored; `reason` is the dead-letter error class."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+# --- single-record parsing (CLI replay and decode share these) -------------------------
+
+
+def _number(field_name: str, value: object) -> float | None:
+    """A feature value as a finite float, None when absent; RecordError otherwise."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise RecordError("non_numeric", f"{field_name}: expected a number, got {value!r}")
+    if isinstance(value, int | float):
+        number = float(value)
+    elif isinstance(value, str):
+        try:
+            number = float(value)
+        except ValueError:
+            raise RecordError(
+                "non_numeric", f"{field_name}: expected a number, got {value!r}"
+            ) from None
+    else:
+        raise RecordError("non_numeric", f"{field_name}: expected a number, got {value!r}")
+    if not math.isfinite(number):
+        raise RecordError("non_finite", f"{field_name}: value {value!r} is not finite")
+    return number
+
+
+CSV_COLUMNS: tuple[str, ...] = (*WINE_FEATURES, LABEL_FIELD)
+
+
+def parse_csv_line(line: str) -> dict[str, float | None]:
+    """Parse one `;`-separated UCI wine line: 11 features then quality (may be empty)."""
+    cells = line.rstrip("\r\n").split(";")
+    if len(cells) != len(CSV_COLUMNS):
+        raise RecordError(
+            "bad_csv",
+            f"expected {len(CSV_COLUMNS)} ';'-separated columns "
+            f"({', '.join(CSV_COLUMNS)}), got {len(cells)}",
+        )
+    return {name: _number(name, cell.strip()) for name, cell in zip(CSV_COLUMNS, cells, strict=True)}
+
+
+def wine_record(
+    values: dict[str, float | None],
+    *,
+    record_id: str = "",
+    data_type: str = DEFAULT_DATA_TYPE,
+    event_time_ms: int = 0,
+) -> pb.WineRecord:
+    """Build a `WineRecord`, leaving absent (None) fields unset."""
+    msg = pb.WineRecord(record_id=record_id, data_type=data_type, event_time_ms=event_time_ms)
+    for name in CSV_COLUMNS:
+        value = values.get(name)
+        if value is not None:
+            setattr(msg, name, value)
+    return msg
+
+
+def record_to_json(msg: pb.WineRecord) -> bytes:
+    """JSON encoding of a record: the protobuf field names, absent fields omitted."""
+    out: dict[str, object] = {
+        "record_id": msg.record_id,
+        "data_type": msg.data_type,
+        "event_time_ms": msg.event_time_ms,
+    }
+    for name in CSV_COLUMNS:
+        if msg.HasField(name):
+            out[name] = getattr(msg, name)
+    return orjson.dumps(out)
+
+
+# --- batch decoding into columns --------------------------------------------------------
+
+
+@dataclass
+class SourceBatch:
+    """Messages consumed together from one topic partition, in offset order."""
+
+    topic: str
+    partition: int
+    offsets: list[int]
+    keys: list[bytes | None]
+    values: list[bytes | None]
+    headers: list[Headers]
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+
+@dataclass
+class DeadLetter:
+    """An input that could not be processed, kept whole for the dead-letter topic."""
+
+    stage: str  # "decode", "score", "model"
+    reason: str  # error class, e.g. "missing_feature"
+    message: str
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers = field(default_factory=list)
+    data_type: str = ""
+
+    def to_message(self) -> OutMessage:
+        """The dead letter as a Kafka message: original key and bytes, error in headers."""
+        headers: Headers = [
+            ("waxserve.stage", self.stage.encode()),
+            ("waxserve.error.class", self.reason.encode()),
+            ("waxserve.error.message", self.message.encode()),
+            ("waxserve.source.topic", self.topic.encode()),
+            ("waxserve.source.partition", str(self.partition).encode()),
+            ("waxserve.source.offset", str(self.offset).encode()),
+        ]
+        if self.data_type:
+            headers.append(("waxserve.data_type", self.data_type.encode()))
+        # Keep the producer's own headers too, after ours.
+        headers.extend(h for h in self.headers if not h[0].startswith("waxserve."))
+        return (self.key, self.value, headers)
+
+
+@dataclass
+class RecordColumns:
+    """Decoded records of one data type from one source partition, as columns.
+
+    `features[i, j]` is feature `WINE_FEATURES[j]` of record i, NaN when absent.
+    `raw[i]`, `keys[i]` and `headers[i]` are record i as it arrived, for dead letters.
+    """
+
+    data_type: str
+    topic: str
+    partition: int
+    offsets: np.ndarray  # int64 (n,)
+    record_ids: list[str]
+    event_time_ms: np.ndarray  # int64 (n,)
+    features: np.ndarray  # float64 (n, len(WINE_FEATURES))
+    labels: np.ndarray  # float64 (n,), NaN when absent
+    keys: list[bytes | None]
+    raw: list[bytes | None]
+    headers: list[Headers]
+
+    def __len__(self) -> int:
+        return len(self.record_ids)
+
+    def take(self, rows: np.ndarray) -> RecordColumns:
+        """The records at these row indices (a boolean mask or integer indices)."""
+        index = np.flatnonzero(rows) if rows.dtype == bool else rows
+        return RecordColumns(
+            data_type=self.data_type,
+            topic=self.topic,
+            partition=self.partition,
+            offsets=self.offsets[index],
+            record_ids=[self.record_ids[i] for i in index],
+            event_time_ms=self.event_time_ms[index],
+            features=self.features[index],
+            labels=self.labels[index],
+            keys=[self.keys[i] for i in index],
+            raw=[self.raw[i] for i in index],
+            headers=[self.headers[i] for i in index],
+        )
+
+    def dead_letter(self, row: int, stage: str, reason: str, message: str) -> DeadLetter:
+        """Dead letter for record `row`."""
+        return DeadLetter(
+            stage=stage,
+            reason=reason,
+            message=message,
+            topic=self.topic,
+            partition=self.partition,
+            offset=int(self.offsets[row]),
+            key=self.keys[row],
+            value=self.raw[row],
+            headers=self.headers[row],
+            data_type=self.data_type,
+        )
+
+
+_N_COLUMNS = len(CSV_COLUMNS)
+_LABEL_COLUMN = _N_COLUMNS - 1
+
+
+def _content_type(headers: Headers) -> str:
+    for name, value in headers:
+        if name.lower() == CONTENT_TYPE_HEADER:
+            return value.decode("latin-1").split(";")[0].strip().lower()
+    return CONTENT_TYPE_PROTOBUF
+
+
+def _decode_protobuf(value: bytes, row: np.ndarray) -> tuple[str, str, int]:
+    msg = pb.WineRecord.FromString(value)
+    for j, name in enumerate(CSV_COLUMNS):
+        if msg.HasField(name):
+            number = getattr(msg, name)
+            if not math.isfinite(number):
+                raise RecordError("non_finite", f"{name}: value {number!r} is not finite")
+            row[j] = number
+    return msg.record_id, msg.data_type, msg.event_time_ms
+
+
+def _decode_json(value: bytes, row: np.ndarray) -> tuple[str, str, int]:
+    doc = orjson.loads(value)
+    if not isinstance(doc, dict):
+        raise RecordError("undecodable", "JSON record must be an object")
+    for j, name in enumerate(CSV_COLUMNS):
+        number = _number(name, doc.get(name))
+        if number is not None:
+            row[j] = number
+    event_time = doc.get("event_time_ms", 0)
+    if not isinstance(event_time, int) or isinstance(event_time, bool):
+        raise RecordError("undecodable", f"event_time_ms: expected an integer, got {event_time!r}")
+    return str(doc.get("record_id", "")), str(doc.get("data_type", "")), event_time
+
+
+def _decode_csv(value: bytes, row: np.ndarray) -> tuple[str, str, int]:
+    parsed = parse_csv_line(value.decode("utf-8"))
+    for j, name in enumerate(CSV_COLUMNS):
+        number = parsed[name]
+        if number is not None:
+            row[j] = number
+    return "", "", 0
+
+
+_DECODERS = {
+    CONTENT_TYPE_PROTOBUF: _decode_protobuf,
+    CONTENT_TYPE_JSON: _decode_json,
+    CONTENT_TYPE_CSV: _decode_csv,
+}
+
+
+def decode_batch(batch: SourceBatch) -> tuple[list[RecordColumns], list[DeadLetter]]:
+    """Decode a source batch into columns per data type, and dead letters for bad messages.
+
+    Records keep their offset order within each data type. A record without a record id
+    gets "<topic>/<partition>/<offset>"; one without a data type gets "wine".
+    """
+    n = len(batch)
+    values = np.full((n, _N_COLUMNS), np.nan)
+    record_ids: list[str] = []
+    data_types: list[str] = []
+    event_times = np.zeros(n, dtype=np.int64)
+    good = np.zeros(n, dtype=bool)
+    dead: list[DeadLetter] = []
+    for i in range(n):
+        value = batch.values[i]
+        offset = batch.offsets[i]
+        try:
+            if value is None:
+                raise RecordError("undecodable", "message has no value (a tombstone)")
+            content_type = _content_type(batch.headers[i])
+            decoder = _DECODERS.get(content_type)
+            if decoder is None:
+                raise RecordError("undecodable", f"unsupported content-type {content_type!r}")
+            record_id, data_type, event_time = decoder(value, values[i])
+        except RecordError as exc:
+            error: RecordError = exc
+        except (DecodeError, orjson.JSONDecodeError, UnicodeDecodeError) as exc:
+            error = RecordError("undecodable", f"{type(exc).__name__}: {exc}")
+        else:
+            record_ids.append(record_id or f"{batch.topic}/{batch.partition}/{offset}")
+            data_types.append(data_type or DEFAULT_DATA_TYPE)
+            event_times[i] = event_time
+            good[i] = True
+            continue
+        record_ids.append("")
+        data_types.append("")
+        dead.append(
+            DeadLetter(
+                stage="decode",
+                reason=error.reason,
+                message=str(error),
+                topic=batch.topic,
+                partition=batch.partition,
+                offset=offset,
+                key=batch.keys[i],
+                value=value,
+                headers=batch.headers[i],
+            )
+        )
+    offsets = np.asarray(batch.offsets, dtype=np.int64)
+    runs: list[RecordColumns] = []
+    for data_type in sorted({d for d, ok in zip(data_types, good, strict=True) if ok}):
+        index = np.flatnonzero(good & (np.asarray(data_types, dtype=object) == data_type))
+        runs.append(
+            RecordColumns(
+                data_type=data_type,
+                topic=batch.topic,
+                partition=batch.partition,
+                offsets=offsets[index],
+                record_ids=[record_ids[i] for i in index],
+                event_time_ms=event_times[index],
+                features=np.ascontiguousarray(values[index, :_LABEL_COLUMN]),
+                labels=values[index, _LABEL_COLUMN],
+                keys=[batch.keys[i] for i in index],
+                raw=[batch.values[i] for i in index],
+                headers=[batch.headers[i] for i in index],
+            )
+        )
+    return runs, dead
+
+
+def feature_columns(names: Sequence[str]) -> list[int]:
+    """Column indices in `RecordColumns.features` of these record field names."""
+    return [FEATURE_INDEX[name] for name in names]

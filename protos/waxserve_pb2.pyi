@@ -1,0 +1,238 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class ModelFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    MODEL_FORMAT_UNSPECIFIED: _ClassVar[ModelFormat]
+    MODEL_FORMAT_ONNX: _ClassVar[ModelFormat]
+    MODEL_FORMAT_PMML: _ClassVar[ModelFormat]
+MODEL_FORMAT_UNSPECIFIED: ModelFormat
+MODEL_FORMAT_ONNX: ModelFormat
+MODEL_FORMAT_PMML: ModelFormat
+
+class FeatureProfile(_message.Message):
+    __slots__ = ("name", "bin_edges", "expected_fractions", "mean", "std")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    BIN_EDGES_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FRACTIONS_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    STD_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    bin_edges: _containers.RepeatedScalarFieldContainer[float]
+    expected_fractions: _containers.RepeatedScalarFieldContainer[float]
+    mean: float
+    std: float
+    def __init__(self, name: _Optional[str] = ..., bin_edges: _Optional[_Iterable[float]] = ..., expected_fractions: _Optional[_Iterable[float]] = ..., mean: _Optional[float] = ..., std: _Optional[float] = ...) -> None: ...
+
+class ReferenceProfile(_message.Message):
+    __slots__ = ("features", "row_count")
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    ROW_COUNT_FIELD_NUMBER: _ClassVar[int]
+    features: _containers.RepeatedCompositeFieldContainer[FeatureProfile]
+    row_count: int
+    def __init__(self, features: _Optional[_Iterable[_Union[FeatureProfile, _Mapping]]] = ..., row_count: _Optional[int] = ...) -> None: ...
+
+class ModelDescriptor(_message.Message):
+    __slots__ = ("name", "version", "description", "data_type", "format", "model_bytes", "location", "sha256", "created_at_ms", "input_features", "reference_profile")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    DATA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    MODEL_BYTES_FIELD_NUMBER: _ClassVar[int]
+    LOCATION_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    INPUT_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    REFERENCE_PROFILE_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    version: str
+    description: str
+    data_type: str
+    format: ModelFormat
+    model_bytes: bytes
+    location: str
+    sha256: str
+    created_at_ms: int
+    input_features: _containers.RepeatedScalarFieldContainer[str]
+    reference_profile: ReferenceProfile
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., description: _Optional[str] = ..., data_type: _Optional[str] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., model_bytes: _Optional[bytes] = ..., location: _Optional[str] = ..., sha256: _Optional[str] = ..., created_at_ms: _Optional[int] = ..., input_features: _Optional[_Iterable[str]] = ..., reference_profile: _Optional[_Union[ReferenceProfile, _Mapping]] = ...) -> None: ...
+
+class WineRecord(_message.Message):
+    __slots__ = ("record_id", "data_type", "event_time_ms", "fixed_acidity", "volatile_acidity", "citric_acid", "residual_sugar", "chlorides", "free_sulfur_dioxide", "total_sulfur_dioxide", "density", "ph", "sulphates", "alcohol", "quality")
+    RECORD_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    EVENT_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    FIXED_ACIDITY_FIELD_NUMBER: _ClassVar[int]
+    VOLATILE_ACIDITY_FIELD_NUMBER: _ClassVar[int]
+    CITRIC_ACID_FIELD_NUMBER: _ClassVar[int]
+    RESIDUAL_SUGAR_FIELD_NUMBER: _ClassVar[int]
+    CHLORIDES_FIELD_NUMBER: _ClassVar[int]
+    FREE_SULFUR_DIOXIDE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_SULFUR_DIOXIDE_FIELD_NUMBER: _ClassVar[int]
+    DENSITY_FIELD_NUMBER: _ClassVar[int]
+    PH_FIELD_NUMBER: _ClassVar[int]
+    SULPHATES_FIELD_NUMBER: _ClassVar[int]
+    ALCOHOL_FIELD_NUMBER: _ClassVar[int]
+    QUALITY_FIELD_NUMBER: _ClassVar[int]
+    record_id: str
+    data_type: str
+    event_time_ms: int
+    fixed_acidity: float
+    volatile_acidity: float
+    citric_acid: float
+    residual_sugar: float
+    chlorides: float
+    free_sulfur_dioxide: float
+    total_sulfur_dioxide: float
+    density: float
+    ph: float
+    sulphates: float
+    alcohol: float
+    quality: float
+    def __init__(self, record_id: _Optional[str] = ..., data_type: _Optional[str] = ..., event_time_ms: _Optional[int] = ..., fixed_acidity: _Optional[float] = ..., volatile_acidity: _Optional[float] = ..., citric_acid: _Optional[float] = ..., residual_sugar: _Optional[float] = ..., chlorides: _Optional[float] = ..., free_sulfur_dioxide: _Optional[float] = ..., total_sulfur_dioxide: _Optional[float] = ..., density: _Optional[float] = ..., ph: _Optional[float] = ..., sulphates: _Optional[float] = ..., alcohol: _Optional[float] = ..., quality: _Optional[float] = ...) -> None: ...
+
+class ScoredRecord(_message.Message):
+    __slots__ = ("output_key", "record_id", "data_type", "source_topic", "source_partition", "source_offset", "model_name", "model_version", "model_sha256", "value", "label", "probabilities", "scoring_latency_us", "event_time_ms", "scored_at_ms", "batch_size")
+    class ProbabilitiesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    OUTPUT_KEY_FIELD_NUMBER: _ClassVar[int]
+    RECORD_ID_FIELD_NUMBER: _ClassVar[int]
+    DATA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_TOPIC_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_PARTITION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    SCORING_LATENCY_US_FIELD_NUMBER: _ClassVar[int]
+    EVENT_TIME_MS_FIELD_NUMBER: _ClassVar[int]
+    SCORED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    output_key: str
+    record_id: str
+    data_type: str
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    model_name: str
+    model_version: str
+    model_sha256: str
+    value: float
+    label: str
+    probabilities: _containers.ScalarMap[str, float]
+    scoring_latency_us: float
+    event_time_ms: int
+    scored_at_ms: int
+    batch_size: int
+    def __init__(self, output_key: _Optional[str] = ..., record_id: _Optional[str] = ..., data_type: _Optional[str] = ..., source_topic: _Optional[str] = ..., source_partition: _Optional[int] = ..., source_offset: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., value: _Optional[float] = ..., label: _Optional[str] = ..., probabilities: _Optional[_Mapping[str, float]] = ..., scoring_latency_us: _Optional[float] = ..., event_time_ms: _Optional[int] = ..., scored_at_ms: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
+
+class ServingStats(_message.Message):
+    __slots__ = ("data_type", "model_name", "model_version", "model_sha256", "description", "format", "since_ms", "usage_count", "total_duration_ms", "min_duration_us", "max_duration_us", "mean_duration_us", "window_start_ms", "window_end_ms", "window_count")
+    DATA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    FORMAT_FIELD_NUMBER: _ClassVar[int]
+    SINCE_MS_FIELD_NUMBER: _ClassVar[int]
+    USAGE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_DURATION_MS_FIELD_NUMBER: _ClassVar[int]
+    MIN_DURATION_US_FIELD_NUMBER: _ClassVar[int]
+    MAX_DURATION_US_FIELD_NUMBER: _ClassVar[int]
+    MEAN_DURATION_US_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_START_MS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_END_MS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_COUNT_FIELD_NUMBER: _ClassVar[int]
+    data_type: str
+    model_name: str
+    model_version: str
+    model_sha256: str
+    description: str
+    format: ModelFormat
+    since_ms: int
+    usage_count: int
+    total_duration_ms: float
+    min_duration_us: float
+    max_duration_us: float
+    mean_duration_us: float
+    window_start_ms: int
+    window_end_ms: int
+    window_count: int
+    def __init__(self, data_type: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., description: _Optional[str] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., since_ms: _Optional[int] = ..., usage_count: _Optional[int] = ..., total_duration_ms: _Optional[float] = ..., min_duration_us: _Optional[float] = ..., max_duration_us: _Optional[float] = ..., mean_duration_us: _Optional[float] = ..., window_start_ms: _Optional[int] = ..., window_end_ms: _Optional[int] = ..., window_count: _Optional[int] = ...) -> None: ...
+
+class FeatureDrift(_message.Message):
+    __slots__ = ("feature", "psi", "mean", "mean_shift_sigmas", "bin_counts")
+    FEATURE_FIELD_NUMBER: _ClassVar[int]
+    PSI_FIELD_NUMBER: _ClassVar[int]
+    MEAN_FIELD_NUMBER: _ClassVar[int]
+    MEAN_SHIFT_SIGMAS_FIELD_NUMBER: _ClassVar[int]
+    BIN_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    feature: str
+    psi: float
+    mean: float
+    mean_shift_sigmas: float
+    bin_counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, feature: _Optional[str] = ..., psi: _Optional[float] = ..., mean: _Optional[float] = ..., mean_shift_sigmas: _Optional[float] = ..., bin_counts: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class DriftMetrics(_message.Message):
+    __slots__ = ("data_type", "model_name", "model_version", "window_start_ms", "window_end_ms", "record_count", "features", "max_psi", "alarm")
+    DATA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_START_MS_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_END_MS_FIELD_NUMBER: _ClassVar[int]
+    RECORD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    FEATURES_FIELD_NUMBER: _ClassVar[int]
+    MAX_PSI_FIELD_NUMBER: _ClassVar[int]
+    ALARM_FIELD_NUMBER: _ClassVar[int]
+    data_type: str
+    model_name: str
+    model_version: str
+    window_start_ms: int
+    window_end_ms: int
+    record_count: int
+    features: _containers.RepeatedCompositeFieldContainer[FeatureDrift]
+    max_psi: float
+    alarm: bool
+    def __init__(self, data_type: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., window_start_ms: _Optional[int] = ..., window_end_ms: _Optional[int] = ..., record_count: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ..., max_psi: _Optional[float] = ..., alarm: _Optional[bool] = ...) -> None: ...
+
+class ModelEvent(_message.Message):
+    __slots__ = ("kind", "data_type", "model_name", "model_version", "model_sha256", "reason", "message", "at_ms", "source_topic", "source_partition", "source_offset")
+    KIND_FIELD_NUMBER: _ClassVar[int]
+    DATA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    MODEL_SHA256_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    AT_MS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_TOPIC_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_PARTITION_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    kind: str
+    data_type: str
+    model_name: str
+    model_version: str
+    model_sha256: str
+    reason: str
+    message: str
+    at_ms: int
+    source_topic: str
+    source_partition: int
+    source_offset: int
+    def __init__(self, kind: _Optional[str] = ..., data_type: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., at_ms: _Optional[int] = ..., source_topic: _Optional[str] = ..., source_partition: _Optional[int] = ..., source_offset: _Optional[int] = ...) -> None: ...
