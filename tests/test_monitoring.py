@@ -1,0 +1,87 @@
+"""Stats and drift arithmetic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dataflows.monitoring import (
+    DriftAccumulator,
+    DriftPartial,
+    DriftReference,
+    ModelIdentity,
+    MonitorState,
+    StatsAccumulator,
+    StatsPartial,
+    psi,
+    window_start,
+)
+from protos import waxserve_pb2 as pb
+
+MODEL = ModelIdentity("wine", "m", "1", "abc", since_ms=5)
+
+
+def reference() -> DriftReference:
+    return DriftReference(
+        features=("a",), columns=(0,), edges=(np.array([0.0, 1.0]),),
+        expected=(np.array([0.25, 0.5, 0.25]),), means=np.array([0.5]), stds=np.array([0.5]),
+    )
+
+
+def test_psi_is_zero_for_the_reference_and_grows_with_shift() -> None:
+    expected = np.array([0.25, 0.5, 0.25])
+    assert psi(expected, np.array([25, 50, 25])) == pytest.approx(0.0)
+    small = psi(expected, np.array([30, 50, 20]))
+    large = psi(expected, np.array([0, 10, 90]))
+    assert 0 < small < 0.1 < 0.25 < large
+    assert psi(expected, np.array([0, 0, 0])) == 0.0
+
+
+def test_drift_accumulator_bins_like_the_profile() -> None:
+    ref = reference()
+    acc = DriftAccumulator.empty(ref)
+    acc.add(ref, np.array([[-1.0], [0.0], [0.5], [1.0], [2.0]]))
+    # side="right": a value on an edge goes to the bin above it.
+    assert acc.counts[0].tolist() == [1, 2, 2]
+    assert acc.n == 5 and acc.sums[0] == pytest.approx(2.5)
+
+
+def test_stats_accumulator_per_record_times() -> None:
+    acc = StatsAccumulator()
+    acc.add_call(10, 0.001)
+    acc.add_call(1, 0.0005)
+    acc.add_call(0, 1.0)
+    assert acc.count == 11 and acc.total_s == pytest.approx(0.0015)
+    assert acc.min_s == pytest.approx(0.0001) and acc.max_s == pytest.approx(0.0005)
+
+
+def test_monitor_merges_shards_and_emits_each_window_once() -> None:
+    ref = reference()
+    state = MonitorState()
+    for shard_values in ([[0.5]], [[2.0], [2.0]]):
+        stats = StatsAccumulator()
+        stats.add_call(len(shard_values), 0.001)
+        state.add(StatsPartial(MODEL, 0, 1000, stats))
+        drift = DriftAccumulator.empty(ref)
+        drift.add(ref, np.array(shard_values))
+        state.add(DriftPartial(MODEL, ref, 0, 1000, drift))
+    later = StatsAccumulator()
+    later.add_call(4, 0.001)
+    state.add(StatsPartial(MODEL, 1000, 2000, later))
+    assert state.next_close_ms() == 1000
+    first = state.close(1000, threshold=0.25)
+    stats_msgs = [m for m in first if isinstance(m, pb.ServingStats)]
+    drift_msgs = [m for m in first if isinstance(m, pb.DriftMetrics)]
+    assert [(s.window_count, s.usage_count) for s in stats_msgs] == [(3, 7)]
+    assert stats_msgs[0].since_ms == 5
+    assert drift_msgs[0].record_count == 3
+    assert list(drift_msgs[0].features[0].bin_counts) == [0, 1, 2]
+    assert drift_msgs[0].alarm
+    assert state.close(1000, threshold=0.25) == []
+    rest = state.close(None, threshold=0.25)
+    assert [m.window_count for m in rest] == [4]
+
+
+def test_windows_align_to_the_epoch() -> None:
+    assert window_start(12_345, 1000) == 12_000
+    assert window_start(12_000, 1000) == 12_000

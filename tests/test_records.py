@@ -1,0 +1,113 @@
+"""Record decoding: encodings, missing vs invalid values, dead letters."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import orjson
+import pytest
+
+from dataflows.records import (
+    WINE_FEATURES,
+    RecordError,
+    SourceBatch,
+    canonical_name,
+    decode_batch,
+    parse_csv_line,
+    record_field_for,
+    record_to_json,
+    wine_record,
+)
+
+ROW1 = "7.4;0.7;0;1.9;0.076;11;34;0.9978;3.51;0.56;9.4;5"
+
+
+def one(value: bytes, content_type: str | None = None) -> SourceBatch:
+    headers = [("content-type", content_type.encode())] if content_type else []
+    return SourceBatch("records", 3, [42], [b"k"], [value], [headers])
+
+
+def test_csv_line_parses_with_empty_fields_as_absent() -> None:
+    row = parse_csv_line(ROW1)
+    assert row["fixed_acidity"] == 7.4 and row["quality"] == 5.0
+    assert parse_csv_line("7.4;;0;1.9;0.076;11;34;0.9978;3.51;0.56;9.4;")["volatile_acidity"] is None
+    with pytest.raises(RecordError, match="expected 12"):
+        parse_csv_line("7.4;0.7")
+    with pytest.raises(RecordError) as err:
+        parse_csv_line(ROW1.replace("9.4", "nine"))
+    assert err.value.reason == "non_numeric"
+    with pytest.raises(RecordError) as err:
+        parse_csv_line(ROW1.replace("9.4", "inf"))
+    assert err.value.reason == "non_finite"
+
+
+@pytest.mark.parametrize("encoding", ["protobuf", "json", "csv"])
+def test_every_encoding_decodes_to_the_same_columns(encoding: str) -> None:
+    msg = wine_record(parse_csv_line(ROW1), record_id="r1", event_time_ms=123)
+    value, content_type = {
+        "protobuf": (msg.SerializeToString(), None),
+        "json": (record_to_json(msg), "application/json"),
+        "csv": (ROW1.encode(), "text/csv"),
+    }[encoding]
+    (run,), dead = decode_batch(one(value, content_type))
+    assert dead == []
+    assert run.data_type == "wine" and run.partition == 3 and list(run.offsets) == [42]
+    np.testing.assert_array_equal(
+        run.features[0], [parse_csv_line(ROW1)[f] for f in WINE_FEATURES]
+    )
+    assert run.labels[0] == 5.0
+    if encoding != "csv":
+        assert run.record_ids == ["r1"] and run.event_time_ms[0] == 123
+    else:
+        assert run.record_ids == ["records/3/42"]
+
+
+def test_absent_feature_is_nan_and_label_optional() -> None:
+    values = parse_csv_line(ROW1)
+    values["alcohol"] = None
+    values["quality"] = None
+    (run,), _ = decode_batch(one(wine_record(values).SerializeToString()))
+    assert math.isnan(run.features[0, WINE_FEATURES.index("alcohol")])
+    assert math.isnan(run.labels[0])
+
+
+def test_bad_messages_become_dead_letters_with_source_and_bytes() -> None:
+    cases = {
+        b"\x08\x96": (None, "undecodable"),  # truncated protobuf
+        b"[1, 2]": ("application/json", "undecodable"),
+        orjson.dumps({"alcohol": True}): ("application/json", "non_numeric"),
+        b'{"alcohol": 1e400}': ("application/json", "undecodable"),
+        b'{"alcohol": "-Infinity"}': ("application/json", "non_finite"),
+        b"1;2;3": ("text/csv", "bad_csv"),
+        b"x": ("application/avro", "undecodable"),
+    }
+    for value, (content_type, reason) in cases.items():
+        runs, (dead,) = decode_batch(one(value, content_type))
+        assert runs == []
+        assert dead.reason == reason, value
+        headers = dict(dead.to_message()[2])
+        assert headers["waxserve.stage"] == b"decode"
+        assert headers["waxserve.error.class"] == reason.encode()
+        assert headers["waxserve.source.offset"] == b"42"
+        assert dead.to_message()[:2] == (b"k", value)
+
+
+def test_batch_splits_by_data_type_and_keeps_offset_order() -> None:
+    values = [
+        wine_record(parse_csv_line(ROW1), data_type=dt).SerializeToString()
+        for dt in ["wine", "other", "wine", "other", "wine"]
+    ]
+    batch = SourceBatch("records", 0, [10, 11, 12, 13, 14], [None] * 5, values, [[]] * 5)
+    runs, dead = decode_batch(batch)
+    assert dead == []
+    assert {r.data_type: list(r.offsets) for r in runs} == {
+        "wine": [10, 12, 14], "other": [11, 13]
+    }
+
+
+def test_pmml_field_names_map_to_record_fields() -> None:
+    assert canonical_name("fixed acidity") == "fixed_acidity"
+    assert record_field_for("pH") == "ph"
+    assert record_field_for("total sulfur dioxide") == "total_sulfur_dioxide"
+    assert record_field_for("colour") is None
