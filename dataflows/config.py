@@ -41,6 +41,9 @@ class Config:
     stats_interval_s: float = 10.0
     drift_window_s: float = 60.0
     drift_psi_threshold: float = 0.25
+    # Records that arrive before any model for their data type wait this long for one,
+    # then go to the dead-letter topic.
+    no_model_wait_s: float = 30.0
     # Directory that `file://` model locations must resolve into; empty refuses all locations.
     model_dir: str = ""
     # Stop at the end of the input topics instead of tailing (tests, backfills).
@@ -79,7 +82,7 @@ class Config:
         }
         return cls(**values)  # type: ignore[arg-type]
 
-    def client_config(self) -> dict[str, str]:
+    def client_config(self) -> dict[str, str | int | float | bool]:
         """librdkafka settings shared by every consumer and producer (brokers, SASL, TLS)."""
         return {"bootstrap.servers": self.brokers, **self.kafka}
 

@@ -16,11 +16,11 @@ from protos import waxserve_pb2 as pb
 MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 """The models/ folder of a source checkout (catalog, artifacts, data)."""
 
-FORMATS = {"onnx": pb.MODEL_FORMAT_ONNX, "pmml": pb.MODEL_FORMAT_PMML}
+FORMATS: dict[str, pb.ModelFormat] = {"onnx": pb.MODEL_FORMAT_ONNX, "pmml": pb.MODEL_FORMAT_PMML}
 FORMAT_NAMES = {v: k for k, v in FORMATS.items()}
 
 
-def format_of(path: Path) -> int:
+def format_of(path: Path) -> pb.ModelFormat:
     """Model format from a file name: .onnx or .pmml/.xml."""
     suffix = path.suffix.lower()
     if suffix == ".onnx":

@@ -114,7 +114,9 @@ def parse_csv_line(line: str) -> dict[str, float | None]:
             f"expected {len(CSV_COLUMNS)} ';'-separated columns "
             f"({', '.join(CSV_COLUMNS)}), got {len(cells)}",
         )
-    return {name: _number(name, cell.strip()) for name, cell in zip(CSV_COLUMNS, cells, strict=True)}
+    return {
+        name: _number(name, cell.strip()) for name, cell in zip(CSV_COLUMNS, cells, strict=True)
+    }
 
 
 def wine_record(

@@ -1,0 +1,254 @@
+"""Serving stats and drift: accumulation per shard, merging per data type, PSI.
+
+Shards accumulate per window and send partial results; the `monitor` step adds the
+partials of all shards for a window and emits one message per model and window. All of
+it is plain numpy, testable without Bytewax.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from protos import waxserve_pb2 as pb
+
+PSI_EPSILON = 1e-4
+"""Floor for bin fractions in PSI, so an empty bin costs a finite amount."""
+
+
+@dataclass(frozen=True)
+class DriftReference:
+    """Reference bins of the features a model's training data had (from its descriptor)."""
+
+    features: tuple[str, ...]
+    columns: tuple[int, ...]  # column of each feature in RecordColumns.features
+    edges: tuple[np.ndarray, ...]  # inner bin edges per feature
+    expected: tuple[np.ndarray, ...]  # expected fraction per bin per feature
+    means: np.ndarray
+    stds: np.ndarray
+
+    @property
+    def bin_counts(self) -> tuple[int, ...]:
+        """Number of bins per feature."""
+        return tuple(len(e) + 1 for e in self.edges)
+
+
+def psi(expected: np.ndarray, counts: np.ndarray) -> float:
+    """Population stability index of observed bin counts against expected fractions."""
+    total = counts.sum()
+    if total == 0:
+        return 0.0
+    actual = np.maximum(counts / total, PSI_EPSILON)
+    exp = np.maximum(expected, PSI_EPSILON)
+    return float(np.sum((actual - exp) * np.log(actual / exp)))
+
+
+@dataclass
+class DriftAccumulator:
+    """Bin counts and sums of the features of the records one model scored in a window."""
+
+    counts: list[np.ndarray]  # per feature, int64 (bins,)
+    sums: np.ndarray  # per feature
+    n: int = 0
+
+    @classmethod
+    def empty(cls, reference: DriftReference) -> DriftAccumulator:
+        """An accumulator with no records."""
+        return cls(
+            counts=[np.zeros(b, dtype=np.int64) for b in reference.bin_counts],
+            sums=np.zeros(len(reference.features)),
+        )
+
+    def add(self, reference: DriftReference, features: np.ndarray) -> None:
+        """Count the rows of a (n, len(WINE_FEATURES)) feature matrix."""
+        if len(features) == 0:
+            return
+        for i, (column, edges) in enumerate(zip(reference.columns, reference.edges, strict=True)):
+            values = features[:, column]
+            bins = np.searchsorted(edges, values, side="right")
+            self.counts[i] += np.bincount(bins, minlength=len(edges) + 1)
+            self.sums[i] += values.sum()
+        self.n += len(features)
+
+    def merge(self, other: DriftAccumulator) -> None:
+        """Add another accumulator of the same reference into this one."""
+        for mine, theirs in zip(self.counts, other.counts, strict=True):
+            mine += theirs
+        self.sums += other.sums
+        self.n += other.n
+
+
+@dataclass
+class StatsAccumulator:
+    """Count and scoring time of the records one model scored."""
+
+    count: int = 0
+    total_s: float = 0.0
+    min_s: float = math.inf
+    max_s: float = 0.0
+
+    def add_call(self, n: int, seconds: float) -> None:
+        """One model call that scored n records in `seconds`."""
+        if n == 0:
+            return
+        per_record = seconds / n
+        self.count += n
+        self.total_s += seconds
+        self.min_s = min(self.min_s, per_record)
+        self.max_s = max(self.max_s, per_record)
+
+    def merge(self, other: StatsAccumulator) -> None:
+        """Add another accumulator into this one."""
+        self.count += other.count
+        self.total_s += other.total_s
+        self.min_s = min(self.min_s, other.min_s)
+        self.max_s = max(self.max_s, other.max_s)
+
+
+@dataclass(frozen=True)
+class ModelIdentity:
+    """Which model: what stats and drift are reported against."""
+
+    data_type: str
+    name: str
+    version: str
+    sha256: str
+    description: str = ""
+    format: int = 0
+    since_ms: int = 0
+
+
+@dataclass
+class StatsPartial:
+    """One shard's stats of one model for one interval."""
+
+    model: ModelIdentity
+    window_start_ms: int
+    window_end_ms: int
+    stats: StatsAccumulator
+
+
+@dataclass
+class DriftPartial:
+    """One shard's drift counts of one model for one window."""
+
+    model: ModelIdentity
+    reference: DriftReference
+    window_start_ms: int
+    window_end_ms: int
+    drift: DriftAccumulator
+
+
+def window_start(now_ms: int, length_ms: int) -> int:
+    """Start of the tumbling window (aligned to the epoch) that contains now_ms."""
+    return now_ms - now_ms % length_ms
+
+
+def drift_message(partial: DriftPartial, threshold: float) -> pb.DriftMetrics:
+    """The drift topic message for a (merged) window."""
+    ref, acc = partial.reference, partial.drift
+    features = []
+    for i, name in enumerate(ref.features):
+        mean = float(acc.sums[i] / acc.n) if acc.n else 0.0
+        std = float(ref.stds[i])
+        shift = (mean - float(ref.means[i])) / std if std > 0 and acc.n else 0.0
+        features.append(
+            pb.FeatureDrift(
+                feature=name,
+                psi=psi(ref.expected[i], acc.counts[i]),
+                mean=mean,
+                mean_shift_sigmas=shift,
+                bin_counts=[int(c) for c in acc.counts[i]],
+            )
+        )
+    max_psi = max((f.psi for f in features), default=0.0)
+    return pb.DriftMetrics(
+        data_type=partial.model.data_type,
+        model_name=partial.model.name,
+        model_version=partial.model.version,
+        window_start_ms=partial.window_start_ms,
+        window_end_ms=partial.window_end_ms,
+        record_count=acc.n,
+        features=features,
+        max_psi=max_psi,
+        alarm=max_psi > threshold,
+    )
+
+
+def stats_message(
+    model: ModelIdentity, total: StatsAccumulator, window: StatsPartial
+) -> pb.ServingStats:
+    """The stats topic message: totals since install plus this interval's count."""
+    return pb.ServingStats(
+        data_type=model.data_type,
+        model_name=model.name,
+        model_version=model.version,
+        model_sha256=model.sha256,
+        description=model.description,
+        format=model.format,  # type: ignore[arg-type]
+        since_ms=model.since_ms,
+        usage_count=total.count,
+        total_duration_ms=total.total_s * 1e3,
+        min_duration_us=total.min_s * 1e6 if total.count else 0.0,
+        max_duration_us=total.max_s * 1e6,
+        mean_duration_us=total.total_s / total.count * 1e6 if total.count else 0.0,
+        window_start_ms=window.window_start_ms,
+        window_end_ms=window.window_end_ms,
+        window_count=window.stats.count,
+    )
+
+
+@dataclass
+class MonitorState:
+    """Per data type: stats totals per model, and windows still collecting partials."""
+
+    totals: dict[ModelIdentity, StatsAccumulator] = field(default_factory=dict)
+    stats_windows: dict[tuple[ModelIdentity, int], StatsPartial] = field(default_factory=dict)
+    drift_windows: dict[tuple[ModelIdentity, int], DriftPartial] = field(default_factory=dict)
+
+    def add(self, partial: StatsPartial | DriftPartial) -> None:
+        """Fold a shard's partial into its window."""
+        if isinstance(partial, StatsPartial):
+            self.totals.setdefault(partial.model, StatsAccumulator()).merge(partial.stats)
+            key = (partial.model, partial.window_start_ms)
+            open_window = self.stats_windows.get(key)
+            if open_window is None:
+                self.stats_windows[key] = StatsPartial(
+                    partial.model, partial.window_start_ms, partial.window_end_ms,
+                    StatsAccumulator(),
+                )
+                open_window = self.stats_windows[key]
+            open_window.stats.merge(partial.stats)
+        else:
+            key = (partial.model, partial.window_start_ms)
+            open_drift = self.drift_windows.get(key)
+            if open_drift is None:
+                self.drift_windows[key] = DriftPartial(
+                    partial.model, partial.reference, partial.window_start_ms,
+                    partial.window_end_ms, DriftAccumulator.empty(partial.reference),
+                )
+                open_drift = self.drift_windows[key]
+            open_drift.drift.merge(partial.drift)
+
+    def close(
+        self, until_ms: int | None, threshold: float
+    ) -> list[pb.ServingStats | pb.DriftMetrics]:
+        """Messages for every window that ended at or before until_ms (None: all of them)."""
+        out: list[pb.ServingStats | pb.DriftMetrics] = []
+        for key, stats in sorted(self.stats_windows.items(), key=lambda kv: kv[0][1]):
+            if until_ms is None or stats.window_end_ms <= until_ms:
+                del self.stats_windows[key]
+                out.append(stats_message(stats.model, self.totals[stats.model], stats))
+        for key, drift in sorted(self.drift_windows.items(), key=lambda kv: kv[0][1]):
+            if until_ms is None or drift.window_end_ms <= until_ms:
+                del self.drift_windows[key]
+                out.append(drift_message(drift, threshold))
+        return out
+
+    def next_close_ms(self) -> int | None:
+        """End of the earliest open window."""
+        ends = [w.window_end_ms for w in self.stats_windows.values()]
+        ends += [w.window_end_ms for w in self.drift_windows.values()]
+        return min(ends, default=None)

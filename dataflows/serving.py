@@ -1,0 +1,316 @@
+"""The waxserve dataflow: run with `python -m bytewax.run dataflows.serving:flow`.
+
+```
+models  ─► decode_models ─► registry (per data type) ─► fan_out (every shard key) ─┐
+records ─► decode_records ─► key "<data_type>#<partition % shards>" ───────────────┴► serve
+serve ─► scored records ─► scored topic
+      ─► stats / drift partials ─► monitor (per data type) ─► stats topic, drift topic
+registry ─► model events ─► events topic
+every stage ─► dead letters ─► DLQ topic
+```
+
+Step ids are the recovery contract: renaming one orphans its snapshots.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Mapping
+from datetime import UTC, datetime
+from typing import Any, TypeVar, cast
+
+import bytewax.operators as op
+from bytewax.dataflow import Dataflow, Stream
+from bytewax.inputs import Source
+from bytewax.operators import KeyedStream
+from bytewax.outputs import Sink
+from google.protobuf.message import DecodeError
+
+from dataflows.config import Config
+from dataflows.kafka_io import SinkItem, kafka_sinks, kafka_sources
+from dataflows.monitoring import DriftPartial, MonitorState, StatsPartial
+from dataflows.records import DeadLetter, OutMessage, RecordColumns, SourceBatch, decode_batch
+from dataflows.scoring import (
+    DescriptorIn,
+    ModelInstall,
+    Registry,
+    ScoredBatch,
+    ShardScorer,
+    ShardState,
+)
+from protos import waxserve_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+Clock = Callable[[], float]
+
+SOURCE_NAMES = ("models", "records")
+SINK_NAMES = ("scored", "stats", "drift", "events", "dlq")
+
+
+def _at(seconds: float | None) -> datetime | None:
+    return None if seconds is None else datetime.fromtimestamp(seconds, UTC)
+
+
+def decode_descriptors(batch: SourceBatch) -> list[DescriptorIn | DeadLetter]:
+    """Models-topic messages as descriptors; undecodable ones as dead letters."""
+    out: list[DescriptorIn | DeadLetter] = []
+    for offset, key, value, headers in zip(
+        batch.offsets, batch.keys, batch.values, batch.headers, strict=True
+    ):
+        try:
+            if value is None:
+                raise DecodeError("message has no value (a tombstone)")
+            descriptor = pb.ModelDescriptor.FromString(value)
+        except DecodeError as exc:
+            out.append(DeadLetter(
+                stage="decode", reason="undecodable", message=f"model descriptor: {exc}",
+                topic=batch.topic, partition=batch.partition, offset=offset, key=key,
+                value=value, headers=headers,
+            ))
+            continue
+        out.append(DescriptorIn(descriptor, batch.topic, batch.partition, offset, key, value))
+    return out
+
+
+class RegistryLogic(op.StatefulBatchLogic[DescriptorIn, Any, ModelInstall | None]):
+    """Bytewax wrapper of `Registry`: re-sends the model right after a resume."""
+
+    def __init__(self, registry: Registry) -> None:
+        self.registry = registry
+
+    def on_batch(self, values: list[DescriptorIn]) -> tuple[Iterable[Any], bool]:
+        out: list[Any] = self.registry.on_resume() if self.registry.resumed else []
+        out.extend(self.registry.on_descriptors(values))
+        return out, op.StatefulBatchLogic.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        return datetime.now(UTC) if self.registry.resumed else None
+
+    def on_notify(self) -> tuple[Iterable[Any], bool]:
+        return self.registry.on_resume(), op.StatefulBatchLogic.RETAIN
+
+    def snapshot(self) -> ModelInstall | None:
+        return self.registry.current  # immutable
+
+
+class ServeLogic(op.StatefulBatchLogic[ModelInstall | RecordColumns, Any, ShardState]):
+    """Bytewax wrapper of `ShardScorer`; closes stats and drift windows on time."""
+
+    def __init__(self, scorer: ShardScorer) -> None:
+        self.scorer = scorer
+
+    def on_batch(self, values: list[ModelInstall | RecordColumns]) -> tuple[Iterable[Any], bool]:
+        out: list[Any] = self.scorer.close_windows()
+        out.extend(self.scorer.on_values(values))
+        out.extend(self.scorer.release_held())
+        return out, op.StatefulBatchLogic.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        return _at(self.scorer.next_wakeup_s())
+
+    def on_notify(self) -> tuple[Iterable[Any], bool]:
+        out = self.scorer.close_windows() + self.scorer.release_held()
+        return out, op.StatefulBatchLogic.RETAIN
+
+    def on_eof(self) -> tuple[Iterable[Any], bool]:
+        # Input is over for this execution: nothing more will arrive to score held records.
+        out = self.scorer.release_held(force=True) + self.scorer.close_windows(everything=True)
+        return out, op.StatefulBatchLogic.RETAIN
+
+    def snapshot(self) -> ShardState:
+        state = self.scorer.state
+        # Windows are mutated in place while scoring: hand Bytewax a copy.
+        return ShardState(
+            spec=state.spec,
+            stats={k: copy.deepcopy(v) for k, v in state.stats.items()},
+            drift={k: copy.deepcopy(v) for k, v in state.drift.items()},
+            pending=list(state.pending),
+            pending_since_ms=state.pending_since_ms,
+        )
+
+
+
+
+class MonitorLogic(op.StatefulBatchLogic[StatsPartial | DriftPartial, Any, MonitorState]):
+    """Adds up the shards' partials per window and emits stats and drift messages.
+
+    A window is emitted `grace_s` after it ends, giving every shard time to report.
+    """
+
+    def __init__(self, state: MonitorState | None, *, threshold: float, grace_s: float,
+                 clock: Clock = time.time) -> None:
+        self.state = state if state is not None else MonitorState()
+        self._threshold = threshold
+        self._grace_ms = int(grace_s * 1000)
+        self._clock = clock
+
+    def _close(self, everything: bool = False) -> list[Any]:
+        until = None if everything else int(self._clock() * 1000) - self._grace_ms
+        return self.state.close(until, self._threshold)
+
+    def on_batch(self, values: list[StatsPartial | DriftPartial]) -> tuple[Iterable[Any], bool]:
+        for partial in values:
+            self.state.add(partial)
+        return self._close(), op.StatefulBatchLogic.RETAIN
+
+    def notify_at(self) -> datetime | None:
+        end = self.state.next_close_ms()
+        return None if end is None else _at((end + self._grace_ms) / 1000)
+
+    def on_notify(self) -> tuple[Iterable[Any], bool]:
+        return self._close(), op.StatefulBatchLogic.RETAIN
+
+    def on_eof(self) -> tuple[Iterable[Any], bool]:
+        return self._close(everything=True), op.StatefulBatchLogic.RETAIN
+
+    def snapshot(self) -> MonitorState:
+        return copy.deepcopy(self.state)
+
+
+def _only(step_id: str, up: Stream[Any], kind: type[T]) -> Stream[T]:
+    return op.filter_map(step_id, up, lambda x: x if isinstance(x, kind) else None)
+
+
+def _batched(step_id: str, up: Stream[T], route: Callable[[T], str],
+             encode: Callable[[T], list[OutMessage]]) -> Stream[SinkItem]:
+    return op.map(step_id, up, lambda x: (route(x), encode(x)))
+
+
+def _proto_message(key_of: Callable[[Any], str]) -> Callable[[Any], list[OutMessage]]:
+    def encode(message: Any) -> list[OutMessage]:
+        return [(key_of(message).encode(), message.SerializeToString(),
+                 [("content-type", b"application/x-protobuf")])]
+    return encode
+
+
+def build_flow(
+    config: Config,
+    sources: Mapping[str, Source[SourceBatch]],
+    sinks: Mapping[str, Sink[SinkItem]],
+    *,
+    clock: Clock = time.time,
+) -> Dataflow:
+    """The waxserve dataflow over the given sources and sinks.
+
+    `sources` has "models" and "records", each emitting `SourceBatch` items. `sinks` has
+    "scored", "stats", "drift", "events" and "dlq"; each receives `(route_key, messages)`
+    pairs where messages are (key, value, headers) tuples ready for Kafka.
+    """
+    missing = [n for n in SOURCE_NAMES if n not in sources]
+    missing += [n for n in SINK_NAMES if n not in sinks]
+    if missing:
+        raise ValueError(f"build_flow: missing sources/sinks {missing}")
+    shards = config.shards
+    flow = Dataflow("waxserve")
+
+    # Models: decode, validate per data type, fan out to every shard of the data type.
+    model_batches = op.input("models_in", flow, sources["models"])
+    model_items = op.flat_map("decode_models", model_batches, decode_descriptors)
+    descriptors = _only("descriptors", model_items, DescriptorIn)
+    registry = op.stateful_batch(
+        "registry",
+        op.key_on("key_models", descriptors, lambda d: d.data_type),
+        lambda state: RegistryLogic(Registry(
+            state, model_dir=config.model_dir, clock=clock, onnx_threads=config.onnx_threads
+        )),
+    )
+    registry_out = op.map("registry_values", registry, lambda kv: kv[1])
+    installs = op.flat_map(
+        "fan_out",
+        _only("installs", registry_out, ModelInstall),
+        lambda m: [(f"{m.spec.identity.data_type}#{s}", m) for s in range(shards)],
+    )
+
+    # Records: decode a batch into runs per data type, keyed by shard.
+    record_batches = op.input("records_in", flow, sources["records"])
+    record_items = op.flat_map("decode_records", record_batches, _decode)
+    runs = op.filter_map(
+        "key_records", record_items,
+        lambda r: (f"{r.data_type}#{r.partition % shards}", r)
+        if isinstance(r, RecordColumns) else None,
+    )
+
+    served = op.stateful_batch(
+        "serve",
+        cast(KeyedStream[ModelInstall | RecordColumns], op.merge("serve_in", installs, runs)),
+        lambda state: ServeLogic(ShardScorer(
+            state, stats_interval_s=config.stats_interval_s,
+            drift_window_s=config.drift_window_s, no_model_wait_s=config.no_model_wait_s,
+            clock=clock,
+            onnx_threads=config.onnx_threads,
+        )),
+    )
+    served_values = op.map("served_values", served, lambda kv: kv[1])
+
+    scored = _only("scored", served_values, ScoredBatch)
+    op.output("scored_out", op.map("scored_items", scored, lambda b: (b.route, b.messages)),
+              sinks["scored"])
+
+    partials = op.filter_map(
+        "partials", served_values,
+        lambda p: (p.model.data_type, p) if isinstance(p, StatsPartial | DriftPartial) else None,
+    )
+    monitored = op.stateful_batch(
+        "monitor", partials,
+        lambda state: MonitorLogic(
+            state, threshold=config.drift_psi_threshold,
+            grace_s=min(2.0, config.stats_interval_s / 2), clock=clock,
+        ),
+    )
+    monitor_values = op.map("monitor_values", monitored, lambda kv: kv[1])
+    stats_key: Callable[[Any], str] = lambda m: f"{m.data_type}/{m.model_name}/{m.model_version}"  # noqa: E731
+    op.output("stats_out", _batched(
+        "stats_items", _only("stats", monitor_values, pb.ServingStats), stats_key,
+        _proto_message(stats_key),
+    ), sinks["stats"])
+    op.output("drift_out", _batched(
+        "drift_items", _only("drift", monitor_values, pb.DriftMetrics), stats_key,
+        _proto_message(stats_key),
+    ), sinks["drift"])
+
+    event_key: Callable[[Any], str] = lambda e: e.data_type  # noqa: E731
+    op.output("events_out", _batched(
+        "event_items", _only("events", registry_out, pb.ModelEvent), event_key,
+        _proto_message(event_key),
+    ), sinks["events"])
+
+    dead = op.merge(
+        "dead_letters",
+        _only("dead_models", model_items, DeadLetter),
+        _only("dead_registry", registry_out, DeadLetter),
+        _only("dead_records", record_items, DeadLetter),
+        _only("dead_serve", served_values, DeadLetter),
+    )
+    op.output("dlq_out", op.map(
+        "dlq_items", dead, lambda d: (f"{d.topic}/{d.partition}", [d.to_message()])
+    ), sinks["dlq"])
+    return flow
+
+
+def _decode(batch: SourceBatch) -> list[RecordColumns | DeadLetter]:
+    runs, dead = decode_batch(batch)
+    return [*runs, *dead]
+
+
+def _flow_from_env() -> Dataflow:
+    logging.basicConfig(
+        level=os.environ.get("WAXSERVE_LOG_LEVEL", "INFO"),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    config = Config.from_env()
+    return build_flow(config, kafka_sources(config), kafka_sinks(config))
+
+
+def __getattr__(name: str) -> Dataflow:
+    # `flow` is built on first access, so importing this module (tests, tools) needs no
+    # environment and no broker; `python -m bytewax.run dataflows.serving:flow` reads it.
+    if name == "flow":
+        value = _flow_from_env()
+        globals()["flow"] = value
+        return value
+    raise AttributeError(name)
