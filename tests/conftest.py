@@ -1,0 +1,125 @@
+"""Shared fixtures: one embedded tansu broker per test session, fresh topics per test.
+
+Tests that use `broker`, `kafka_config` or `consume` need the tansu binary: mark them
+`@pytest.mark.integration` (`pytest -m "not integration"` skips them).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import os
+import time
+import uuid
+from collections.abc import Callable, Iterator
+
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
+
+from dataflows.broker import EmbeddedBroker, create_topics, kafka_settings
+from dataflows.config import Config
+
+TOPIC_FIELDS = tuple(f.name for f in dataclasses.fields(Config) if f.name.endswith("_topic"))
+"""The Config fields that name a topic."""
+
+RECORDS_PARTITIONS = 2
+
+_test_ids = itertools.count(1)
+
+ConsumeAll = Callable[..., list[Message]]
+
+
+@pytest.fixture(scope="session")
+def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    """One tansu broker (in memory, free port) for the whole session."""
+    log_path = tmp_path_factory.mktemp("tansu") / "tansu.log"
+    with EmbeddedBroker(log_path=log_path) as running:
+        yield running
+
+
+def unique_topics(config: Config, suffix: str) -> Config:
+    """`config` with `-<suffix>` appended to every topic name."""
+    return dataclasses.replace(
+        config, **{name: f"{getattr(config, name)}-{suffix}" for name in TOPIC_FIELDS}
+    )
+
+
+def config_env(config: Config) -> dict[str, str]:
+    """The WAXSERVE_* variables that make `Config.from_env()` use these brokers and topics."""
+    env = {"WAXSERVE_BROKERS": config.brokers}
+    env.update({f"WAXSERVE_{name.upper()}": getattr(config, name) for name in TOPIC_FIELDS})
+    return env
+
+
+@pytest.fixture
+def kafka_config(broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch) -> Config:
+    """A Config on the session broker with topics of this test's own, already created.
+
+    The records topic has 2 partitions (the outputs too; the models topic 1). The process
+    environment is set to match (WAXSERVE_BROKERS, WAXSERVE_*_TOPIC, other WAXSERVE_*
+    variables removed), so `Config.from_env()`, the CLI and subprocesses see the same.
+    """
+    suffix = f"{next(_test_ids)}-{uuid.uuid4().hex[:8]}"
+    config = unique_topics(dataclasses.replace(Config(), brokers=broker.bootstrap), suffix)
+    create_topics(config, RECORDS_PARTITIONS)
+    for name in list(os.environ):
+        if name.startswith("WAXSERVE_"):
+            monkeypatch.delenv(name)
+    for name, value in config_env(config).items():
+        monkeypatch.setenv(name, value)
+    return config
+
+
+def consume_all(
+    config: Config, topic: str, *, expect: int | None = None, timeout: float = 10.0
+) -> list[Message]:
+    """Every message of `topic`, read from the beginning of all its partitions.
+
+    Reads until at least `expect` messages arrived and every partition is at its end (so
+    extra messages show up too), or, without `expect`, until every partition is at its end.
+    Gives up after `timeout` seconds and returns what it has. Never joins a group.
+    """
+    consumer = Consumer(
+        kafka_settings(
+            config,
+            **{
+                "group.id": f"tests-{uuid.uuid4().hex[:8]}",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+                "fetch.wait.max.ms": 10,
+            },
+        )
+    )
+    try:
+        metadata = consumer.list_topics(topic, timeout=5.0)
+        info = metadata.topics.get(topic)
+        if info is None or info.error is not None or not info.partitions:
+            raise AssertionError(f"topic {topic!r} not found: {info and info.error}")
+        partitions = sorted(info.partitions)
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        messages: list[Message] = []
+        at_end: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for msg in consumer.consume(num_messages=1000, timeout=0.1):
+                err = msg.error()
+                partition = msg.partition() or 0
+                if err is None:
+                    messages.append(msg)
+                    at_end.discard(partition)
+                elif err.code() == KafkaError._PARTITION_EOF:
+                    at_end.add(partition)
+                else:
+                    raise AssertionError(f"consuming {topic}: {err}")
+            enough = expect is None or len(messages) >= expect
+            if enough and len(at_end) == len(partitions):
+                break
+        return messages
+    finally:
+        consumer.close()
+
+
+@pytest.fixture
+def consume() -> ConsumeAll:
+    """`consume(config, topic, *, expect=None, timeout=10.0) -> list[Message]`: see consume_all."""
+    return consume_all
