@@ -112,7 +112,5 @@ def _parse(name: str, type_name: str, raw: str) -> object:
                 return False
             raise ValueError(raw)
     except ValueError:
-        raise ConfigError(
-            f"WAXSERVE_{name.upper()}={raw!r}: expected {type_name}"
-        ) from None
+        raise ConfigError(f"WAXSERVE_{name.upper()}={raw!r}: expected {type_name}") from None
     return raw

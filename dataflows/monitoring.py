@@ -216,7 +216,9 @@ class MonitorState:
             open_window = self.stats_windows.get(key)
             if open_window is None:
                 self.stats_windows[key] = StatsPartial(
-                    partial.model, partial.window_start_ms, partial.window_end_ms,
+                    partial.model,
+                    partial.window_start_ms,
+                    partial.window_end_ms,
                     StatsAccumulator(),
                 )
                 open_window = self.stats_windows[key]
@@ -226,8 +228,11 @@ class MonitorState:
             open_drift = self.drift_windows.get(key)
             if open_drift is None:
                 self.drift_windows[key] = DriftPartial(
-                    partial.model, partial.reference, partial.window_start_ms,
-                    partial.window_end_ms, DriftAccumulator.empty(partial.reference),
+                    partial.model,
+                    partial.reference,
+                    partial.window_start_ms,
+                    partial.window_end_ms,
+                    DriftAccumulator.empty(partial.reference),
                 )
                 open_drift = self.drift_windows[key]
             open_drift.drift.merge(partial.drift)

@@ -130,8 +130,12 @@ class RuntimeCache:
             return runtime
 
     def load(
-        self, sha256: str, model_format: int, model_bytes: bytes,
-        declared_inputs: tuple[str, ...], onnx_threads: int = 1,
+        self,
+        sha256: str,
+        model_format: int,
+        model_bytes: bytes,
+        declared_inputs: tuple[str, ...],
+        onnx_threads: int = 1,
     ) -> ModelRuntime:
         """The runtime for these bytes and inputs, loading it if this process has not yet."""
         key = runtime_key(sha256, declared_inputs)
@@ -220,7 +224,11 @@ def _reference(profile: pb.ReferenceProfile) -> DriftReference | None:
 
 
 def validate_descriptor(
-    descriptor: pb.ModelDescriptor, *, model_dir: str, now_ms: int, onnx_threads: int = 1,
+    descriptor: pb.ModelDescriptor,
+    *,
+    model_dir: str,
+    now_ms: int,
+    onnx_threads: int = 1,
     cache: RuntimeCache = RUNTIMES,
 ) -> ModelInstall:
     """Check a descriptor end to end and load its model; ModelError says why not."""
@@ -267,8 +275,13 @@ def validate_descriptor(
 
 
 def model_event(
-    kind: str, identity: ModelIdentity | None, now_ms: int, *, source: DescriptorIn | None = None,
-    reason: str = "", message: str = "",
+    kind: str,
+    identity: ModelIdentity | None,
+    now_ms: int,
+    *,
+    source: DescriptorIn | None = None,
+    reason: str = "",
+    message: str = "",
 ) -> pb.ModelEvent:
     """An events-topic message."""
     event = pb.ModelEvent(kind=kind, reason=reason, message=message, at_ms=now_ms)
@@ -302,7 +315,11 @@ class Registry:
     """
 
     def __init__(
-        self, state: ModelInstall | None, *, model_dir: str, clock: Clock = time.time,
+        self,
+        state: ModelInstall | None,
+        *,
+        model_dir: str,
+        clock: Clock = time.time,
         onnx_threads: int = 1,
     ) -> None:
         self.current = state
@@ -318,32 +335,50 @@ class Registry:
             now_ms = int(self._clock() * 1000)
             try:
                 install = validate_descriptor(
-                    item.descriptor, model_dir=self._model_dir, now_ms=now_ms,
+                    item.descriptor,
+                    model_dir=self._model_dir,
+                    now_ms=now_ms,
                     onnx_threads=self._onnx_threads,
                 )
             except ModelError as exc:
                 log.warning(
-                    "rejected model %s:%s for %s: %s", item.descriptor.name,
-                    item.descriptor.version, item.data_type, exc,
+                    "rejected model %s:%s for %s: %s",
+                    item.descriptor.name,
+                    item.descriptor.version,
+                    item.data_type,
+                    exc,
                 )
                 out.append(
                     DeadLetter(
-                        stage="model", reason=exc.reason, message=str(exc), topic=item.topic,
-                        partition=item.partition, offset=item.offset, key=item.key,
-                        value=item.raw, data_type=item.data_type,
+                        stage="model",
+                        reason=exc.reason,
+                        message=str(exc),
+                        topic=item.topic,
+                        partition=item.partition,
+                        offset=item.offset,
+                        key=item.key,
+                        value=item.raw,
+                        data_type=item.data_type,
                     )
                 )
                 out.append(
                     model_event(
-                        "rejected", None, now_ms, source=item, reason=exc.reason,
+                        "rejected",
+                        None,
+                        now_ms,
+                        source=item,
+                        reason=exc.reason,
                         message=str(exc),
                     )
                 )
                 continue
             self.current = install
             log.info(
-                "installed model %s:%s (%s) for %s", install.spec.identity.name,
-                install.spec.identity.version, install.spec.identity.sha256[:12], item.data_type,
+                "installed model %s:%s (%s) for %s",
+                install.spec.identity.name,
+                install.spec.identity.version,
+                install.spec.identity.sha256[:12],
+                item.data_type,
             )
             out.append(install)
             out.append(model_event("installed", install.spec.identity, now_ms, source=item))
@@ -400,9 +435,16 @@ class ShardScorer:
     """Scores the records of one shard with the model the registry last installed."""
 
     def __init__(
-        self, state: ShardState | None, *, stats_interval_s: float, drift_window_s: float,
-        no_model_wait_s: float = 30.0, max_pending: int = 100_000, clock: Clock = time.time,
-        onnx_threads: int = 1, cache: RuntimeCache = RUNTIMES,
+        self,
+        state: ShardState | None,
+        *,
+        stats_interval_s: float,
+        drift_window_s: float,
+        no_model_wait_s: float = 30.0,
+        max_pending: int = 100_000,
+        clock: Clock = time.time,
+        onnx_threads: int = 1,
+        cache: RuntimeCache = RUNTIMES,
     ) -> None:
         self.state = state if state is not None else ShardState()
         self._stats_ms = int(stats_interval_s * 1000)
@@ -432,21 +474,28 @@ class ShardScorer:
         spec = install.spec
         try:
             runtime = self._cache.load(
-                spec.identity.sha256, spec.identity.format, install.model_bytes,
-                spec.declared_inputs, self._onnx_threads,
+                spec.identity.sha256,
+                spec.identity.format,
+                install.model_bytes,
+                spec.declared_inputs,
+                self._onnx_threads,
             )
         except ModelError as exc:
             # The registry loaded it, so this is local (e.g. memory); keep the old model.
-            log.error("shard could not load %s:%s: %s", spec.identity.name,
-                      spec.identity.version, exc)
+            log.error(
+                "shard could not load %s:%s: %s", spec.identity.name, spec.identity.version, exc
+            )
             return []
         current = self.state.spec
         if install.restored and current is not None and current.identity != spec.identity:
             # The registry re-sent its model after a resume; the shard's snapshot is the
             # same epoch, so they agree unless state was lost. Trust the registry.
             log.warning("shard had %s, registry restored %s", current.identity, spec.identity)
-        if not (install.restored and current is not None
-                and current.identity.sha256 == spec.identity.sha256):
+        if not (
+            install.restored
+            and current is not None
+            and current.identity.sha256 == spec.identity.sha256
+        ):
             self.state.spec = spec
         self.runtime = runtime
         out: list[ShardOut] = []
@@ -497,10 +546,14 @@ class ShardScorer:
         incomplete = missing.any(axis=1)
         if incomplete.any():
             for i in np.flatnonzero(incomplete):
-                out.append(run.dead_letter(
-                    int(i), "score", "missing_feature",
-                    _missing_message(spec.input_features, missing[i]),
-                ))
+                out.append(
+                    run.dead_letter(
+                        int(i),
+                        "score",
+                        "missing_feature",
+                        _missing_message(spec.input_features, missing[i]),
+                    )
+                )
             run = run.take(~incomplete)
             x = x[~incomplete]
         if len(run) == 0:
@@ -511,14 +564,21 @@ class ShardScorer:
         except Exception as exc:  # a model failure must not take the dataflow down
             log.exception("model %s:%s failed", spec.identity.name, spec.identity.version)
             message = f"model call failed: {type(exc).__name__}: {exc}"
-            return out + [run.dead_letter(i, "score", "score_failed", message)
-                          for i in range(len(run))]
+            return out + [
+                run.dead_letter(i, "score", "score_failed", message) for i in range(len(run))
+            ]
         elapsed = time.perf_counter() - started
         now_ms = int(self._clock() * 1000)
         if not prediction.valid.all():
             for i in np.flatnonzero(~prediction.valid):
-                out.append(run.dead_letter(int(i), "score", "invalid_prediction",
-                                           "model returned no usable prediction (NaN)"))
+                out.append(
+                    run.dead_letter(
+                        int(i),
+                        "score",
+                        "invalid_prediction",
+                        "model returned no usable prediction (NaN)",
+                    )
+                )
         messages = self._messages(run, spec, prediction, elapsed, now_ms)
         out.append(ScoredBatch(f"{run.topic}/{run.partition}", messages))
         scored = int(prediction.valid.sum())
@@ -535,14 +595,21 @@ class ShardScorer:
             drift = self.state.drift.get((identity, start))
             if drift is None:
                 drift = self.state.drift[(identity, start)] = DriftPartial(
-                    identity, spec.reference, start, start + self._drift_ms,
+                    identity,
+                    spec.reference,
+                    start,
+                    start + self._drift_ms,
                     DriftAccumulator.empty(spec.reference),
                 )
             drift.drift.add(spec.reference, run.features[prediction.valid])
         return out
 
     def _messages(
-        self, run: RecordColumns, spec: ModelSpec, prediction: Prediction, elapsed: float,
+        self,
+        run: RecordColumns,
+        spec: ModelSpec,
+        prediction: Prediction,
+        elapsed: float,
         now_ms: int,
     ) -> list[OutMessage]:
         identity = spec.identity

@@ -67,11 +67,19 @@ def decode_descriptors(batch: SourceBatch) -> list[DescriptorIn | DeadLetter]:
                 raise DecodeError("message has no value (a tombstone)")
             descriptor = pb.ModelDescriptor.FromString(value)
         except DecodeError as exc:
-            out.append(DeadLetter(
-                stage="decode", reason="undecodable", message=f"model descriptor: {exc}",
-                topic=batch.topic, partition=batch.partition, offset=offset, key=key,
-                value=value, headers=headers,
-            ))
+            out.append(
+                DeadLetter(
+                    stage="decode",
+                    reason="undecodable",
+                    message=f"model descriptor: {exc}",
+                    topic=batch.topic,
+                    partition=batch.partition,
+                    offset=offset,
+                    key=key,
+                    value=value,
+                    headers=headers,
+                )
+            )
             continue
         out.append(DescriptorIn(descriptor, batch.topic, batch.partition, offset, key, value))
     return out
@@ -134,16 +142,20 @@ class ServeLogic(op.StatefulBatchLogic[ModelInstall | RecordColumns, Any, ShardS
         )
 
 
-
-
 class MonitorLogic(op.StatefulBatchLogic[StatsPartial | DriftPartial, Any, MonitorState]):
     """Adds up the shards' partials per window and emits stats and drift messages.
 
     A window is emitted `grace_s` after it ends, giving every shard time to report.
     """
 
-    def __init__(self, state: MonitorState | None, *, threshold: float, grace_s: float,
-                 clock: Clock = time.time) -> None:
+    def __init__(
+        self,
+        state: MonitorState | None,
+        *,
+        threshold: float,
+        grace_s: float,
+        clock: Clock = time.time,
+    ) -> None:
         self.state = state if state is not None else MonitorState()
         self._threshold = threshold
         self._grace_ms = int(grace_s * 1000)
@@ -176,15 +188,22 @@ def _only(step_id: str, up: Stream[Any], kind: type[T]) -> Stream[T]:
     return op.filter_map(step_id, up, lambda x: x if isinstance(x, kind) else None)
 
 
-def _batched(step_id: str, up: Stream[T], route: Callable[[T], str],
-             encode: Callable[[T], list[OutMessage]]) -> Stream[SinkItem]:
+def _batched(
+    step_id: str, up: Stream[T], route: Callable[[T], str], encode: Callable[[T], list[OutMessage]]
+) -> Stream[SinkItem]:
     return op.map(step_id, up, lambda x: (route(x), encode(x)))
 
 
 def _proto_message(key_of: Callable[[Any], str]) -> Callable[[Any], list[OutMessage]]:
     def encode(message: Any) -> list[OutMessage]:
-        return [(key_of(message).encode(), message.SerializeToString(),
-                 [("content-type", b"application/x-protobuf")])]
+        return [
+            (
+                key_of(message).encode(),
+                message.SerializeToString(),
+                [("content-type", b"application/x-protobuf")],
+            )
+        ]
+
     return encode
 
 
@@ -215,9 +234,11 @@ def build_flow(
     registry = op.stateful_batch(
         "registry",
         op.key_on("key_models", descriptors, lambda d: d.data_type),
-        lambda state: RegistryLogic(Registry(
-            state, model_dir=config.model_dir, clock=clock, onnx_threads=config.onnx_threads
-        )),
+        lambda state: RegistryLogic(
+            Registry(
+                state, model_dir=config.model_dir, clock=clock, onnx_threads=config.onnx_threads
+            )
+        ),
     )
     registry_out = op.map("registry_values", registry, lambda kv: kv[1])
     installs = op.flat_map(
@@ -230,54 +251,85 @@ def build_flow(
     record_batches = op.input("records_in", flow, sources["records"])
     record_items = op.flat_map("decode_records", record_batches, _decode)
     runs = op.filter_map(
-        "key_records", record_items,
-        lambda r: (f"{r.data_type}#{r.partition % shards}", r)
-        if isinstance(r, RecordColumns) else None,
+        "key_records",
+        record_items,
+        lambda r: (
+            (f"{r.data_type}#{r.partition % shards}", r) if isinstance(r, RecordColumns) else None
+        ),
     )
 
     served = op.stateful_batch(
         "serve",
         cast(KeyedStream[ModelInstall | RecordColumns], op.merge("serve_in", installs, runs)),
-        lambda state: ServeLogic(ShardScorer(
-            state, stats_interval_s=config.stats_interval_s,
-            drift_window_s=config.drift_window_s, no_model_wait_s=config.no_model_wait_s,
-            clock=clock,
-            onnx_threads=config.onnx_threads,
-        )),
+        lambda state: ServeLogic(
+            ShardScorer(
+                state,
+                stats_interval_s=config.stats_interval_s,
+                drift_window_s=config.drift_window_s,
+                no_model_wait_s=config.no_model_wait_s,
+                clock=clock,
+                onnx_threads=config.onnx_threads,
+            )
+        ),
     )
     served_values = op.map("served_values", served, lambda kv: kv[1])
 
     scored = _only("scored", served_values, ScoredBatch)
-    op.output("scored_out", op.map("scored_items", scored, lambda b: (b.route, b.messages)),
-              sinks["scored"])
+    op.output(
+        "scored_out",
+        op.map("scored_items", scored, lambda b: (b.route, b.messages)),
+        sinks["scored"],
+    )
 
     partials = op.filter_map(
-        "partials", served_values,
+        "partials",
+        served_values,
         lambda p: (p.model.data_type, p) if isinstance(p, StatsPartial | DriftPartial) else None,
     )
     monitored = op.stateful_batch(
-        "monitor", partials,
+        "monitor",
+        partials,
         lambda state: MonitorLogic(
-            state, threshold=config.drift_psi_threshold,
-            grace_s=min(2.0, config.stats_interval_s / 2), clock=clock,
+            state,
+            threshold=config.drift_psi_threshold,
+            grace_s=min(2.0, config.stats_interval_s / 2),
+            clock=clock,
         ),
     )
     monitor_values = op.map("monitor_values", monitored, lambda kv: kv[1])
     stats_key: Callable[[Any], str] = lambda m: f"{m.data_type}/{m.model_name}/{m.model_version}"  # noqa: E731
-    op.output("stats_out", _batched(
-        "stats_items", _only("stats", monitor_values, pb.ServingStats), stats_key,
-        _proto_message(stats_key),
-    ), sinks["stats"])
-    op.output("drift_out", _batched(
-        "drift_items", _only("drift", monitor_values, pb.DriftMetrics), stats_key,
-        _proto_message(stats_key),
-    ), sinks["drift"])
+    op.output(
+        "stats_out",
+        _batched(
+            "stats_items",
+            _only("stats", monitor_values, pb.ServingStats),
+            stats_key,
+            _proto_message(stats_key),
+        ),
+        sinks["stats"],
+    )
+    op.output(
+        "drift_out",
+        _batched(
+            "drift_items",
+            _only("drift", monitor_values, pb.DriftMetrics),
+            stats_key,
+            _proto_message(stats_key),
+        ),
+        sinks["drift"],
+    )
 
     event_key: Callable[[Any], str] = lambda e: e.data_type  # noqa: E731
-    op.output("events_out", _batched(
-        "event_items", _only("events", registry_out, pb.ModelEvent), event_key,
-        _proto_message(event_key),
-    ), sinks["events"])
+    op.output(
+        "events_out",
+        _batched(
+            "event_items",
+            _only("events", registry_out, pb.ModelEvent),
+            event_key,
+            _proto_message(event_key),
+        ),
+        sinks["events"],
+    )
 
     dead = op.merge(
         "dead_letters",
@@ -286,9 +338,11 @@ def build_flow(
         _only("dead_records", record_items, DeadLetter),
         _only("dead_serve", served_values, DeadLetter),
     )
-    op.output("dlq_out", op.map(
-        "dlq_items", dead, lambda d: (f"{d.topic}/{d.partition}", [d.to_message()])
-    ), sinks["dlq"])
+    op.output(
+        "dlq_out",
+        op.map("dlq_items", dead, lambda d: (f"{d.topic}/{d.partition}", [d.to_message()])),
+        sinks["dlq"],
+    )
     return flow
 
 

@@ -44,14 +44,19 @@ def wine_lines(start: int = 0, count: int | None = None) -> list[str]:
 def record_bytes(lines: Iterable[str], id_prefix: str = "r") -> list[bytes]:
     """Each CSV line as a serialized WineRecord."""
     return [
-        wine_record(parse_csv_line(line), record_id=f"{id_prefix}{i}", event_time_ms=1).
-        SerializeToString()
+        wine_record(
+            parse_csv_line(line), record_id=f"{id_prefix}{i}", event_time_ms=1
+        ).SerializeToString()
         for i, line in enumerate(lines)
     ]
 
 
 def batch(
-    topic: str, values: Sequence[bytes | None], *, partition: int = 0, start: int = 0,
+    topic: str,
+    values: Sequence[bytes | None],
+    *,
+    partition: int = 0,
+    start: int = 0,
     headers: Sequence[Headers] | None = None,
 ) -> SourceBatch:
     """A SourceBatch of these values at consecutive offsets."""
@@ -68,7 +73,10 @@ def batch(
 def csv_batch(lines: Sequence[str], *, partition: int = 0, start: int = 0) -> SourceBatch:
     """Raw CSV lines as text/csv records."""
     return batch(
-        RECORDS_TOPIC, [line.encode() for line in lines], partition=partition, start=start,
+        RECORDS_TOPIC,
+        [line.encode() for line in lines],
+        partition=partition,
+        start=start,
         headers=[[("content-type", CONTENT_TYPE_CSV.encode())] for _ in lines],
     )
 
@@ -190,7 +198,11 @@ def run_flow(
         run_main(flow, epoch_interval=epoch, recovery_config=recovery_config)
     else:
         cluster_main(
-            flow, [], 0, epoch_interval=epoch, recovery_config=recovery_config,
+            flow,
+            [],
+            0,
+            epoch_interval=epoch,
+            recovery_config=recovery_config,
             worker_count_per_proc=workers,
         )
     return outputs

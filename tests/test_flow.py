@@ -61,8 +61,10 @@ def records_in_batches(lines: list[str], size: int, partitions: int = 2) -> list
 def test_every_record_is_scored_once_with_traceable_output(workers: int) -> None:
     lines = wine_lines(0, 200)
     out = run_flow(
-        test_config(), [model_batch(descriptor("wine-lr"))],
-        records_in_batches(lines, 25), workers=workers,
+        test_config(),
+        [model_batch(descriptor("wine-lr"))],
+        records_in_batches(lines, 25),
+        workers=workers,
     )
     scored = out.scored()
     assert len(scored) == 200
@@ -96,10 +98,16 @@ def test_every_record_is_scored_once_with_traceable_output(workers: int) -> None
 @pytest.mark.parametrize("workers", WORKERS)
 def test_new_model_replaces_old_one_mid_stream(workers: int) -> None:
     before, after = wine_lines(0, 60), wine_lines(60, 60)
-    models = [model_batch(descriptor("wine-lr")), PAUSE(timedelta(seconds=1.0)),
-              model_batch(descriptor("wine-gbt"), start=1)]
-    records = [*records_in_batches(before, 20), PAUSE(timedelta(seconds=2.0)),
-               batch(RECORDS_TOPIC, record_bytes(after, "late-"), partition=0, start=100)]
+    models = [
+        model_batch(descriptor("wine-lr")),
+        PAUSE(timedelta(seconds=1.0)),
+        model_batch(descriptor("wine-gbt"), start=1),
+    ]
+    records = [
+        *records_in_batches(before, 20),
+        PAUSE(timedelta(seconds=2.0)),
+        batch(RECORDS_TOPIC, record_bytes(after, "late-"), partition=0, start=100),
+    ]
     out = run_flow(test_config(), models, records, workers=workers)
     scored = out.scored()
     assert len(scored) == 120
@@ -120,16 +128,22 @@ def test_malformed_records_go_to_the_dead_letter_topic_with_their_bytes(workers:
     error_lines = ERROR_CSV.read_text().splitlines()
     garbage = batch(RECORDS_TOPIC, [b"\xff\x00garbage", None], partition=1, start=0)
     json_nan = batch(
-        RECORDS_TOPIC, [b'{"alcohol": "NaN"}', b'{"alcohol": "strong"}'], partition=1, start=2,
+        RECORDS_TOPIC,
+        [b'{"alcohol": "NaN"}', b'{"alcohol": "strong"}'],
+        partition=1,
+        start=2,
         headers=[[("content-type", b"application/json")]] * 2,
     )
     out = run_flow(
-        test_config(), [model_batch(descriptor("wine-lr"))],
-        [csv_batch(error_lines), garbage, json_nan], workers=workers,
+        test_config(),
+        [model_batch(descriptor("wine-lr"))],
+        [csv_batch(error_lines), garbage, json_nan],
+        workers=workers,
     )
     dead = out.dead_letters()
-    by_offset = {(h["waxserve.source.partition"], int(h["waxserve.source.offset"])): (h, v)
-                 for h, v in dead}
+    by_offset = {
+        (h["waxserve.source.partition"], int(h["waxserve.source.offset"])): (h, v) for h, v in dead
+    }
     # Line 1 is valid, line 14 only lacks the (optional) label: both scored.
     assert sorted(s.source_offset for s in out.scored()) == [0, 13]
     # Line 2 has 11 columns: undecodable.
@@ -161,30 +175,40 @@ def test_rejected_descriptor_leaves_the_old_model_serving(workers: int) -> None:
     del bad_input.input_features[:]
     bad_input.input_features.extend([*WINE_FEATURES[:-1], "colour"])
     garbage = batch(MODELS_TOPIC, [b"not a descriptor"], start=3)
-    models = [model_batch(descriptor("wine-lr")), PAUSE(timedelta(seconds=0.5)),
-              model_batch(tampered, bad_input, start=1), garbage]
+    models = [
+        model_batch(descriptor("wine-lr")),
+        PAUSE(timedelta(seconds=0.5)),
+        model_batch(tampered, bad_input, start=1),
+        garbage,
+    ]
     records = [PAUSE(timedelta(seconds=1.5)), *records_in_batches(wine_lines(0, 40), 20)]
     out = run_flow(test_config(), models, records, workers=workers)
     assert {s.model_version for s in out.scored()} == {"1"}
     assert len(out.scored()) == 40
-    rejected = [(h["waxserve.error.class"], h["waxserve.source.offset"], v)
-                for h, v in out.dead_letters()]
+    rejected = [
+        (h["waxserve.error.class"], h["waxserve.source.offset"], v) for h, v in out.dead_letters()
+    ]
     assert rejected[0][:2] == ("digest_mismatch", "1")
     assert rejected[0][2] == tampered.SerializeToString()
     assert rejected[1][:2] == ("bad_inputs", "2")
     assert rejected[2][:2] == ("undecodable", "3")
     kinds = [(e.kind, e.model_version, e.reason) for e in out.events()]
-    assert kinds == [("installed", "1", ""), ("rejected", "2", "digest_mismatch"),
-                     ("rejected", "3", "bad_inputs")]
+    assert kinds == [
+        ("installed", "1", ""),
+        ("rejected", "2", "digest_mismatch"),
+        ("rejected", "3", "bad_inputs"),
+    ]
 
 
 def test_records_without_a_model_are_dead_lettered_after_the_wait() -> None:
     beer = batch(RECORDS_TOPIC, [record_bytes(wine_lines(0, 1))[0]])
     from dataflows.records import wine_record
-    beer.values = [wine_record(parse_csv_line(wine_lines(0, 1)[0]), data_type="beer")
-                   .SerializeToString()]
+
+    beer.values = [
+        wine_record(parse_csv_line(wine_lines(0, 1)[0]), data_type="beer").SerializeToString()
+    ]
     out = run_flow(test_config(no_model_wait_s=0), [model_batch(descriptor("wine-lr"))], [beer])
-    (headers, _value), = out.dead_letters()
+    ((headers, _value),) = out.dead_letters()
     assert headers["waxserve.error.class"] == "no_model"
     assert headers["waxserve.data_type"] == "beer"
 
@@ -195,12 +219,14 @@ def test_records_that_arrive_before_their_model_wait_for_it() -> None:
     assert len(out.scored()) == 30 and out.dead_letters() == []
 
 
-@pytest.mark.parametrize("name", ["wine-pmml-lr", "wine-pmml-tree", "wine-rf-classifier",
-                                  "wine-logreg-zipmap"])
+@pytest.mark.parametrize(
+    "name", ["wine-pmml-lr", "wine-pmml-tree", "wine-rf-classifier", "wine-logreg-zipmap"]
+)
 def test_pmml_and_classifier_models_serve(name: str) -> None:
     lines = wine_lines(0, 50)
-    out = run_flow(test_config(), [model_batch(descriptor(name))],
-                   [batch(RECORDS_TOPIC, record_bytes(lines))])
+    out = run_flow(
+        test_config(), [model_batch(descriptor(name))], [batch(RECORDS_TOPIC, record_bytes(lines))]
+    )
     scored = out.scored()
     assert len(scored) == 50
     if name == "wine-pmml-lr":
@@ -215,9 +241,7 @@ def test_pmml_and_classifier_models_serve(name: str) -> None:
 
 
 @pytest.mark.parametrize("workers", WORKERS)
-def test_abort_and_resume_loses_nothing_and_rebuilds_models(
-    workers: int, tmp_path: Path
-) -> None:
+def test_abort_and_resume_loses_nothing_and_rebuilds_models(workers: int, tmp_path: Path) -> None:
     init_db_dir(tmp_path, 2)
     lines = wine_lines(0, 400)
     models = [model_batch(descriptor("wine-lr"))]
@@ -225,15 +249,21 @@ def test_abort_and_resume_loses_nothing_and_rebuilds_models(
     outputs = Outputs()
     crash = CrashOnce(after_items=8)
     with pytest.raises(Exception, match="error writing output batch"):
-        run_flow(test_config(), models, records, workers=workers, outputs=outputs,
-                 recovery=tmp_path, crash=crash)
+        run_flow(
+            test_config(),
+            models,
+            records,
+            workers=workers,
+            outputs=outputs,
+            recovery=tmp_path,
+            crash=crash,
+        )
     assert crash.fired
     written_before = len(outputs.scored())
     assert 0 < written_before < 400
     # A new process has no loaded models: the shards must get theirs back from the registry.
     RUNTIMES.clear()
-    run_flow(test_config(), models, records, workers=workers, outputs=outputs,
-             recovery=tmp_path)
+    run_flow(test_config(), models, records, workers=workers, outputs=outputs, recovery=tmp_path)
     scored = outputs.scored()
     counts = Counter(s.output_key for s in scored)
     assert len(counts) == 400, "every record scored"
@@ -289,10 +319,16 @@ def test_drift_shows_when_the_input_shifts() -> None:
         values = line.split(";")
         values[10] = str(float(values[10]) + 3.0)  # alcohol +3 %vol
         shifted.append(";".join(values))
-    normal = run_flow(test_config(), [model_batch(descriptor("wine-lr"))],
-                      [batch(RECORDS_TOPIC, record_bytes(lines))]).drift()
-    drifted = run_flow(test_config(), [model_batch(descriptor("wine-lr"))],
-                       [batch(RECORDS_TOPIC, record_bytes(shifted))]).drift()
+    normal = run_flow(
+        test_config(),
+        [model_batch(descriptor("wine-lr"))],
+        [batch(RECORDS_TOPIC, record_bytes(lines))],
+    ).drift()
+    drifted = run_flow(
+        test_config(),
+        [model_batch(descriptor("wine-lr"))],
+        [batch(RECORDS_TOPIC, record_bytes(shifted))],
+    ).drift()
     psi = {f.feature: f.psi for f in normal[0].features}
     psi_shifted = {f.feature: f.psi for f in drifted[0].features}
     assert psi["alcohol"] < 0.25 and not normal[0].alarm

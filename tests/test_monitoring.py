@@ -23,8 +23,12 @@ MODEL = ModelIdentity("wine", "m", "1", "abc", since_ms=5)
 
 def reference() -> DriftReference:
     return DriftReference(
-        features=("a",), columns=(0,), edges=(np.array([0.0, 1.0]),),
-        expected=(np.array([0.25, 0.5, 0.25]),), means=np.array([0.5]), stds=np.array([0.5]),
+        features=("a",),
+        columns=(0,),
+        edges=(np.array([0.0, 1.0]),),
+        expected=(np.array([0.25, 0.5, 0.25]),),
+        means=np.array([0.5]),
+        stds=np.array([0.5]),
     )
 
 

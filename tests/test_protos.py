@@ -12,8 +12,16 @@ REPO = Path(__file__).resolve().parents[1]
 def test_generated_code_is_up_to_date(tmp_path: Path) -> None:
     (tmp_path / "protos").mkdir()
     subprocess.run(
-        [sys.executable, "-m", "grpc_tools.protoc", "-I", str(REPO), f"--python_out={tmp_path}",
-         f"--pyi_out={tmp_path}", str(REPO / "protos" / "waxserve.proto")],
+        [
+            sys.executable,
+            "-m",
+            "grpc_tools.protoc",
+            "-I",
+            str(REPO),
+            f"--python_out={tmp_path}",
+            f"--pyi_out={tmp_path}",
+            str(REPO / "protos" / "waxserve.proto"),
+        ],
         check=True,
     )
     for name in ("waxserve_pb2.py", "waxserve_pb2.pyi"):

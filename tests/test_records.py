@@ -54,9 +54,7 @@ def test_every_encoding_decodes_to_the_same_columns(encoding: str) -> None:
     (run,), dead = decode_batch(one(value, content_type))
     assert dead == []
     assert run.data_type == "wine" and run.partition == 3 and list(run.offsets) == [42]
-    np.testing.assert_array_equal(
-        run.features[0], [parse_csv_line(ROW1)[f] for f in WINE_FEATURES]
-    )
+    np.testing.assert_array_equal(run.features[0], [parse_csv_line(ROW1)[f] for f in WINE_FEATURES])
     assert run.labels[0] == 5.0
     if encoding != "csv":
         assert run.record_ids == ["r1"] and run.event_time_ms[0] == 123
@@ -102,9 +100,7 @@ def test_batch_splits_by_data_type_and_keeps_offset_order() -> None:
     batch = SourceBatch("records", 0, [10, 11, 12, 13, 14], [None] * 5, values, [[]] * 5)
     runs, dead = decode_batch(batch)
     assert dead == []
-    assert {r.data_type: list(r.offsets) for r in runs} == {
-        "wine": [10, 12, 14], "other": [11, 13]
-    }
+    assert {r.data_type: list(r.offsets) for r in runs} == {"wine": [10, 12, 14], "other": [11, 13]}
 
 
 def test_pmml_field_names_map_to_record_fields() -> None:

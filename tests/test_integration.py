@@ -1,0 +1,308 @@
+"""The real thing: `python -m bytewax.run dataflows.serving:flow` against a tansu broker."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections import Counter
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import pytest
+from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
+from conftest import config_env
+from flowtools import CATALOG, ERROR_CSV, descriptor, record_bytes, wine_lines
+
+from dataflows.broker import kafka_settings
+from dataflows.config import Config
+from protos import waxserve_pb2 as pb
+
+pytestmark = pytest.mark.integration
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class Dataflow:
+    """The dataflow as a child process, its output in a log file."""
+
+    def __init__(self, config: Config, tmp: Path, *args: str, **env: str) -> None:
+        self.log = tmp / f"dataflow-{uuid.uuid4().hex[:6]}.log"
+        environ = {
+            **{k: v for k, v in os.environ.items() if not k.startswith("WAXSERVE_")},
+            **config_env(config),
+            "WAXSERVE_STATS_INTERVAL_S": "1",
+            "WAXSERVE_DRIFT_WINDOW_S": "2",
+            "WAXSERVE_NO_MODEL_WAIT_S": "5",
+            "BYTEWAX_DATAFLOW_API_CACHE_PATH": str(tmp),
+            **env,
+        }
+        self._out = self.log.open("w")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "bytewax.run", "dataflows.serving:flow", *args],
+            cwd=REPO,
+            env=environ,
+            stdout=self._out,
+            stderr=subprocess.STDOUT,
+        )
+
+    def check_alive(self) -> None:
+        """Fail the test with the log when the dataflow died."""
+        if self.proc.poll() is not None:
+            raise AssertionError(f"dataflow exited {self.proc.returncode}:\n{self.tail()}")
+
+    def tail(self) -> str:
+        """Last lines of the log."""
+        return "\n".join(self.log.read_text().splitlines()[-30:])
+
+    def kill9(self) -> None:
+        """SIGKILL: no shutdown code runs, like a machine dying."""
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def stop(self) -> None:
+        """Ctrl-C, then SIGKILL if it does not stop."""
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(15)
+            except subprocess.TimeoutExpired:
+                self.kill9()
+        self._out.close()
+
+
+class Reader:
+    """Reads topics from the beginning, remembering everything seen."""
+
+    def __init__(self, config: Config, *topics: str) -> None:
+        self.consumer = Consumer(
+            kafka_settings(
+                config,
+                **{
+                    "group.id": "tests",
+                    "enable.auto.commit": False,
+                    "fetch.wait.max.ms": 10,
+                },
+            )
+        )
+        parts = []
+        for topic in topics:
+            info = self.consumer.list_topics(topic, timeout=5).topics[topic]
+            parts += [TopicPartition(topic, p, OFFSET_BEGINNING) for p in info.partitions]
+        self.consumer.assign(parts)
+        self.seen: dict[str, list[tuple[bytes, dict[str, str]]]] = {t: [] for t in topics}
+
+    def read(self, seconds: float = 0.2) -> None:
+        """Take in what arrived."""
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            for msg in self.consumer.consume(1000, 0.05):
+                if msg.error() is None:
+                    headers = {
+                        k: (v or b"").decode(errors="replace") for k, v in msg.headers() or []
+                    }
+                    self.seen[msg.topic() or ""].append((msg.value() or b"", headers))
+
+    def wait_for(
+        self, what: str, ok: Callable[[], bool], dataflow: Dataflow, timeout: float = 60
+    ) -> None:
+        """Read until `ok()`; fail with the dataflow log after `timeout` seconds."""
+        deadline = time.monotonic() + timeout
+        while not ok():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"timed out waiting for {what}:\n{dataflow.tail()}")
+            dataflow.check_alive()
+            self.read()
+
+    def scored(self, config: Config) -> list[pb.ScoredRecord]:
+        """Scored records seen so far."""
+        return [pb.ScoredRecord.FromString(v) for v, _ in self.seen[config.scored_topic]]
+
+    def events(self, config: Config) -> list[pb.ModelEvent]:
+        """Model events seen so far."""
+        return [pb.ModelEvent.FromString(v) for v, _ in self.seen[config.events_topic]]
+
+    def close(self) -> None:
+        """Close the consumer."""
+        self.consumer.close()
+
+
+def produce(
+    config: Config,
+    topic: str,
+    values: Sequence[bytes],
+    *,
+    key: bytes | None = None,
+    headers: list[tuple[str, bytes]] | None = None,
+    partitions: int = 1,
+    rate: float = 0,
+) -> None:
+    """Produce values round-robin over partitions, optionally paced to `rate` per second."""
+    producer = Producer(kafka_settings(config, **{"linger.ms": 5}))
+    started = time.monotonic()
+    for i, value in enumerate(values):
+        producer.produce(topic, value, key, partition=i % partitions, headers=headers)
+        if rate and i % 100 == 99:
+            producer.poll(0)
+            ahead = (i + 1) / rate - (time.monotonic() - started)
+            if ahead > 0:
+                time.sleep(ahead)
+    assert producer.flush(30) == 0
+
+
+def publish(config: Config, desc: pb.ModelDescriptor) -> None:
+    """A descriptor on the models topic, keyed by data type."""
+    produce(config, config.models_topic, [desc.SerializeToString()], key=desc.data_type.encode())
+
+
+def test_model_swap_mid_stream_and_pmml_reference_value(
+    kafka_config: Config, tmp_path: Path
+) -> None:
+    config = kafka_config
+    reader = Reader(config, config.scored_topic, config.events_topic, config.dlq_topic)
+    publish(config, descriptor("wine-lr"))
+    flow = Dataflow(config, tmp_path)
+    try:
+        first = record_bytes(wine_lines(0, 300), "a")
+        produce(config, config.records_topic, first, partitions=2)
+        reader.wait_for("300 scored by wine-lr", lambda: len(reader.scored(config)) >= 300, flow)
+        publish(config, descriptor("wine-pmml-lr"))
+        reader.wait_for(
+            "PMML model installed",
+            lambda: any(
+                e.model_name == "wine-pmml-lr" and e.kind == "installed"
+                for e in reader.events(config)
+            ),
+            flow,
+        )
+        second = record_bytes(wine_lines(0, 300), "b")
+        produce(config, config.records_topic, second, partitions=2)
+        reader.wait_for("600 scored", lambda: len(reader.scored(config)) >= 600, flow)
+        reader.read(1.0)
+    finally:
+        flow.stop()
+        reader.close()
+    scored = reader.scored(config)
+    assert len(scored) == 600 and len({s.output_key for s in scored}) == 600
+    assert {s.model_name for s in scored if s.record_id.startswith("a")} == {"wine-lr"}
+    after = {s.record_id: s for s in scored if s.record_id.startswith("b")}
+    assert {s.model_name for s in after.values()} == {"wine-pmml-lr"}
+    assert after["b0"].value == pytest.approx(5.178126058334128, rel=1e-12)
+    assert reader.seen[config.dlq_topic] == []
+
+
+def test_bad_records_and_a_tampered_model_on_kafka(kafka_config: Config, tmp_path: Path) -> None:
+    config = kafka_config
+    reader = Reader(config, config.scored_topic, config.events_topic, config.dlq_topic)
+    publish(config, descriptor("wine-lr"))
+    flow = Dataflow(config, tmp_path)
+    try:
+        reader.wait_for("wine-lr installed", lambda: len(reader.events(config)) >= 1, flow)
+        tampered = descriptor("wine-gbt", version="2")
+        tampered.sha256 = "0" * 64
+        publish(config, tampered)
+        reader.wait_for("tampered model rejected", lambda: len(reader.events(config)) >= 2, flow)
+        lines = ERROR_CSV.read_text().splitlines()
+        produce(
+            config,
+            config.records_topic,
+            [line.encode() for line in lines],
+            headers=[("content-type", b"text/csv")],
+        )
+        produce(config, config.records_topic, record_bytes(wine_lines(0, 50)))
+        reader.wait_for(
+            "records scored or dead-lettered",
+            lambda: len(reader.scored(config)) + len(reader.seen[config.dlq_topic]) >= 1 + 14 + 50,
+            flow,
+        )
+        reader.read(1.0)
+    finally:
+        flow.stop()
+        reader.close()
+    assert [(e.kind, e.model_version, e.reason) for e in reader.events(config)] == [
+        ("installed", "1", ""),
+        ("rejected", "2", "digest_mismatch"),
+    ]
+    assert {s.model_version for s in reader.scored(config)} == {"1"}
+    assert len(reader.scored(config)) == 2 + 50
+    dead = reader.seen[config.dlq_topic]
+    model_dead = [(v, h) for v, h in dead if h["waxserve.stage"] == "model"]
+    assert len(model_dead) == 1
+    assert model_dead[0][0] == tampered.SerializeToString()
+    assert model_dead[0][1]["waxserve.error.class"] == "digest_mismatch"
+    assert model_dead[0][1]["waxserve.source.topic"] == config.models_topic
+    record_dead = {
+        int(h["waxserve.source.offset"]): (v, h) for v, h in dead if h["waxserve.stage"] != "model"
+    }
+    assert sorted(record_dead) == list(range(1, 13))
+    for offset, (value, headers) in record_dead.items():
+        assert value == lines[offset].encode()
+        assert headers["waxserve.source.topic"] == config.records_topic
+        assert headers["waxserve.source.partition"] == "0"
+        expected = "bad_csv" if offset == 1 else "missing_feature"
+        assert headers["waxserve.error.class"] == expected
+        assert headers["waxserve.error.message"]
+
+
+def test_kill_9_and_restart_loses_no_record(kafka_config: Config, tmp_path: Path) -> None:
+    config = kafka_config
+    recovery = tmp_path / "recovery"
+    recovery.mkdir()
+    subprocess.run([sys.executable, "-m", "bytewax.recovery", str(recovery), "1"], check=True)
+    args = ("-r", str(recovery), "-s", "1", "-b", "10")
+    total = 20_000
+    lines = wine_lines()
+    values = record_bytes((lines * (total // len(lines) + 1))[:total])
+    reader = Reader(config, config.scored_topic, config.events_topic, config.dlq_topic)
+    publish(config, descriptor("wine-gbt"))
+    flow = Dataflow(config, tmp_path, *args)
+    feeder = threading.Thread(
+        target=produce,
+        args=(config, config.records_topic, values),
+        kwargs={"partitions": 2, "rate": 4000},
+    )
+    try:
+        feeder.start()
+        reader.wait_for("a third scored", lambda: len(reader.scored(config)) >= total // 3, flow)
+        flow.kill9()
+        before = len(reader.scored(config))
+        # The new process has no model loaded: it must rebuild it from the recovery store
+        # (the models topic is not read again), and score what the dead one had not.
+        flow = Dataflow(config, tmp_path, *args)
+        feeder.join()
+        keys = lambda: {s.output_key for s in reader.scored(config)}  # noqa: E731
+        reader.wait_for("every record scored", lambda: len(keys()) >= total, flow, timeout=120)
+        reader.read(1.0)
+    finally:
+        flow.stop()
+        reader.close()
+    scored = reader.scored(config)
+    counts = Counter(s.output_key for s in scored)
+    duplicates = sum(c - 1 for c in counts.values())
+    print(
+        f"kill -9 after {before} scored: {len(scored)} messages, {len(counts)} unique, "
+        f"{duplicates} duplicates"
+    )
+    assert len(counts) == total
+    assert reader.seen[config.dlq_topic] == []
+    assert [e.kind for e in reader.events(config)] in (
+        ["installed", "restored"],
+        ["installed", "installed", "restored"],
+    )
+    # At-least-once, bounded: the only duplicates are the records scored between the last
+    # snapshot and the kill, i.e. one contiguous run of offsets per source partition.
+    assert duplicates < before
+    for partition in (0, 1):
+        repeated = sorted(
+            s.source_offset
+            for s in scored
+            if s.source_partition == partition and counts[s.output_key] > 1
+        )
+        unique = sorted(set(repeated))
+        if unique:
+            assert unique == list(range(unique[0], unique[-1] + 1)), "duplicates are scattered"
+    assert {s.model_name for s in scored} == {CATALOG["wine-gbt"].name}
