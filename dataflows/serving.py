@@ -32,7 +32,7 @@ from google.protobuf.message import DecodeError
 from dataflows.config import Config
 from dataflows.kafka_io import SinkItem, kafka_sinks, kafka_sources
 from dataflows.monitoring import DriftPartial, MonitorState, StatsPartial
-from dataflows.records import DeadLetter, OutMessage, RecordColumns, SourceBatch, decode_batch
+from dataflows.records import DeadLetter, RecordColumns, SourceBatch, decode_batch
 from dataflows.scoring import (
     DescriptorIn,
     ModelInstall,
@@ -188,23 +188,19 @@ def _only(step_id: str, up: Stream[Any], kind: type[T]) -> Stream[T]:
     return op.filter_map(step_id, up, lambda x: x if isinstance(x, kind) else None)
 
 
-def _batched(
-    step_id: str, up: Stream[T], route: Callable[[T], str], encode: Callable[[T], list[OutMessage]]
+PROTOBUF_HEADERS = [("content-type", b"application/x-protobuf")]
+
+
+def _protobuf_items(
+    step_id: str, up: Stream[Any], key_of: Callable[[Any], str]
 ) -> Stream[SinkItem]:
-    return op.map(step_id, up, lambda x: (route(x), encode(x)))
+    """Protobuf messages as sink items, keyed (and routed) by `key_of(message)`."""
 
+    def item(message: Any) -> SinkItem:
+        key = key_of(message)
+        return key, [(key.encode(), message.SerializeToString(), PROTOBUF_HEADERS)]
 
-def _proto_message(key_of: Callable[[Any], str]) -> Callable[[Any], list[OutMessage]]:
-    def encode(message: Any) -> list[OutMessage]:
-        return [
-            (
-                key_of(message).encode(),
-                message.SerializeToString(),
-                [("content-type", b"application/x-protobuf")],
-            )
-        ]
-
-    return encode
+    return op.map(step_id, up, item)
 
 
 def build_flow(
@@ -297,38 +293,17 @@ def build_flow(
         ),
     )
     monitor_values = op.map("monitor_values", monitored, lambda kv: kv[1])
-    stats_key: Callable[[Any], str] = lambda m: f"{m.data_type}/{m.model_name}/{m.model_version}"  # noqa: E731
-    op.output(
-        "stats_out",
-        _batched(
-            "stats_items",
-            _only("stats", monitor_values, pb.ServingStats),
-            stats_key,
-            _proto_message(stats_key),
-        ),
-        sinks["stats"],
-    )
-    op.output(
-        "drift_out",
-        _batched(
-            "drift_items",
-            _only("drift", monitor_values, pb.DriftMetrics),
-            stats_key,
-            _proto_message(stats_key),
-        ),
-        sinks["drift"],
-    )
 
-    event_key: Callable[[Any], str] = lambda e: e.data_type  # noqa: E731
+    def model_key(m: pb.ServingStats | pb.DriftMetrics) -> str:
+        return f"{m.data_type}/{m.model_name}/{m.model_version}"
+
+    stats = _only("stats", monitor_values, pb.ServingStats)
+    op.output("stats_out", _protobuf_items("stats_items", stats, model_key), sinks["stats"])
+    drift = _only("drift", monitor_values, pb.DriftMetrics)
+    op.output("drift_out", _protobuf_items("drift_items", drift, model_key), sinks["drift"])
+    events = _only("events", registry_out, pb.ModelEvent)
     op.output(
-        "events_out",
-        _batched(
-            "event_items",
-            _only("events", registry_out, pb.ModelEvent),
-            event_key,
-            _proto_message(event_key),
-        ),
-        sinks["events"],
+        "events_out", _protobuf_items("event_items", events, lambda e: e.data_type), sinks["events"]
     )
 
     dead = op.merge(
