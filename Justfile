@@ -6,11 +6,14 @@ python := env_var_or_default("PYTHON", "python3.11")
 venv := ".venv"
 bin := venv + "/bin"
 
-# Create .venv and install waxserve with its dev tools (idempotent).
+# Create .venv and install waxserve with its dev tools (again only when pyproject.toml changes).
 setup:
-    [ -x {{bin}}/python ] || {{python}} -m venv {{venv}}
-    {{bin}}/python -m pip install --quiet --upgrade pip
-    {{bin}}/python -m pip install --quiet -e '.[dev]'
+    @[ -x {{bin}}/python ] || {{python}} -m venv {{venv}}
+    @if [ ! {{venv}}/.installed -nt pyproject.toml ]; then \
+        {{bin}}/python -m pip install --quiet --upgrade pip && \
+        {{bin}}/python -m pip install --quiet -e '.[dev]' && \
+        touch {{venv}}/.installed; \
+    fi
 
 # Run the demo: embedded broker, models, replay, live dataflow, a model swap mid-stream.
 demo *ARGS: setup
