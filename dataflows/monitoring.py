@@ -200,6 +200,10 @@ def stats_message(
     )
 
 
+MAX_MODELS_REMEMBERED = 16
+"""Stats totals kept per data type: the newest models, plus any with open windows."""
+
+
 @dataclass
 class MonitorState:
     """Per data type: stats totals per model, and windows still collecting partials."""
@@ -250,7 +254,18 @@ class MonitorState:
             if until_ms is None or drift.window_end_ms <= until_ms:
                 del self.drift_windows[key]
                 out.append(drift_message(drift, threshold))
+        self._forget_old_models()
         return out
+
+    def _forget_old_models(self) -> None:
+        # Every model version ever installed would otherwise stay here forever.
+        if len(self.totals) <= MAX_MODELS_REMEMBERED:
+            return
+        active = {model for model, _ in self.stats_windows}
+        by_age = sorted(self.totals, key=lambda m: m.since_ms)
+        for model in by_age[: len(by_age) - MAX_MODELS_REMEMBERED]:
+            if model not in active:
+                del self.totals[model]
 
     def next_close_ms(self) -> int | None:
         """End of the earliest open window."""

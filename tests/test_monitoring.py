@@ -89,3 +89,14 @@ def test_monitor_merges_shards_and_emits_each_window_once() -> None:
 def test_windows_align_to_the_epoch() -> None:
     assert window_start(12_345, 1000) == 12_000
     assert window_start(12_000, 1000) == 12_000
+
+
+def test_monitor_forgets_the_oldest_models_only() -> None:
+    state = MonitorState()
+    models = [ModelIdentity("wine", "m", str(v), f"d{v}", since_ms=v) for v in range(40)]
+    for model in models:
+        stats = StatsAccumulator()
+        stats.add_call(1, 0.001)
+        state.add(StatsPartial(model, 0, 1000, stats))
+        state.close(None, threshold=0.25)
+    assert set(state.totals) == set(models[-16:])
