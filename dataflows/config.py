@@ -41,6 +41,8 @@ class Config:
     stats_interval_s: float = 10.0
     drift_window_s: float = 60.0
     drift_psi_threshold: float = 0.25
+    # Windows with fewer records report PSI but never raise the drift alarm.
+    drift_min_records: int = 100
     # Records that arrive before any model for their data type wait this long for one,
     # then go to the dead-letter topic.
     no_model_wait_s: float = 30.0

@@ -146,8 +146,12 @@ def window_start(now_ms: int, length_ms: int) -> int:
     return now_ms - now_ms % length_ms
 
 
-def drift_message(partial: DriftPartial, threshold: float) -> pb.DriftMetrics:
-    """The drift topic message for a (merged) window."""
+def drift_message(partial: DriftPartial, threshold: float, min_records: int = 0) -> pb.DriftMetrics:
+    """The drift topic message for a (merged) window.
+
+    PSI over a handful of records is noise (a window cut short by a model swap can show
+    PSI > 5), so only windows of at least `min_records` can raise the alarm.
+    """
     ref, acc = partial.reference, partial.drift
     features = []
     for i, name in enumerate(ref.features):
@@ -173,7 +177,7 @@ def drift_message(partial: DriftPartial, threshold: float) -> pb.DriftMetrics:
         record_count=acc.n,
         features=features,
         max_psi=max_psi,
-        alarm=max_psi > threshold,
+        alarm=max_psi > threshold and acc.n >= min_records,
     )
 
 
@@ -242,7 +246,7 @@ class MonitorState:
             open_drift.drift.merge(partial.drift)
 
     def close(
-        self, until_ms: int | None, threshold: float
+        self, until_ms: int | None, threshold: float, min_records: int = 0
     ) -> list[pb.ServingStats | pb.DriftMetrics]:
         """Messages for every window that ended at or before until_ms (None: all of them)."""
         out: list[pb.ServingStats | pb.DriftMetrics] = []
@@ -253,7 +257,7 @@ class MonitorState:
         for key, drift in sorted(self.drift_windows.items(), key=lambda kv: kv[0][1]):
             if until_ms is None or drift.window_end_ms <= until_ms:
                 del self.drift_windows[key]
-                out.append(drift_message(drift, threshold))
+                out.append(drift_message(drift, threshold, min_records))
         self._forget_old_models()
         return out
 

@@ -227,7 +227,7 @@ def validate_descriptor(
     descriptor: pb.ModelDescriptor,
     *,
     model_dir: str,
-    now_ms: int,
+    clock: Clock = time.time,
     onnx_threads: int = 1,
     cache: RuntimeCache = RUNTIMES,
 ) -> ModelInstall:
@@ -268,7 +268,8 @@ def validate_descriptor(
         sha256=digest,
         description=descriptor.description,
         format=descriptor.format,
-        since_ms=now_ms,
+        # Stamped after loading: "installed at" is when the model could first serve.
+        since_ms=int(clock() * 1000),
     )
     spec = ModelSpec(identity, tuple(fields), reference, descriptor.created_at_ms, declared)
     return ModelInstall(spec, model_bytes)
@@ -332,15 +333,15 @@ class Registry:
         """Validate descriptors in order; each valid one replaces the current model."""
         out: list[RegistryOut] = []
         for item in items:
-            now_ms = int(self._clock() * 1000)
             try:
                 install = validate_descriptor(
                     item.descriptor,
                     model_dir=self._model_dir,
-                    now_ms=now_ms,
+                    clock=self._clock,
                     onnx_threads=self._onnx_threads,
                 )
             except ModelError as exc:
+                now_ms = int(self._clock() * 1000)
                 log.warning(
                     "rejected model %s:%s for %s: %s",
                     item.descriptor.name,
@@ -380,8 +381,9 @@ class Registry:
                 install.spec.identity.sha256[:12],
                 item.data_type,
             )
+            identity = install.spec.identity
             out.append(install)
-            out.append(model_event("installed", install.spec.identity, now_ms, source=item))
+            out.append(model_event("installed", identity, identity.since_ms, source=item))
         return out
 
     def on_resume(self) -> list[RegistryOut]:

@@ -153,17 +153,19 @@ class MonitorLogic(op.StatefulBatchLogic[StatsPartial | DriftPartial, Any, Monit
         state: MonitorState | None,
         *,
         threshold: float,
+        min_records: int,
         grace_s: float,
         clock: Clock = time.time,
     ) -> None:
         self.state = state if state is not None else MonitorState()
         self._threshold = threshold
+        self._min_records = min_records
         self._grace_ms = int(grace_s * 1000)
         self._clock = clock
 
     def _close(self, everything: bool = False) -> list[Any]:
         until = None if everything else int(self._clock() * 1000) - self._grace_ms
-        return self.state.close(until, self._threshold)
+        return self.state.close(until, self._threshold, self._min_records)
 
     def on_batch(self, values: list[StatsPartial | DriftPartial]) -> tuple[Iterable[Any], bool]:
         for partial in values:
@@ -288,6 +290,7 @@ def build_flow(
         lambda state: MonitorLogic(
             state,
             threshold=config.drift_psi_threshold,
+            min_records=config.drift_min_records,
             grace_s=min(2.0, config.stats_interval_s / 2),
             clock=clock,
         ),

@@ -281,9 +281,7 @@ def test_snapshots_do_not_carry_model_bytes() -> None:
     from dataflows.scoring import ModelInstall, ShardScorer, validate_descriptor
     from dataflows.serving import ServeLogic
 
-    install: ModelInstall = validate_descriptor(
-        descriptor("wine-rf-classifier"), model_dir="", now_ms=0
-    )
+    install: ModelInstall = validate_descriptor(descriptor("wine-rf-classifier"), model_dir="")
     logic = ServeLogic(ShardScorer(None, stats_interval_s=10, drift_window_s=60))
     logic.on_batch([install])
     size = len(pickle.dumps(logic.snapshot()))

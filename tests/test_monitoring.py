@@ -82,6 +82,11 @@ def test_monitor_merges_shards_and_emits_each_window_once() -> None:
     assert list(drift_msgs[0].features[0].bin_counts) == [0, 1, 2]
     assert drift_msgs[0].alarm
     assert state.close(1000, threshold=0.25) == []
+    # The same window with a minimum of 4 records: PSI reported, no alarm.
+    few = MonitorState()
+    few.add(DriftPartial(MODEL, ref, 0, 1000, drift))
+    (quiet,) = few.close(None, threshold=0.25, min_records=4)
+    assert isinstance(quiet, pb.DriftMetrics) and quiet.max_psi > 0.25 and not quiet.alarm
     rest = state.close(None, threshold=0.25)
     assert [m.window_count for m in rest] == [4]
 
