@@ -298,6 +298,17 @@ def _die_with_parent() -> None:  # pragma: no cover - runs in the child between 
         pass
 
 
+def log_tail(path: Path | None, lines: int = 20) -> str:
+    """The last lines of a log file, or a note saying there is none."""
+    if path is None:
+        return "(no log)"
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return "(no log)"
+    return "\n".join(text.splitlines()[-lines:]) or "(log is empty)"
+
+
 class EmbeddedBroker:
     """A tansu broker in a child process, with in-memory storage, on 127.0.0.1.
 
@@ -517,13 +528,7 @@ class EmbeddedBroker:
 
     def log_tail(self, lines: int = 20) -> str:
         """The last lines of the broker's output."""
-        if self._log_path is None:
-            return "(no log)"
-        try:
-            text = self._log_path.read_text(errors="replace")
-        except OSError:
-            return "(no log)"
-        return "\n".join(text.splitlines()[-lines:]) or "(log is empty)"
+        return log_tail(self._log_path, lines)
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"

@@ -1,7 +1,12 @@
-"""`waxserve`: run a local broker, create topics, publish models, replay records, tail topics.
+"""`waxserve`: run a local broker, create topics, publish models, replay records, tail topics,
+and the end-to-end demo that does all of it with the dataflow.
 
 Every command reads its settings from `WAXSERVE_*` environment variables (see
 `dataflows.config.Config`); `--brokers` overrides `WAXSERVE_BROKERS`.
+
+This module parses the command line and runs the commands; the demo lives in
+`dataflows.demo`, and what the commands share for producing and reading messages in
+`dataflows.replay`.
 
 ```
 waxserve broker                       # tansu on 127.0.0.1:19092, in memory, until Ctrl-C
@@ -9,6 +14,7 @@ waxserve topics                       # create the waxserve topics
 waxserve publish wine-lr              # a catalog model (models/catalog.json) or a .onnx/.pmml file
 waxserve replay models/data/winequality_red.csv --rate 500 --loop
 waxserve tail scored --limit 5        # JSON lines
+waxserve demo                         # everything, on this machine, narrated (`just demo`)
 ```
 """
 
@@ -23,7 +29,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
@@ -35,7 +41,6 @@ from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
     Consumer,
     KafkaError,
-    KafkaException,
     Message,
     Producer,
     TopicPartition,
@@ -57,6 +62,7 @@ from dataflows.broker import (
     kafka_settings,
 )
 from dataflows.config import Config, ConfigError
+from dataflows.demo import DEMO_MODELS, DemoOptions, run_demo
 from dataflows.descriptors import (
     FORMAT_NAMES,
     MODELS_DIR,
@@ -74,31 +80,28 @@ from dataflows.records import (
     CONTENT_TYPE_PROTOBUF,
     DEFAULT_DATA_TYPE,
     WINE_FEATURES,
-    RecordError,
-    parse_csv_line,
     record_field_for,
-    record_to_json,
-    wine_record,
+)
+from dataflows.replay import (
+    FLUSH_TIMEOUT_S,
+    PROTO_TYPES,
+    TOPIC_ALIASES,
+    CliError,
+    DeliveryReport,
+    Pacer,
+    count_lines,
+    csv_lines,
+    encode_line,
+    header_pairs,
+    in_main_thread,
+    produce,
+    send_descriptor,
 )
 from protos import waxserve_pb2 as pb
 
 PROG = "waxserve"
 DEFAULT_BROKER_PORT = 19092
-FLUSH_TIMEOUT_S = 30.0
 MODEL_SUFFIXES = (".onnx", ".pmml", ".xml")
-TOPIC_ALIASES = ("models", "records", "scored", "stats", "drift", "events", "dlq")
-"""Short names `tail` accepts for the configured topics."""
-
-_PROTO_TYPES: dict[str, type[ProtoMessage]] = {
-    "scored": pb.ScoredRecord,
-    "stats": pb.ServingStats,
-    "drift": pb.DriftMetrics,
-    "events": pb.ModelEvent,
-}
-
-
-class CliError(Exception):
-    """An expected failure: printed as one line on stderr, exit code 1."""
 
 
 # --- entry point -------------------------------------------------------------------------
@@ -282,9 +285,43 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "demo",
         parents=[common],
-        help="run the end-to-end demo (not implemented yet)",
-        description="Not implemented yet.",
+        help="run everything on this machine: broker, dataflow, replay, model swaps",
+        description="Start an embedded tansu broker (unless --brokers is given), create the "
+        "topics, publish a model, start the dataflow (python -m bytewax.run), replay the wine "
+        "data at --rate while swapping models mid-stream, sending malformed rows, a tampered "
+        "model and a burst of drifted records, and show what comes out once a second. Ends "
+        "with a summary that accounts for every record sent: scored or dead-lettered. "
+        "Exit code 1 if any record is unaccounted for. With --brokers the demo uses fresh "
+        "topics of its own (names with a -demo-<id> suffix) and deletes them afterwards "
+        "(kept with --keep-logs).",
     )
+    p.add_argument(
+        "--duration",
+        type=_positive_float,
+        default=40.0,
+        metavar="S",
+        help="seconds of replay (default 40)",
+    )
+    p.add_argument(
+        "--rate",
+        type=_non_negative_float,
+        default=1000.0,
+        help="records per second (default 1000; 0: as fast as possible)",
+    )
+    p.add_argument("--workers", type=_positive_int, default=1, help="Bytewax workers (default 1)")
+    p.add_argument(
+        "--models",
+        default=",".join(DEMO_MODELS),
+        metavar="A,B,...",
+        help="catalog models served in turn: the first from the start, each next one swapped "
+        f"in at an equal share of --duration (default {','.join(DEMO_MODELS)})",
+    )
+    p.add_argument(
+        "--keep-logs",
+        action="store_true",
+        help="keep the work directory (dataflow and broker logs) and, with --brokers, the topics",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="print the final summary only")
     p.set_defaults(run=cmd_demo)
     return parser
 
@@ -293,6 +330,13 @@ def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
     return value
 
 
@@ -345,8 +389,8 @@ def cmd_broker(config: Config, args: argparse.Namespace) -> int:
     broker = EmbeddedBroker(port or None, log_path=args.log)  # 0: any free port
     broker.start()
     previous = signal.getsignal(signal.SIGTERM)
-    in_main_thread = _in_main_thread()
-    if in_main_thread:
+    on_main_thread = in_main_thread()
+    if on_main_thread:
         signal.signal(signal.SIGTERM, _raise_terminated)
     try:
         print(f"tansu broker listening on {broker.bootstrap} (in memory: data is lost on exit)")
@@ -368,14 +412,8 @@ def cmd_broker(config: Config, args: argparse.Namespace) -> int:
         return 0
     finally:
         broker.stop()
-        if in_main_thread:
+        if on_main_thread:
             signal.signal(signal.SIGTERM, previous)
-
-
-def _in_main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
 
 
 # --- topics ------------------------------------------------------------------------------
@@ -482,40 +520,6 @@ def build_descriptor(args: argparse.Namespace) -> tuple[pb.ModelDescriptor, Path
     return desc, path
 
 
-def send_descriptor(config: Config, desc: pb.ModelDescriptor) -> Message:
-    """Produce a descriptor to the models topic (key: its data type) and wait for delivery."""
-    value = desc.SerializeToString()
-    ensure_topic(config, config.models_topic, 1)
-    producer = Producer(
-        kafka_settings(
-            config,
-            **{
-                "linger.ms": config.linger_ms,
-                # Descriptors carry whole models: allow messages beyond librdkafka's 1 MB.
-                "message.max.bytes": max(1_000_000, len(value) + 65_536),
-            },
-        )
-    )
-    outcome: list[tuple[KafkaError | None, Message]] = []
-    try:
-        producer.produce(
-            config.models_topic,
-            value=value,
-            key=desc.data_type.encode(),
-            on_delivery=lambda err, msg: outcome.append((err, msg)),
-        )
-    except (KafkaException, BufferError) as exc:
-        raise CliError(f"cannot produce the descriptor: {exc}") from None
-    if producer.flush(FLUSH_TIMEOUT_S) or not outcome:
-        raise CliError(
-            f"the descriptor was not delivered to {config.brokers} within {FLUSH_TIMEOUT_S:g} s"
-        )
-    err, msg = outcome[0]
-    if err is not None:
-        raise CliError(f"the broker refused the descriptor: {err.name()}: {err.str()}")
-    return msg
-
-
 def cmd_publish(config: Config, args: argparse.Namespace) -> int:
     """Publish a model descriptor to the models topic."""
     desc, path = build_descriptor(args)
@@ -552,104 +556,6 @@ def cmd_publish(config: Config, args: argparse.Namespace) -> int:
 # --- replay ------------------------------------------------------------------------------
 
 
-class Pacer:
-    """Spaces events `1/rate` seconds apart on a schedule, so errors do not add up.
-
-    A stall does not buy a long burst afterwards: at most `max_burst_s` seconds of missed
-    schedule are made up.
-    """
-
-    def __init__(self, rate: float, *, max_burst_s: float = 0.1) -> None:
-        self.interval = 1.0 / rate if rate > 0 else 0.0
-        self.max_burst_s = max_burst_s
-        self._next: float | None = None
-
-    def wait(self, idle: Callable[[], object] = lambda: None) -> None:
-        """Block until the next event is due, calling `idle` at least every 0.1 s meanwhile."""
-        if not self.interval:
-            return
-        now = time.monotonic()
-        if self._next is None or self._next < now - self.max_burst_s:
-            self._next = now if self._next is None else now - self.max_burst_s
-        while True:
-            idle()
-            delay = self._next - time.monotonic()
-            if delay <= 0:
-                break
-            time.sleep(min(delay, 0.1))
-        self._next += self.interval
-
-
-@dataclasses.dataclass
-class _Line:
-    pass_no: int
-    line_no: int
-    raw: bytes
-
-
-def _csv_lines(path: Path, *, loop: bool, header: bool) -> Iterator[_Line]:
-    pass_no = 0
-    while True:
-        seen = False
-        with path.open("rb") as f:
-            for line_no, raw in enumerate(f, 1):
-                if header and line_no == 1:
-                    continue
-                raw = raw.rstrip(b"\r\n")
-                if not raw.strip():
-                    continue
-                seen = True
-                yield _Line(pass_no, line_no, raw)
-        if not loop or not seen:
-            return
-        pass_no += 1
-
-
-def _count_lines(path: Path, header: bool) -> int:
-    with path.open("rb") as f:
-        return sum(1 for i, raw in enumerate(f, 1) if raw.strip() and not (header and i == 1))
-
-
-OutHeaders = list[tuple[str, str | bytes | None]]
-_CSV_HEADERS: OutHeaders = [(CONTENT_TYPE_HEADER, CONTENT_TYPE_CSV.encode())]
-_JSON_HEADERS: OutHeaders = [(CONTENT_TYPE_HEADER, CONTENT_TYPE_JSON.encode())]
-
-
-def encode_line(
-    raw: bytes, *, fmt: str, record_id: str, data_type: str, event_time_ms: int
-) -> tuple[bytes, OutHeaders | None, bool]:
-    """A CSV line as a records-topic message: value, headers, and whether it parsed.
-
-    A line that does not parse goes out as its raw bytes marked text/csv, whatever `fmt`,
-    so that the dataflow dead-letters it instead of it being lost here.
-    """
-    try:
-        values = parse_csv_line(raw.decode("utf-8"))
-    except (RecordError, UnicodeDecodeError):
-        return raw, _CSV_HEADERS, False
-    if fmt == "csv":
-        return raw, _CSV_HEADERS, True
-    msg = wine_record(values, record_id=record_id, data_type=data_type, event_time_ms=event_time_ms)
-    if fmt == "json":
-        return record_to_json(msg), _JSON_HEADERS, True
-    return msg.SerializeToString(), None, True
-
-
-@dataclasses.dataclass
-class _DeliveryReport:
-    delivered: int = 0
-    failed: int = 0
-    first_error: str = ""
-
-    def __call__(self, err: KafkaError | None, msg: Message) -> None:
-        if err is None:
-            self.delivered += 1
-            return
-        self.failed += 1
-        if not self.first_error:
-            self.first_error = f"{err.name()}: {err.str()}"
-
-
 def cmd_replay(config: Config, args: argparse.Namespace) -> int:
     """Send the rows of a CSV file to the records topic at a steady rate."""
     path: Path = args.csv
@@ -662,13 +568,13 @@ def cmd_replay(config: Config, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     if not args.loop:
-        total: int | None = _count_lines(path, args.header)
+        total: int | None = count_lines(path, args.header)
         if args.limit is not None:
             total = min(args.limit, total or 0)
     else:
         total = args.limit
     ensure_topic(config, config.records_topic)
-    report = _DeliveryReport()
+    report = DeliveryReport()
     producer = Producer(kafka_settings(config, **{"linger.ms": config.linger_ms}))
     topic = config.records_topic
     stem = path.stem
@@ -684,7 +590,7 @@ def cmd_replay(config: Config, args: argparse.Namespace) -> int:
     )
     start = time.monotonic()
     try:
-        for line in _csv_lines(path, loop=args.loop, header=args.header):
+        for line in csv_lines(path, loop=args.loop, header=args.header):
             if args.limit is not None and sent >= args.limit:
                 break
             pacer.wait(lambda: producer.poll(0))
@@ -698,7 +604,7 @@ def cmd_replay(config: Config, args: argparse.Namespace) -> int:
                 data_type=args.data_type,
                 event_time_ms=time.time_ns() // 1_000_000,
             )
-            _produce(producer, topic, record_id.encode(), value, headers, report)
+            produce(producer, topic, record_id.encode(), value, headers, report)
             sent += 1
             bad += not ok
             progress.update(1)
@@ -732,24 +638,6 @@ def cmd_replay(config: Config, args: argparse.Namespace) -> int:
     if failures:
         return 1
     return 130 if interrupted else 0
-
-
-def _produce(
-    producer: Producer,
-    topic: str,
-    key: bytes,
-    value: bytes,
-    headers: OutHeaders | None,
-    report: _DeliveryReport,
-) -> None:
-    while True:
-        try:
-            producer.produce(topic, value=value, key=key, headers=headers, on_delivery=report)
-            return
-        except BufferError:  # the local queue is full: let deliveries drain it
-            producer.poll(0.05)
-        except KafkaException as exc:
-            raise CliError(f"cannot produce to {topic}: {exc}") from None
 
 
 # --- tail --------------------------------------------------------------------------------
@@ -811,12 +699,6 @@ def _record_value(value: bytes, content_type: str) -> Any:
     raise ValueError(f"unsupported content-type {content_type!r}")
 
 
-def _header_pairs(msg: Message) -> list[tuple[str, bytes | None]]:
-    raw = msg.headers() or []
-    items = list(raw.items()) if isinstance(raw, dict) else raw
-    return [(str(k), v.encode() if isinstance(v, str) else v) for k, v in items]
-
-
 def message_to_json(config: Config, msg: Message) -> dict[str, Any]:
     """One consumed message as a JSON-able dict, its value decoded by topic."""
     topic = msg.topic() or ""
@@ -831,7 +713,7 @@ def message_to_json(config: Config, msg: Message) -> dict[str, Any]:
     ts_type, ts = msg.timestamp()
     if ts_type != TIMESTAMP_NOT_AVAILABLE:
         out["timestamp_ms"] = ts
-    header_list = _header_pairs(msg)
+    header_list = header_pairs(msg)
     if header_list:
         out["headers"] = {
             name: _text_or_base64(v)[0] if v is not None else None for name, v in header_list
@@ -851,8 +733,8 @@ def message_to_json(config: Config, msg: Message) -> dict[str, Any]:
                     content_type = v.decode("latin-1").split(";")[0].strip().lower()
             out["content_type"] = content_type
             out["value"] = _record_value(value, content_type)
-        elif kind in _PROTO_TYPES:
-            out["value"] = _proto_dict(_PROTO_TYPES[kind].FromString(value))
+        elif kind in PROTO_TYPES:
+            out["value"] = _proto_dict(PROTO_TYPES[kind].FromString(value))
         else:  # the DLQ (original bytes) and topics we do not know
             out["value"], out["value_encoding"] = _text_or_base64(value)
     except (DecodeError, ValueError, UnicodeDecodeError) as exc:
@@ -935,8 +817,20 @@ def _tail_loop(config: Config, consumer: Consumer, args: argparse.Namespace) -> 
 
 
 def cmd_demo(config: Config, args: argparse.Namespace) -> int:
-    """The end-to-end demo (waits for the dataflow module)."""
-    raise SystemExit("demo: not implemented yet")
+    """The end-to-end demo: see `dataflows.demo`."""
+    models = tuple(name.strip() for name in args.models.split(",") if name.strip())
+    if not models:
+        raise CliError("--models names no model")
+    options = DemoOptions(
+        duration_s=args.duration,
+        rate=args.rate,
+        workers=args.workers,
+        models=models,
+        external_brokers=bool(args.brokers),
+        keep_logs=args.keep_logs,
+        quiet=args.quiet,
+    )
+    return run_demo(config, options)
 
 
 if __name__ == "__main__":

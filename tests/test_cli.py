@@ -15,10 +15,11 @@ import pytest
 from confluent_kafka.admin import AdminClient
 
 from dataflows.broker import free_port
-from dataflows.cli import Pacer, main
+from dataflows.cli import main
 from dataflows.config import Config
 from dataflows.descriptors import MODELS_DIR, load_catalog, sha256_hex
 from dataflows.records import CSV_COLUMNS
+from dataflows.replay import Pacer
 from protos import waxserve_pb2 as pb
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -56,11 +57,6 @@ def test_help_for_every_command(capsys: pytest.CaptureFixture[str]) -> None:
         assert "--brokers" in capsys.readouterr().out
     assert main([]) == 2
     assert main(["replay"]) == 2  # argparse: CSV is required
-
-
-def test_demo_is_a_stub() -> None:
-    with pytest.raises(SystemExit, match="not implemented"):
-        main(["demo"])
 
 
 def test_unreachable_broker_is_one_clear_line(capsys: pytest.CaptureFixture[str]) -> None:
