@@ -273,6 +273,11 @@ def test_abort_and_resume_loses_nothing_and_rebuilds_models(workers: int, tmp_pa
     kinds = [e.kind for e in outputs.events()]
     assert kinds == ["installed", "restored"]
     assert {s.model_name for s in scored} == {"wine-lr"}
+    # Stats and drift windows were open at the crash: restored from the snapshots, they
+    # count every record exactly once (the replayed epoch is not counted twice).
+    (stats,) = outputs.stats()
+    assert stats.usage_count == 400 and stats.window_count == 400
+    assert sum(d.record_count for d in outputs.drift()) == 400
 
 
 def test_snapshots_do_not_carry_model_bytes() -> None:
