@@ -44,3 +44,25 @@ broker *ARGS: setup
 # Run the dataflow against WAXSERVE_BROKERS (workers: -w N; recovery: -r DIR -s S -b S).
 run *ARGS: setup
     {{bin}}/python -m bytewax.run dataflows.serving:flow {{ARGS}}
+
+# Run a local cluster of N processes x W workers (RECOVERY=DIR: one recovery dir per process).
+cluster processes="2" workers="1": setup
+    #!/usr/bin/env bash
+    set -euo pipefail
+    n={{processes}}
+    addresses=$(for ((i = 0; i < n; i++)); do printf '127.0.0.1:%d;' $((2101 + i)); done)
+    addresses=${addresses%;}
+    pids=()
+    trap 'kill "${pids[@]}" 2>/dev/null || true; wait' EXIT INT TERM
+    for ((i = 0; i < n; i++)); do
+        args=(-i "$i" -a "$addresses" -w {{workers}})
+        if [ -n "${RECOVERY:-}" ]; then
+            {{bin}}/waxserve recovery-init "$RECOVERY/process-$i" \
+                --partitions "${PARTITIONS:-$((n * 2))}" --processes "$n" --process-id "$i"
+            args+=(-r "$RECOVERY/process-$i" -s "${SNAPSHOT_S:-5}" -b "${BACKUP_S:-30}")
+        fi
+        {{bin}}/python -m bytewax.run dataflows.serving:flow "${args[@]}" &
+        pids+=($!)
+    done
+    # A Bytewax cluster cannot lose a process: when one exits, stop them all.
+    wait -n

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import logging
 import math
+import os
+import socket
 import threading
 import time
 from collections import OrderedDict
@@ -452,6 +454,7 @@ class ShardScorer:
         self._stats_ms = int(stats_interval_s * 1000)
         self._drift_ms = int(drift_window_s * 1000)
         self._wait_ms = int(no_model_wait_s * 1000)
+        self._scored_by = f"{socket.gethostname()}/{os.getpid()}"
         self._max_pending = max_pending
         self._clock = clock
         self._onnx_threads = onnx_threads
@@ -644,6 +647,7 @@ class ShardScorer:
                 event_time_ms=int(run.event_time_ms[i]),
                 scored_at_ms=now_ms,
                 batch_size=n,
+                scored_by=self._scored_by,
             )
             value = float(values[i])
             if not math.isnan(value):

@@ -99,7 +99,7 @@ class WineRecord(_message.Message):
     def __init__(self, record_id: _Optional[str] = ..., data_type: _Optional[str] = ..., event_time_ms: _Optional[int] = ..., fixed_acidity: _Optional[float] = ..., volatile_acidity: _Optional[float] = ..., citric_acid: _Optional[float] = ..., residual_sugar: _Optional[float] = ..., chlorides: _Optional[float] = ..., free_sulfur_dioxide: _Optional[float] = ..., total_sulfur_dioxide: _Optional[float] = ..., density: _Optional[float] = ..., ph: _Optional[float] = ..., sulphates: _Optional[float] = ..., alcohol: _Optional[float] = ..., quality: _Optional[float] = ...) -> None: ...
 
 class ScoredRecord(_message.Message):
-    __slots__ = ("output_key", "record_id", "data_type", "source_topic", "source_partition", "source_offset", "model_name", "model_version", "model_sha256", "value", "label", "probabilities", "scoring_latency_us", "event_time_ms", "scored_at_ms", "batch_size")
+    __slots__ = ("output_key", "record_id", "data_type", "source_topic", "source_partition", "source_offset", "model_name", "model_version", "model_sha256", "value", "label", "probabilities", "scoring_latency_us", "event_time_ms", "scored_at_ms", "batch_size", "scored_by")
     class ProbabilitiesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -123,6 +123,7 @@ class ScoredRecord(_message.Message):
     EVENT_TIME_MS_FIELD_NUMBER: _ClassVar[int]
     SCORED_AT_MS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
+    SCORED_BY_FIELD_NUMBER: _ClassVar[int]
     output_key: str
     record_id: str
     data_type: str
@@ -139,7 +140,8 @@ class ScoredRecord(_message.Message):
     event_time_ms: int
     scored_at_ms: int
     batch_size: int
-    def __init__(self, output_key: _Optional[str] = ..., record_id: _Optional[str] = ..., data_type: _Optional[str] = ..., source_topic: _Optional[str] = ..., source_partition: _Optional[int] = ..., source_offset: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., value: _Optional[float] = ..., label: _Optional[str] = ..., probabilities: _Optional[_Mapping[str, float]] = ..., scoring_latency_us: _Optional[float] = ..., event_time_ms: _Optional[int] = ..., scored_at_ms: _Optional[int] = ..., batch_size: _Optional[int] = ...) -> None: ...
+    scored_by: str
+    def __init__(self, output_key: _Optional[str] = ..., record_id: _Optional[str] = ..., data_type: _Optional[str] = ..., source_topic: _Optional[str] = ..., source_partition: _Optional[int] = ..., source_offset: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., value: _Optional[float] = ..., label: _Optional[str] = ..., probabilities: _Optional[_Mapping[str, float]] = ..., scoring_latency_us: _Optional[float] = ..., event_time_ms: _Optional[int] = ..., scored_at_ms: _Optional[int] = ..., batch_size: _Optional[int] = ..., scored_by: _Optional[str] = ...) -> None: ...
 
 class ServingStats(_message.Message):
     __slots__ = ("data_type", "model_name", "model_version", "model_sha256", "description", "format", "since_ms", "usage_count", "total_duration_ms", "min_duration_us", "max_duration_us", "mean_duration_us", "window_start_ms", "window_end_ms", "window_count")

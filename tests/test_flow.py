@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
@@ -84,6 +85,7 @@ def test_every_record_is_scored_once_with_traceable_output(workers: int) -> None
         f"{RECORDS_TOPIC}/{first.source_partition}/{first.source_offset}/wine-lr/1"
     )
     assert first.scoring_latency_us > 0 and first.batch_size == 25
+    assert first.scored_by.endswith(f"/{os.getpid()}")
     # Stats and drift are emitted for the model at end of input.
     stats = out.stats()
     assert sum(s.window_count for s in stats) == 200
