@@ -496,12 +496,7 @@ class ShardScorer:
             # The registry re-sent its model after a resume; the shard's snapshot is the
             # same epoch, so they agree unless state was lost. Trust the registry.
             log.warning("shard had %s, registry restored %s", current.identity, spec.identity)
-        if not (
-            install.restored
-            and current is not None
-            and current.identity.sha256 == spec.identity.sha256
-        ):
-            self.state.spec = spec
+        self.state.spec = spec
         self.runtime = runtime
         out: list[ShardOut] = []
         pending, self.state.pending = self.state.pending, []
