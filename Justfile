@@ -57,8 +57,9 @@ cluster processes="2" workers="1": setup
     for ((i = 0; i < n; i++)); do
         args=(-i "$i" -a "$addresses" -w {{workers}})
         if [ -n "${RECOVERY:-}" ]; then
-            {{bin}}/waxserve recovery-init "$RECOVERY/process-$i" \
-                --partitions "${PARTITIONS:-$((n * 2))}" --processes "$n" --process-id "$i"
+            {{bin}}/python -m dataflows.recovery --directory "$RECOVERY/process-$i" \
+                --partitions "${PARTITIONS:-$((n * 2))}" --layout-processes "$n" \
+                --process-id "$i" --dns-timeout 0
             args+=(-r "$RECOVERY/process-$i" -s "${SNAPSHOT_S:-5}" -b "${BACKUP_S:-30}")
         fi
         {{bin}}/python -m bytewax.run dataflows.serving:flow "${args[@]}" &
@@ -66,3 +67,58 @@ cluster processes="2" workers="1": setup
     done
     # A Bytewax cluster cannot lose a process: when one exits, stop them all.
     wait -n
+
+# Build the container image with docker or podman (k8s/README.md): just image REGISTRY/waxserve:TAG
+image tag="waxserve:0.1.0":
+    #!/usr/bin/env bash
+    set -euo pipefail
+    engine=$(command -v docker || command -v podman || true)
+    if [ -z "$engine" ]; then
+        echo "no docker or podman on PATH: the Dockerfile builds anywhere with BuildKit" >&2
+        exit 1
+    fi
+    "$engine" build -t "{{tag}}" .
+
+# Validate the deployment offline: kustomize render, kubernetes-validate, yamllint, hadolint.
+k8s-validate: setup
+    {{bin}}/python -m pytest -q tests/test_deploy.py
+
+# Deploy an overlay (dev or prod) with kubectl; restarts all pods at once if their template changed.
+deploy overlay="dev": setup
+    #!/usr/bin/env bash
+    set -euo pipefail
+    kubectl={{bin}}/kubectl
+    ns=$($kubectl kustomize k8s/overlays/{{overlay}} | {{bin}}/python -c 'import sys, yaml
+    print(next(d["metadata"]["namespace"] for d in yaml.safe_load_all(sys.stdin)
+               if d and d["kind"] == "StatefulSet"))')
+    $kubectl apply -k k8s/overlays/{{overlay}}
+    # updateStrategy OnDelete: a timely cluster restarts as a whole, never pod by pod.
+    for _ in $(seq 30); do
+        gen=$($kubectl -n "$ns" get statefulset waxserve \
+            -o jsonpath='{.metadata.generation} {.status.observedGeneration}')
+        [ "${gen% *}" = "${gen#* }" ] && break
+        sleep 1
+    done
+    want=$($kubectl -n "$ns" get statefulset waxserve -o jsonpath='{.status.updateRevision}')
+    have=$($kubectl -n "$ns" get pods -l app.kubernetes.io/component=dataflow \
+        -o jsonpath='{range .items[*]}{.metadata.labels.controller-revision-hash}{"\n"}{end}')
+    if [ -n "$have" ] && grep -qvx "$want" <<<"$have"; then
+        echo "pod template changed: restarting every waxserve pod in $ns"
+        $kubectl -n "$ns" delete pod -l app.kubernetes.io/component=dataflow
+    fi
+    $kubectl -n "$ns" get pods -l app.kubernetes.io/component=dataflow
+
+# Deploy an overlay's dataflow with waxctl instead of k8s/ (k8s/README.md): just deploy-waxctl prod [--dry-run]
+deploy-waxctl overlay="dev" *ARGS: setup
+    #!/usr/bin/env bash
+    set -euo pipefail
+    if ! command -v waxctl >/dev/null 2>&1; then
+        echo "waxctl is not on PATH. It is Bytewax's closed-source deploy CLI (not on PyPI):" >&2
+        echo "download the binary for your OS from Bytewax's downloads page, put it on" >&2
+        echo "your PATH and run this again. k8s/README.md (\"waxctl\") compares what it deploys" >&2
+        echo "with our manifests; without it, deploy with: just deploy {{overlay}}" >&2
+        exit 1
+    fi
+    args=$({{bin}}/python k8s/waxctl/waxctl_args.py {{overlay}})
+    mapfile -t argv <<<"$args"
+    waxctl dataflow deploy dataflows/serving.py "${argv[@]}" --yes {{ARGS}}

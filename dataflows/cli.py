@@ -82,7 +82,6 @@ from dataflows.records import (
     WINE_FEATURES,
     record_field_for,
 )
-from dataflows.recovery import init_process_dir, partitions_of
 from dataflows.replay import (
     FLUSH_TIMEOUT_S,
     PROTO_TYPES,
@@ -195,22 +194,6 @@ def build_parser() -> argparse.ArgumentParser:
         "make it a multiple of the dataflow's total workers",
     )
     p.set_defaults(run=cmd_topics)
-
-    p = sub.add_parser(
-        "recovery-init",
-        parents=[common],
-        help="create one process's share of the Bytewax recovery partitions",
-        description="Create, in DIR, the recovery partitions that process --process-id of "
-        "--processes holds (partition k goes to process k %% processes). Every process needs "
-        "its own directory: processes sharing one corrupt it. Idempotent: existing partitions "
-        "are kept, so it can run before every start. The partition count is fixed for the life "
-        "of the store; make it a multiple of the process count.",
-    )
-    p.add_argument("directory", type=Path, metavar="DIR", help="this process's recovery directory")
-    p.add_argument("--partitions", type=_positive_int, required=True, help="total partitions")
-    p.add_argument("--processes", type=_positive_int, default=1, help="processes in the cluster")
-    p.add_argument("--process-id", type=int, default=0, help="this process (0-based)")
-    p.set_defaults(run=cmd_recovery_init)
 
     p = sub.add_parser(
         "publish",
@@ -434,20 +417,6 @@ def cmd_broker(config: Config, args: argparse.Namespace) -> int:
 
 
 # --- topics ------------------------------------------------------------------------------
-
-
-def cmd_recovery_init(config: Config, args: argparse.Namespace) -> int:
-    """Create this process's recovery partitions."""
-    try:
-        created = init_process_dir(args.directory, args.process_id, args.processes, args.partitions)
-    except ValueError as exc:
-        raise CliError(str(exc)) from None
-    held = partitions_of(args.process_id, args.processes, args.partitions)
-    print(
-        f"{args.directory}: process {args.process_id} of {args.processes} holds partitions "
-        f"{held} of {args.partitions}; created {len(created)}"
-    )
-    return 0
 
 
 def cmd_topics(config: Config, args: argparse.Namespace) -> int:

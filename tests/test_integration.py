@@ -21,7 +21,7 @@ from flowtools import CATALOG, ERROR_CSV, descriptor, record_bytes, wine_lines
 
 from dataflows.broker import free_port, kafka_settings
 from dataflows.config import Config
-from dataflows.recovery import init_process_dir
+from dataflows.recovery import init_volume
 from protos import waxserve_pb2 as pb
 
 pytestmark = pytest.mark.integration
@@ -332,7 +332,7 @@ def test_two_processes_kill_one_restart_all_loses_no_record(
     # each pod has its own volume (a shared directory gets corrupted).
     recovery = [tmp_path / f"recovery-{i}" for i in range(2)]
     for process_id, directory in enumerate(recovery):
-        init_process_dir(directory, process_id, processes=2, partitions=4)
+        init_volume(directory, partitions=4, layout_processes=2, process_id=process_id)
     addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(2))
 
     def start(process_id: int) -> Dataflow:

