@@ -17,7 +17,7 @@ MODELS_DIR = Path(__file__).resolve().parent.parent / "models"
 """The models/ folder of a source checkout (catalog, artifacts, data)."""
 
 FORMATS: dict[str, pb.ModelFormat] = {"onnx": pb.MODEL_FORMAT_ONNX, "pmml": pb.MODEL_FORMAT_PMML}
-FORMAT_NAMES = {v: k for k, v in FORMATS.items()}
+FORMAT_NAMES: dict[int, str] = {int(v): k for k, v in FORMATS.items()}
 
 
 def format_of(path: Path) -> pb.ModelFormat:

@@ -22,6 +22,7 @@ from urllib.parse import unquote, urlparse
 
 import numpy as np
 
+from dataflows import metrics
 from dataflows.descriptors import FORMAT_NAMES, sha256_hex
 from dataflows.monitoring import (
     DriftAccumulator,
@@ -344,6 +345,7 @@ class Registry:
                 )
             except ModelError as exc:
                 now_ms = int(self._clock() * 1000)
+                metrics.MODEL_REJECTIONS.labels(item.data_type, exc.reason).inc()
                 log.warning(
                     "rejected model %s:%s for %s: %s",
                     item.descriptor.name,
@@ -384,6 +386,14 @@ class Registry:
                 item.data_type,
             )
             identity = install.spec.identity
+            metrics.MODEL_INSTALLS.labels(item.data_type).inc()
+            metrics.model_installed(
+                identity.data_type,
+                identity.name,
+                identity.version,
+                identity.sha256,
+                identity.format,
+            )
             out.append(install)
             out.append(model_event("installed", identity, identity.since_ms, source=item))
         return out
@@ -394,6 +404,10 @@ class Registry:
         if self.current is None:
             return []
         restored = ModelInstall(self.current.spec, self.current.model_bytes, restored=True)
+        identity = restored.spec.identity
+        metrics.model_installed(
+            identity.data_type, identity.name, identity.version, identity.sha256, identity.format
+        )
         now_ms = int(self._clock() * 1000)
         return [restored, model_event("restored", restored.spec.identity, now_ms)]
 
@@ -583,6 +597,9 @@ class ShardScorer:
         out.append(ScoredBatch(f"{run.topic}/{run.partition}", messages))
         scored = int(prediction.valid.sum())
         identity = spec.identity
+        metrics.RECORDS_SCORED.labels(run.data_type, identity.name, identity.version).inc(scored)
+        metrics.SCORING_LATENCY.labels(run.data_type, identity.name).observe(elapsed / len(run))
+        metrics.BATCH_SIZE.labels(run.data_type).observe(len(run))
         start = window_start(now_ms, self._stats_ms)
         stats = self.state.stats.get((identity, start))
         if stats is None:

@@ -29,6 +29,7 @@ from bytewax.operators import KeyedStream
 from bytewax.outputs import Sink
 from google.protobuf.message import DecodeError
 
+from dataflows import metrics
 from dataflows.config import Config
 from dataflows.kafka_io import SinkItem, kafka_sinks, kafka_sources
 from dataflows.monitoring import DriftPartial, MonitorState, StatsPartial
@@ -165,7 +166,11 @@ class MonitorLogic(op.StatefulBatchLogic[StatsPartial | DriftPartial, Any, Monit
 
     def _close(self, everything: bool = False) -> list[Any]:
         until = None if everything else int(self._clock() * 1000) - self._grace_ms
-        return self.state.close(until, self._threshold, self._min_records)
+        closed = self.state.close(until, self._threshold, self._min_records)
+        for message in closed:
+            if isinstance(message, pb.DriftMetrics):
+                metrics.drift_window_closed(message)
+        return closed
 
     def on_batch(self, values: list[StatsPartial | DriftPartial]) -> tuple[Iterable[Any], bool]:
         for partial in values:
@@ -316,12 +321,13 @@ def build_flow(
         _only("dead_records", record_items, DeadLetter),
         _only("dead_serve", served_values, DeadLetter),
     )
-    op.output(
-        "dlq_out",
-        op.map("dlq_items", dead, lambda d: (f"{d.topic}/{d.partition}", [d.to_message()])),
-        sinks["dlq"],
-    )
+    op.output("dlq_out", op.map("dlq_items", dead, _dead_letter_item), sinks["dlq"])
     return flow
+
+
+def _dead_letter_item(dead: DeadLetter) -> SinkItem:
+    metrics.DEAD_LETTERS.labels(dead.stage, dead.reason).inc()
+    return f"{dead.topic}/{dead.partition}", [dead.to_message()]
 
 
 def _decode(batch: SourceBatch) -> list[RecordColumns | DeadLetter]:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
@@ -181,11 +182,20 @@ def test_model_swap_mid_stream_and_pmml_reference_value(
     config = kafka_config
     reader = Reader(config, config.scored_topic, config.events_topic, config.dlq_topic)
     publish(config, descriptor("wine-lr"))
-    flow = Dataflow(config, tmp_path)
+    # Bytewax serves the default prometheus_client registry, waxserve's metrics included.
+    flow = Dataflow(config, tmp_path, BYTEWAX_DATAFLOW_API_ENABLED="true")
     try:
         first = record_bytes(wine_lines(0, 300), "a")
         produce(config, config.records_topic, first, partitions=2)
         reader.wait_for("300 scored by wine-lr", lambda: len(reader.scored(config)) >= 300, flow)
+        with urllib.request.urlopen("http://127.0.0.1:3030/metrics", timeout=5) as response:
+            exposition = response.read().decode()
+        assert (
+            'waxserve_records_scored_total{data_type="wine",model="wine-lr",version="1"} 300.0'
+            in exposition
+        )
+        latency_bucket = 'waxserve_scoring_latency_seconds_bucket{data_type="wine",le="1e-05",'
+        assert latency_bucket + 'model="wine-lr"}' in exposition
         publish(config, descriptor("wine-pmml-lr"))
         reader.wait_for(
             "PMML model installed",
