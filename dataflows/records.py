@@ -165,6 +165,20 @@ class SourceBatch:
     def __len__(self) -> int:
         return len(self.offsets)
 
+    def dead_letter(self, i: int, stage: str, reason: str, message: str) -> DeadLetter:
+        """Dead letter for message `i`, as it arrived."""
+        return DeadLetter(
+            stage=stage,
+            reason=reason,
+            message=message,
+            topic=self.topic,
+            partition=self.partition,
+            offset=self.offsets[i],
+            key=self.keys[i],
+            value=self.values[i],
+            headers=self.headers[i],
+        )
+
 
 @dataclass
 class DeadLetter:
@@ -342,23 +356,12 @@ def decode_batch(batch: SourceBatch) -> tuple[list[RecordColumns], list[DeadLett
             continue
         record_ids.append("")
         data_types.append("")
-        dead.append(
-            DeadLetter(
-                stage="decode",
-                reason=error.reason,
-                message=str(error),
-                topic=batch.topic,
-                partition=batch.partition,
-                offset=offset,
-                key=batch.keys[i],
-                value=value,
-                headers=batch.headers[i],
-            )
-        )
+        dead.append(batch.dead_letter(i, "decode", error.reason, str(error)))
     offsets = np.asarray(batch.offsets, dtype=np.int64)
+    type_of = np.asarray(data_types, dtype=object)
     runs: list[RecordColumns] = []
     for data_type in sorted({d for d, ok in zip(data_types, good, strict=True) if ok}):
-        index = np.flatnonzero(good & (np.asarray(data_types, dtype=object) == data_type))
+        index = np.flatnonzero(good & (type_of == data_type))
         runs.append(
             RecordColumns(
                 data_type=data_type,

@@ -99,6 +99,20 @@ class DescriptorIn:
         """The data type the descriptor is for."""
         return self.descriptor.data_type
 
+    def dead_letter(self, reason: str, message: str) -> DeadLetter:
+        """Dead letter for this descriptor, as it arrived."""
+        return DeadLetter(
+            stage="model",
+            reason=reason,
+            message=message,
+            topic=self.topic,
+            partition=self.partition,
+            offset=self.offset,
+            key=self.key,
+            value=self.raw,
+            data_type=self.data_type,
+        )
+
 
 def runtime_key(sha256: str, declared_inputs: Iterable[str]) -> str:
     """Cache key of a runtime: the same bytes with other declared inputs are another model."""
@@ -353,19 +367,7 @@ class Registry:
                     item.data_type,
                     exc,
                 )
-                out.append(
-                    DeadLetter(
-                        stage="model",
-                        reason=exc.reason,
-                        message=str(exc),
-                        topic=item.topic,
-                        partition=item.partition,
-                        offset=item.offset,
-                        key=item.key,
-                        value=item.raw,
-                        data_type=item.data_type,
-                    )
-                )
+                out.append(item.dead_letter(exc.reason, str(exc)))
                 out.append(
                     model_event(
                         "rejected",

@@ -60,29 +60,19 @@ def _at(seconds: float | None) -> datetime | None:
 def decode_descriptors(batch: SourceBatch) -> list[DescriptorIn | DeadLetter]:
     """Models-topic messages as descriptors; undecodable ones as dead letters."""
     out: list[DescriptorIn | DeadLetter] = []
-    for offset, key, value, headers in zip(
-        batch.offsets, batch.keys, batch.values, batch.headers, strict=True
-    ):
+    for i, value in enumerate(batch.values):
         try:
             if value is None:
                 raise DecodeError("message has no value (a tombstone)")
             descriptor = pb.ModelDescriptor.FromString(value)
         except DecodeError as exc:
-            out.append(
-                DeadLetter(
-                    stage="decode",
-                    reason="undecodable",
-                    message=f"model descriptor: {exc}",
-                    topic=batch.topic,
-                    partition=batch.partition,
-                    offset=offset,
-                    key=key,
-                    value=value,
-                    headers=headers,
-                )
-            )
+            out.append(batch.dead_letter(i, "decode", "undecodable", f"model descriptor: {exc}"))
             continue
-        out.append(DescriptorIn(descriptor, batch.topic, batch.partition, offset, key, value))
+        out.append(
+            DescriptorIn(
+                descriptor, batch.topic, batch.partition, batch.offsets[i], batch.keys[i], value
+            )
+        )
     return out
 
 
