@@ -50,6 +50,8 @@ class Config:
     model_dir: str = ""
     # Stop at the end of the input topics instead of tailing (tests, backfills).
     stop_at_end: bool = False
+    # Serving stats and drift windows (stats and drift topics); off only to measure their cost.
+    monitoring: bool = True
     # onnxruntime threads per session; 1 leaves the cores to the Bytewax workers.
     onnx_threads: int = 1
     kafka: Mapping[str, str] = field(default_factory=dict)

@@ -82,12 +82,17 @@ class DriftAccumulator:
 
 @dataclass
 class StatsAccumulator:
-    """Count and scoring time of the records one model scored."""
+    """Count and scoring time of the records one model scored, and how well it did on
+    the records that carried a label."""
 
     count: int = 0
     total_s: float = 0.0
     min_s: float = math.inf
     max_s: float = 0.0
+    labelled: int = 0
+    squared_error: float = 0.0
+    correct: int = 0
+    classifier: bool = False
 
     def add_call(self, n: int, seconds: float) -> None:
         """One model call that scored n records in `seconds`."""
@@ -99,12 +104,23 @@ class StatsAccumulator:
         self.min_s = min(self.min_s, per_record)
         self.max_s = max(self.max_s, per_record)
 
+    def add_labelled(self, n: int, squared_error: float, correct: int | None) -> None:
+        """n labelled records; `correct` is None for regressors."""
+        self.labelled += n
+        self.squared_error += squared_error
+        if correct is not None:
+            self.classifier = True
+            self.correct += correct
+
     def merge(self, other: StatsAccumulator) -> None:
         """Add another accumulator into this one."""
         self.count += other.count
         self.total_s += other.total_s
         self.min_s = min(self.min_s, other.min_s)
         self.max_s = max(self.max_s, other.max_s)
+        self.add_labelled(
+            other.labelled, other.squared_error, other.correct if other.classifier else None
+        )
 
 
 @dataclass(frozen=True)
@@ -184,8 +200,10 @@ def drift_message(partial: DriftPartial, threshold: float, min_records: int = 0)
 def stats_message(
     model: ModelIdentity, total: StatsAccumulator, window: StatsPartial
 ) -> pb.ServingStats:
-    """The stats topic message: totals since install plus this interval's count."""
-    return pb.ServingStats(
+    """The stats topic message: totals since install plus this interval's count and
+    online quality."""
+    window_stats = window.stats
+    message = pb.ServingStats(
         data_type=model.data_type,
         model_name=model.name,
         model_version=model.version,
@@ -200,8 +218,14 @@ def stats_message(
         mean_duration_us=total.total_s / total.count * 1e6 if total.count else 0.0,
         window_start_ms=window.window_start_ms,
         window_end_ms=window.window_end_ms,
-        window_count=window.stats.count,
+        window_count=window_stats.count,
+        window_labelled_count=window_stats.labelled,
     )
+    if window_stats.labelled:
+        message.window_rmse = math.sqrt(window_stats.squared_error / window_stats.labelled)
+        if window_stats.classifier:
+            message.window_accuracy = window_stats.correct / window_stats.labelled
+    return message
 
 
 MAX_MODELS_REMEMBERED = 16

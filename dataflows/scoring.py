@@ -446,6 +446,23 @@ class ShardState:
         return sum(len(run) for run in self.pending)
 
 
+def _labelled_quality(
+    prediction: Prediction, labels: np.ndarray
+) -> tuple[int, float, int | None] | None:
+    """(labelled records, sum of squared errors, correct classifications or None for
+    regressors) over the valid predictions of records that carry a label."""
+    labelled = prediction.valid & ~np.isnan(labels)
+    n = int(labelled.sum())
+    if n == 0:
+        return None
+    values, truth = prediction.values[labelled], labels[labelled]
+    # A classifier's value is its label as a number, NaN when the label is not numeric.
+    numeric = ~np.isnan(values)
+    squared_error = float(np.square(values[numeric] - truth[numeric]).sum())
+    correct = int((values == truth).sum()) if prediction.labels is not None else None
+    return n, squared_error, correct
+
+
 def _missing_message(features: Iterable[str], row_missing: np.ndarray) -> str:
     names = [name for name, missing in zip(features, row_missing, strict=True) if missing]
     return f"record lacks feature(s) the model needs: {', '.join(names)}"
@@ -464,9 +481,11 @@ class ShardScorer:
         max_pending: int = 100_000,
         clock: Clock = time.time,
         onnx_threads: int = 1,
+        monitoring: bool = True,
         cache: RuntimeCache = RUNTIMES,
     ) -> None:
         self.state = state if state is not None else ShardState()
+        self._monitoring = monitoring
         self._stats_ms = int(stats_interval_s * 1000)
         self._drift_ms = int(drift_window_s * 1000)
         self._wait_ms = int(no_model_wait_s * 1000)
@@ -597,11 +616,24 @@ class ShardScorer:
                 )
         messages = self._messages(run, spec, prediction, elapsed, now_ms)
         out.append(ScoredBatch(f"{run.topic}/{run.partition}", messages))
-        scored = int(prediction.valid.sum())
+        valid = prediction.valid
+        scored = int(valid.sum())
         identity = spec.identity
-        metrics.RECORDS_SCORED.labels(run.data_type, identity.name, identity.version).inc(scored)
+        model_labels = (run.data_type, identity.name, identity.version)
+        metrics.RECORDS_SCORED.labels(*model_labels).inc(scored)
         metrics.SCORING_LATENCY.labels(run.data_type, identity.name).observe(elapsed / len(run))
         metrics.BATCH_SIZE.labels(run.data_type).observe(len(run))
+        metrics.END_TO_END_LAG.observe_many(
+            (run.data_type,), (now_ms - run.event_time_ms[valid]) / 1000.0
+        )
+        quality = _labelled_quality(prediction, run.labels)
+        if quality is not None:
+            metrics.LABELLED_RECORDS.labels(*model_labels).inc(quality[0])
+            metrics.SQUARED_ERROR.labels(*model_labels).inc(quality[1])
+            if quality[2] is not None:
+                metrics.CORRECT_PREDICTIONS.labels(*model_labels).inc(quality[2])
+        if not self._monitoring:
+            return out
         start = window_start(now_ms, self._stats_ms)
         stats = self.state.stats.get((identity, start))
         if stats is None:
@@ -609,6 +641,8 @@ class ShardScorer:
                 identity, start, start + self._stats_ms, StatsAccumulator()
             )
         stats.stats.add_call(scored, elapsed)
+        if quality is not None:
+            stats.stats.add_labelled(*quality)
         if spec.reference is not None:
             start = window_start(now_ms, self._drift_ms)
             drift = self.state.drift.get((identity, start))
@@ -620,7 +654,7 @@ class ShardScorer:
                     start + self._drift_ms,
                     DriftAccumulator.empty(spec.reference),
                 )
-            drift.drift.add(spec.reference, run.features[prediction.valid])
+            drift.drift.add(spec.reference, run.features[valid])
         return out
 
     def _messages(

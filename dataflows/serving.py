@@ -262,6 +262,7 @@ def build_flow(
                 no_model_wait_s=config.no_model_wait_s,
                 clock=clock,
                 onnx_threads=config.onnx_threads,
+                monitoring=config.monitoring,
             )
         ),
     )
@@ -322,6 +323,8 @@ def _dead_letter_item(dead: DeadLetter) -> SinkItem:
 
 def _decode(batch: SourceBatch) -> list[RecordColumns | DeadLetter]:
     runs, dead = decode_batch(batch)
+    for run in runs:
+        metrics.RECORDS_RECEIVED.labels(run.data_type).inc(len(run))
     return [*runs, *dead]
 
 

@@ -144,7 +144,7 @@ class ScoredRecord(_message.Message):
     def __init__(self, output_key: _Optional[str] = ..., record_id: _Optional[str] = ..., data_type: _Optional[str] = ..., source_topic: _Optional[str] = ..., source_partition: _Optional[int] = ..., source_offset: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., value: _Optional[float] = ..., label: _Optional[str] = ..., probabilities: _Optional[_Mapping[str, float]] = ..., scoring_latency_us: _Optional[float] = ..., event_time_ms: _Optional[int] = ..., scored_at_ms: _Optional[int] = ..., batch_size: _Optional[int] = ..., scored_by: _Optional[str] = ...) -> None: ...
 
 class ServingStats(_message.Message):
-    __slots__ = ("data_type", "model_name", "model_version", "model_sha256", "description", "format", "since_ms", "usage_count", "total_duration_ms", "min_duration_us", "max_duration_us", "mean_duration_us", "window_start_ms", "window_end_ms", "window_count")
+    __slots__ = ("data_type", "model_name", "model_version", "model_sha256", "description", "format", "since_ms", "usage_count", "total_duration_ms", "min_duration_us", "max_duration_us", "mean_duration_us", "window_start_ms", "window_end_ms", "window_count", "window_labelled_count", "window_rmse", "window_accuracy")
     DATA_TYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +160,9 @@ class ServingStats(_message.Message):
     WINDOW_START_MS_FIELD_NUMBER: _ClassVar[int]
     WINDOW_END_MS_FIELD_NUMBER: _ClassVar[int]
     WINDOW_COUNT_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_LABELLED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_RMSE_FIELD_NUMBER: _ClassVar[int]
+    WINDOW_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     data_type: str
     model_name: str
     model_version: str
@@ -175,7 +178,10 @@ class ServingStats(_message.Message):
     window_start_ms: int
     window_end_ms: int
     window_count: int
-    def __init__(self, data_type: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., description: _Optional[str] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., since_ms: _Optional[int] = ..., usage_count: _Optional[int] = ..., total_duration_ms: _Optional[float] = ..., min_duration_us: _Optional[float] = ..., max_duration_us: _Optional[float] = ..., mean_duration_us: _Optional[float] = ..., window_start_ms: _Optional[int] = ..., window_end_ms: _Optional[int] = ..., window_count: _Optional[int] = ...) -> None: ...
+    window_labelled_count: int
+    window_rmse: float
+    window_accuracy: float
+    def __init__(self, data_type: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., description: _Optional[str] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., since_ms: _Optional[int] = ..., usage_count: _Optional[int] = ..., total_duration_ms: _Optional[float] = ..., min_duration_us: _Optional[float] = ..., max_duration_us: _Optional[float] = ..., mean_duration_us: _Optional[float] = ..., window_start_ms: _Optional[int] = ..., window_end_ms: _Optional[int] = ..., window_count: _Optional[int] = ..., window_labelled_count: _Optional[int] = ..., window_rmse: _Optional[float] = ..., window_accuracy: _Optional[float] = ...) -> None: ...
 
 class FeatureDrift(_message.Message):
     __slots__ = ("feature", "psi", "mean", "mean_shift_sigmas", "bin_counts")

@@ -91,6 +91,13 @@ def test_every_record_is_scored_once_with_traceable_output(workers: int) -> None
     assert sum(s.window_count for s in stats) == 200
     assert stats[-1].usage_count == 200 and stats[-1].model_name == "wine-lr"
     assert stats[-1].min_duration_us <= stats[-1].mean_duration_us <= stats[-1].max_duration_us
+    # Every record carried its quality label: online RMSE against it, no accuracy (regressor).
+    labels = np.array([float(line.split(";")[-1]) for line in lines])
+    assert sum(s.window_labelled_count for s in stats) == 200
+    if len(stats) == 1:  # the run fits in one stats interval (almost always)
+        rmse = float(np.sqrt(np.mean((expected.astype(np.float64) - labels) ** 2)))
+        assert stats[0].window_rmse == pytest.approx(rmse, rel=1e-6)
+    assert not any(s.HasField("window_accuracy") for s in stats)
     drift = out.drift()
     assert sum(d.record_count for d in drift) == 200
     assert {f.feature for f in drift[0].features} == set(WINE_FEATURES)
@@ -240,6 +247,26 @@ def test_pmml_and_classifier_models_serve(name: str) -> None:
             assert s.label in s.probabilities
             assert s.probabilities[s.label] == max(s.probabilities.values())
             assert sum(s.probabilities.values()) == pytest.approx(1.0, abs=1e-5)
+        # Online accuracy: the fraction of records whose predicted class is their quality.
+        stats = out.stats()
+        right = sum(
+            s.label == line.split(";")[-1]
+            for s, line in zip(sorted(scored, key=lambda s: s.source_offset), lines, strict=True)
+        )
+        assert right > 10  # the classifiers are better than chance on their training data
+        assert sum(s.window_labelled_count for s in stats) == 50
+        correct = sum(s.window_accuracy * s.window_labelled_count for s in stats)
+        assert correct == pytest.approx(right)
+
+
+def test_monitoring_off_scores_without_stats_or_drift() -> None:
+    out = run_flow(
+        test_config(monitoring=False),
+        [model_batch(descriptor("wine-lr"))],
+        records_in_batches(wine_lines(0, 40), 10),
+    )
+    assert len(out.scored()) == 40
+    assert out.stats() == [] and out.drift() == []
 
 
 @pytest.mark.parametrize("workers", WORKERS)

@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import math
 from datetime import timedelta
 
+import numpy as np
+import pytest
 from bytewax.testing import TestingSource
 from flowtools import (
     ERROR_CSV,
@@ -17,7 +20,12 @@ from flowtools import (
     test_config,
     wine_lines,
 )
-from prometheus_client import REGISTRY
+from prometheus_client import REGISTRY, CollectorRegistry, Histogram
+
+from dataflows.metrics import LAG_BUCKETS, BatchHistogram
+from dataflows.monitoring import ModelIdentity, StatsAccumulator, StatsPartial, stats_message
+from dataflows.runtimes import Prediction
+from dataflows.scoring import _labelled_quality
 
 
 def value(name: str, **labels: str) -> float:
@@ -36,6 +44,9 @@ def test_metrics_count_scoring_dead_letters_and_model_events() -> None:
         "bad_csv": value("waxserve_dead_letters_total", stage="decode", reason="bad_csv"),
         "digest": value("waxserve_dead_letters_total", stage="model", reason="digest_mismatch"),
         "installs": value("waxserve_model_installs_total", data_type="wine"),
+        "received": value("waxserve_records_received_total", data_type="wine"),
+        "lag": value("waxserve_end_to_end_lag_seconds_count", data_type="wine"),
+        "labelled": value("waxserve_labelled_records_total", **scored),
         "rejections": value(
             "waxserve_model_rejections_total", data_type="wine", reason="digest_mismatch"
         ),
@@ -57,6 +68,12 @@ def test_metrics_count_scoring_dead_letters_and_model_events() -> None:
     latency = value("waxserve_scoring_latency_seconds_count", data_type="wine", model="wine-lr")
     assert latency - before["latency"] == 2  # one observation per model call
     assert value("waxserve_batch_size_records_count", data_type="wine") - before["batches"] == 2
+    # Every decoded record is received; every scored one has a lag; the labelled ones count.
+    received = value("waxserve_records_received_total", data_type="wine") - before["received"]
+    assert received == 202 + 11
+    assert value("waxserve_end_to_end_lag_seconds_count", data_type="wine") - before["lag"] == 202
+    # The error file's good row and 200 wine rows carry quality; its no-quality row does not.
+    assert value("waxserve_labelled_records_total", **scored) - before["labelled"] == 201
     assert (
         value("waxserve_dead_letters_total", stage="score", reason="missing_feature")
         - before["missing"]
@@ -99,3 +116,62 @@ def test_metrics_count_scoring_dead_letters_and_model_events() -> None:
     assert REGISTRY.get_sample_value(
         "waxserve_drift_alarm", {"data_type": "wine", "model": "wine-lr:1"}
     ) in (0.0, 1.0)
+
+
+def test_batch_histogram_matches_prometheus_histogram() -> None:
+    registry = CollectorRegistry()
+    batched = BatchHistogram("lag_batched_seconds", "x", ["data_type"], LAG_BUCKETS, registry)
+    single = Histogram(
+        "lag_single_seconds", "x", ["data_type"], buckets=LAG_BUCKETS, registry=registry
+    )
+    values = np.array([0.0, 0.001, 0.0011, 0.05, 0.3, 7.0, 1e6, *LAG_BUCKETS])
+    for half in (values[:5], values[5:]):
+        batched.observe_many(("wine",), half)
+    for v in values:
+        single.labels("wine").observe(float(v))
+    batched_samples = {
+        (s.name.replace("batched", "single"), tuple(sorted(s.labels.items()))): s.value
+        for m in batched.collect()
+        for s in m.samples
+    }
+    single_samples = {
+        (s.name, tuple(sorted(s.labels.items()))): s.value
+        for m in registry.collect()
+        if m.name == "lag_single_seconds"
+        for s in m.samples
+        if not s.name.endswith("_created")
+    }
+    assert batched_samples == pytest.approx(single_samples)
+
+
+def test_online_quality_of_a_classifier_and_a_regressor() -> None:
+    labels = np.array([5.0, 6.0, np.nan, 7.0])
+    classifier = Prediction(
+        values=np.array([5.0, 5.0, 6.0, np.nan]),
+        labels=["5", "5", "6", ""],
+        probabilities=None,
+        class_labels=(),
+        valid=np.array([True, True, True, False]),
+    )
+    # Row 2 has no label, row 3 no prediction: two labelled, one right, squared errors 0 + 1.
+    assert _labelled_quality(classifier, labels) == (2, 1.0, 1)
+    regressor = Prediction(
+        values=np.array([5.5, 6.0, 6.0, 6.0]),
+        labels=None,
+        probabilities=None,
+        class_labels=(),
+        valid=np.ones(4, dtype=bool),
+    )
+    assert _labelled_quality(regressor, labels) == (3, 0.25 + 0 + 1.0, None)
+    assert _labelled_quality(regressor, np.full(4, np.nan)) is None
+
+    model = ModelIdentity("wine", "wine-rf", "1", "0" * 64)
+    stats = StatsAccumulator()
+    stats.add_labelled(2, 1.0, 1)
+    other = StatsAccumulator()
+    other.add_labelled(2, 3.0, 2)
+    stats.merge(other)
+    message = stats_message(model, stats, StatsPartial(model, 0, 10, stats))
+    assert message.window_labelled_count == 4
+    assert message.window_rmse == pytest.approx(math.sqrt(4.0 / 4))
+    assert message.window_accuracy == pytest.approx(3 / 4)
