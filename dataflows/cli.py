@@ -24,6 +24,7 @@ import argparse
 import base64
 import contextlib
 import dataclasses
+import json
 import logging
 import os
 import signal
@@ -33,6 +34,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 from typing import Any
+from urllib.request import urlopen
 
 import orjson
 from confluent_kafka import (
@@ -102,6 +104,7 @@ from protos import waxserve_pb2 as pb
 PROG = "waxserve"
 DEFAULT_BROKER_PORT = 19092
 MODEL_SUFFIXES = (".onnx", ".pmml", ".xml")
+STATUS_TIMEOUT_S = 5.0
 
 
 # --- entry point -------------------------------------------------------------------------
@@ -323,6 +326,24 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("-q", "--quiet", action="store_true", help="print the final summary only")
     p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser(
+        "status",
+        help="show what every dataflow process serves (reads the queryable state)",
+        description="Ask a running dataflow's queryable state (WAXSERVE_STATE_ADDR) for the "
+        "processes of its cluster, then each process for the models it holds: serving or "
+        "retired, records scored, scoring time per record, online RMSE/accuracy and the last "
+        "drift window. Exit code 1 when the dataflow cannot be reached.",
+    )
+    p.add_argument(
+        "--url",
+        help="base URL of any process's queryable state "
+        "(default: http://$WAXSERVE_STATE_ADDR, i.e. http://127.0.0.1:3040)",
+    )
+    p.add_argument("--json", action="store_true", help="print the raw JSON instead of a table")
+    p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--brokers", help=argparse.SUPPRESS)
+    p.set_defaults(run=cmd_status)
     return parser
 
 
@@ -831,6 +852,73 @@ def cmd_demo(config: Config, args: argparse.Namespace) -> int:
         quiet=args.quiet,
     )
     return run_demo(config, options)
+
+
+# --- status ------------------------------------------------------------------------------
+
+
+def _get_json(url: str) -> Any:
+    try:
+        with urlopen(url, timeout=STATUS_TIMEOUT_S) as response:
+            return json.load(response)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot read {url}: {exc}") from exc
+
+
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    """Print what every process of a running dataflow serves."""
+    base = args.url or f"http://{config.state_addr or '127.0.0.1:3040'}"
+    base = base.rstrip("/")
+    processes = _get_json(f"{base}/processes")
+    for process in processes:
+        if "error" not in process:
+            process["models"] = _get_json(f"{process['url']}/models")
+    if args.json:
+        print(json.dumps(processes, indent=2))
+    else:
+        print(format_status(processes))
+    return 0
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def format_status(processes: list[dict[str, Any]]) -> str:
+    """The status table: one block per process, one line per model it holds."""
+    lines: list[str] = []
+    for process in processes:
+        if "error" in process:
+            lines.append(f"process ?  {process.get('url', '?')}  {process['error']}")
+            continue
+        lines.append(
+            f"process {process['process_id']}  {process['host']}/{process['pid']}  {process['url']}"
+        )
+        models = process.get("models", [])
+        if not models:
+            lines.append("  (no model loaded yet)")
+        for m in models:
+            since = time.strftime("%H:%M:%S", time.localtime(m["loaded_at_ms"] / 1000))
+            quality = ""
+            if m["rmse"] is not None:
+                quality = f"  rmse {m['rmse']:.3f}"
+            if m["accuracy"] is not None:
+                quality += f"  accuracy {m['accuracy']:.1%}"
+            drift = m.get("drift")
+            drift_text = ""
+            if drift:
+                drift_text = f"  drift max PSI {drift['max_psi']:.3f}" + (
+                    " ALARM" if drift["alarm"] else ""
+                )
+            lines.append(
+                f"  {m['data_type']:<8} {m['name'] + ':' + m['version']:<18} "
+                f"{'serving' if m['serving'] else 'retired'} ({m['shards']} shards) "
+                f"since {since}  scored {m['usage_count']:,}  "
+                f"µs/record mean {_us(m['mean_duration_us'])} "
+                f"min {_us(m['min_duration_us'])} max {_us(m['max_duration_us'])}"
+                f"{quality}{drift_text}"
+            )
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -54,6 +54,11 @@ class Config:
     monitoring: bool = True
     # onnxruntime threads per session; 1 leaves the cores to the Bytewax workers.
     onnx_threads: int = 1
+    # Queryable state (GET /models, /state/<data_type>, /processes): host:port to bind,
+    # empty for none; loopback by default, since it is unauthenticated.
+    state_addr: str = "127.0.0.1:3040"
+    # Other processes' state addresses, comma-separated; empty: each `-a` host, same port.
+    state_peers: str = ""
     kafka: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -52,8 +52,10 @@ from dataflows.broker import (
     EmbeddedBroker,
     _die_with_parent,
     create_topics,
+    free_port,
     kafka_settings,
     log_tail,
+    port_is_free,
 )
 from dataflows.config import Config
 from dataflows.descriptors import MODELS_DIR, CatalogEntry, load_catalog, sha256_hex
@@ -78,6 +80,8 @@ from protos import waxserve_pb2 as pb
 WINE_CSV = MODELS_DIR / "data" / "winequality_red.csv"
 ERROR_CSV = MODELS_DIR / "data" / "error_winequality_red.csv"
 DEMO_MODELS = ("wine-lr", "wine-gbt", "wine-pmml-lr")
+BYTEWAX_API_PORT = 3030  # Bytewax's default (BYTEWAX_DATAFLOW_API_PORT)
+STATE_PORT = 3040  # Config.state_addr's default
 DEMO_TAMPERED = "wine-rf-classifier"
 """Catalog model published once with a wrong sha256: the dataflow must reject it."""
 DEMO_SHIFT_FEATURE = "alcohol"
@@ -814,6 +818,10 @@ def demo_config(config: Config, run_id: str, *, fresh_topics: bool) -> Config:
     return dataclasses.replace(config, **topics)
 
 
+def _usual_or_free(port: int) -> int:
+    return port if port_is_free(port) else free_port()
+
+
 def dataflow_env(
     config: Config, workdir: Path, *, fetch_wait_ms: int | None = None
 ) -> dict[str, str]:
@@ -829,6 +837,12 @@ def dataflow_env(
     if fetch_wait_ms is not None:
         env["WAXSERVE_FETCH_WAIT_MS"] = str(fetch_wait_ms)
     env["BYTEWAX_DATAFLOW_API_CACHE_PATH"] = str(workdir / "bytewax")
+    # Metrics for `just prometheus` and queryable state for `waxserve status`, on their
+    # usual ports when free, else on any.
+    env.setdefault("BYTEWAX_DATAFLOW_API_ENABLED", "1")
+    if "BYTEWAX_DATAFLOW_API_PORT" not in env:
+        env["BYTEWAX_DATAFLOW_API_PORT"] = str(_usual_or_free(BYTEWAX_API_PORT))
+    env.setdefault("WAXSERVE_STATE_ADDR", f"127.0.0.1:{_usual_or_free(STATE_PORT)}")
     env["PYTHONUNBUFFERED"] = "1"
     return env
 
@@ -973,13 +987,18 @@ class Demo:
             "-w",
             str(self.options.workers),
         ]
+        self._dataflow_env = dataflow_env(
+            self.config, self.workdir, fetch_wait_ms=self.fetch_wait_ms
+        )
+        # Bytewax's API writes its cache there and will not start without the directory.
+        Path(self._dataflow_env["BYTEWAX_DATAFLOW_API_CACHE_PATH"]).mkdir(exist_ok=True)
         with self.dataflow_log.open("wb") as log:
             self.dataflow = subprocess.Popen(
                 command,
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                env=dataflow_env(self.config, self.workdir, fetch_wait_ms=self.fetch_wait_ms),
+                env=self._dataflow_env,
                 # Its own session: Ctrl-C reaches the demo only, which stops it in order.
                 start_new_session=True,
                 preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
@@ -995,6 +1014,11 @@ class Demo:
             f"dataflows.serving:flow -w {self.options.workers}"
         )
         self._say(f"  its log    {self.dataflow_log}")
+        state_addr = self._dataflow_env.get("WAXSERVE_STATE_ADDR")
+        if state_addr:
+            self._say(f"  its state  waxserve status --url http://{state_addr}")
+        api_port = self._dataflow_env.get("BYTEWAX_DATAFLOW_API_PORT", BYTEWAX_API_PORT)
+        self._say(f"  metrics    http://127.0.0.1:{api_port}/metrics")
 
     def _wait_ready(self, model: str) -> None:
         """Until the dataflow reports the first model installed (or rejected)."""

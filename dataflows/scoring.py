@@ -42,6 +42,7 @@ from dataflows.records import (
     record_field_for,
 )
 from dataflows.runtimes import ModelError, ModelRuntime, Prediction, load_runtime
+from dataflows.state import PROCESS_STATE, ProcessState
 from protos import waxserve_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -483,6 +484,7 @@ class ShardScorer:
         onnx_threads: int = 1,
         monitoring: bool = True,
         cache: RuntimeCache = RUNTIMES,
+        process_state: ProcessState = PROCESS_STATE,
     ) -> None:
         self.state = state if state is not None else ShardState()
         self._monitoring = monitoring
@@ -494,6 +496,8 @@ class ShardScorer:
         self._clock = clock
         self._onnx_threads = onnx_threads
         self._cache = cache
+        self._process_state = process_state
+        self._serving_identity: ModelIdentity | None = None  # as process_state knows it
         # Resumed with a model but no session: wait for the registry to re-send it.
         self.runtime: ModelRuntime | None = None
         if self.state.spec is not None:
@@ -531,6 +535,8 @@ class ShardScorer:
             # The registry re-sent its model after a resume; the shard's snapshot is the
             # same epoch, so they agree unless state was lost. Trust the registry.
             log.warning("shard had %s, registry restored %s", current.identity, spec.identity)
+        self._process_state.installed(spec.identity, self._serving_identity)
+        self._serving_identity = spec.identity
         self.state.spec = spec
         self.runtime = runtime
         out: list[ShardOut] = []
@@ -632,6 +638,7 @@ class ShardScorer:
             metrics.SQUARED_ERROR.labels(*model_labels).inc(quality[1])
             if quality[2] is not None:
                 metrics.CORRECT_PREDICTIONS.labels(*model_labels).inc(quality[2])
+        self._process_state.scored(identity, scored, elapsed, quality)
         if not self._monitoring:
             return out
         start = window_start(now_ms, self._stats_ms)

@@ -42,6 +42,7 @@ from dataflows.scoring import (
     ShardScorer,
     ShardState,
 )
+from dataflows.state import PROCESS_STATE, start_state_server
 from protos import waxserve_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -160,6 +161,7 @@ class MonitorLogic(op.StatefulBatchLogic[StatsPartial | DriftPartial, Any, Monit
         for message in closed:
             if isinstance(message, pb.DriftMetrics):
                 metrics.drift_window_closed(message)
+                PROCESS_STATE.drift_closed(message)
         return closed
 
     def on_batch(self, values: list[StatsPartial | DriftPartial]) -> tuple[Iterable[Any], bool]:
@@ -334,7 +336,9 @@ def _flow_from_env() -> Dataflow:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     config = Config.from_env()
-    return build_flow(config, kafka_sources(config), kafka_sinks(config))
+    flow = build_flow(config, kafka_sources(config), kafka_sinks(config))
+    start_state_server(config.state_addr, config.state_peers)
+    return flow
 
 
 def __getattr__(name: str) -> Dataflow:

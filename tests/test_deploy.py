@@ -350,7 +350,10 @@ def test_network_policy(dep: Deployment) -> None:
     labels = dep.sts["spec"]["template"]["metadata"]["labels"]
     assert policy["podSelector"]["matchLabels"].items() <= labels.items()
     assert sorted(policy["policyTypes"]) == ["Egress", "Ingress"]
-    cluster, metrics = dep.port("cluster"), dep.port("metrics")
+    cluster, metrics, state = dep.port("cluster"), dep.port("metrics"), dep.port("state")
+    assert dep.config["WAXSERVE_STATE_ADDR"] == f"0.0.0.0:{state}"
+    # Between pods: the cluster port, and the queryable state (/processes asks every peer).
+    between_pods = [{"port": cluster, "protocol": "TCP"}, {"port": state, "protocol": "TCP"}]
 
     def ports(rule: dict[str, Any]) -> set[tuple[str, int]]:
         return {(p["protocol"], p["port"]) for p in rule["ports"]}
@@ -358,13 +361,13 @@ def test_network_policy(dep: Deployment) -> None:
     peers = {"podSelector": policy["podSelector"]}
     ingress = policy["ingress"]
     assert len(ingress) == 2
-    assert ingress[0] == {"from": [peers], "ports": [{"port": cluster, "protocol": "TCP"}]}
+    assert ingress[0] == {"from": [peers], "ports": between_pods}
     (monitoring,) = ingress[1]["from"]
     assert list(monitoring) == ["namespaceSelector"]
     assert ports(ingress[1]) == {("TCP", metrics)}
 
     egress = policy["egress"]
-    assert {"to": [peers], "ports": [{"port": cluster, "protocol": "TCP"}]} in egress
+    assert {"to": [peers], "ports": between_pods} in egress
     assert any(ports(r) == {("UDP", 53), ("TCP", 53)} and "to" in r for r in egress)
     brokers = {int(b.rsplit(":", 1)[1]) for b in dep.config["WAXSERVE_BROKERS"].split(",")}
     kafka = next(r for r in egress if "to" not in r)

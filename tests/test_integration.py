@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -9,11 +10,13 @@ import subprocess
 import sys
 import threading
 import time
+import urllib.error
 import urllib.request
 import uuid
 from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
@@ -42,6 +45,7 @@ class Dataflow:
             "WAXSERVE_DRIFT_WINDOW_S": "2",
             "WAXSERVE_NO_MODEL_WAIT_S": "5",
             "BYTEWAX_DATAFLOW_API_CACHE_PATH": str(tmp),
+            "WAXSERVE_STATE_ADDR": "127.0.0.1:0",  # tests that query it choose a port
             **env,
         }
         self._out = self.log.open("w")
@@ -171,6 +175,12 @@ def produce(
     assert producer.flush(30) == 0
 
 
+def get_json(url: str) -> Any:
+    """GET a queryable-state endpoint."""
+    with urllib.request.urlopen(url, timeout=5) as response:
+        return json.load(response)
+
+
 def publish(config: Config, desc: pb.ModelDescriptor) -> None:
     """A descriptor on the models topic, keyed by data type."""
     produce(config, config.models_topic, [desc.SerializeToString()], key=desc.data_type.encode())
@@ -183,7 +193,13 @@ def test_model_swap_mid_stream_and_pmml_reference_value(
     reader = Reader(config, config.scored_topic, config.events_topic, config.dlq_topic)
     publish(config, descriptor("wine-lr"))
     # Bytewax serves the default prometheus_client registry, waxserve's metrics included.
-    flow = Dataflow(config, tmp_path, BYTEWAX_DATAFLOW_API_ENABLED="true")
+    state = f"http://127.0.0.1:{free_port()}"
+    flow = Dataflow(
+        config,
+        tmp_path,
+        BYTEWAX_DATAFLOW_API_ENABLED="true",
+        WAXSERVE_STATE_ADDR=state.removeprefix("http://"),
+    )
     try:
         first = record_bytes(wine_lines(0, 300), "a")
         produce(config, config.records_topic, first, partitions=2)
@@ -209,11 +225,34 @@ def test_model_swap_mid_stream_and_pmml_reference_value(
         produce(config, config.records_topic, second, partitions=2)
         reader.wait_for("600 scored", lambda: len(reader.scored(config)) >= 600, flow)
         reader.read(1.0)
+        models = get_json(f"{state}/models")
+        wine = get_json(f"{state}/state/wine")
+        with pytest.raises(urllib.error.HTTPError, match="404"):
+            get_json(f"{state}/state/no-such-type")
+        status = subprocess.run(
+            [sys.executable, "-m", "dataflows.cli", "status", "--url", state],
+            capture_output=True,
+            text=True,
+        )
+        assert status.returncode == 0, status.stderr
     finally:
         flow.stop()
         reader.close()
     scored = reader.scored(config)
     assert len(scored) == 600 and len({s.output_key for s in scored}) == 600
+    # The queryable state agrees with the scored topic: which model served, and how much.
+    assert models == wine
+    by_model = Counter(f"{s.model_name}:{s.model_version}" for s in scored)
+    assert {f"{m['name']}:{m['version']}": m["usage_count"] for m in models} == by_model
+    assert [(m["name"], m["serving"]) for m in models] == [
+        ("wine-pmml-lr", True),
+        ("wine-lr", False),
+    ]
+    pmml = models[0]
+    assert pmml["format"] == "pmml" and pmml["sha256"] == descriptor("wine-pmml-lr").sha256
+    assert 0 < pmml["min_duration_us"] <= pmml["mean_duration_us"] <= pmml["max_duration_us"]
+    assert pmml["labelled_count"] == 300 and pmml["rmse"] > 0
+    assert "wine-pmml-lr:1" in status.stdout and "scored 300" in status.stdout
     assert {s.model_name for s in scored if s.record_id.startswith("a")} == {"wine-lr"}
     after = {s.record_id: s for s in scored if s.record_id.startswith("b")}
     assert {s.model_name for s in after.values()} == {"wine-pmml-lr"}
@@ -344,6 +383,7 @@ def test_two_processes_kill_one_restart_all_loses_no_record(
     for process_id, directory in enumerate(recovery):
         init_volume(directory, partitions=4, layout_processes=2, process_id=process_id)
     addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(2))
+    states = [f"127.0.0.1:{free_port()}" for _ in range(2)]
 
     def start(process_id: int) -> Dataflow:
         return Dataflow(
@@ -361,6 +401,8 @@ def test_two_processes_kill_one_restart_all_loses_no_record(
             "1",
             "-b",
             "10",
+            WAXSERVE_STATE_ADDR=states[process_id],
+            WAXSERVE_STATE_PEERS=",".join(states),
         )
 
     total = 18_000
@@ -397,10 +439,21 @@ def test_two_processes_kill_one_restart_all_loses_no_record(
             "every record scored", lambda: len(keys()) >= total, cluster[0], timeout=120
         )
         reader.read(1.0)
+        processes = get_json(f"http://{states[1]}/processes")
+        held = [get_json(f"http://{state}/models") for state in states]
     finally:
         for process in cluster:
             process.stop()
         reader.close()
+    # Every process of the cluster answers, and what each says it scored is what it wrote.
+    assert [(p["process_id"], p["pid"]) for p in processes] == [
+        (0, cluster[0].proc.pid),
+        (1, cluster[1].proc.pid),
+    ]
+    by_pid = Counter(s.scored_by.split("/")[-1] for s in reader.scored(config))
+    for process, models in zip(cluster, held, strict=True):
+        assert [(m["name"], m["serving"]) for m in models] == [("wine-lr", True)]
+        assert models[0]["usage_count"] == by_pid[str(process.proc.pid)] > 0
     scored = reader.scored(config)
     counts = Counter(s.output_key for s in scored)
     print(
