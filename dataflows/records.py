@@ -13,6 +13,7 @@ the matrix can only mean absent).
 from __future__ import annotations
 
 import math
+import operator
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -279,38 +280,54 @@ def _content_type(headers: Headers) -> str:
     return CONTENT_TYPE_PROTOBUF
 
 
-def _decode_protobuf(value: bytes, row: np.ndarray) -> tuple[str, str, int]:
+Row = list[float | None]
+"""One record's CSV_COLUMNS values, None where absent."""
+
+_PLAIN_JSON_TYPES = frozenset({float, int, type(None)})
+_protobuf_columns = operator.attrgetter(*CSV_COLUMNS)
+
+
+def _decode_protobuf(value: bytes) -> tuple[Row, str, str, int]:
     msg = pb.WineRecord.FromString(value)
-    for j, name in enumerate(CSV_COLUMNS):
-        if msg.HasField(name):
-            number = getattr(msg, name)
-            if not math.isfinite(number):
-                raise RecordError("non_finite", f"{name}: value {number!r} is not finite")
-            row[j] = number
-    return msg.record_id, msg.data_type, msg.event_time_ms
+    row: Row = list(_protobuf_columns(msg))  # one C call; an absent field reads as 0.0
+    if 0.0 in row:
+        row = [
+            v if v or msg.HasField(name) else None for name, v in zip(CSV_COLUMNS, row, strict=True)
+        ]
+    if not all(map(math.isfinite, [v for v in row if v is not None])):
+        name, number = next(
+            (name, v)
+            for name, v in zip(CSV_COLUMNS, row, strict=True)
+            if v is not None and not math.isfinite(v)
+        )
+        raise RecordError("non_finite", f"{name}: value {number!r} is not finite")
+    return row, msg.record_id, msg.data_type, msg.event_time_ms
 
 
-def _decode_json(value: bytes, row: np.ndarray) -> tuple[str, str, int]:
+def _decode_json(value: bytes) -> tuple[Row, str, str, int]:
     doc = orjson.loads(value)
-    if not isinstance(doc, dict):
+    if type(doc) is not dict:
         raise RecordError("undecodable", "JSON record must be an object")
-    for j, name in enumerate(CSV_COLUMNS):
-        number = _number(name, doc.get(name))
-        if number is not None:
-            row[j] = number
-    event_time = doc.get("event_time_ms", 0)
-    if not isinstance(event_time, int) or isinstance(event_time, bool):
+    get = doc.get
+    row: Row = [get(name) for name in CSV_COLUMNS]
+    # Numbers and nulls go straight into the batch matrix (JSON has no NaN or inf); only
+    # anything else (numeric strings, "", booleans, objects) needs a closer look.
+    if not _PLAIN_JSON_TYPES.issuperset(map(type, row)):
+        row = [_number(name, v) for name, v in zip(CSV_COLUMNS, row, strict=True)]
+    event_time = get("event_time_ms", 0)
+    if type(event_time) is not int:
         raise RecordError("undecodable", f"event_time_ms: expected an integer, got {event_time!r}")
-    return str(doc.get("record_id", "")), str(doc.get("data_type", "")), event_time
+    record_id, data_type = get("record_id", ""), get("data_type", "")
+    if type(record_id) is not str:
+        record_id = str(record_id)
+    if type(data_type) is not str:
+        data_type = str(data_type)
+    return row, record_id, data_type, event_time
 
 
-def _decode_csv(value: bytes, row: np.ndarray) -> tuple[str, str, int]:
+def _decode_csv(value: bytes) -> tuple[Row, str, str, int]:
     parsed = parse_csv_line(value.decode("utf-8"))
-    for j, name in enumerate(CSV_COLUMNS):
-        number = parsed[name]
-        if number is not None:
-            row[j] = number
-    return "", "", 0
+    return [parsed[name] for name in CSV_COLUMNS], "", "", 0
 
 
 _DECODERS = {
@@ -318,6 +335,7 @@ _DECODERS = {
     CONTENT_TYPE_JSON: _decode_json,
     CONTENT_TYPE_CSV: _decode_csv,
 }
+_ABSENT_ROW: Row = [None] * _N_COLUMNS
 
 
 def decode_batch(batch: SourceBatch) -> tuple[list[RecordColumns], list[DeadLetter]]:
@@ -327,54 +345,68 @@ def decode_batch(batch: SourceBatch) -> tuple[list[RecordColumns], list[DeadLett
     gets "<topic>/<partition>/<offset>"; one without a data type gets "wine".
     """
     n = len(batch)
-    values = np.full((n, _N_COLUMNS), np.nan)
+    rows: list[Row] = []
     record_ids: list[str] = []
     data_types: list[str] = []
-    event_times = np.zeros(n, dtype=np.int64)
-    good = np.zeros(n, dtype=bool)
+    event_times: list[int] = []
+    good: list[bool] = []
     dead: list[DeadLetter] = []
+    # Producers send the same headers on every message: parse them once per change.
+    last_headers: Headers | None = None
+    content_type = CONTENT_TYPE_PROTOBUF
     for i in range(n):
         value = batch.values[i]
-        offset = batch.offsets[i]
+        headers = batch.headers[i]
+        if headers != last_headers:
+            content_type, last_headers = _content_type(headers), headers
         try:
             if value is None:
                 raise RecordError("undecodable", "message has no value (a tombstone)")
-            content_type = _content_type(batch.headers[i])
             decoder = _DECODERS.get(content_type)
             if decoder is None:
                 raise RecordError("undecodable", f"unsupported content-type {content_type!r}")
-            record_id, data_type, event_time = decoder(value, values[i])
+            row, record_id, data_type, event_time = decoder(value)
         except RecordError as exc:
             error: RecordError = exc
         except (DecodeError, orjson.JSONDecodeError, UnicodeDecodeError) as exc:
             error = RecordError("undecodable", f"{type(exc).__name__}: {exc}")
         else:
-            record_ids.append(record_id or f"{batch.topic}/{batch.partition}/{offset}")
+            rows.append(row)
+            record_ids.append(record_id or f"{batch.topic}/{batch.partition}/{batch.offsets[i]}")
             data_types.append(data_type or DEFAULT_DATA_TYPE)
-            event_times[i] = event_time
-            good[i] = True
+            event_times.append(event_time)
+            good.append(True)
             continue
+        rows.append(_ABSENT_ROW)
         record_ids.append("")
         data_types.append("")
+        event_times.append(0)
+        good.append(False)
         dead.append(batch.dead_letter(i, "decode", error.reason, str(error)))
+    values = np.array(rows, dtype=np.float64).reshape(n, _N_COLUMNS)  # None becomes NaN
     offsets = np.asarray(batch.offsets, dtype=np.int64)
-    type_of = np.asarray(data_types, dtype=object)
+    kept = np.array(good, dtype=bool)
+    kinds = set(data_types) - {""}
     runs: list[RecordColumns] = []
-    for data_type in sorted({d for d, ok in zip(data_types, good, strict=True) if ok}):
-        index = np.flatnonzero(good & (type_of == data_type))
+    for data_type in sorted(kinds):
+        if len(kinds) == 1:
+            index = np.flatnonzero(kept)
+        else:
+            index = np.flatnonzero(kept & (np.asarray(data_types, dtype=object) == data_type))
+        all_rows = len(index) == n
         runs.append(
             RecordColumns(
                 data_type=data_type,
                 topic=batch.topic,
                 partition=batch.partition,
                 offsets=offsets[index],
-                record_ids=[record_ids[i] for i in index],
-                event_time_ms=event_times[index],
+                record_ids=record_ids if all_rows else [record_ids[i] for i in index],
+                event_time_ms=np.asarray(event_times, dtype=np.int64)[index],
                 features=np.ascontiguousarray(values[index, :_LABEL_COLUMN]),
                 labels=values[index, _LABEL_COLUMN],
-                keys=[batch.keys[i] for i in index],
-                raw=[batch.values[i] for i in index],
-                headers=[batch.headers[i] for i in index],
+                keys=batch.keys if all_rows else [batch.keys[i] for i in index],
+                raw=batch.values if all_rows else [batch.values[i] for i in index],
+                headers=batch.headers if all_rows else [batch.headers[i] for i in index],
             )
         )
     return runs, dead

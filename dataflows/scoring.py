@@ -674,47 +674,68 @@ class ShardScorer:
     ) -> list[OutMessage]:
         identity = spec.identity
         n = len(run)
-        latency_us = elapsed / n * 1e6
+        # Protobuf parses concatenated messages as one: the fields every record of this call
+        # shares are serialized once, and each record adds only its own.
+        shared = pb.ScoredRecord(
+            data_type=run.data_type,
+            source_topic=run.topic,
+            source_partition=run.partition,
+            model_name=identity.name,
+            model_version=identity.version,
+            model_sha256=identity.sha256,
+            scoring_latency_us=elapsed / n * 1e6,
+            scored_at_ms=now_ms,
+            batch_size=n,
+            scored_by=self._scored_by,
+        ).SerializeToString()
         prefix = f"{run.topic}/{run.partition}/"
         suffix = f"/{identity.name}/{identity.version}"
         headers = [("content-type", b"application/x-protobuf")]
+        record = pb.ScoredRecord
+        offsets = run.offsets.tolist()
+        event_times = run.event_time_ms.tolist()
+        values = prediction.values.tolist()
+        valid = prediction.valid.tolist()
+        record_ids = run.record_ids
         messages: list[OutMessage] = []
+        if prediction.labels is None:
+            for i in range(n):
+                if not valid[i]:
+                    continue
+                offset = offsets[i]
+                key = f"{prefix}{offset}{suffix}"
+                own = record(
+                    output_key=key,
+                    record_id=record_ids[i],
+                    source_offset=offset,
+                    event_time_ms=event_times[i],
+                    value=values[i],
+                )
+                messages.append((key.encode(), shared + own.SerializeToString(), headers))
+            return messages
         labels = prediction.labels
-        probabilities = prediction.probabilities
         class_labels = prediction.class_labels
-        values = prediction.values
+        probabilities = prediction.probabilities
+        rows = probabilities.tolist() if probabilities is not None else None
         for i in range(n):
-            if not prediction.valid[i]:
+            if not valid[i]:
                 continue
-            offset = int(run.offsets[i])
+            offset = offsets[i]
             key = f"{prefix}{offset}{suffix}"
-            scored = pb.ScoredRecord(
+            own = record(
                 output_key=key,
-                record_id=run.record_ids[i],
-                data_type=run.data_type,
-                source_topic=run.topic,
-                source_partition=run.partition,
+                record_id=record_ids[i],
                 source_offset=offset,
-                model_name=identity.name,
-                model_version=identity.version,
-                model_sha256=identity.sha256,
-                scoring_latency_us=latency_us,
-                event_time_ms=int(run.event_time_ms[i]),
-                scored_at_ms=now_ms,
-                batch_size=n,
-                scored_by=self._scored_by,
+                event_time_ms=event_times[i],
+                label=labels[i],
             )
-            value = float(values[i])
-            if not math.isnan(value):
-                scored.value = value
-            if labels is not None:
-                scored.label = labels[i]
-            if probabilities is not None:
-                row = probabilities[i]
-                for label, p in zip(class_labels, row, strict=True):
-                    if not math.isnan(p):
-                        scored.probabilities[label] = float(p)
-            messages.append((key.encode(), scored.SerializeToString(), headers))
+            if not math.isnan(values[i]):
+                own.value = values[i]
+            if rows is not None:
+                own.probabilities.update(
+                    (label, p) for label, p in zip(class_labels, rows[i], strict=True) if p == p
+                )
+            messages.append((key.encode(), shared + own.SerializeToString(), headers))
         return messages
 
     def close_windows(self, *, everything: bool = False) -> list[ShardOut]:

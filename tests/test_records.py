@@ -69,6 +69,32 @@ def test_absent_feature_is_nan_and_label_optional() -> None:
     (run,), _ = decode_batch(one(wine_record(values).SerializeToString()))
     assert math.isnan(run.features[0, WINE_FEATURES.index("alcohol")])
     assert math.isnan(run.labels[0])
+    # A present 0.0 is a value, not an absence (protobuf reads both as 0.0).
+    assert run.features[0, WINE_FEATURES.index("citric_acid")] == 0.0
+
+
+def test_explicit_nan_in_protobuf_is_not_finite() -> None:
+    record = wine_record(parse_csv_line(ROW1))
+    record.ph = math.nan
+    runs, (dead,) = decode_batch(one(record.SerializeToString()))
+    assert runs == [] and dead.reason == "non_finite" and dead.message.startswith("ph:")
+
+
+def test_good_and_bad_records_of_a_batch_keep_their_own_values() -> None:
+    good = parse_csv_line(ROW1)
+    values = [
+        orjson.dumps({**good, "record_id": "a", "alcohol": "9.5"}),  # numeric string: fine
+        b"not json",
+        orjson.dumps({**good, "record_id": "c", "quality": None}),
+    ]
+    headers = [[("Content-Type", b"application/json; charset=utf-8")]] * 3
+    batch = SourceBatch("records", 0, [0, 1, 2], [None] * 3, values, headers)
+    (run,), (dead,) = decode_batch(batch)
+    assert dead.offset == 1 and dead.reason == "undecodable"
+    assert run.record_ids == ["a", "c"] and list(run.offsets) == [0, 2]
+    assert run.features[0, WINE_FEATURES.index("alcohol")] == 9.5
+    assert run.features[1, WINE_FEATURES.index("alcohol")] == good["alcohol"]
+    assert run.labels[0] == 5.0 and math.isnan(run.labels[1])
 
 
 def test_bad_messages_become_dead_letters_with_source_and_bytes() -> None:
