@@ -148,8 +148,16 @@ class _SharedProducer:
     _producers: ClassVar[dict[str, _SharedProducer]] = {}
 
     def __init__(self, settings: dict[str, str | int | float | bool]) -> None:
-        self.producer = Producer(settings)
         self.errors: list[str] = []
+        self.producer = Producer(
+            {
+                **settings,
+                # Delivery reports for failures only, through one producer-wide callback:
+                # a Python call per delivered message would cost more than producing it.
+                "delivery.report.only.error": True,
+                "on_delivery": self.on_delivery,
+            }
+        )
 
     @classmethod
     def get(cls, config: Config) -> _SharedProducer:
@@ -175,9 +183,7 @@ class _SharedProducer:
         for key, value, headers in messages:
             while True:
                 try:
-                    produce(
-                        topic, value, key, headers=cast(Any, headers), on_delivery=self.on_delivery
-                    )
+                    produce(topic, value, key, headers=cast(Any, headers))
                     break
                 except BufferError:
                     # Local queue full: let librdkafka drain it, then retry.
