@@ -52,6 +52,9 @@ cluster processes="2" workers="1": setup
     n={{processes}}
     addresses=$(for ((i = 0; i < n; i++)); do printf '127.0.0.1:%d;' $((2101 + i)); done)
     addresses=${addresses%;}
+    # Queryable state: process i on port 3040 + i; `waxserve status` asks any of them.
+    peers=$(for ((i = 0; i < n; i++)); do printf '127.0.0.1:%d,' $((3040 + i)); done)
+    export WAXSERVE_STATE_PEERS=${peers%,}
     pids=()
     trap 'kill "${pids[@]}" 2>/dev/null || true; wait' EXIT INT TERM
     for ((i = 0; i < n; i++)); do
@@ -62,7 +65,8 @@ cluster processes="2" workers="1": setup
                 --process-id "$i" --dns-timeout 0
             args+=(-r "$RECOVERY/process-$i" -s "${SNAPSHOT_S:-5}" -b "${BACKUP_S:-30}")
         fi
-        {{bin}}/python -m bytewax.run dataflows.serving:flow "${args[@]}" &
+        WAXSERVE_STATE_ADDR=127.0.0.1:$((3040 + i)) BYTEWAX_DATAFLOW_API_PORT=$((3030 + i)) \
+            {{bin}}/python -m bytewax.run dataflows.serving:flow "${args[@]}" &
         pids+=($!)
     done
     # A Bytewax cluster cannot lose a process: when one exits, stop them all.
@@ -122,3 +126,42 @@ deploy-waxctl overlay="dev" *ARGS: setup
     args=$({{bin}}/python k8s/waxctl/waxctl_args.py {{overlay}})
     mapfile -t argv <<<"$args"
     waxctl dataflow deploy dataflows/serving.py "${argv[@]}" --yes {{ARGS}}
+
+# Start Prometheus (Debian's `prometheus`) on 127.0.0.1:PORT, scraping the dataflow at TARGET with the alert rules loaded.
+prometheus port="9090" target="localhost:3030": setup
+    #!/usr/bin/env bash
+    set -euo pipefail
+    prometheus=$(command -v prometheus || echo /usr/bin/prometheus)
+    if [ ! -x "$prometheus" ]; then
+        echo "prometheus is not installed: apt-get install prometheus (Debian's package)" >&2
+        exit 1
+    fi
+    # Config and data in a scratch directory: this Prometheus is for a look at the demo.
+    work=$(mktemp -d -t waxserve-prometheus-XXXXXX)
+    trap 'rm -rf "$work"' EXIT
+    cat >"$work/prometheus.yml" <<EOF
+    global:
+      scrape_interval: 5s
+      evaluation_interval: 5s
+    rule_files:
+      - $PWD/k8s/alerts/waxserve-rules.yaml
+    scrape_configs:
+      - job_name: waxserve
+        static_configs:
+          - targets: ["{{target}}"]
+    EOF
+    echo "Prometheus UI: http://127.0.0.1:{{port}}  (alerts: /alerts, targets: /targets)"
+    echo "Serve the dataflow's metrics on {{target}}, e.g. in another terminal:"
+    echo "  just demo --duration 600"
+    echo "Dashboards: k8s/grafana (k8s/README.md, \"Dashboards and alerts\"). Ctrl-C stops."
+    "$prometheus" --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/data" \
+        --web.listen-address="127.0.0.1:{{port}}" --log.level=warn
+
+# Check the alerting rules and run their unit tests with promtool (k8s/alerts/).
+alerts-test:
+    promtool check rules k8s/alerts/waxserve-rules.yaml
+    promtool test rules k8s/alerts/waxserve-rules.test.yaml
+
+# Regenerate the PrometheusRule (k8s/components/monitoring) from k8s/alerts/waxserve-rules.yaml.
+alerts-sync: setup
+    {{bin}}/python k8s/alerts/prometheusrule.py

@@ -38,7 +38,10 @@ KUBERNETES_VERSIONS = ("1.32", "1.37")
 OVERLAYS = ("overlays/dev", "overlays/prod")
 RENDERED = (*OVERLAYS, "topics/dev", "topics/prod")
 # Objects of CRDs that kubernetes-validate has no schema for; checked below instead.
-CRD_KINDS = {("monitoring.coreos.com/v1", "PodMonitor")}
+CRD_KINDS = {
+    ("monitoring.coreos.com/v1", "PodMonitor"),
+    ("monitoring.coreos.com/v1", "PrometheusRule"),
+}
 # Hadolint rules the Dockerfile may ignore, each with the reason given inline there.
 HADOLINT_IGNORES = {"DL3008"}  # apt version pins: Debian drops superseded versions
 # WAXSERVE_* variables read outside dataflows.config.Config.
@@ -210,6 +213,91 @@ def test_podmonitor_scrapes_every_dataflow_pod(dep: Deployment) -> None:
         assert endpoint["port"] in port_names
         assert endpoint["path"] == "/metrics"
     assert dep.port("metrics") == 3030  # where Bytewax serves its API
+
+
+# The part of the PrometheusRule CRD these manifests use (the rules themselves are checked
+# by promtool in tests/test_observability.py).
+PROMETHEUSRULE_SCHEMA = {
+    "type": "object",
+    "required": ["apiVersion", "kind", "metadata", "spec"],
+    "additionalProperties": False,
+    "properties": {
+        "apiVersion": {"const": "monitoring.coreos.com/v1"},
+        "kind": {"const": "PrometheusRule"},
+        "metadata": {"type": "object"},
+        "spec": {
+            "type": "object",
+            "required": ["groups"],
+            "additionalProperties": False,
+            "properties": {
+                "groups": {
+                    "type": "array",
+                    "minItems": 1,
+                    "items": {
+                        "type": "object",
+                        "required": ["name", "rules"],
+                        "additionalProperties": False,
+                        "properties": {
+                            "name": {"type": "string"},
+                            "interval": _DURATION,
+                            "rules": {
+                                "type": "array",
+                                "items": {
+                                    "type": "object",
+                                    "required": ["expr"],
+                                    "additionalProperties": False,
+                                    "properties": {
+                                        "alert": {"type": "string"},
+                                        "record": {"type": "string"},
+                                        "expr": {"type": "string"},
+                                        "for": _DURATION,
+                                        "labels": {"type": "object"},
+                                        "annotations": {"type": "object"},
+                                    },
+                                },
+                            },
+                        },
+                    },
+                },
+            },
+        },
+    },
+}
+ALERT_RULES = K8S / "alerts" / "waxserve-rules.yaml"
+DASHBOARDS = sorted((K8S / "grafana" / "dashboards").glob("*.json"))
+
+
+def _load_prometheusrule_generator() -> ModuleType:
+    path = K8S / "alerts" / "prometheusrule.py"
+    spec = importlib.util.spec_from_file_location("prometheusrule", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_prometheus_rule_is_the_rule_file(dep: Deployment) -> None:
+    """k8s/alerts/waxserve-rules.yaml is the single source: the PrometheusRule carries the
+    same groups, and the committed file is what `just alerts-sync` writes."""
+    rule = one(dep.objects, "PrometheusRule")
+    jsonschema.validate(rule, PROMETHEUSRULE_SCHEMA)
+    assert rule["spec"]["groups"] == yaml.safe_load(ALERT_RULES.read_text())["groups"]
+    assert rule["metadata"]["namespace"] == dep.sts["metadata"]["namespace"]
+    generator = _load_prometheusrule_generator()
+    committed = generator.PROMETHEUS_RULE.read_text()
+    assert committed == generator.render(ALERT_RULES.read_text()), (
+        "k8s/components/monitoring/prometheusrule.yaml is stale: run `just alerts-sync`"
+    )
+
+
+def test_dashboards_configmap_for_the_grafana_sidecar(dep: Deployment) -> None:
+    config_map = one(dep.objects, "ConfigMap", "waxserve-dashboards")
+    # kube-prometheus-stack's Grafana sidecar loads ConfigMaps with this label.
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert DASHBOARDS, "no dashboards in k8s/grafana/dashboards"
+    assert config_map["data"] == {p.name: p.read_text() for p in DASHBOARDS}
+    # `kubectl apply` keeps the whole object in an annotation limited to 256 KiB.
+    assert len(json.dumps(config_map["data"])) < 256 * 1024 - 4096
 
 
 def test_yamllint() -> None:
