@@ -869,10 +869,7 @@ def cmd_status(config: Config, args: argparse.Namespace) -> int:
     """Print what every process of a running dataflow serves."""
     base = args.url or f"http://{config.state_addr or '127.0.0.1:3040'}"
     base = base.rstrip("/")
-    processes = _get_json(f"{base}/processes")
-    for process in processes:
-        if "error" not in process:
-            process["models"] = _get_json(f"{process['url']}/models")
+    processes = _get_json(f"{base}/processes")  # each with its models
     if args.json:
         print(json.dumps(processes, indent=2))
     else:

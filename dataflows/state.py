@@ -7,8 +7,10 @@ a few additions) and serves it read-only:
   here (usage, mean/min/max scoring time per record, online RMSE/accuracy) and the last
   drift window's summary (on the process that merges that data type's windows);
 - `GET /state/<data_type>`: the same, for one data type (404 when this process holds none);
-- `GET /process`: who this process is (Bytewax process id, host, pid, state address);
-- `GET /processes`: every process of the cluster: this one plus each peer's `/process`.
+- `GET /process`: who this process is (Bytewax process id, host, pid, state address) and
+  its models;
+- `GET /processes`: every process of the cluster: this one plus each peer's `/process`,
+  so one request (through one port-forward) shows the whole cluster.
 
 Numbers here are per process; the stats topic carries the cluster-wide totals.
 """
@@ -264,6 +266,7 @@ class StateServer:
             "url": self.url,
             "instance": self._instance,
             "data_types": self.state.data_types(),
+            "models": self.state.models(),
         }
 
     def processes(self) -> list[dict[str, Any]]:

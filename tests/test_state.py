@@ -121,7 +121,8 @@ def test_endpoints_serve_json_read_only(served: tuple[ProcessState, StateServer]
 def test_processes_lists_peers_and_unreachable_ones(
     served: tuple[ProcessState, StateServer],
 ) -> None:
-    _, peer = served
+    peer_state, peer = served
+    peer_state.installed(GBT, None)
     dead = f"127.0.0.1:{free_port()}"
     server = StateServer(ProcessState(), "127.0.0.1:0", process_id=0)
     server.peers = [peer.url, dead]
@@ -132,6 +133,9 @@ def test_processes_lists_peers_and_unreachable_ones(
     finally:
         server.stop()
     assert [p.get("process_id") for p in processes] == [0, 3, None]
+    # Each process comes with its models: one request shows the whole cluster.
+    assert [m["name"] for m in processes[1]["models"]] == ["wine-gbt"]
+    assert processes[0]["models"] == []
     assert processes[2]["url"] == f"http://{dead}" and "unreachable" in processes[2]["error"]
 
 
