@@ -12,6 +12,7 @@ the matrix can only mean absent).
 
 from __future__ import annotations
 
+import itertools
 import math
 import operator
 import re
@@ -338,24 +339,58 @@ _DECODERS = {
 _ABSENT_ROW: Row = [None] * _N_COLUMNS
 
 
-def decode_batch(batch: SourceBatch) -> tuple[list[RecordColumns], list[DeadLetter]]:
-    """Decode a source batch into columns per data type, and dead letters for bad messages.
+@dataclass
+class _Parsed:
+    """A batch's messages parsed, one entry per message (dead ones too)."""
 
-    Records keep their offset order within each data type. A record without a record id
-    gets "<topic>/<partition>/<offset>"; one without a data type gets "wine".
-    """
-    n = len(batch)
-    rows: list[Row] = []
-    record_ids: list[str] = []
-    data_types: list[str] = []
-    event_times: list[int] = []
-    good: list[bool] = []
-    dead: list[DeadLetter] = []
+    rows: list[Sequence[float | None]]
+    record_ids: list[str]
+    data_types: list[str]  # "" for a dead message
+    event_times: list[int]
+    dead: list[DeadLetter] = field(default_factory=list)
+
+
+_json_columns = operator.itemgetter(*CSV_COLUMNS)
+
+
+def _parse_json_batch(batch: SourceBatch) -> _Parsed | None:
+    """The common case, parsed in C-level passes: every message JSON with the same headers,
+    every column present as a number or null, ids and times well typed. None when any
+    message is not like that; `_parse_each` then finds out which and why."""
+    first = batch.headers[0]
+    if batch.headers.count(first) != len(batch) or _content_type(first) != CONTENT_TYPE_JSON:
+        return None
+    try:
+        docs = list(map(orjson.loads, batch.values))  # type: ignore[arg-type]
+        rows = list(map(_json_columns, docs))
+    except (orjson.JSONDecodeError, TypeError, KeyError):  # bad JSON, not an object, a gap
+        return None
+    if not _PLAIN_JSON_TYPES.issuperset(map(type, itertools.chain.from_iterable(rows))):
+        return None
+    record_ids = [doc.get("record_id", "") for doc in docs]
+    data_types = [doc.get("data_type", "") for doc in docs]
+    event_times = [doc.get("event_time_ms", 0) for doc in docs]
+    if (
+        not {str}.issuperset(map(type, record_ids))
+        or not {str}.issuperset(map(type, data_types))
+        or not {int}.issuperset(map(type, event_times))
+    ):
+        return None
+    if "" in data_types:
+        data_types = [d or DEFAULT_DATA_TYPE for d in data_types]
+    if "" in record_ids:
+        prefix = f"{batch.topic}/{batch.partition}/"
+        record_ids = [r or f"{prefix}{o}" for r, o in zip(record_ids, batch.offsets, strict=True)]
+    return _Parsed(rows, record_ids, data_types, event_times)
+
+
+def _parse_each(batch: SourceBatch) -> _Parsed:
+    """Message by message, each by its own content type; bad ones become dead letters."""
+    parsed = _Parsed([], [], [], [])
     # Producers send the same headers on every message: parse them once per change.
     last_headers: Headers | None = None
     content_type = CONTENT_TYPE_PROTOBUF
-    for i in range(n):
-        value = batch.values[i]
+    for i, value in enumerate(batch.values):
         headers = batch.headers[i]
         if headers != last_headers:
             content_type, last_headers = _content_type(headers), headers
@@ -371,45 +406,71 @@ def decode_batch(batch: SourceBatch) -> tuple[list[RecordColumns], list[DeadLett
         except (DecodeError, orjson.JSONDecodeError, UnicodeDecodeError) as exc:
             error = RecordError("undecodable", f"{type(exc).__name__}: {exc}")
         else:
-            rows.append(row)
-            record_ids.append(record_id or f"{batch.topic}/{batch.partition}/{batch.offsets[i]}")
-            data_types.append(data_type or DEFAULT_DATA_TYPE)
-            event_times.append(event_time)
-            good.append(True)
+            parsed.rows.append(row)
+            parsed.record_ids.append(
+                record_id or f"{batch.topic}/{batch.partition}/{batch.offsets[i]}"
+            )
+            parsed.data_types.append(data_type or DEFAULT_DATA_TYPE)
+            parsed.event_times.append(event_time)
             continue
-        rows.append(_ABSENT_ROW)
-        record_ids.append("")
-        data_types.append("")
-        event_times.append(0)
-        good.append(False)
-        dead.append(batch.dead_letter(i, "decode", error.reason, str(error)))
-    values = np.array(rows, dtype=np.float64).reshape(n, _N_COLUMNS)  # None becomes NaN
+        parsed.rows.append(_ABSENT_ROW)
+        parsed.record_ids.append("")
+        parsed.data_types.append("")
+        parsed.event_times.append(0)
+        parsed.dead.append(batch.dead_letter(i, "decode", error.reason, str(error)))
+    return parsed
+
+
+def decode_batch(batch: SourceBatch) -> tuple[list[RecordColumns], list[DeadLetter]]:
+    """Decode a source batch into columns per data type, and dead letters for bad messages.
+
+    Records keep their offset order within each data type. A record without a record id
+    gets "<topic>/<partition>/<offset>"; one without a data type gets "wine".
+    """
+    n = len(batch)
+    if n == 0:
+        return [], []
+    parsed = _parse_json_batch(batch) or _parse_each(batch)
+    values = np.array(parsed.rows, dtype=np.float64).reshape(n, _N_COLUMNS)  # None: NaN
     offsets = np.asarray(batch.offsets, dtype=np.int64)
-    kept = np.array(good, dtype=bool)
-    kinds = set(data_types) - {""}
+    event_times = np.asarray(parsed.event_times, dtype=np.int64)
+    kinds = set(parsed.data_types) - {""}
     runs: list[RecordColumns] = []
     for data_type in sorted(kinds):
-        if len(kinds) == 1:
-            index = np.flatnonzero(kept)
-        else:
-            index = np.flatnonzero(kept & (np.asarray(data_types, dtype=object) == data_type))
-        all_rows = len(index) == n
+        if len(kinds) == 1 and not parsed.dead:
+            runs.append(
+                RecordColumns(
+                    data_type=data_type,
+                    topic=batch.topic,
+                    partition=batch.partition,
+                    offsets=offsets,
+                    record_ids=parsed.record_ids,
+                    event_time_ms=event_times,
+                    features=np.ascontiguousarray(values[:, :_LABEL_COLUMN]),
+                    labels=values[:, _LABEL_COLUMN],
+                    keys=batch.keys,
+                    raw=batch.values,
+                    headers=batch.headers,
+                )
+            )
+            continue
+        index = np.flatnonzero(np.asarray(parsed.data_types, dtype=object) == data_type)
         runs.append(
             RecordColumns(
                 data_type=data_type,
                 topic=batch.topic,
                 partition=batch.partition,
                 offsets=offsets[index],
-                record_ids=record_ids if all_rows else [record_ids[i] for i in index],
-                event_time_ms=np.asarray(event_times, dtype=np.int64)[index],
+                record_ids=[parsed.record_ids[i] for i in index],
+                event_time_ms=event_times[index],
                 features=np.ascontiguousarray(values[index, :_LABEL_COLUMN]),
                 labels=values[index, _LABEL_COLUMN],
-                keys=batch.keys if all_rows else [batch.keys[i] for i in index],
-                raw=batch.values if all_rows else [batch.values[i] for i in index],
-                headers=batch.headers if all_rows else [batch.headers[i] for i in index],
+                keys=[batch.keys[i] for i in index],
+                raw=[batch.values[i] for i in index],
+                headers=[batch.headers[i] for i in index],
             )
         )
-    return runs, dead
+    return runs, parsed.dead
 
 
 def feature_columns(names: Sequence[str]) -> list[int]:

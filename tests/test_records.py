@@ -134,3 +134,28 @@ def test_pmml_field_names_map_to_record_fields() -> None:
     assert record_field_for("pH") == "ph"
     assert record_field_for("total sulfur dioxide") == "total_sulfur_dioxide"
     assert record_field_for("colour") is None
+
+
+def test_json_and_protobuf_batches_decode_alike() -> None:
+    lines = [ROW1, "7.8;0.88;0;2.6;0.098;25;67;0.9968;3.2;0.68;9.8;5"] * 25
+    records = [
+        wine_record(parse_csv_line(line), record_id=f"r{i}" if i % 3 else "", event_time_ms=i)
+        for i, line in enumerate(lines)
+    ]
+    offsets = list(range(100, 150))
+    as_protobuf = SourceBatch(
+        "records", 1, offsets, [None] * 50, [r.SerializeToString() for r in records], [[]] * 50
+    )
+    as_json = SourceBatch(
+        "records",
+        1,
+        offsets,
+        [None] * 50,
+        [record_to_json(r) for r in records],
+        [[("content-type", b"application/json")]] * 50,
+    )
+    (a,), _ = decode_batch(as_protobuf)
+    (b,), _ = decode_batch(as_json)
+    assert a.record_ids == b.record_ids and a.record_ids[0] == "records/1/100"
+    assert np.array_equal(a.features, b.features) and np.array_equal(a.labels, b.labels)
+    assert np.array_equal(a.event_time_ms, b.event_time_ms) and a.data_type == b.data_type
