@@ -197,30 +197,32 @@ class _BatchPartition(StatefulSourcePartition[SourceBatch, int]):
         if self._eof:
             raise StopIteration()
         messages = self._consumer.take(self._partition)
-        offsets: list[int] = []
-        keys: list[bytes | None] = []
-        values: list[bytes | None] = []
-        headers: list[list[tuple[str, bytes]]] = []
-        for msg in messages:
-            error = msg.error()
-            if error is not None:
-                if error.code() == KafkaError._PARTITION_EOF:
-                    self._eof = True
-                    continue
-                if error.fatal():
-                    raise KafkaException(error)
-                log.warning("consuming %s[%d]: %s", self._topic, self._partition, error)
-                continue
-            offsets.append(cast(int, msg.offset()))
-            keys.append(msg.key())
-            values.append(msg.value())
-            headers.append(cast(Headers, msg.headers() or []))
+        if any(msg.error() is not None for msg in messages):
+            messages = self._without_errors(messages)
+        offsets = [cast(int, msg.offset()) for msg in messages]
+        keys = [msg.key() for msg in messages]
+        values = [msg.value() for msg in messages]
+        headers = [cast(Headers, msg.headers() or []) for msg in messages]
         self._idle = not offsets
         if not offsets:
             return []
         self._offset = offsets[-1] + 1
         self._consumer.advanced(self._partition, self._offset)
         return [SourceBatch(self._topic, self._partition, offsets, keys, values, headers)]
+
+    def _without_errors(self, messages: list[Message]) -> list[Message]:
+        kept = []
+        for msg in messages:
+            error = msg.error()
+            if error is None:
+                kept.append(msg)
+            elif error.code() == KafkaError._PARTITION_EOF:
+                self._eof = True
+            elif error.fatal():
+                raise KafkaException(error)
+            else:
+                log.warning("consuming %s[%d]: %s", self._topic, self._partition, error)
+        return kept
 
     def next_awake(self) -> datetime | None:
         # Polling an empty partition in a tight loop burns a core; back off briefly.
