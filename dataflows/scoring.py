@@ -699,6 +699,8 @@ class ShardScorer:
         record_ids = run.record_ids
         messages: list[OutMessage] = []
         if prediction.labels is None:
+            # Regressors, the common case, get a loop of their own with nothing optional in
+            # it: this loop runs once per scored record.
             for i in range(n):
                 if not valid[i]:
                     continue
