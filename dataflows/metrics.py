@@ -156,6 +156,30 @@ DEAD_LETTERS = Counter(
     "Inputs sent to the dead-letter topic, by stage and error class.",
     ["stage", "reason"],
 )
+DEAD_LETTER_CLASSES: tuple[tuple[str, str], ...] = (
+    *(("decode", r) for r in ("undecodable", "non_numeric", "non_finite", "bad_csv")),
+    *(("score", r) for r in ("missing_feature", "no_model", "score_failed", "invalid_prediction")),
+    *(
+        ("model", r)
+        for r in (
+            "bad_descriptor",
+            "unsupported_model",
+            "no_model",
+            "location_rejected",
+            "location_unreadable",
+            "digest_mismatch",
+            "load_failed",
+            "bad_inputs",
+            "bad_profile",
+        )
+    ),
+)
+"""Every (stage, reason) a dead letter can have."""
+# Exported at 0 from the start: rate() and increase() cannot see a counter's first event
+# when the series appears with it.
+for _stage, _reason in DEAD_LETTER_CLASSES:
+    DEAD_LETTERS.labels(_stage, _reason)
+
 DRIFT = Gauge(
     "waxserve_drift",
     "Drift of each feature in the last closed window: metric is psi or mean_shift_sigmas.",

@@ -22,7 +22,7 @@ from flowtools import (
 )
 from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 
-from dataflows.metrics import LAG_BUCKETS, BatchHistogram
+from dataflows.metrics import DEAD_LETTER_CLASSES, LAG_BUCKETS, BatchHistogram
 from dataflows.monitoring import ModelIdentity, StatsAccumulator, StatsPartial, stats_message
 from dataflows.runtimes import Prediction
 from dataflows.scoring import _labelled_quality
@@ -94,6 +94,10 @@ def test_metrics_count_scoring_dead_letters_and_model_events() -> None:
         - before["rejections"]
         == 1
     )
+    # Every dead-letter class is exported from the start, and the list is complete.
+    dead = next(m for m in REGISTRY.collect() if m.name == "waxserve_dead_letters").samples
+    classes = {(s.labels["stage"], s.labels["reason"]) for s in dead}
+    assert classes == set(DEAD_LETTER_CLASSES)
     # The serving model, and only it, in model_info.
     info = next(s for s in REGISTRY.collect() if s.name == "waxserve_model_info").samples
     serving = [s.labels for s in info if s.labels["data_type"] == "wine"]
