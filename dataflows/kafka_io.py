@@ -85,6 +85,10 @@ class _SharedConsumer:
         self._paused: set[int] = set()
         self._consumer = Consumer(
             {
+                # A broker that overfills a fetch (tansu sends ~5 MB per partition) makes
+                # librdkafka wait fetch.queue.backoff.ms, 1 s by default, before fetching
+                # again: a backlog read stalls. Yours wins (WAXSERVE_KAFKA_*).
+                "fetch.queue.backoff.ms": "10",
                 **config.client_config(),
                 # Offsets live in Bytewax snapshots; no consumer group, no commits.
                 "group.id": "waxserve",
