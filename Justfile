@@ -26,7 +26,7 @@ test *ARGS: setup
 # ruff and mypy.
 lint: setup
     {{bin}}/ruff check .
-    {{bin}}/ruff format --check dataflows tests models/train.py
+    {{bin}}/ruff format --check dataflows tests bench models/train.py
     {{bin}}/mypy
 
 # Regenerate protos/waxserve_pb2.py(i) from protos/waxserve.proto.
@@ -165,3 +165,11 @@ alerts-test:
 # Regenerate the PrometheusRule (k8s/components/monitoring) from k8s/alerts/waxserve-rules.yaml.
 alerts-sync: setup
     {{bin}}/python k8s/alerts/prometheusrule.py
+
+# Benchmark waxserve against the Kafka floor, hand-written loops, Bytewax and Quix Streams (bench/README.md).
+bench *ARGS: setup
+    {{bin}}/python -m bench {{ARGS}}
+
+# Soak: waxserve at 5,000 records/s for 10 minutes, its resident set sampled (bench/README.md).
+soak *ARGS: setup
+    {{bin}}/python -m bench soak {{ARGS}}

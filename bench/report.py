@@ -1,0 +1,498 @@
+"""The report of a bench run: medians, goals, and the markdown table and PNG chart.
+
+The JSON (`bench/results/<date>.json`) holds every repetition; everything here is derived
+from it, so `python -m bench report FILE` can redraw the markdown and chart of any run.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from bench.measure import median
+
+REFERENCE = "waxserve-lr"
+"""The waxserve figure every other contender is compared with (LR ONNX, all features on)."""
+PMML_REFERENCE = "waxserve-pmml"
+
+
+def summarize(reps: list[dict[str, Any]]) -> dict[str, Any]:
+    """The median of every numeric figure over the repetitions that did not fail."""
+    good = [r for r in reps if "error" not in r]
+    keys = {
+        k
+        for r in good
+        for k, v in r.items()
+        if isinstance(v, int | float) and not isinstance(v, bool)
+    }
+    out: dict[str, Any] = {k: median(r.get(k, math.nan) for r in good) for k in sorted(keys)}
+    out["reps_ok"] = len(good)
+    errors = [r["error"] for r in reps if "error" in r]
+    if errors:
+        out["errors"] = errors
+    return out
+
+
+@dataclasses.dataclass(frozen=True)
+class Goal:
+    """One goal of issue 5, checked against this run's figures."""
+
+    goal: str
+    target: str
+    measured: str
+    passed: bool | None  # None: not measured in this run
+
+    @property
+    def verdict(self) -> str:
+        """pass / FAIL / not measured."""
+        return {True: "pass", False: "**FAIL**", None: "not measured"}[self.passed]
+
+
+def _get(section: dict[str, Any], name: str, key: str) -> float:
+    value = section.get(name, {}).get("median", {}).get(key, math.nan)
+    return float(value) if value is not None else math.nan
+
+
+def _ok(value: float) -> bool:
+    return value is not None and math.isfinite(value)
+
+
+def rate(value: float) -> str:
+    """Records per second, readable."""
+    return "-" if not _ok(value) else f"{value:,.0f}"
+
+
+def ms(value: float | None) -> str:
+    """Milliseconds, readable."""
+    return "-" if value is None or not _ok(value) else f"{value:,.1f}"
+
+
+def times(value: float) -> str:
+    """A ratio, readable."""
+    return "-" if not _ok(value) else (f"{value:.2f}x" if value < 10 else f"{value:,.0f}x")
+
+
+def goals(result: dict[str, Any], soak: dict[str, Any] | None) -> list[Goal]:
+    """Every goal of issue 5 with this run's figures."""
+    thr = result.get("throughput", {})
+    lat = result.get("latency", {})
+    swap = result.get("swap", {}).get("median", {})
+    wax = _get(thr, REFERENCE, "throughput")
+    out: list[Goal] = []
+
+    def ratio_goal(name: str, label: str, at_least: float) -> None:
+        other = _get(thr, name, "throughput")
+        ratio = wax / other if _ok(wax) and _ok(other) else math.nan
+        shown = times(ratio) if at_least >= 1 or not _ok(ratio) else f"{ratio:.0%}"
+        measured = f"{shown} ({rate(wax)} vs {rate(other)} rec/s)"
+        target = f"≥ {at_least:g}x" if at_least >= 1 else f"≥ {at_least:.0%}"
+        out.append(
+            Goal(
+                f"throughput vs {label}",
+                target,
+                measured,
+                ratio >= at_least if _ok(ratio) else None,
+            )
+        )
+
+    ratio_goal("naive", "naive per-record loop", 6)
+    ratio_goal("bytewax", "idiomatic Bytewax", 4)
+    ratio_goal("tuned", "hand-tuned loop", 1.0)
+    ratio_goal("passthrough", "raw passthrough", 0.65)
+
+    p50, p99 = _get(lat, REFERENCE, "p50_ms"), _get(lat, REFERENCE, "p99_ms")
+    f50, f99 = _get(lat, "passthrough", "p50_ms"), _get(lat, "passthrough", "p99_ms")
+    both = _ok(p50) and _ok(f50)
+    out.append(
+        Goal(
+            "latency p50 vs passthrough floor",
+            "≤ floor + 2 ms",
+            f"{ms(p50)} ms vs floor {ms(f50)} ms",
+            p50 <= f50 + 2 if both else None,
+        )
+    )
+    both = _ok(p99) and _ok(f99)
+    out.append(
+        Goal(
+            "latency p99 vs passthrough floor",
+            "≤ 1.3x floor",
+            f"{ms(p99)} ms vs floor {ms(f99)} ms ({times(p99 / f99) if both else '-'})",
+            p99 <= 1.3 * f99 if both else None,
+        )
+    )
+
+    med, worst = swap.get("visible_median_ms", math.nan), swap.get("visible_max_ms", math.nan)
+    out.append(
+        Goal(
+            "model swap visible, median",
+            "≤ 50 ms",
+            f"{ms(med)} ms",
+            med <= 50 if _ok(med) else None,
+        )
+    )
+    out.append(
+        Goal(
+            "model swap visible, max",
+            "≤ 50 ms",
+            f"{ms(worst)} ms",
+            worst <= 50 if _ok(worst) else None,
+        )
+    )
+    sw = result.get("swap", {})
+    if "lost" in sw:
+        out.append(
+            Goal(
+                "records lost / scored twice across swaps",
+                "0 / 0",
+                f"{sw['lost']} / {sw['duplicates']}",
+                sw["lost"] == 0 and sw["duplicates"] == 0,
+            )
+        )
+    else:
+        out.append(Goal("records lost / scored twice across swaps", "0 / 0", "-", None))
+
+    pmml, py4j = _get(thr, PMML_REFERENCE, "throughput"), _get(thr, "pypmml", "throughput")
+    both = _ok(pmml) and _ok(py4j)
+    out.append(
+        Goal(
+            "PMML vs pypmml per-record Py4J",
+            "≥ 50x",
+            f"{times(pmml / py4j) if both else '-'} ({rate(pmml)} vs {rate(py4j)} rec/s)",
+            pmml / py4j >= 50 if both else None,
+        )
+    )
+    out.append(
+        Goal(
+            "PMML throughput",
+            "≥ 20,000 rec/s",
+            f"{rate(pmml)} rec/s",
+            pmml >= 20_000 if _ok(pmml) else None,
+        )
+    )
+
+    off = _get(thr, "waxserve-lr-nomon", "throughput")
+    both = _ok(off) and _ok(wax)
+    cost = (off - wax) / off if both else math.nan
+    out.append(
+        Goal(
+            "cost of stats + drift",
+            "≤ 10% of throughput",
+            f"{cost:.1%} ({rate(off)} off vs {rate(wax)} on)" if both else "-",
+            cost <= 0.10 if both else None,
+        )
+    )
+
+    if soak is not None:
+        growth = soak["growth_pct"]
+        out.append(
+            Goal(
+                f"resident set over a {soak['duration_s'] / 60:g}-min soak at "
+                f"{soak['rate']:,.0f} rec/s",
+                "≤ 5% growth",
+                f"{growth:+.1f}% ({soak['rss_start_mb']:.0f} → {soak['rss_end_mb']:.0f} MB, "
+                f"from {soak['warmup_s']:g} s to the end; {soak.get('date', '')})",
+                growth <= 5 and soak["duration_s"] >= 600,
+            )
+        )
+    else:
+        out.append(
+            Goal(
+                "resident set over a 10-min soak at 5,000 rec/s",
+                "≤ 5% growth",
+                "no soak result: run `just soak`",
+                None,
+            )
+        )
+    return out
+
+
+# --- markdown ----------------------------------------------------------------------------
+
+
+def _notes(entry: dict[str, Any]) -> str:
+    """A row's note, and how many repetitions failed (the JSON says why)."""
+    notes = [entry["note"]] if entry.get("note") else []
+    errors = entry.get("median", {}).get("errors", [])
+    if errors:
+        notes.append(f"{len(errors)} rep(s) failed: {errors[0].splitlines()[0][:120]}")
+    return "; ".join(notes).replace("|", "/")
+
+
+def _table(header: list[str], rows: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join("---" for _ in header) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return lines
+
+
+def markdown(result: dict[str, Any], soak: dict[str, Any] | None, chart: str | None) -> str:
+    """The report as markdown: goals, every figure, every ratio to waxserve."""
+    s = result["settings"]
+    machine = result["machine"]
+    lines = [
+        f"# waxserve benchmark, {result['date']}",
+        "",
+        f"`{result['command']}` measured this in {result['wall_s'] / 60:.1f} minutes on "
+        f"{machine['cpus']} CPUs ({machine['cpu_model']}), Python {machine['python']}, against "
+        f"an embedded tansu broker (in memory) on the same machine. Contenders ran **one at a "
+        f"time**: the machine has {machine['cpus']} cores, one for the contender and the rest "
+        f"for tansu and the harness. Every figure is the **median of {s['reps']} "
+        f"repetitions** inside this run (every repetition is in the JSON). Method: "
+        f"[bench/README.md](../README.md).",
+        "",
+        "## Goals",
+        "",
+        "LR ONNX unless stated; ratios are waxserve ÷ the other, measured in this run.",
+        "",
+    ]
+    checked = goals(result, soak)
+    lines += _table(
+        ["goal", "target", "measured", "result"],
+        [[g.goal, g.target, g.measured, g.verdict] for g in checked],
+    )
+    thr = result.get("throughput", {})
+    lines += [
+        "",
+        f"## Throughput: {s['records']:,} JSON records, from the beginning of the topic",
+        "",
+        "Records/s between the contender's first and last output message (Kafka timestamps: "
+        "start-up, model load and Quix's group join are excluded); CPU seconds of the "
+        "contender's process tree over the same span, per 100k records, and of tansu. "
+        "\"waxserve ÷ this\": waxserve LR's throughput over this one's (PMML rows: waxserve "
+        "PMML's); CPU ratio: this one's CPU over waxserve's.",
+        "",
+    ]
+    rows = []
+    for name, entry in thr.items():
+        med = entry.get("median", {})
+        ref = PMML_REFERENCE if name == "pypmml" else REFERENCE
+        ref_rate, ref_cpu = _get(thr, ref, "throughput"), _get(thr, ref, "cpu_s_per_100k")
+        value, cpu = med.get("throughput", math.nan), med.get("cpu_s_per_100k", math.nan)
+        note = _notes(entry)
+        rows.append(
+            [
+                entry["label"],
+                rate(value),
+                times(ref_rate / value) if _ok(value) and _ok(ref_rate) else "-",
+                f"{cpu:.2f}" if _ok(cpu) else "-",
+                times(cpu / ref_cpu) if _ok(cpu) and _ok(ref_cpu) else "-",
+                f"{med['broker_cpu_s_per_100k']:.2f}"
+                if _ok(med.get("broker_cpu_s_per_100k", math.nan))
+                else "-",
+                f"{med['startup_s']:.1f}" if _ok(med.get("startup_s", math.nan)) else "-",
+                f"{int(med.get('records', 0)):,}",
+                note,
+            ]
+        )
+    lines += _table(
+        [
+            "contender",
+            "rec/s",
+            "waxserve ÷ this",
+            "CPU-s/100k",
+            "CPU ÷ waxserve",
+            "tansu CPU-s/100k",
+            "start-up s",
+            "records",
+            "notes",
+        ],
+        rows,
+    )
+    lat = result.get("latency", {})
+    p50, p99 = _get(lat, REFERENCE, "p50_ms"), _get(lat, REFERENCE, "p99_ms")
+    lines += [
+        "",
+        f"## End-to-end latency at {s['rate']:,.0f} records/s",
+        "",
+        f"Output message time (Kafka timestamp) minus the record's `event_time_ms`, over "
+        f"{s['latency_s']:g} s of paced input after {s['warmup_s']:g} s of warm-up, each "
+        f"contender reading a fresh topic from its start; the plain consumer's is its arrival "
+        f"time. \"waxserve - this\": waxserve LR's p50 minus this one's; p99 ratio: waxserve "
+        f"LR's over this one's.",
+        "",
+    ]
+    rows = []
+    for entry in lat.values():
+        med = entry.get("median", {})
+        a, b = med.get("p50_ms", math.nan), med.get("p99_ms", math.nan)
+        rows.append(
+            [
+                entry["label"],
+                ms(a),
+                ms(b),
+                ms(med.get("max_ms")),
+                f"{p50 - a:+.1f} ms" if _ok(a) and _ok(p50) else "-",
+                times(p99 / b) if _ok(b) and _ok(p99) and b > 0 else "-",
+                f"{int(med.get('records', 0)):,}",
+                f"{int(med.get('missing', 0)):,}",
+                _notes(entry),
+            ]
+        )
+    lines += _table(
+        [
+            "contender",
+            "p50 ms",
+            "p99 ms",
+            "max ms",
+            "waxserve p50 - this",
+            "waxserve p99 ÷ this",
+            "records",
+            "missing",
+            "notes",
+        ],
+        rows,
+    )
+    swap = result.get("swap")
+    if swap:
+        med = swap.get("median", {})
+        lines += [
+            "",
+            f"## Model swap: {swap['swaps_per_rep']} swaps per repetition, "
+            f"{swap['interval_s']:g} s apart, at {s['rate']:,.0f} records/s",
+            "",
+            f"Descriptors alternate between {' and '.join(swap['models'])}, each under a "
+            "version of its own; from the descriptor's Kafka timestamp to the first scored "
+            "record of that version (its Kafka timestamp). Lost: records delivered to the "
+            "input but neither scored nor dead-lettered; duplicates: records scored twice.",
+            "",
+        ]
+        lines += _table(
+            ["figure", "value"],
+            [
+                ["publish → first scored, median (ms)", ms(med.get("visible_median_ms"))],
+                ["publish → first scored, max of a repetition (ms)", ms(med.get("visible_max_ms"))],
+                [
+                    "publish → first scored, worst of all swaps (ms)",
+                    ms(swap.get("visible_worst_ms")),
+                ],
+                ["publish → installed event, median (ms)", ms(med.get("installed_median_ms"))],
+                [
+                    "records sent / scored / dead-lettered",
+                    f"{swap.get('sent', 0):,} / {swap.get('scored', 0):,} / "
+                    f"{swap.get('dead_lettered', 0):,}",
+                ],
+                ["lost / scored twice", f"{swap.get('lost', '-')} / {swap.get('duplicates', '-')}"],
+                [
+                    "records scored by an older model than an earlier record of their partition",
+                    str(swap.get("order_violations", "-")),
+                ],
+                ["swaps never seen in the output", str(swap.get("never_visible", "-"))],
+            ],
+        )
+        if swap.get("error"):
+            lines += ["", f"The swap run failed: {swap['error']}"]
+    lines += ["", "## Soak", ""]
+    if soak is not None:
+        lines.append(
+            f"waxserve LR at {soak['rate']:,.0f} records/s for {soak['duration_s'] / 60:g} min "
+            f"({soak.get('date', '')}): resident set {soak['rss_start_mb']:.0f} MB at "
+            f"{soak['warmup_s']:g} s, {soak['rss_end_mb']:.0f} MB at the end "
+            f"({soak['growth_pct']:+.1f}%), at most {soak['rss_max_mb']:.0f} MB; "
+            f"{soak['sent']:,} records sent, {soak['scored']:,} scored"
+            + ("" if soak.get("drained") else " by the last sample (the rest were in flight)")
+            + f". Samples: `{soak.get('file', 'soak JSON')}`."
+        )
+    else:
+        lines.append("No soak result yet: `just soak` (10 minutes at 5,000 records/s).")
+    lines += ["", "## Every repetition", ""]
+    rows = []
+    for section, key, unit in (
+        ("throughput", "throughput", "rec/s"),
+        ("latency", "p99_ms", "p99 ms"),
+    ):
+        for entry in result.get(section, {}).values():
+            reps = [
+                (
+                    "failed"
+                    if "error" in r
+                    else (rate(r[key]) if key == "throughput" else ms(r[key]))
+                )
+                for r in entry["reps"]
+            ]
+            rows.append([f"{entry['label']} ({unit})", ", ".join(reps)])
+    lines += _table(["figure", "repetitions"], rows)
+    lines += ["", "## Notes", ""]
+    lines += [f"- {note}" for note in result.get("notes", [])]
+    versions = ", ".join(f"{k} {v}" for k, v in machine.get("versions", {}).items())
+    lines.append(f"- Versions: {versions}.")
+    if chart:
+        lines += ["", f"![throughput and latency]({chart})"]
+    return "\n".join(lines) + "\n"
+
+
+# --- chart -------------------------------------------------------------------------------
+
+
+def chart(result: dict[str, Any], path: Path) -> bool:
+    """Throughput, CPU and latency bars as a PNG; False when matplotlib is missing."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    thr = result.get("throughput", {})
+    lat = result.get("latency", {})
+    fig, axes = plt.subplots(1, 3, figsize=(17, 6))
+    names = [e["label"] for e in thr.values()]
+    values = [e.get("median", {}).get("throughput", math.nan) for e in thr.values()]
+    colors = ["tab:orange" if n.startswith("waxserve") else "tab:blue" for n in names]
+    axes[0].barh(names, values, color=colors)
+    axes[0].set_xscale("log")
+    axes[0].set_xlabel("records/s (log scale)")
+    axes[0].set_title(f"throughput, {result['settings']['records']:,} records")
+    for y, v in enumerate(values):
+        if _ok(v):
+            axes[0].text(v, y, f" {v:,.0f}", va="center", fontsize=8)
+    cpu = [e.get("median", {}).get("cpu_s_per_100k", math.nan) for e in thr.values()]
+    axes[1].barh(names, cpu, color=colors)
+    axes[1].set_xscale("log")
+    axes[1].set_xlabel("CPU seconds per 100k records (log scale)")
+    axes[1].set_title("CPU cost")
+    axes[1].set_yticklabels([])
+    labels = [e["label"] for e in lat.values()]
+    p50 = [e.get("median", {}).get("p50_ms", math.nan) for e in lat.values()]
+    p99 = [e.get("median", {}).get("p99_ms", math.nan) for e in lat.values()]
+    ys = range(len(labels))
+    axes[2].barh([y + 0.2 for y in ys], p50, height=0.4, label="p50")
+    axes[2].barh([y - 0.2 for y in ys], p99, height=0.4, label="p99")
+    axes[2].set_yticks(list(ys), labels)
+    axes[2].set_xlabel("ms, output time - event time")
+    axes[2].set_title(f"latency at {result['settings']['rate']:,.0f} records/s")
+    axes[2].legend()
+    for ax in axes:
+        ax.invert_yaxis()
+        ax.grid(axis="x", alpha=0.3)
+    fig.suptitle(f"waxserve benchmark {result['date']} (median of {result['settings']['reps']})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return True
+
+
+def latest_soak(results_dir: Path) -> dict[str, Any] | None:
+    """The newest soak result in `results_dir`, if any."""
+    files = sorted(results_dir.glob("soak-*.json"))
+    if not files:
+        return None
+    soak = dict(json.loads(files[-1].read_text()))
+    soak["file"] = files[-1].name
+    return soak
+
+
+def write(result: dict[str, Any], results_dir: Path, stem: str) -> dict[str, Path]:
+    """`<stem>.json`, `<stem>.md` and `<stem>.png` in `results_dir`; their paths."""
+    results_dir.mkdir(parents=True, exist_ok=True)
+    soak = latest_soak(results_dir)
+    result["goals"] = [dataclasses.asdict(g) for g in goals(result, soak)]
+    paths = {"json": results_dir / f"{stem}.json", "md": results_dir / f"{stem}.md"}
+    paths["json"].write_text(json.dumps(result, indent=1, default=str) + "\n")
+    png = results_dir / f"{stem}.png"
+    drawn = chart(result, png)
+    if drawn:
+        paths["png"] = png
+    paths["md"].write_text(markdown(result, soak, png.name if drawn else None))
+    return paths

