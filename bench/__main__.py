@@ -30,12 +30,17 @@ def main(argv: list[str] | None = None) -> int:
         return _soak(argv[1:])
     if argv[:1] == ["report"]:
         return _report(argv[1:])
+    if argv[:1] == ["breakdown"]:
+        from bench import breakdown  # loads the models and the JVM: only when asked
+
+        return breakdown.main()
     defaults = Settings()
     parser = argparse.ArgumentParser(
         prog="python -m bench",
         description="Measure waxserve against the Kafka floor, hand-written loops, idiomatic "
         "Bytewax and Quix Streams in one run; write bench/results/<date>.{json,md,png}. "
-        "Subcommands: `soak` (python -m bench soak --help), `report FILE.json`.",
+        "Subcommands: `soak` (python -m bench soak --help), `report FILE.json`, `breakdown` "
+        "(per-record cost of each stage, in-process).",
     )
     parser.add_argument(
         "--records",

@@ -180,3 +180,13 @@ def test_bench_runs_every_contender_on_a_tiny_input(tmp_path: Path) -> None:
     for entry in [*result["throughput"].values(), *result["latency"].values()]:
         assert entry["label"] in markdown
     assert files[".png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_breakdown_times_every_stage() -> None:
+    from bench import breakdown
+
+    rows = dict(breakdown.measure())
+    assert len(rows) == 9
+    assert all(0 < us < 1_000 for us in rows.values()), rows
+    # The JVM call is part of the PMML runtime's predict, never more than it.
+    assert rows["PMML: the PMML4S call alone"] < rows["PMML: PmmlRuntime.predict"] * 1.5
