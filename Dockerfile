@@ -59,6 +59,7 @@ ENV BYTEWAX_DATAFLOW_API_CACHE_PATH=/var/cache/bytewax \
     WAXSERVE_MODEL_DIR=/app/models
 
 USER 10001:10001
-# 3030: Bytewax's API and Prometheus metrics; 9999: the timely cluster port (k8s/base).
-EXPOSE 3030 9999
+# 3030: Bytewax's API and Prometheus metrics; 3040: queryable state (WAXSERVE_STATE_ADDR);
+# 9999: the timely cluster port (k8s/base).
+EXPOSE 3030 3040 9999
 ENTRYPOINT ["python", "-m", "bytewax.run", "dataflows.serving:flow"]

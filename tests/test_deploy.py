@@ -571,7 +571,8 @@ def test_dockerfile_essentials() -> None:
     assert json.loads(entrypoint) == ["python", "-m", "bytewax.run", "dataflows.serving:flow"]
     (expose,) = dockerfile_instructions("EXPOSE")
     dep = deployment("overlays/dev")
-    assert {int(p) for p in expose.split()} == {dep.port("cluster"), dep.port("metrics")}
+    ports = {dep.port("cluster"), dep.port("metrics"), dep.port("state")}
+    assert {int(p) for p in expose.split()} == ports
 
 
 def _dockerignore_regex(pattern: str) -> re.Pattern[str]:
