@@ -98,7 +98,10 @@ def measure() -> list[tuple[str, float]]:
     registry = Registry(None, model_dir="")
     (install,) = [
         o
-        for o in registry.on_descriptors([DescriptorIn(lr, "models", 0, 0, None, b"")])
+        for o in [
+            *registry.on_descriptors([DescriptorIn(lr, "models", 0, 0, None, b"")]),
+            *registry.collect(wait=True),
+        ]
         if isinstance(o, ModelInstall)
     ]
     scorer = ShardScorer(None, stats_interval_s=10, drift_window_s=60)

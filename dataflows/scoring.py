@@ -8,6 +8,7 @@ between two model changes with one vectorized model call.
 
 from __future__ import annotations
 
+import collections
 import logging
 import math
 import os
@@ -16,6 +17,7 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import unquote, urlparse
@@ -41,7 +43,13 @@ from dataflows.records import (
     feature_columns,
     record_field_for,
 )
-from dataflows.runtimes import ModelError, ModelRuntime, Prediction, load_runtime
+from dataflows.runtimes import (
+    ModelError,
+    ModelRuntime,
+    Prediction,
+    load_runtime,
+    prepare_format,
+)
 from dataflows.state import PROCESS_STATE, ProcessState
 from protos import waxserve_pb2 as pb
 
@@ -327,79 +335,120 @@ def model_event(
 RegistryOut = ModelInstall | pb.ModelEvent | DeadLetter
 
 
+@dataclass
+class RegistryState:
+    """What the registry snapshots: the serving model (with its bytes), and descriptors
+    read but still loading, which a resume loads again."""
+
+    current: ModelInstall | None = None
+    loading: list[DescriptorIn] = field(default_factory=list)
+
+
+_LOADER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="waxserve-model-load")
+"""Loads models off the worker thread: a first PMML model starts a JVM (~1 s), and the
+records of every data type keep being scored meanwhile."""
+
+
 class Registry:
     """Which model serves one data type. Touched only by descriptors, so it snapshots
     only when a model changes; it holds the model bytes so that whichever process
     resumes a shard can rebuild the model from them.
+
+    Descriptors are validated and loaded in the background, in arrival order; the old
+    model serves until the new one is ready. `collect()` returns what has finished.
     """
 
     def __init__(
         self,
-        state: ModelInstall | None,
+        state: RegistryState | ModelInstall | None,
         *,
         model_dir: str,
         clock: Clock = time.time,
         onnx_threads: int = 1,
     ) -> None:
-        self.current = state
-        self.resumed = state is not None
+        if not isinstance(state, RegistryState):  # None, or a snapshot from before loading
+            state = RegistryState(state)
+        self.current = state.current
+        self.resumed = state.current is not None or bool(state.loading)
         self._model_dir = model_dir
         self._clock = clock
         self._onnx_threads = onnx_threads
+        self._loading: collections.deque[tuple[DescriptorIn, Future[ModelInstall]]] = (
+            collections.deque()
+        )
+        for item in state.loading:
+            self._load(item)
+
+    @property
+    def loading(self) -> bool:
+        """Whether descriptors are still being validated and loaded."""
+        return bool(self._loading)
+
+    def snapshot(self) -> RegistryState:
+        """The registry's state for Bytewax's snapshots (immutable parts only)."""
+        return RegistryState(self.current, [item for item, _ in self._loading])
+
+    def _load(self, item: DescriptorIn) -> None:
+        prepare_format(item.descriptor.format)
+        future = _LOADER.submit(
+            validate_descriptor,
+            item.descriptor,
+            model_dir=self._model_dir,
+            clock=self._clock,
+            onnx_threads=self._onnx_threads,
+        )
+        self._loading.append((item, future))
 
     def on_descriptors(self, items: Iterable[DescriptorIn]) -> list[RegistryOut]:
-        """Validate descriptors in order; each valid one replaces the current model."""
-        out: list[RegistryOut] = []
+        """Start loading descriptors; returns whatever has finished loading already."""
         for item in items:
+            self._load(item)
+        return self.collect()
+
+    def collect(self, *, wait: bool = False) -> list[RegistryOut]:
+        """Installs and rejections of the descriptors that finished, in arrival order
+        (with `wait`, of all of them)."""
+        out: list[RegistryOut] = []
+        while self._loading and (wait or self._loading[0][1].done()):
+            item, future = self._loading.popleft()
             try:
-                install = validate_descriptor(
-                    item.descriptor,
-                    model_dir=self._model_dir,
-                    clock=self._clock,
-                    onnx_threads=self._onnx_threads,
-                )
+                install = future.result()
             except ModelError as exc:
-                now_ms = int(self._clock() * 1000)
-                metrics.MODEL_REJECTIONS.labels(item.data_type, exc.reason).inc()
-                log.warning(
-                    "rejected model %s:%s for %s: %s",
-                    item.descriptor.name,
-                    item.descriptor.version,
-                    item.data_type,
-                    exc,
-                )
-                out.append(item.dead_letter(exc.reason, str(exc)))
-                out.append(
-                    model_event(
-                        "rejected",
-                        None,
-                        now_ms,
-                        source=item,
-                        reason=exc.reason,
-                        message=str(exc),
-                    )
-                )
-                continue
-            self.current = install
-            log.info(
-                "installed model %s:%s (%s) for %s",
-                install.spec.identity.name,
-                install.spec.identity.version,
-                install.spec.identity.sha256[:12],
-                item.data_type,
-            )
-            identity = install.spec.identity
-            metrics.MODEL_INSTALLS.labels(item.data_type).inc()
-            metrics.model_installed(
-                identity.data_type,
-                identity.name,
-                identity.version,
-                identity.sha256,
-                identity.format,
-            )
-            out.append(install)
-            out.append(model_event("installed", identity, identity.since_ms, source=item))
+                out.extend(self._rejected(item, exc))
+            else:
+                out.extend(self._installed(item, install))
         return out
+
+    def _rejected(self, item: DescriptorIn, exc: ModelError) -> list[RegistryOut]:
+        now_ms = int(self._clock() * 1000)
+        metrics.MODEL_REJECTIONS.labels(item.data_type, exc.reason).inc()
+        log.warning(
+            "rejected model %s:%s for %s: %s",
+            item.descriptor.name,
+            item.descriptor.version,
+            item.data_type,
+            exc,
+        )
+        return [
+            item.dead_letter(exc.reason, str(exc)),
+            model_event("rejected", None, now_ms, source=item, reason=exc.reason, message=str(exc)),
+        ]
+
+    def _installed(self, item: DescriptorIn, install: ModelInstall) -> list[RegistryOut]:
+        self.current = install
+        identity = install.spec.identity
+        log.info(
+            "installed model %s:%s (%s) for %s",
+            identity.name,
+            identity.version,
+            identity.sha256[:12],
+            item.data_type,
+        )
+        metrics.MODEL_INSTALLS.labels(item.data_type).inc()
+        metrics.model_installed(
+            identity.data_type, identity.name, identity.version, identity.sha256, identity.format
+        )
+        return [install, model_event("installed", identity, identity.since_ms, source=item)]
 
     def on_resume(self) -> list[RegistryOut]:
         """After a resume: re-send the current model so every shard can rebuild it."""

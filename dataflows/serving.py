@@ -19,7 +19,7 @@ import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, TypeVar, cast
 
 import bytewax.operators as op
@@ -38,6 +38,7 @@ from dataflows.scoring import (
     DescriptorIn,
     ModelInstall,
     Registry,
+    RegistryState,
     ScoredBatch,
     ShardScorer,
     ShardState,
@@ -77,8 +78,11 @@ def decode_descriptors(batch: SourceBatch) -> list[DescriptorIn | DeadLetter]:
     return out
 
 
-class RegistryLogic(op.StatefulBatchLogic[DescriptorIn, Any, ModelInstall | None]):
-    """Bytewax wrapper of `Registry`: re-sends the model right after a resume."""
+class RegistryLogic(op.StatefulBatchLogic[DescriptorIn, Any, RegistryState]):
+    """Bytewax wrapper of `Registry`: re-sends the model right after a resume, and polls
+    for models loading in the background."""
+
+    POLL = timedelta(milliseconds=5)
 
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
@@ -89,13 +93,23 @@ class RegistryLogic(op.StatefulBatchLogic[DescriptorIn, Any, ModelInstall | None
         return out, op.StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
-        return datetime.now(UTC) if self.registry.resumed else None
+        if self.registry.resumed:
+            return datetime.now(UTC)
+        return datetime.now(UTC) + self.POLL if self.registry.loading else None
 
     def on_notify(self) -> tuple[Iterable[Any], bool]:
-        return self.registry.on_resume(), op.StatefulBatchLogic.RETAIN
+        out: list[Any] = self.registry.on_resume() if self.registry.resumed else []
+        out.extend(self.registry.collect())
+        return out, op.StatefulBatchLogic.RETAIN
 
-    def snapshot(self) -> ModelInstall | None:
-        return self.registry.current  # immutable
+    def on_eof(self) -> tuple[Iterable[Any], bool]:
+        # The input ended (a bounded run): every model read must still be installed.
+        out: list[Any] = self.registry.on_resume() if self.registry.resumed else []
+        out.extend(self.registry.collect(wait=True))
+        return out, op.StatefulBatchLogic.RETAIN
+
+    def snapshot(self) -> RegistryState:
+        return self.registry.snapshot()
 
 
 class ServeLogic(op.StatefulBatchLogic[ModelInstall | RecordColumns, Any, ShardState]):

@@ -3,9 +3,13 @@
 from __future__ import annotations
 
 import os
+import pickle
+import threading
+import time
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import onnxruntime
@@ -194,9 +198,14 @@ def test_rejected_descriptor_leaves_the_old_model_serving(workers: int) -> None:
     out = run_flow(test_config(), models, records, workers=workers)
     assert {s.model_version for s in out.scored()} == {"1"}
     assert len(out.scored()) == 40
-    rejected = [
-        (h["waxserve.error.class"], h["waxserve.source.offset"], v) for h, v in out.dead_letters()
-    ]
+    # By offset: descriptors are rejected once loaded, after an undecodable one is.
+    rejected = sorted(
+        (
+            (h["waxserve.error.class"], h["waxserve.source.offset"], v)
+            for h, v in out.dead_letters()
+        ),
+        key=lambda r: r[1],
+    )
     assert rejected[0][:2] == ("digest_mismatch", "1")
     assert rejected[0][2] == tampered.SerializeToString()
     assert rejected[1][:2] == ("bad_inputs", "2")
@@ -367,3 +376,63 @@ def test_drift_shows_when_the_input_shifts() -> None:
     assert psi_shifted["alcohol"] > 1.0 and drifted[0].alarm
     assert psi_shifted["ph"] == pytest.approx(psi["ph"])
     assert pb.DriftMetrics  # the message type is what the drift topic carries
+
+
+def test_records_keep_the_old_model_while_a_new_one_loads(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dataflows.scoring as scoring
+
+    validate = scoring.validate_descriptor
+
+    def slow_gbt(descriptor: pb.ModelDescriptor, **kwargs: Any) -> scoring.ModelInstall:
+        if descriptor.name == "wine-gbt":
+            time.sleep(1.5)  # a big model, or a first PMML model starting the JVM
+        return validate(descriptor, **kwargs)
+
+    monkeypatch.setattr(scoring, "validate_descriptor", slow_gbt)
+    models = [
+        model_batch(descriptor("wine-lr")),
+        PAUSE(timedelta(seconds=0.5)),
+        model_batch(descriptor("wine-gbt"), start=1),
+    ]
+    during = wine_lines(0, 40)  # arrive while wine-gbt loads
+    after = wine_lines(40, 40)  # arrive once it has loaded
+    records = [
+        PAUSE(timedelta(seconds=0.8)),
+        batch(RECORDS_TOPIC, record_bytes(during, "during-")),
+        PAUSE(timedelta(seconds=2.5)),
+        batch(RECORDS_TOPIC, record_bytes(after, "after-"), start=len(during)),
+    ]
+    out = run_flow(test_config(), models, records)
+    by_id = {s.record_id: s.model_name for s in out.scored()}
+    assert len(by_id) == 80
+    assert {by_id[f"during-{i}"] for i in range(40)} == {"wine-lr"}
+    assert {by_id[f"after-{i}"] for i in range(40)} == {"wine-gbt"}
+
+
+def test_a_snapshot_keeps_descriptors_that_are_still_loading(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    import dataflows.scoring as scoring
+
+    release = threading.Event()
+    validate = scoring.validate_descriptor
+
+    def blocked(descriptor: pb.ModelDescriptor, **kwargs: Any) -> scoring.ModelInstall:
+        release.wait(10)
+        return validate(descriptor, **kwargs)
+
+    monkeypatch.setattr(scoring, "validate_descriptor", blocked)
+    lr = descriptor("wine-lr")
+    item = scoring.DescriptorIn(lr, MODELS_TOPIC, 0, 0, b"wine", lr.SerializeToString())
+    registry = scoring.Registry(None, model_dir="")
+    assert registry.on_descriptors([item]) == [] and registry.loading
+    state = registry.snapshot()
+    assert state.current is None and [i.offset for i in state.loading] == [0]
+    release.set()
+    # A process resuming from that snapshot loads the descriptor again, and installs it.
+    resumed = scoring.Registry(pickle.loads(pickle.dumps(state)), model_dir="")
+    out = resumed.collect(wait=True)
+    assert [type(o).__name__ for o in out] == ["ModelInstall", "ModelEvent"]
+    assert resumed.current is not None and resumed.current.spec.identity.name == "wine-lr"
