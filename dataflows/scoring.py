@@ -345,8 +345,8 @@ class RegistryState:
 
 
 _LOADER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="waxserve-model-load")
-"""Loads models off the worker thread: a first PMML model starts a JVM (~1 s), and the
-records of every data type keep being scored meanwhile."""
+"""Loads models off the worker thread (a first PMML model takes ~1 s, a big ONNX model
+longer), so the records of every data type keep being scored meanwhile."""
 
 
 class Registry:
