@@ -417,7 +417,13 @@ def _start_jvm() -> None:
         if _jvm_ready:
             return
         import jpype
+        import jpype.config
         from pypmml.base import PMMLContext
+
+        # JPype shuts the JVM down at interpreter exit, and that can crash the process
+        # (seen: SIGSEGV in jpype._core._JTerminate after the test suite, when a JVM thread
+        # waits for the GIL). waxserve holds nothing in Java that needs a clean shutdown.
+        jpype.config.onexit = False
 
         if PMMLContext.gateway() is None and jpype.isJVMStarted():
             # Someone else started a JVM in this process: reuse it (it can't be restarted).
@@ -590,20 +596,6 @@ class PmmlRuntime(ModelRuntime):
 
 
 # --- factory -------------------------------------------------------------------------
-
-
-def prepare_format(model_format: int) -> None:
-    """What must run on the caller's thread before a model of this format loads on another.
-
-    PMML: the JVM. Started on a background loader thread, it makes the interpreter hang
-    (or crash) at exit; started here, on a dataflow worker, it costs that worker ~0.2 s
-    once per process, and PMML4S then loads the model on the loader thread.
-    """
-    if model_format == pb.MODEL_FORMAT_PMML:
-        try:
-            _start_jvm()
-        except Exception:  # no JRE, no pypmml: load_runtime reports it as a rejection
-            log.exception("cannot start the JVM for PMML")
 
 
 def load_runtime(

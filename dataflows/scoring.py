@@ -9,6 +9,7 @@ between two model changes with one vectorized model call.
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import math
 import os
@@ -48,7 +49,6 @@ from dataflows.runtimes import (
     ModelRuntime,
     Prediction,
     load_runtime,
-    prepare_format,
 )
 from dataflows.state import PROCESS_STATE, ProcessState
 from protos import waxserve_pb2 as pb
@@ -345,8 +345,8 @@ class RegistryState:
 
 
 _LOADER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="waxserve-model-load")
-"""Loads models off the worker thread (a first PMML model takes ~1 s, a big ONNX model
-longer), so the records of every data type keep being scored meanwhile."""
+"""Loads ONNX models off the worker thread (a big model takes seconds), so the records of
+every data type keep being scored meanwhile."""
 
 
 class Registry:
@@ -354,8 +354,9 @@ class Registry:
     only when a model changes; it holds the model bytes so that whichever process
     resumes a shard can rebuild the model from them.
 
-    Descriptors are validated and loaded in the background, in arrival order; the old
-    model serves until the new one is ready. `collect()` returns what has finished.
+    Descriptors are validated and loaded in the background (PMML: on the worker), in
+    arrival order; the old model serves until the new one is ready. `collect()` returns
+    what has finished.
     """
 
     def __init__(
@@ -389,14 +390,24 @@ class Registry:
         return RegistryState(self.current, [item for item, _ in self._loading])
 
     def _load(self, item: DescriptorIn) -> None:
-        prepare_format(item.descriptor.format)
-        future = _LOADER.submit(
+        load = functools.partial(
             validate_descriptor,
             item.descriptor,
             model_dir=self._model_dir,
             clock=self._clock,
             onnx_threads=self._onnx_threads,
         )
+        if item.descriptor.format != pb.MODEL_FORMAT_PMML:
+            self._loading.append((item, _LOADER.submit(load)))
+            return
+        # PMML runs in an in-process JVM: a loader thread that called into it stays attached,
+        # and the interpreter can crash at exit (seen: SIGSEGV after the tests). PMML loads
+        # on the worker, as it always did.
+        future: Future[ModelInstall] = Future()
+        try:
+            future.set_result(load())
+        except Exception as exc:
+            future.set_exception(exc)
         self._loading.append((item, future))
 
     def on_descriptors(self, items: Iterable[DescriptorIn]) -> list[RegistryOut]:
