@@ -112,6 +112,16 @@ class StatsAccumulator:
             self.classifier = True
             self.correct += correct
 
+    @property
+    def rmse(self) -> float | None:
+        """Root mean squared error over the labelled records; None without any."""
+        return math.sqrt(self.squared_error / self.labelled) if self.labelled else None
+
+    @property
+    def accuracy(self) -> float | None:
+        """Classifiers: the fraction of labelled records predicted right; else None."""
+        return self.correct / self.labelled if self.labelled and self.classifier else None
+
     def merge(self, other: StatsAccumulator) -> None:
         """Add another accumulator into this one."""
         self.count += other.count
@@ -221,10 +231,10 @@ def stats_message(
         window_count=window_stats.count,
         window_labelled_count=window_stats.labelled,
     )
-    if window_stats.labelled:
-        message.window_rmse = math.sqrt(window_stats.squared_error / window_stats.labelled)
-        if window_stats.classifier:
-            message.window_accuracy = window_stats.correct / window_stats.labelled
+    if window_stats.rmse is not None:
+        message.window_rmse = window_stats.rmse
+    if window_stats.accuracy is not None:
+        message.window_accuracy = window_stats.accuracy
     return message
 
 

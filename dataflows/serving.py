@@ -87,8 +87,12 @@ class RegistryLogic(op.StatefulBatchLogic[DescriptorIn, Any, RegistryState]):
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
 
+    def _restored(self) -> list[Any]:
+        # The first activation after a resume re-sends the current model to every shard.
+        return list(self.registry.on_resume()) if self.registry.resumed else []
+
     def on_batch(self, values: list[DescriptorIn]) -> tuple[Iterable[Any], bool]:
-        out: list[Any] = self.registry.on_resume() if self.registry.resumed else []
+        out = self._restored()
         out.extend(self.registry.on_descriptors(values))
         return out, op.StatefulBatchLogic.RETAIN
 
@@ -98,13 +102,13 @@ class RegistryLogic(op.StatefulBatchLogic[DescriptorIn, Any, RegistryState]):
         return datetime.now(UTC) + self.POLL if self.registry.loading else None
 
     def on_notify(self) -> tuple[Iterable[Any], bool]:
-        out: list[Any] = self.registry.on_resume() if self.registry.resumed else []
+        out = self._restored()
         out.extend(self.registry.collect())
         return out, op.StatefulBatchLogic.RETAIN
 
     def on_eof(self) -> tuple[Iterable[Any], bool]:
         # The input ended (a bounded run): every model read must still be installed.
-        out: list[Any] = self.registry.on_resume() if self.registry.resumed else []
+        out = self._restored()
         out.extend(self.registry.collect(wait=True))
         return out, op.StatefulBatchLogic.RETAIN
 

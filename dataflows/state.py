@@ -173,10 +173,8 @@ def _model_json(held: HeldModel, drift: dict[str, Any] | None) -> dict[str, Any]
         "min_duration_us": stats.min_s * 1e6 if stats.count else None,
         "max_duration_us": stats.max_s * 1e6 if stats.count else None,
         "labelled_count": stats.labelled,
-        "rmse": (stats.squared_error / stats.labelled) ** 0.5 if stats.labelled else None,
-        "accuracy": (
-            stats.correct / stats.labelled if stats.labelled and stats.classifier else None
-        ),
+        "rmse": stats.rmse,
+        "accuracy": stats.accuracy,
         "drift": drift,
     }
     return row
