@@ -137,11 +137,13 @@ def measure() -> list[tuple[str, float]]:
         }
     )
 
+    CONTENT_TYPE = [("content-type", b"application/x-protobuf")]
+
     def produce(with_headers: bool) -> Callable[[], object]:
         def run() -> object:
-            for key, value, headers in messages:
+            for key, value, _ in messages:
                 if with_headers:
-                    producer.produce("scored", value, key, headers=cast(Any, headers))
+                    producer.produce("scored", value, key, headers=cast(Any, CONTENT_TYPE))
                 else:
                     producer.produce("scored", value, key)
             return None

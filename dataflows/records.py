@@ -50,8 +50,8 @@ CONTENT_TYPE_JSON = "application/json"
 CONTENT_TYPE_CSV = "text/csv"
 
 Headers = list[tuple[str, bytes]]
-OutMessage = tuple[bytes | None, bytes | None, Headers]
-"""A message for a sink: key, value, headers."""
+OutMessage = tuple[bytes | None, bytes | None, Headers | None]
+"""A message for a sink: key, value, headers (None: no headers)."""
 
 
 def canonical_name(name: str) -> str:
