@@ -159,3 +159,57 @@ def test_json_and_protobuf_batches_decode_alike() -> None:
     assert a.record_ids == b.record_ids and a.record_ids[0] == "records/1/100"
     assert np.array_equal(a.features, b.features) and np.array_equal(a.labels, b.labels)
     assert np.array_equal(a.event_time_ms, b.event_time_ms) and a.data_type == b.data_type
+
+
+def test_json_record_struct_has_every_column() -> None:
+    from dataflows.records import CSV_COLUMNS, _JsonRecord
+
+    assert _JsonRecord.__struct_fields__ == (
+        "record_id",
+        "data_type",
+        "event_time_ms",
+        *CSV_COLUMNS,
+    )
+
+
+GOOD_JSON = orjson.dumps({"record_id": "g", "event_time_ms": 7, **parse_csv_line(ROW1)})
+
+
+@pytest.mark.parametrize(
+    ("field", "raw", "reason"),
+    [
+        ("alcohol", b'"9.4"', None),  # a numeric string is a number
+        ("alcohol", b'""', None),  # an empty string is absent
+        ("alcohol", b"null", None),
+        ("alcohol", b"true", "non_numeric"),
+        ("alcohol", b'"nine"', "non_numeric"),
+        ("alcohol", b"[9.4]", "non_numeric"),
+        ("record_id", b"12", None),  # ids are strings
+        ("event_time_ms", b"1.5", "undecodable"),
+        ("event_time_ms", str(2**64).encode(), "undecodable"),
+        ("fixed_acidity", b"1" + b"0" * 400, "undecodable"),  # not a finite double
+    ],
+)
+def test_a_json_batch_decodes_as_each_of_its_records_would_alone(
+    field: str, raw: bytes, reason: str | None
+) -> None:
+    """The all-JSON fast path and the per-message path agree, whichever record is odd."""
+    doc = orjson.loads(GOOD_JSON)
+    odd = GOOD_JSON.replace(
+        f'"{field}":'.encode() + orjson.dumps(doc[field]), f'"{field}":'.encode() + raw
+    )
+    assert odd != GOOD_JSON
+    headers = [("content-type", b"application/json")]
+    batch = SourceBatch(
+        "records", 0, [0, 1, 2], [None] * 3, [GOOD_JSON, odd, GOOD_JSON], [headers] * 3
+    )
+    runs, dead = decode_batch(batch)
+    alone_runs, alone_dead = decode_batch(one(odd, "application/json"))
+    assert [d.reason for d in dead] == ([reason] if reason else [])
+    assert [d.reason for d in alone_dead] == [d.reason for d in dead]
+    (run,) = runs
+    assert list(run.offsets) == ([0, 2] if reason else [0, 1, 2])
+    if not reason:
+        (alone,) = alone_runs
+        np.testing.assert_array_equal(run.features[1], alone.features[0])
+        assert run.record_ids[1] == alone.record_ids[0]
