@@ -105,3 +105,28 @@ def test_monitor_forgets_the_oldest_models_only() -> None:
         state.add(StatsPartial(model, 0, 1000, stats))
         state.close(None, threshold=0.25)
     assert set(state.totals) == set(models[-16:])
+
+
+def test_drift_bins_are_searchsorted_bins_for_every_value() -> None:
+    rng = np.random.default_rng(7)
+    edges = (np.array([0.0, 1.0, 2.0]), np.array([-5.0]), np.linspace(-1, 1, 9))
+    reference = DriftReference(
+        features=("a", "b", "c"),
+        columns=(4, 0, 9),
+        edges=edges,
+        expected=tuple(np.full(len(e) + 1, 1 / (len(e) + 1)) for e in edges),
+        means=np.zeros(3),
+        stds=np.ones(3),
+    )
+    features = rng.normal(size=(500, 11)) * 3
+    features[rng.random(features.shape) < 0.1] = np.nan  # absent values
+    features[:10, 4] = [0.0, 1.0, 2.0, -0.0, 1e300, -1e300, 0.5, 2.5, np.nan, -1]  # on edges
+    acc = DriftAccumulator.empty(reference)
+    acc.add(reference, features[:200])
+    acc.add(reference, features[200:])
+    for i, (column, e) in enumerate(zip(reference.columns, edges, strict=True)):
+        bins = np.searchsorted(e, features[:, column], side="right")
+        np.testing.assert_array_equal(acc.counts[i], np.bincount(bins, minlength=len(e) + 1))
+    # Sums carry NaN through as before: a window with an absent value has no mean.
+    np.testing.assert_array_equal(acc.sums, features[:, [4, 0, 9]].sum(axis=0))
+    assert acc.n == 500
