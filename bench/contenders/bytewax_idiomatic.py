@@ -60,7 +60,11 @@ def build_flow(
     op.output(
         "out",
         scored,
-        KafkaSink([brokers], output_topic, add_config={"linger.ms": str(common.LINGER_MS)}),
+        KafkaSink(
+            [brokers],
+            output_topic,
+            add_config={"linger.ms": str(common.LINGER_MS), "partitioner": common.PARTITIONER},
+        ),
     )
     return flow
 

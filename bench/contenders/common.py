@@ -32,6 +32,9 @@ FETCH_WAIT_MS = 5
 the processing, not by this setting (librdkafka's default of 500 ms would dominate them)."""
 LINGER_MS = 5
 """Producer linger.ms of every contender, waxserve's default (0 overloads tansu)."""
+PARTITIONER = "murmur2_random"
+"""Producer partitioner of every contender, waxserve's default (the Java client's; it
+hashes keys faster than librdkafka's default CRC32)."""
 BATCH = 1000
 """Messages per consume() for the batched contenders, like waxserve's default batch size."""
 FETCH_QUEUE_BACKOFF_MS = 10
@@ -81,7 +84,7 @@ def consumer_config(brokers: str) -> dict[str, Any]:
 
 def producer_config(brokers: str) -> dict[str, Any]:
     """The contenders' producer settings."""
-    return {"bootstrap.servers": brokers, "linger.ms": LINGER_MS}
+    return {"bootstrap.servers": brokers, "linger.ms": LINGER_MS, "partitioner": PARTITIONER}
 
 
 def assign_from_beginning(consumer: Consumer, topic: str) -> None:

@@ -49,7 +49,7 @@ def main() -> None:
             "session.timeout.ms": 6000,
             "heartbeat.interval.ms": 500,
         },
-        producer_extra_config={"linger.ms": common.LINGER_MS},
+        producer_extra_config={"linger.ms": common.LINGER_MS, "partitioner": common.PARTITIONER},
         auto_create_topics=False,
         use_changelog_topics=False,
         loglevel="WARNING",
