@@ -65,11 +65,13 @@ class DriftAccumulator:
         """Count the rows of a (n, len(WINE_FEATURES)) feature matrix."""
         if len(features) == 0:
             return
-        for i, (column, edges) in enumerate(zip(reference.columns, reference.edges, strict=True)):
-            values = features[:, column]
-            bins = np.searchsorted(edges, values, side="right")
+        # One copy of the reference's columns, feature-major: searchsorted then reads
+        # contiguous rows, and the sums are one call.
+        values = features[:, list(reference.columns)].T
+        for i, (edges, column) in enumerate(zip(reference.edges, values, strict=True)):
+            bins = np.searchsorted(edges, column, side="right")
             self.counts[i] += np.bincount(bins, minlength=len(edges) + 1)
-            self.sums[i] += values.sum()
+        self.sums += values.sum(axis=1)
         self.n += len(features)
 
     def merge(self, other: DriftAccumulator) -> None:

@@ -684,6 +684,7 @@ class ShardScorer:
         out.append(ScoredBatch(f"{run.topic}/{run.partition}", messages))
         valid = prediction.valid
         scored = int(valid.sum())
+        all_valid = scored == len(run)
         identity = spec.identity
         model_labels = (run.data_type, identity.name, identity.version)
         metrics.RECORDS_SCORED.labels(*model_labels).inc(scored)
@@ -721,7 +722,7 @@ class ShardScorer:
                     start + self._drift_ms,
                     DriftAccumulator.empty(spec.reference),
                 )
-            drift.drift.add(spec.reference, run.features[valid])
+            drift.drift.add(spec.reference, run.features if all_valid else run.features[valid])
         return out
 
     def _messages(
