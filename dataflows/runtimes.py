@@ -400,6 +400,13 @@ class OnnxRuntime(ModelRuntime):
 
 _JVM_LOCK = threading.Lock()
 _jvm_ready = False
+
+
+def jvm_started() -> bool:
+    """Whether this process has started pypmml's in-process JVM."""
+    return _jvm_ready
+
+
 _NUMERIC_PMML_TYPES = {"double", "float", "integer"}
 
 
