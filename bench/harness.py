@@ -80,6 +80,7 @@ class Contender:
     label: str
     kind: str  # "script" (bench.contenders.<module>), "consume", "bytewax", "quix", "waxserve"
     module: str = ""
+    env: tuple[tuple[str, str], ...] = ()  # extra environment of its process
     model: str = "wine-lr"  # a models/catalog.json name; "" for none
     monitoring: bool = True  # waxserve: stats and drift on
     max_records: int | None = None  # read only this many input records (slow contenders)
@@ -99,6 +100,13 @@ CONTENDERS: dict[str, Contender] = {
         Contender("passthrough", "raw passthrough (floor)", "script", "passthrough", model=""),
         Contender("naive", "naive per-record loop", "script", "naive"),
         Contender("tuned", "hand-tuned batched loop", "script", "tuned"),
+        Contender(
+            "tuned-headers",
+            "hand-tuned loop + content-type header",
+            "script",
+            "tuned",
+            env=(("BENCH_TUNED_HEADERS", "1"),),
+        ),
         Contender("bytewax", "idiomatic Bytewax", "bytewax"),
         Contender("quix", "Quix Streams per record", "quix"),
         Contender("waxserve-lr", "waxserve ONNX LR", "waxserve"),
@@ -558,7 +566,7 @@ class Bench:
             command = [python, "-m", module, *common, "--output", str(output)]
             if model:
                 command += ["--model", model]
-        return ContenderProcess(command, env | (extra_env or {}), log_path)
+        return ContenderProcess(command, env | dict(contender.env) | (extra_env or {}), log_path)
 
     def publish(self, config: Config, model: str, version: str | None = None) -> int:
         """Publish a catalog model's descriptor; its Kafka timestamp (ms)."""

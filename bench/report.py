@@ -275,9 +275,10 @@ def markdown(result: dict[str, Any], soak: dict[str, Any] | None, chart: str | N
             [
                 entry["label"],
                 rate(value),
-                times(ref_rate / value) if _ok(value) and _ok(ref_rate) else "-",
+                times(ref_rate / value) if _ok(value) and _ok(ref_rate) and value > 0 else "-",
                 f"{cpu:.2f}" if _ok(cpu) else "-",
-                times(cpu / ref_cpu) if _ok(cpu) and _ok(ref_cpu) else "-",
+                # A tiny run can finish between two CPU samples: 0 CPU-s.
+                times(cpu / ref_cpu) if _ok(cpu) and _ok(ref_cpu) and ref_cpu > 0 else "-",
                 f"{med['broker_cpu_s_per_100k']:.2f}"
                 if _ok(med.get("broker_cpu_s_per_100k", math.nan))
                 else "-",
