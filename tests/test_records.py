@@ -213,3 +213,69 @@ def test_a_json_batch_decodes_as_each_of_its_records_would_alone(
         (alone,) = alone_runs
         np.testing.assert_array_equal(run.features[1], alone.features[0])
         assert run.record_ids[1] == alone.record_ids[0]
+
+
+def _protobuf_variants() -> list[tuple[str, bytes, str | None]]:
+    good = parse_csv_line(ROW1)
+    record = wine_record(good, record_id="p", event_time_ms=9)
+    variants: list[tuple[str, bytes, str | None]] = [
+        (
+            "zeros are values",
+            wine_record({**good, "alcohol": 0.0, "ph": -0.0}).SerializeToString(),
+            None,
+        ),
+        (
+            "absent fields",
+            wine_record({**good, "alcohol": None, "quality": None}).SerializeToString(),
+            None,
+        ),
+        ("no id, no data type", wine_record(good).SerializeToString(), None),
+        (
+            "explicit NaN",
+            wine_record({**good, "alcohol": math.nan}).SerializeToString(),
+            "non_finite",
+        ),
+        ("infinity", wine_record({**good, "ph": -math.inf}).SerializeToString(), "non_finite"),
+        ("bad bytes", b"\xff\xff\xff", "undecodable"),
+        ("truncated", record.SerializeToString()[:-3], "undecodable"),
+    ]
+    return variants
+
+
+@pytest.mark.parametrize(("name", "odd", "reason"), _protobuf_variants())
+def test_a_protobuf_batch_decodes_as_each_of_its_records_would_alone(
+    name: str, odd: bytes, reason: str | None
+) -> None:
+    """The all-protobuf fast path and the per-message path agree, whichever record is odd."""
+    good = wine_record(parse_csv_line(ROW1), record_id="g", event_time_ms=7).SerializeToString()
+    batch = SourceBatch("records", 0, [0, 1, 2], [None] * 3, [good, odd, good], [[]] * 3)
+    runs, dead = decode_batch(batch)
+    alone_runs, alone_dead = decode_batch(one(odd))
+    assert [d.reason for d in dead] == ([reason] if reason else []), name
+    assert [d.reason for d in alone_dead] == [d.reason for d in dead]
+    (run,) = runs
+    assert list(run.offsets) == ([0, 2] if reason else [0, 1, 2])
+    if not reason:
+        (alone,) = alone_runs
+        np.testing.assert_array_equal(run.features[1], alone.features[0])
+        np.testing.assert_array_equal(run.labels[1:2], alone.labels)
+        assert run.record_ids[1] == alone.record_ids[0].replace("records/3/42", "records/0/1")
+        assert run.data_type == alone.data_type == "wine"
+        assert run.event_time_ms[1] == alone.event_time_ms[0]
+
+
+def test_the_protobuf_fast_path_keeps_zeros_and_marks_absent_fields() -> None:
+    from dataflows.records import _parse_protobuf_batch
+
+    good = parse_csv_line(ROW1)
+    values = [
+        wine_record({**good, "alcohol": 0.0}, record_id="a").SerializeToString(),
+        wine_record({**good, "alcohol": None}, record_id="b").SerializeToString(),
+    ]
+    batch = SourceBatch("records", 0, [0, 1], [None] * 2, values, [[]] * 2)
+    parsed = _parse_protobuf_batch(batch)
+    assert parsed is not None and parsed.matrix is not None  # the fast path took it
+    (run,), dead = decode_batch(batch)
+    alcohol = WINE_FEATURES.index("alcohol")
+    assert dead == [] and run.features[0, alcohol] == 0.0 and math.isnan(run.features[1, alcohol])
+    assert run.features[0, WINE_FEATURES.index("citric_acid")] == 0.0  # 0 in ROW1 itself
