@@ -380,6 +380,18 @@ _decode_json_record = msgspec.json.Decoder(_JsonRecord).decode
 _json_record_columns = operator.attrgetter(*CSV_COLUMNS)
 
 
+def _with_defaults(
+    batch: SourceBatch, record_ids: list[str], data_types: list[str]
+) -> tuple[list[str], list[str]]:
+    """Ids and data types with the defaults filled in where a record had none."""
+    if "" in data_types:
+        data_types = [d or DEFAULT_DATA_TYPE for d in data_types]
+    if "" in record_ids:
+        prefix = f"{batch.topic}/{batch.partition}/"
+        record_ids = [r or f"{prefix}{o}" for r, o in zip(record_ids, batch.offsets, strict=True)]
+    return record_ids, data_types
+
+
 def _parse_json_batch(batch: SourceBatch) -> _Parsed | None:
     """The common case, decoded in C: every message JSON with the same headers, every column
     a number or null, ids and times well typed. msgspec checks all of that while it
@@ -396,11 +408,7 @@ def _parse_json_batch(batch: SourceBatch) -> _Parsed | None:
     record_ids = [doc.record_id for doc in docs]
     data_types = [doc.data_type for doc in docs]
     event_times = [doc.event_time_ms for doc in docs]
-    if "" in data_types:
-        data_types = [d or DEFAULT_DATA_TYPE for d in data_types]
-    if "" in record_ids:
-        prefix = f"{batch.topic}/{batch.partition}/"
-        record_ids = [r or f"{prefix}{o}" for r, o in zip(record_ids, batch.offsets, strict=True)]
+    record_ids, data_types = _with_defaults(batch, record_ids, data_types)
     return _Parsed(rows, record_ids, data_types, event_times)
 
 
@@ -431,11 +439,7 @@ def _parse_protobuf_batch(batch: SourceBatch) -> _Parsed | None:
     record_ids, data_types, event_times = (
         list(column) for column in zip(*map(_protobuf_meta, messages), strict=True)
     )
-    if "" in data_types:
-        data_types = [d or DEFAULT_DATA_TYPE for d in data_types]
-    if "" in record_ids:
-        prefix = f"{batch.topic}/{batch.partition}/"
-        record_ids = [r or f"{prefix}{o}" for r, o in zip(record_ids, batch.offsets, strict=True)]
+    record_ids, data_types = _with_defaults(batch, record_ids, data_types)
     return _Parsed([], record_ids, data_types, event_times, matrix=matrix)
 
 

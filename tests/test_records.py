@@ -10,6 +10,7 @@ import pytest
 
 from dataflows.records import (
     WINE_FEATURES,
+    Headers,
     RecordError,
     SourceBatch,
     canonical_name,
@@ -172,6 +173,26 @@ def test_json_record_struct_has_every_column() -> None:
     )
 
 
+def _assert_agrees_with_alone(
+    good: bytes, odd: bytes, headers: Headers, reason: str | None
+) -> None:
+    """A batch good, odd, good decodes its odd record as that record decodes alone."""
+    batch = SourceBatch("records", 0, [0, 1, 2], [None] * 3, [good, odd, good], [headers] * 3)
+    runs, dead = decode_batch(batch)
+    alone_runs, alone_dead = decode_batch(SourceBatch("records", 0, [1], [None], [odd], [headers]))
+    assert [d.reason for d in dead] == ([reason] if reason else [])
+    assert [d.reason for d in alone_dead] == [d.reason for d in dead]
+    (run,) = runs
+    assert list(run.offsets) == ([0, 2] if reason else [0, 1, 2])
+    if not reason:
+        (alone,) = alone_runs
+        np.testing.assert_array_equal(run.features[1], alone.features[0])
+        np.testing.assert_array_equal(run.labels[1:2], alone.labels)
+        assert run.record_ids[1] == alone.record_ids[0]
+        assert run.data_type == alone.data_type == "wine"
+        assert run.event_time_ms[1] == alone.event_time_ms[0]
+
+
 GOOD_JSON = orjson.dumps({"record_id": "g", "event_time_ms": 7, **parse_csv_line(ROW1)})
 
 
@@ -199,20 +220,7 @@ def test_a_json_batch_decodes_as_each_of_its_records_would_alone(
         f'"{field}":'.encode() + orjson.dumps(doc[field]), f'"{field}":'.encode() + raw
     )
     assert odd != GOOD_JSON
-    headers = [("content-type", b"application/json")]
-    batch = SourceBatch(
-        "records", 0, [0, 1, 2], [None] * 3, [GOOD_JSON, odd, GOOD_JSON], [headers] * 3
-    )
-    runs, dead = decode_batch(batch)
-    alone_runs, alone_dead = decode_batch(one(odd, "application/json"))
-    assert [d.reason for d in dead] == ([reason] if reason else [])
-    assert [d.reason for d in alone_dead] == [d.reason for d in dead]
-    (run,) = runs
-    assert list(run.offsets) == ([0, 2] if reason else [0, 1, 2])
-    if not reason:
-        (alone,) = alone_runs
-        np.testing.assert_array_equal(run.features[1], alone.features[0])
-        assert run.record_ids[1] == alone.record_ids[0]
+    _assert_agrees_with_alone(GOOD_JSON, odd, [("content-type", b"application/json")], reason)
 
 
 def _protobuf_variants() -> list[tuple[str, bytes, str | None]]:
@@ -248,20 +256,7 @@ def test_a_protobuf_batch_decodes_as_each_of_its_records_would_alone(
 ) -> None:
     """The all-protobuf fast path and the per-message path agree, whichever record is odd."""
     good = wine_record(parse_csv_line(ROW1), record_id="g", event_time_ms=7).SerializeToString()
-    batch = SourceBatch("records", 0, [0, 1, 2], [None] * 3, [good, odd, good], [[]] * 3)
-    runs, dead = decode_batch(batch)
-    alone_runs, alone_dead = decode_batch(one(odd))
-    assert [d.reason for d in dead] == ([reason] if reason else []), name
-    assert [d.reason for d in alone_dead] == [d.reason for d in dead]
-    (run,) = runs
-    assert list(run.offsets) == ([0, 2] if reason else [0, 1, 2])
-    if not reason:
-        (alone,) = alone_runs
-        np.testing.assert_array_equal(run.features[1], alone.features[0])
-        np.testing.assert_array_equal(run.labels[1:2], alone.labels)
-        assert run.record_ids[1] == alone.record_ids[0].replace("records/3/42", "records/0/1")
-        assert run.data_type == alone.data_type == "wine"
-        assert run.event_time_ms[1] == alone.event_time_ms[0]
+    _assert_agrees_with_alone(good, odd, [], reason)
 
 
 def test_the_protobuf_fast_path_keeps_zeros_and_marks_absent_fields() -> None:
