@@ -758,17 +758,16 @@ class ShardScorer:
         keys = [b"%s%d%s" % (prefix, offset, suffix) for offset in offsets.tolist()]
         if prediction.labels is None:
             numbers = wire.numeric_fields(offsets, event_times, values)
-            encoded = wire.scored_record_values(shared, keys, record_ids, numbers)
-        else:
-            numbers = wire.numeric_fields(offsets, event_times, None)
-            encoded = [
-                value + extra
-                for value, extra in zip(
-                    wire.scored_record_values(shared, keys, record_ids, numbers),
+        else:  # a classifier's value is optional: protobuf writes it with the label
+            numbers = [
+                own + extra
+                for own, extra in zip(
+                    wire.numeric_fields(offsets, event_times, None),
                     self._classifier_fields(prediction, rows, values),
                     strict=True,
                 )
             ]
+        encoded = wire.scored_record_values(shared, keys, record_ids, numbers)
         # No content-type header: the scored topic carries ScoredRecord protobuf only, and
         # a header costs ~1 µs a record to produce (bench/README.md).
         return [(key, value, None) for key, value in zip(keys, encoded, strict=True)]
