@@ -144,8 +144,11 @@ class _SharedConsumer:
             buffer = self._buffers[partition]
             if not buffer:
                 self._fetch()
-            count = min(len(buffer), self._batch_size)
-            taken = [buffer.popleft() for _ in range(count)]
+            if len(buffer) <= self._batch_size:
+                taken = list(buffer)
+                buffer.clear()
+            else:
+                taken = [buffer.popleft() for _ in range(self._batch_size)]
             if partition in self._paused and len(buffer) < self._batch_size:
                 self._paused.discard(partition)
                 self._consumer.resume([KafkaTopicPartition(self._topic, partition)])
@@ -201,12 +204,15 @@ class _BatchPartition(StatefulSourcePartition[SourceBatch, int]):
         if self._eof:
             raise StopIteration()
         messages = self._consumer.take(self._partition)
-        if any(msg.error() is not None for msg in messages):
+        # map over the methods: one C loop a column instead of a Python loop.
+        if any(map(Message.error, messages)):  # a KafkaError is truthy
             messages = self._without_errors(messages)
-        offsets = [cast(int, msg.offset()) for msg in messages]
-        keys = [msg.key() for msg in messages]
-        values = [msg.value() for msg in messages]
-        headers = [cast(Headers, msg.headers() or []) for msg in messages]
+        offsets = cast(list[int], list(map(Message.offset, messages)))
+        keys = list(map(Message.key, messages))
+        values = list(map(Message.value, messages))
+        headers = cast(list[Headers], list(map(Message.headers, messages)))
+        if None in headers:  # a message without headers
+            headers = [h or [] for h in headers]
         self._idle = not offsets
         if not offsets:
             return []

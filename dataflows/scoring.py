@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import functools
+import itertools
 import logging
 import math
 import os
@@ -524,6 +525,13 @@ def _labelled_quality(
     return n, squared_error, correct
 
 
+def _key_format(run: RecordColumns, identity: ModelIdentity) -> bytes:
+    """The output key, "<topic>/<partition>/<offset>/<model name>/<model version>", as a
+    %-format of the offset (one C call a record)."""
+    prefix = f"{run.topic}/{run.partition}/".encode().replace(b"%", b"%%")
+    return prefix + b"%d" + f"/{identity.name}/{identity.version}".encode().replace(b"%", b"%%")
+
+
 def _missing_message(features: Iterable[str], row_missing: np.ndarray) -> str:
     names = [name for name, missing in zip(features, row_missing, strict=True) if missing]
     return f"record lacks feature(s) the model needs: {', '.join(names)}"
@@ -753,11 +761,11 @@ class ShardScorer:
         event_times = run.event_time_ms if rows is None else run.event_time_ms[rows]
         values = prediction.values if rows is None else prediction.values[rows]
         record_ids = run.record_ids if rows is None else [run.record_ids[i] for i in rows]
-        prefix = f"{run.topic}/{run.partition}/".encode()
-        suffix = f"/{identity.name}/{identity.version}".encode()
-        keys = [b"%s%d%s" % (prefix, offset, suffix) for offset in offsets.tolist()]
+        keys = list(map(_key_format(run, identity).__mod__, offsets.tolist()))
         if prediction.labels is None:
-            numbers = wire.numeric_fields(offsets, event_times, values)
+            encoded = wire.regression_records(
+                shared, keys, record_ids, offsets, event_times, values
+            )
         else:  # a classifier's value is optional: protobuf writes it with the label
             numbers = [
                 own + extra
@@ -767,10 +775,10 @@ class ShardScorer:
                     strict=True,
                 )
             ]
-        encoded = wire.scored_record_values(shared, keys, record_ids, numbers)
+            encoded = wire.scored_record_values(shared, keys, record_ids, numbers)
         # No content-type header: the scored topic carries ScoredRecord protobuf only, and
         # a header costs ~1 µs a record to produce (bench/README.md).
-        return [(key, value, None) for key, value in zip(keys, encoded, strict=True)]
+        return list(zip(keys, encoded, itertools.repeat(None)))
 
     @staticmethod
     def _classifier_fields(

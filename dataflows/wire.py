@@ -5,9 +5,11 @@ largest per-record cost of scoring. Protobuf parses concatenated messages as one
 later value of a field wins, fields may come in any order), so a scored record is written
 here as three parts: the fields every record of a model call shares, serialized once per
 call by protobuf itself; the record's two strings (output key, record id); and its numbers
-(source offset, value, event time), encoded for the whole batch at once with numpy.
-`tests/test_wire.py` checks the bytes parse back to the same message as protobuf's own
-encoding, edge values included.
+(source offset, value, event time), encoded for the whole batch at once with numpy. In the
+usual batch every record's fields have the same lengths (one model, consecutive offsets,
+ids of one width): `regression_records` then lays all of them out as the rows of one
+byte matrix and slices the records off it. `tests/test_wire.py` checks the bytes parse
+back to the same message as protobuf's own encoding, edge values included.
 """
 
 from __future__ import annotations
@@ -63,6 +65,70 @@ def _varint_bytes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return groups, used
 
 
+def _fixed_varints(values: np.ndarray) -> np.ndarray | None:
+    """Varints of an int64 column as an (n, k) uint8 matrix when all n are k bytes long;
+    None when their lengths differ."""
+    unsigned = values.astype(np.int64, copy=False).view(np.uint64)
+    lengths = np.searchsorted(_THRESHOLDS, [unsigned.min(), unsigned.max()], side="right") + 1
+    if lengths[0] != lengths[1]:
+        return None
+    groups = ((unsigned[:, None] >> _SHIFTS[: lengths[0]]) & np.uint64(0x7F)).astype(np.uint8)
+    groups[:, :-1] |= 0x80  # every byte but the last has its continuation bit set
+    return groups
+
+
+def _same_length(items: Sequence[bytes]) -> int | None:
+    lengths = set(map(len, items))
+    return lengths.pop() if len(lengths) == 1 else None
+
+
+def regression_records(
+    shared: bytes,
+    output_keys: Sequence[bytes],
+    record_ids: Sequence[str],
+    source_offsets: np.ndarray,
+    event_times_ms: np.ndarray,
+    values: np.ndarray,
+) -> list[bytes]:
+    """ScoredRecord bytes of a regressor's records: the shared fields, then each record's
+    output key, record id, source offset, value and event time."""
+    ids = [r.encode() for r in record_ids]
+    n = len(ids)
+    key_width, id_width = _same_length(output_keys), _same_length(ids)
+    offset_bytes = time_bytes = None
+    if key_width is not None and id_width is not None:
+        offset_bytes = _fixed_varints(source_offsets)
+        time_bytes = _fixed_varints(event_times_ms) if offset_bytes is not None else None
+    if key_width is None or id_width is None or offset_bytes is None or time_bytes is None:
+        numbers = numeric_fields(source_offsets, event_times_ms, values)
+        return _join_records(shared, output_keys, ids, numbers)
+
+    def constant(data: bytes) -> np.ndarray:
+        return np.broadcast_to(np.frombuffer(data, np.uint8), (n, len(data)))
+
+    def rows(joined: bytes, width: int) -> np.ndarray:
+        return np.frombuffer(joined, np.uint8).reshape(n, width)
+
+    doubles = np.ascontiguousarray(values, dtype="<f8").view(np.uint8).reshape(n, 8)
+    matrix = np.concatenate(
+        [
+            constant(shared + _TAG_OUTPUT_KEY + length_prefix(key_width)),
+            rows(b"".join(output_keys), key_width),
+            constant(_TAG_RECORD_ID + length_prefix(id_width)),
+            rows(b"".join(ids), id_width),
+            constant(bytes([_TAG_SOURCE_OFFSET])),
+            offset_bytes,
+            constant(bytes([_TAG_VALUE])),
+            doubles,
+            constant(bytes([_TAG_EVENT_TIME])),
+            time_bytes,
+        ],
+        axis=1,
+    )
+    flat, width = matrix.tobytes(), matrix.shape[1]
+    return [flat[i : i + width] for i in range(0, n * width, width)]
+
+
 def numeric_fields(
     source_offsets: np.ndarray, event_times_ms: np.ndarray, values: np.ndarray | None
 ) -> list[bytes]:
@@ -97,7 +163,12 @@ def scored_record_values(
     numbers: Sequence[bytes],
 ) -> list[bytes]:
     """ScoredRecord bytes: the shared fields, then each record's key, id and numbers."""
-    ids = [r.encode() for r in record_ids]
+    return _join_records(shared, output_keys, [r.encode() for r in record_ids], numbers)
+
+
+def _join_records(
+    shared: bytes, output_keys: Sequence[bytes], ids: list[bytes], numbers: Sequence[bytes]
+) -> list[bytes]:
     try:
         key_lengths = [_LENGTH_PREFIX[n] for n in map(len, output_keys)]
         id_lengths = [_LENGTH_PREFIX[n] for n in map(len, ids)]
