@@ -84,13 +84,14 @@ class Contender:
     model: str = "wine-lr"  # a models/catalog.json name; "" for none
     monitoring: bool = True  # waxserve: stats and drift on
     max_records: int | None = None  # read only this many input records (slow contenders)
+    writes_scored: bool = False  # a script that writes waxserve's ScoredRecord, not JSON
 
     @property
     def output(self) -> str:
         """How its output is read: "report" (a file), "scored" (ScoredRecord), "json"."""
         if self.kind == "consume":
             return "report"
-        return "scored" if self.kind == "waxserve" else "json"
+        return "scored" if self.kind == "waxserve" or self.writes_scored else "json"
 
 
 CONTENDERS: dict[str, Contender] = {
@@ -106,6 +107,13 @@ CONTENDERS: dict[str, Contender] = {
             "script",
             "tuned",
             env=(("BENCH_TUNED_HEADERS", "1"),),
+        ),
+        Contender(
+            "essential",
+            "waxserve's essential work alone (limit)",
+            "script",
+            "essential",
+            writes_scored=True,
         ),
         Contender("bytewax", "idiomatic Bytewax", "bytewax"),
         Contender("quix", "Quix Streams per record", "quix"),

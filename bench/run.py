@@ -287,7 +287,10 @@ def run_bench(
     say(f"report: {', '.join(shown)}")
     for goal in result["goals"]:
         verdict = {True: "pass", False: "FAIL", None: "not measured"}[goal["passed"]]
-        say(f"  {verdict:>12}  {goal['goal']}: {goal['measured']} (target {goal['target']})")
+        limit = f"; limit {goal['limit']}" if goal.get("limit") else ""
+        if goal["passed"] is False and goal.get("beyond_limit"):
+            verdict = "FAIL (limit)"
+        say(f"  {verdict:>12}  {goal['goal']}: {goal['measured']} (target {goal['target']}{limit})")
     if failed or keep_logs:
         say(f"logs kept in {work_dir}")
     else:

@@ -87,6 +87,7 @@ def test_goals_pass_and_fail_on_the_ratios() -> None:
                 "bytewax": {"throughput": 40_000},  # 3x: fail
                 "tuned": {"throughput": 120_000},  # 1.0x: pass
                 "passthrough": {"throughput": 200_000},  # 60%: fail
+                "essential": {"throughput": 160_000},  # the limit: 80% of passthrough
                 "waxserve-pmml": {"throughput": 25_000},
                 "pypmml": {"throughput": 400},  # 62x: pass
             }
@@ -119,6 +120,17 @@ def test_goals_pass_and_fail_on_the_ratios() -> None:
         "cost of stats + drift": True,  # 4%
         "resident set over a 10-min soak at 5,000 rec/s": None,  # no soak: not measured
     }
+    # A failed ratio that the essential loop reaches is open work; one it misses is not.
+    passthrough = {g.goal: g for g in report.goals(result, None)}["throughput vs raw passthrough"]
+    assert passthrough.limit == "80% (160,000 rec/s)" and not passthrough.beyond_limit
+    assert passthrough.verdict == "**FAIL**"
+    result["throughput"]["essential"]["median"]["throughput"] = 125_000  # 62% of passthrough
+    by_goal = {g.goal: g for g in report.goals(result, None)}
+    assert by_goal["throughput vs raw passthrough"].beyond_limit
+    assert by_goal["throughput vs raw passthrough"].verdict == "**FAIL**: beyond the limit"
+    assert by_goal["throughput vs raw passthrough"].limit == "62% (125,000 rec/s)"
+    assert by_goal["throughput vs naive per-record loop"].verdict == "pass"  # 6.3x, limit 6.6x
+    assert by_goal["latency p50 vs passthrough floor"].limit == ""
 
 
 @pytest.mark.integration
@@ -180,6 +192,45 @@ def test_bench_runs_every_contender_on_a_tiny_input(tmp_path: Path) -> None:
     for entry in [*result["throughput"].values(), *result["latency"].values()]:
         assert entry["label"] in markdown
     assert files[".png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_essential_loop_writes_what_waxserve_writes() -> None:
+    # The limit contender bounds waxserve only if it produces the same output from the
+    # same input: same keys, same ScoredRecord fields (but the timing ones).
+    from bench.contenders.essential import EssentialScorer
+    from bench.harness import Records
+    from dataflows.descriptors import load_catalog
+    from dataflows.records import SourceBatch, decode_batch
+    from dataflows.scoring import DescriptorIn, ModelInstall, Registry, ScoredBatch, ShardScorer
+    from protos import waxserve_pb2 as pb
+
+    records = Records()
+    messages = [records.message(i, 1_764_000_000_000 + i) for i in range(40, 540)]
+    offsets = list(range(1_000, 1_500))
+    keys, values = [m[0] for m in messages], [m[1] for m in messages]
+    batch = SourceBatch("records", 3, offsets, keys, values, [list(m[2]) for m in messages])
+    entry = load_catalog()["wine-lr"]
+    registry = Registry(None, model_dir="")
+    descriptor = DescriptorIn(entry.descriptor(), "models", 0, 0, None, b"")
+    out = [*registry.on_descriptors([descriptor]), *registry.collect(wait=True)]
+    scorer = ShardScorer(None, stats_interval_s=10, drift_window_s=60)
+    scorer.on_values([o for o in out if isinstance(o, ModelInstall)])
+    (run,), dead = decode_batch(batch)
+    (scored,) = [o for o in scorer.on_values([run]) if isinstance(o, ScoredBatch)]
+    waxserve = [(key, value) for key, value, _ in scored.messages]
+
+    essential = EssentialScorer(str(entry.path()), "records", "wine-lr", "1")
+    theirs = essential.score(3, offsets, values)
+
+    def fields(value: bytes) -> pb.ScoredRecord:
+        parsed = pb.ScoredRecord.FromString(value)
+        parsed.ClearField("scoring_latency_us")
+        parsed.ClearField("scored_at_ms")
+        return parsed
+
+    assert dead == [] and len(theirs) == len(waxserve) == 500
+    assert [k for k, _ in theirs] == [k for k, _ in waxserve]
+    assert [fields(v) for _, v in theirs] == [fields(v) for _, v in waxserve]
 
 
 def test_breakdown_times_every_stage() -> None:
