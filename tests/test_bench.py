@@ -237,7 +237,7 @@ def test_breakdown_times_every_stage() -> None:
     from bench import breakdown
 
     rows = dict(breakdown.measure())
-    assert len(rows) == 9
+    assert len(rows) == 10
     # Figures only: timings are the benchmark's to judge (the JVM's JIT made "the PMML4S
     # call alone" anywhere from 0.7x to 2x of the whole predict in one run on this machine).
     assert all(0 < us < 1_000 for us in rows.values()), rows
