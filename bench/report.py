@@ -187,15 +187,31 @@ def goals(result: dict[str, Any], soak: dict[str, Any] | None) -> list[Goal]:
 
     off = _get(thr, "waxserve-lr-nomon", "throughput")
     both = _ok(off) and _ok(wax)
-    cost = (off - wax) / off if both else math.nan
-    out.append(
-        Goal(
-            "cost of stats + drift",
-            "≤ 10% of throughput",
-            f"{cost:.1%} ({rate(off)} off vs {rate(wax)} on)" if both else "-",
-            cost <= 0.10 if both else None,
+    end_to_end = (off - wax) / off if both else math.nan
+    in_process = result.get("monitoring_cost")
+    if in_process is not None and _ok(wax):
+        # A cost of a few percent is within the noise of the throughput repetitions, so the
+        # verdict comes from timing the same batch with stats and drift on and off, as a
+        # share of the time waxserve spent per record in this run.
+        per_record_us = 1e6 / wax
+        extra_us = in_process["on_us"] - in_process["off_us"]
+        cost = extra_us / per_record_us
+        measured = (
+            f"{cost:.1%} ({extra_us:.2f} µs of waxserve's {per_record_us:.2f} µs a record; "
+            f"in-process, {in_process['on_us']:.2f} on vs {in_process['off_us']:.2f} off)"
         )
-    )
+        if both:
+            measured += f"; end to end {end_to_end:+.1%} ({rate(off)} off vs {rate(wax)} on)"
+        out.append(Goal("cost of stats + drift", "≤ 10% of throughput", measured, cost <= 0.10))
+    else:
+        out.append(
+            Goal(
+                "cost of stats + drift",
+                "≤ 10% of throughput",
+                f"{end_to_end:.1%} ({rate(off)} off vs {rate(wax)} on)" if both else "-",
+                end_to_end <= 0.10 if both else None,
+            )
+        )
 
     if soak is not None:
         growth = soak["growth_pct"]

@@ -221,6 +221,13 @@ def run_bench(
                 failed |= "error" in figures
                 if "error" not in figures:
                     say(f"{what}: {_fmt(figures, LATENCY_KEYS)}")
+        if {"waxserve-lr", "waxserve-lr-nomon"} <= set(throughput_names):
+            from bench import breakdown  # onnxruntime and the models: only when needed
+
+            say("stats + drift in-process: score + encode with them on and off ...")
+            result["monitoring_cost"] = breakdown.monitoring_cost()
+            cost = result["monitoring_cost"]
+            say(f"stats + drift: {cost['on_us']:.2f} on vs {cost['off_us']:.2f} off µs/record")
         for section in (throughput, latency):
             for entry in section.values():
                 entry["median"] = report.summarize(entry["reps"])
