@@ -82,13 +82,24 @@ def times(value: float) -> str:
     return "-" if not _ok(value) else (f"{value:.2f}x" if value < 10 else f"{value:,.0f}x")
 
 
+def limit_throughput(result: dict[str, Any]) -> float:
+    """The most waxserve can do in this run: the essential loop's records/s, with the
+    in-process cost of stats and drift (which that loop does not pay and waxserve must)
+    added to its time per record when the run timed it."""
+    essential = _get(result.get("throughput", {}), LIMIT, "throughput")
+    cost = result.get("monitoring_cost")
+    if not _ok(essential) or cost is None:
+        return essential
+    return 1e6 / (1e6 / essential + max(0.0, cost["on_us"] - cost["off_us"]))
+
+
 def goals(result: dict[str, Any], soak: dict[str, Any] | None) -> list[Goal]:
     """Every goal of issue 5 with this run's figures."""
     thr = result.get("throughput", {})
     lat = result.get("latency", {})
     swap = result.get("swap", {}).get("median", {})
     wax = _get(thr, REFERENCE, "throughput")
-    essential = _get(thr, LIMIT, "throughput")
+    essential = limit_throughput(result)
     out: list[Goal] = []
 
     def ratio_goal(name: str, label: str, at_least: float) -> None:
@@ -273,11 +284,12 @@ def markdown(result: dict[str, Any], soak: dict[str, Any] | None, chart: str | N
         "## Goals",
         "",
         "LR ONNX unless stated; ratios are waxserve ÷ the other, measured in this run. "
-        '"Limit": the same ratio for waxserve\'s essential work done alone by a plain loop '
+        '"Limit": the same ratio for the most waxserve can do. That is the essential loop '
         "(`bench/contenders/essential.py`: the header, the decode, one model call and the "
-        "scored records waxserve writes; no Bytewax and no other feature). Its throughput "
-        "bounds waxserve's, so a target it misses too is beyond what waxserve's input and "
-        "output contracts allow on this machine.",
+        "scored records waxserve writes; no Bytewax and no other feature), with the "
+        "in-process cost of stats and drift added to its time per record. waxserve does all "
+        "of that and more, so a target beyond the limit cannot be met without dropping a "
+        "feature or breaking waxserve's input or output contract on this machine.",
         "",
     ]
     checked = goals(result, soak)

@@ -120,15 +120,6 @@ def test_goals_pass_and_fail_on_the_ratios() -> None:
         "cost of stats + drift": True,  # 4%
         "resident set over a 10-min soak at 5,000 rec/s": None,  # no soak: not measured
     }
-    # The in-process timing, when the run has it, decides the cost of stats + drift: the
-    # throughput pair (4% here) cannot resolve a few percent.
-    result["monitoring_cost"] = {"on_us": 0.95, "off_us": 0.6}  # 0.35 of 8.33 µs: 4.2%
-    result["throughput"]["waxserve-lr-nomon"]["median"]["throughput"] = 200_000  # 40%
-    monitoring = {g.goal: g for g in report.goals(result, None)}["cost of stats + drift"]
-    assert monitoring.passed and monitoring.measured.startswith("4.2% (0.35 µs"), monitoring
-    result["monitoring_cost"] = {"on_us": 1.6, "off_us": 0.6}  # 1 of 8.33 µs: 12%
-    assert not {g.goal: g for g in report.goals(result, None)}["cost of stats + drift"].passed
-
     # A failed ratio that the essential loop reaches is open work; one it misses is not.
     passthrough = {g.goal: g for g in report.goals(result, None)}["throughput vs raw passthrough"]
     assert passthrough.limit == "80% (160,000 rec/s)" and not passthrough.beyond_limit
@@ -140,6 +131,18 @@ def test_goals_pass_and_fail_on_the_ratios() -> None:
     assert by_goal["throughput vs raw passthrough"].limit == "62% (125,000 rec/s)"
     assert by_goal["throughput vs naive per-record loop"].verdict == "pass"  # 6.3x, limit 6.6x
     assert by_goal["latency p50 vs passthrough floor"].limit == ""
+
+    # The in-process timing, when the run has it, decides the cost of stats + drift: the
+    # throughput pair (4% here) cannot resolve a few percent.
+    result["monitoring_cost"] = {"on_us": 1.0, "off_us": 0.6}  # 0.4 of 8.33 µs: 4.8%
+    result["throughput"]["waxserve-lr-nomon"]["median"]["throughput"] = 200_000  # 40%
+    by_goal = {g.goal: g for g in report.goals(result, None)}
+    monitoring = by_goal["cost of stats + drift"]
+    assert monitoring.passed and monitoring.measured.startswith("4.8% (0.40 µs"), monitoring
+    # And it is added to the essential loop's time per record: 8 + 0.4 µs, 119k records/s.
+    assert by_goal["throughput vs raw passthrough"].limit == "60% (119,048 rec/s)"
+    result["monitoring_cost"] = {"on_us": 1.6, "off_us": 0.6}  # 1 of 8.33 µs: 12%
+    assert not {g.goal: g for g in report.goals(result, None)}["cost of stats + drift"].passed
 
 
 @pytest.mark.integration
