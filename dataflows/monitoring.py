@@ -62,16 +62,24 @@ class DriftAccumulator:
         )
 
     def add(self, reference: DriftReference, features: np.ndarray) -> None:
-        """Count the rows of a (n, len(WINE_FEATURES)) feature matrix."""
+        """Count the rows of a (n, len(WINE_FEATURES)) feature matrix.
+
+        A record may lack a feature that its model does not use (NaN): it counts for the
+        features it has, so each feature's bins hold the records that had it.
+        """
         if len(features) == 0:
             return
         # One copy of the reference's columns, feature-major: searchsorted then reads
         # contiguous rows, and the sums are one call.
         values = features[:, list(reference.columns)].T
+        absent = np.isnan(values)
+        lacking = absent.any(axis=1).tolist()  # per feature
         for i, (edges, column) in enumerate(zip(reference.edges, values, strict=True)):
+            if lacking[i]:  # searchsorted would count NaN in the top bin
+                column = column[~absent[i]]
             bins = np.searchsorted(edges, column, side="right")
             self.counts[i] += np.bincount(bins, minlength=len(edges) + 1)
-        self.sums += values.sum(axis=1)
+        self.sums += np.where(absent, 0.0, values).sum(axis=1) if any(lacking) else values.sum(1)
         self.n += len(features)
 
     def merge(self, other: DriftAccumulator) -> None:
@@ -183,9 +191,10 @@ def drift_message(partial: DriftPartial, threshold: float, min_records: int = 0)
     ref, acc = partial.reference, partial.drift
     features = []
     for i, name in enumerate(ref.features):
-        mean = float(acc.sums[i] / acc.n) if acc.n else 0.0
+        had_it = int(acc.counts[i].sum())  # the records of the window that had this feature
+        mean = float(acc.sums[i] / had_it) if had_it else 0.0
         std = float(ref.stds[i])
-        shift = (mean - float(ref.means[i])) / std if std > 0 and acc.n else 0.0
+        shift = (mean - float(ref.means[i])) / std if std > 0 and had_it else 0.0
         features.append(
             pb.FeatureDrift(
                 feature=name,
