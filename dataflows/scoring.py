@@ -525,13 +525,6 @@ def _labelled_quality(
     return n, squared_error, correct
 
 
-def _key_format(run: RecordColumns, identity: ModelIdentity) -> bytes:
-    """The output key, "<topic>/<partition>/<offset>/<model name>/<model version>", as a
-    %-format of the offset (one C call a record)."""
-    prefix = f"{run.topic}/{run.partition}/".encode().replace(b"%", b"%%")
-    return prefix + b"%d" + f"/{identity.name}/{identity.version}".encode().replace(b"%", b"%%")
-
-
 def _missing_message(features: Iterable[str], row_missing: np.ndarray) -> str:
     names = [name for name, missing in zip(features, row_missing, strict=True) if missing]
     return f"record lacks feature(s) the model needs: {', '.join(names)}"
@@ -761,7 +754,9 @@ class ShardScorer:
         event_times = run.event_time_ms if rows is None else run.event_time_ms[rows]
         values = prediction.values if rows is None else prediction.values[rows]
         record_ids = run.record_ids if rows is None else [run.record_ids[i] for i in rows]
-        keys = list(map(_key_format(run, identity).__mod__, offsets.tolist()))
+        keys = wire.output_keys(
+            run.topic, run.partition, identity.name, identity.version, offsets.tolist()
+        )
         if prediction.labels is None:
             encoded = wire.regression_records(
                 shared, keys, record_ids, offsets, event_times, values

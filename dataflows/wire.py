@@ -14,7 +14,7 @@ back to the same message as protobuf's own encoding, edge values included.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -63,6 +63,16 @@ def _varint_bytes(values: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     # Every byte but the last of each varint has its continuation bit set.
     groups |= (lengths[:, None] - 1 > _BYTE_INDEX).view(np.uint8) << 7
     return groups, used
+
+
+def output_keys(
+    topic: str, partition: int, model_name: str, model_version: str, offsets: Iterable[int]
+) -> list[bytes]:
+    """The records' output keys, "<topic>/<partition>/<offset>/<model name>/<model
+    version>": one %-format call per offset."""
+    prefix = f"{topic}/{partition}/".encode().replace(b"%", b"%%")
+    key_format = prefix + b"%d" + f"/{model_name}/{model_version}".encode().replace(b"%", b"%%")
+    return list(map(key_format.__mod__, offsets))
 
 
 def _fixed_varints(values: np.ndarray) -> np.ndarray | None:

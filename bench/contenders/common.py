@@ -104,6 +104,14 @@ def produce(producer: Producer, topic: str, key: bytes | None, value: bytes | No
             producer.poll(0.01)
 
 
+def is_json(headers: object) -> bool:
+    """Whether a message's headers (`Message.headers()`) say its content type is JSON."""
+    for name, value in headers if isinstance(headers, list) else ():
+        if name == "content-type":
+            return bool(value == b"application/json")
+    return False
+
+
 def stop_on_sigterm() -> None:
     """Turn SIGTERM into KeyboardInterrupt, so the loop's `finally` flushes either way."""
 

@@ -26,7 +26,7 @@ import os
 import socket
 import time
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 import msgspec
 import numpy as np
@@ -37,7 +37,6 @@ from bench.contenders import common
 from dataflows import wire
 from protos import waxserve_pb2 as pb
 
-CONTENT_TYPE_JSON = b"application/json"
 Scored = tuple[bytes, bytes]
 
 
@@ -103,8 +102,7 @@ class EssentialScorer:
             scored_by=self._scored_by,
         ).SerializeToString()
         event_times = np.fromiter((r.event_time_ms for r in records), np.int64, n)
-        key_format = _key_format(self._topic, partition, self._name, self._version)
-        keys = list(map(key_format.__mod__, offsets))
+        keys = wire.output_keys(self._topic, partition, self._name, self._version, offsets)
         encoded = wire.regression_records(
             shared,
             keys,
@@ -151,22 +149,8 @@ def _json_only(messages: list[Message]) -> list[Message]:
     as waxserve does (a producer sends the same headers on every message)."""
     headers = list(map(Message.headers, messages))
     if headers and headers.count(headers[0]) == len(headers):
-        return messages if _is_json(headers[0]) else []
-    return [m for m, h in zip(messages, headers, strict=True) if _is_json(h)]
-
-
-def _key_format(topic: str, partition: int, name: str, version: str) -> bytes:
-    """waxserve's output key, "<topic>/<partition>/<offset>/<model>/<version>", as a
-    format of the offset."""
-    prefix = f"{topic}/{partition}/".encode().replace(b"%", b"%%")
-    return prefix + b"%d" + f"/{name}/{version}".encode().replace(b"%", b"%%")
-
-
-def _is_json(headers: Any) -> bool:
-    for name, value in headers or ():
-        if name.lower() == "content-type":
-            return bytes(value).split(b";")[0].strip().lower() == CONTENT_TYPE_JSON
-    return False
+        return messages if common.is_json(headers[0]) else []
+    return [m for m, h in zip(messages, headers, strict=True) if common.is_json(h)]
 
 
 if __name__ == "__main__":

@@ -43,7 +43,7 @@ def main() -> None:
             for msg in messages:
                 value = msg.value()
                 if msg.error() is None and value is not None:
-                    if read_headers and not _is_json(msg.headers()):
+                    if read_headers and not common.is_json(msg.headers()):
                         continue
                     keys.append(msg.key())
                     records.append(orjson.loads(value))
@@ -65,13 +65,6 @@ def main() -> None:
     finally:
         producer.flush(30)
         consumer.close()
-
-
-def _is_json(headers: object) -> bool:
-    for name, value in headers if isinstance(headers, list) else ():
-        if name == "content-type":
-            return value == b"application/json"
-    return False
 
 
 if __name__ == "__main__":
