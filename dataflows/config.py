@@ -21,8 +21,19 @@ class Config:
     """
 
     brokers: str = "127.0.0.1:19092"
-    models_topic: str = "waxserve-models"
-    records_topic: str = "waxserve-records"
+    # Contracts, model descriptors and serving commands, keyed by data type; one partition.
+    control_topic: str = "waxserve-control"
+    # The record topics, comma-separated; `topic=data_type` gives a topic's default data type.
+    records_topics: str = "waxserve-records"
+    # Where a record's data type comes from, tried in order: `header` (data_type_header),
+    # `key` (the message key), `field` (a JSON record's data_type_field), `topic` (the
+    # topic's default in records_topics). A record with none is a dead letter.
+    data_type_from: str = "header,field,topic"
+    data_type_header: str = "data-type"
+    data_type_field: str = "data_type"
+    # A Confluent-API schema registry for Confluent-framed Avro records whose schema id is
+    # not their contract's; empty: such records are dead letters.
+    schema_registry_url: str = ""
     scored_topic: str = "waxserve-scored"
     stats_topic: str = "waxserve-stats"
     drift_topic: str = "waxserve-drift"
@@ -62,6 +73,17 @@ class Config:
     kafka: Mapping[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        from dataflows.records import DATA_TYPE_SOURCES
+
+        if not self.record_topic_defaults:
+            raise ConfigError("records_topics names no topic")
+        sources = self.data_type_sources
+        unknown = [s for s in sources if s not in DATA_TYPE_SOURCES]
+        if unknown or not sources:
+            raise ConfigError(
+                f"data_type_from={self.data_type_from!r}: each of "
+                f"{', '.join(DATA_TYPE_SOURCES)}, comma-separated"
+            )
         if self.shards < 1:
             raise ConfigError(f"shards must be >= 1, got {self.shards}")
         if self.batch_size < 1:
@@ -94,6 +116,26 @@ class Config:
     def client_config(self) -> dict[str, str | int | float | bool]:
         """librdkafka settings shared by every consumer and producer (brokers, SASL, TLS)."""
         return {"bootstrap.servers": self.brokers, **self.kafka}
+
+    @property
+    def record_topic_defaults(self) -> dict[str, str]:
+        """Each record topic with its default data type ("" when it has none)."""
+        out: dict[str, str] = {}
+        for item in self.records_topics.split(","):
+            topic, _, data_type = item.strip().partition("=")
+            if topic.strip():
+                out[topic.strip()] = data_type.strip()
+        return out
+
+    @property
+    def records_topic(self) -> str:
+        """The first record topic: where tools send records unless told otherwise."""
+        return next(iter(self.record_topic_defaults))
+
+    @property
+    def data_type_sources(self) -> tuple[str, ...]:
+        """data_type_from as a tuple."""
+        return tuple(s.strip() for s in self.data_type_from.split(",") if s.strip())
 
     @property
     def output_topics(self) -> tuple[str, ...]:

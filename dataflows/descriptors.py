@@ -45,12 +45,13 @@ def make_descriptor(
     *,
     name: str,
     version: str,
-    data_type: str = "wine",
+    data_type: str,
     description: str = "",
     input_features: Sequence[str] = (),
     profile: pb.ReferenceProfile | None = None,
     by_reference: bool = False,
     created_at_ms: int | None = None,
+    contract_version: int = 0,
 ) -> pb.ModelDescriptor:
     """A descriptor for a model file: by value (bytes inside) or by `file://` reference."""
     model_bytes = model_path.read_bytes()
@@ -63,6 +64,7 @@ def make_descriptor(
         sha256=sha256_hex(model_bytes),
         created_at_ms=int(time.time() * 1000) if created_at_ms is None else created_at_ms,
         input_features=list(input_features),
+        contract_version=contract_version,
     )
     if by_reference:
         desc.location = model_path.resolve().as_uri()
@@ -82,7 +84,7 @@ class CatalogEntry:
     version: str
     format: str
     task: str
-    data_type: str = "wine"
+    data_type: str
     description: str = ""
     input_features: tuple[str, ...] = ()
     profile: str = ""
@@ -111,6 +113,19 @@ class CatalogEntry:
             profile=profile,
             by_reference=by_reference,
         )
+
+
+def control_message(body: pb.ModelDescriptor | pb.DataContract) -> bytes:
+    """A descriptor or contract as the control topic carries it."""
+    if isinstance(body, pb.ModelDescriptor):
+        return pb.ControlMessage(model=body).SerializeToString()
+    return pb.ControlMessage(contract=body).SerializeToString()
+
+
+def catalog_contracts(models_dir: Path = MODELS_DIR) -> dict[str, Path]:
+    """The contract files listed in `<models_dir>/catalog.json`, by data type."""
+    doc = json.loads((models_dir / "catalog.json").read_text())
+    return {c["data_type"]: models_dir / c["file"] for c in doc.get("contracts", [])}
 
 
 def load_catalog(models_dir: Path = MODELS_DIR) -> dict[str, CatalogEntry]:

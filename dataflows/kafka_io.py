@@ -246,22 +246,26 @@ class _BatchPartition(StatefulSourcePartition[SourceBatch, int]):
 
 
 class KafkaBatchSource(FixedPartitionedSource[SourceBatch, int]):
-    """Reads one topic, one Bytewax partition per Kafka partition, one item per consume().
+    """Reads topics, one Bytewax partition ("<topic>/<n>") per Kafka partition, one item
+    per consume().
 
     Starts at the beginning of each partition (or where the snapshot says); with
     `config.stop_at_end` it stops at the end instead of tailing.
     """
 
-    def __init__(self, config: Config, topic: str) -> None:
+    def __init__(self, config: Config, topics: str | list[str]) -> None:
         self._config = config
-        self._topic = topic
+        self._topics = [topics] if isinstance(topics, str) else list(topics)
 
     def list_parts(self) -> list[str]:
-        return [str(p) for p in topic_partitions(self._config, self._topic)]
+        return [
+            f"{topic}/{p}" for topic in self._topics for p in topic_partitions(self._config, topic)
+        ]
 
     def build_part(self, step_id: str, for_part: str, resume_state: int | None) -> _BatchPartition:
         offset = OFFSET_BEGINNING if resume_state is None else resume_state
-        return _BatchPartition(self._config, self._topic, int(for_part), offset, step_id)
+        topic, _, partition = for_part.rpartition("/")
+        return _BatchPartition(self._config, topic, int(partition), offset, step_id)
 
 
 class _SharedProducer:
@@ -373,8 +377,8 @@ class KafkaBatchSink(FixedPartitionedSink[list[OutMessage], None]):
 def kafka_sources(config: Config) -> dict[str, KafkaBatchSource]:
     """The dataflow's inputs on Kafka."""
     return {
-        "models": KafkaBatchSource(config, config.models_topic),
-        "records": KafkaBatchSource(config, config.records_topic),
+        "control": KafkaBatchSource(config, config.control_topic),
+        "records": KafkaBatchSource(config, list(config.record_topic_defaults)),
     }
 
 

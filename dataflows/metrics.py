@@ -18,6 +18,17 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from dataflows.descriptors import FORMAT_NAMES
+from dataflows.events import (
+    BatchScored,
+    ContractInstalled,
+    ControlRejected,
+    DeadLettered,
+    DriftClosed,
+    Event,
+    ModelInstalled,
+    RecordsReceived,
+)
+from dataflows.reasons import STAGE_REASONS
 from protos import waxserve_pb2 as pb
 
 LATENCY_BUCKETS = (
@@ -156,23 +167,8 @@ DEAD_LETTERS = Counter(
     "Inputs sent to the dead-letter topic, by stage and error class.",
     ["stage", "reason"],
 )
-DEAD_LETTER_CLASSES: tuple[tuple[str, str], ...] = (
-    *(("decode", r) for r in ("undecodable", "non_numeric", "non_finite", "bad_csv")),
-    *(("score", r) for r in ("missing_feature", "no_model", "score_failed", "invalid_prediction")),
-    *(
-        ("model", r)
-        for r in (
-            "bad_descriptor",
-            "unsupported_model",
-            "no_model",
-            "location_rejected",
-            "location_unreadable",
-            "digest_mismatch",
-            "load_failed",
-            "bad_inputs",
-            "bad_profile",
-        )
-    ),
+DEAD_LETTER_CLASSES: tuple[tuple[str, str], ...] = tuple(
+    (str(stage), str(reason)) for stage, reasons in STAGE_REASONS.items() for reason in reasons
 )
 """Every (stage, reason) a dead letter can have."""
 # Exported at 0 from the start: rate() and increase() cannot see a counter's first event
@@ -209,3 +205,49 @@ def drift_window_closed(message: pb.DriftMetrics) -> None:
             feature.mean_shift_sigmas
         )
     DRIFT_ALARM.labels(message.data_type, model).set(1 if message.alarm else 0)
+
+
+CONTRACT_INSTALLS = Counter(
+    "waxserve_contract_installs",
+    "Data contracts installed by the registry.",
+    ["data_type"],
+)
+
+
+def on_event(event: Event) -> None:
+    """Update the metrics an event concerns: the event bus's Prometheus subscriber."""
+    match event:
+        case BatchScored(identity=identity, scored=scored, rows=rows, seconds=seconds):
+            labels = (identity.data_type, identity.name, identity.version)
+            RECORDS_SCORED.labels(*labels).inc(scored)
+            SCORING_LATENCY.labels(identity.data_type, identity.name).observe(seconds / rows)
+            BATCH_SIZE.labels(identity.data_type).observe(rows)
+            END_TO_END_LAG.observe_many((identity.data_type,), event.lags_s)
+            quality = event.quality
+            if quality is not None:
+                LABELLED_RECORDS.labels(*labels).inc(quality.labelled)
+                SQUARED_ERROR.labels(*labels).inc(quality.squared_error)
+                if quality.correct is not None:
+                    CORRECT_PREDICTIONS.labels(*labels).inc(quality.correct)
+        case RecordsReceived(data_type=data_type, count=count):
+            RECORDS_RECEIVED.labels(data_type).inc(count)
+        case ModelInstalled(identity=identity, restored=restored):
+            if not restored:
+                MODEL_INSTALLS.labels(identity.data_type).inc()
+            model_installed(
+                identity.data_type,
+                identity.name,
+                identity.version,
+                identity.sha256,
+                identity.format,
+            )
+        case ControlRejected(data_type=data_type, reason=reason):
+            MODEL_REJECTIONS.labels(data_type, reason).inc()
+        case ContractInstalled(data_type=data_type):
+            CONTRACT_INSTALLS.labels(data_type).inc()
+        case DeadLettered(stage=stage, reason=reason):
+            DEAD_LETTERS.labels(stage, reason).inc()
+        case DriftClosed(message=message):
+            drift_window_closed(message)
+        case _:
+            pass

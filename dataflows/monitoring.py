@@ -22,8 +22,7 @@ PSI_EPSILON = 1e-4
 class DriftReference:
     """Reference bins of the features a model's training data had (from its descriptor)."""
 
-    features: tuple[str, ...]
-    columns: tuple[int, ...]  # column of each feature in RecordColumns.features
+    features: tuple[str, ...]  # contract fields, all numeric
     edges: tuple[np.ndarray, ...]  # inner bin edges per feature
     expected: tuple[np.ndarray, ...]  # expected fraction per bin per feature
     means: np.ndarray
@@ -62,16 +61,15 @@ class DriftAccumulator:
         )
 
     def add(self, reference: DriftReference, features: np.ndarray) -> None:
-        """Count the rows of a (n, len(WINE_FEATURES)) feature matrix.
+        """Count the rows of a (n, len(reference.features)) matrix of the reference's features.
 
         A record may lack a feature that its model does not use (NaN): it counts for the
         features it has, so each feature's bins hold the records that had it.
         """
         if len(features) == 0:
             return
-        # One copy of the reference's columns, feature-major: searchsorted then reads
-        # contiguous rows, and the sums are one call.
-        values = features[:, list(reference.columns)].T
+        # Feature-major: searchsorted then reads contiguous rows, and the sums are one call.
+        values = np.ascontiguousarray(features.T)
         absent = np.isnan(values)
         lacking = absent.any(axis=1).tolist()  # per feature
         for i, (edges, column) in enumerate(zip(reference.edges, values, strict=True)):
@@ -101,6 +99,7 @@ class StatsAccumulator:
     max_s: float = 0.0
     labelled: int = 0
     squared_error: float = 0.0
+    squared_count: int = 0  # labelled records with a numeric label and prediction
     correct: int = 0
     classifier: bool = False
 
@@ -114,10 +113,14 @@ class StatsAccumulator:
         self.min_s = min(self.min_s, per_record)
         self.max_s = max(self.max_s, per_record)
 
-    def add_labelled(self, n: int, squared_error: float, correct: int | None) -> None:
-        """n labelled records; `correct` is None for regressors."""
+    def add_labelled(
+        self, n: int, squared_error: float, correct: int | None, squared_count: int | None = None
+    ) -> None:
+        """n labelled records; `correct` is None for regressors; `squared_error` is over
+        `squared_count` of them (default: all n), those whose label is a number."""
         self.labelled += n
         self.squared_error += squared_error
+        self.squared_count += n if squared_count is None else squared_count
         if correct is not None:
             self.classifier = True
             self.correct += correct
@@ -125,7 +128,9 @@ class StatsAccumulator:
     @property
     def rmse(self) -> float | None:
         """Root mean squared error over the labelled records; None without any."""
-        return math.sqrt(self.squared_error / self.labelled) if self.labelled else None
+        if not self.squared_count:
+            return None
+        return math.sqrt(self.squared_error / self.squared_count)
 
     @property
     def accuracy(self) -> float | None:
@@ -139,7 +144,10 @@ class StatsAccumulator:
         self.min_s = min(self.min_s, other.min_s)
         self.max_s = max(self.max_s, other.max_s)
         self.add_labelled(
-            other.labelled, other.squared_error, other.correct if other.classifier else None
+            other.labelled,
+            other.squared_error,
+            other.correct if other.classifier else None,
+            other.squared_count,
         )
 
 

@@ -1,10 +1,10 @@
 """The building blocks `waxserve` commands share for talking to the topics.
 
-`waxserve replay` and the demo's replay thread send the lines of a wine CSV file with them
-(`csv_lines`, `encode_line`, `Pacer`, `produce`, `DeliveryReport`); `waxserve publish` and
-the demo publish models with `send_descriptor`; `waxserve tail` and the demo decode output
-messages with `PROTO_TYPES` and `header_pairs`. Failures a command reports as one line are
-`CliError`s.
+`waxserve replay` and the demo's replay thread send the lines of a CSV file as records of a
+data type with them (`csv_lines`, `RecordEncoder`, `Pacer`, `produce`, `DeliveryReport`);
+`waxserve publish`, `waxserve contract publish` and the demo publish with `send_control`;
+`waxserve tail` and the demo decode output messages with `PROTO_TYPES` and `header_pairs`.
+Failures a command reports as one line are `CliError`s.
 """
 
 from __future__ import annotations
@@ -20,19 +20,15 @@ from google.protobuf.message import Message as ProtoMessage
 
 from dataflows.broker import ensure_topic, kafka_settings
 from dataflows.config import Config
-from dataflows.records import (
-    CONTENT_TYPE_CSV,
-    CONTENT_TYPE_HEADER,
-    CONTENT_TYPE_JSON,
-    RecordError,
-    parse_csv_line,
-    record_to_json,
-    wine_record,
-)
+from dataflows.contracts.codecs import Codec, codec_for
+from dataflows.contracts.codecs.base import Decoded
+from dataflows.contracts.schema import CONTENT_TYPES, Contract, CsvOptions, Encoding, FieldType
+from dataflows.descriptors import control_message
+from dataflows.records import CONTENT_TYPE_HEADER
 from protos import waxserve_pb2 as pb
 
 FLUSH_TIMEOUT_S = 30.0
-TOPIC_ALIASES = ("models", "records", "scored", "stats", "drift", "events", "dlq")
+TOPIC_ALIASES = ("control", "records", "scored", "stats", "drift", "events", "dlq")
 """Short names `tail` accepts for the configured topics."""
 
 PROTO_TYPES: dict[str, type[ProtoMessage]] = {
@@ -120,28 +116,84 @@ def count_lines(path: Path, header: bool) -> int:
 
 OutHeaders = list[tuple[str, str | bytes | None]]
 """Headers of a produced message."""
-_CSV_HEADERS: OutHeaders = [(CONTENT_TYPE_HEADER, CONTENT_TYPE_CSV.encode())]
-_JSON_HEADERS: OutHeaders = [(CONTENT_TYPE_HEADER, CONTENT_TYPE_JSON.encode())]
+
+CONTENT_TYPE_OF: dict[Encoding, str] = {}
+for _name, _encoding in CONTENT_TYPES.items():
+    CONTENT_TYPE_OF.setdefault(_encoding, _name)
+"""The content-type header value of each encoding."""
 
 
-def encode_line(
-    raw: bytes, *, fmt: str, record_id: str, data_type: str, event_time_ms: int
-) -> tuple[bytes, OutHeaders | None, bool]:
-    """A CSV line as a records-topic message: value, headers, and whether it parsed.
+def row_values(contract: Contract, decoded: Decoded, i: int) -> dict[str, object]:
+    """Record i of decoded columns as field values (absent fields left out)."""
+    row: dict[str, object] = {}
+    numbers = decoded.numeric[i].tolist()
+    for name, value in zip(contract.numeric_fields, numbers, strict=True):
+        if value != value:  # NaN: absent
+            continue
+        kind = contract.field_named(name).type
+        row[name] = (
+            int(value)
+            if kind is FieldType.INTEGER
+            else bool(value)
+            if kind is FieldType.BOOLEAN
+            else value
+        )
+    for name, text in zip(contract.text_fields, decoded.text[i].tolist(), strict=True):
+        if text is not None:
+            row[name] = text
+    return row
 
-    A line that does not parse goes out as its raw bytes marked text/csv, whatever `fmt`,
-    so that the dataflow dead-letters it instead of it being lost here.
+
+class RecordEncoder:
+    """Turns the lines of a CSV data file into records-topic messages of one data type.
+
+    A line is read with the contract's fields as the file's columns (`columns`, default the
+    contract's CSV columns; `delimiter`, default the contract's), given the record id and
+    event time the contract's id and event-time fields ask for when the file has none, and
+    encoded in `encoding` (default the contract's own). Each message carries a `data-type`
+    header and, unless it is in the contract's own encoding, a content-type header. A line
+    that does not read goes out as its raw bytes marked text/csv, so that the dataflow
+    dead-letters it with the reason instead of it being lost here.
     """
-    try:
-        values = parse_csv_line(raw.decode("utf-8"))
-    except (RecordError, UnicodeDecodeError):
-        return raw, _CSV_HEADERS, False
-    if fmt == "csv":
-        return raw, _CSV_HEADERS, True
-    msg = wine_record(values, record_id=record_id, data_type=data_type, event_time_ms=event_time_ms)
-    if fmt == "json":
-        return record_to_json(msg), _JSON_HEADERS, True
-    return msg.SerializeToString(), None, True
+
+    def __init__(
+        self,
+        contract: Contract,
+        *,
+        encoding: Encoding | None = None,
+        delimiter: str | None = None,
+        columns: tuple[str, ...] | None = None,
+        data_type_header: str = "data-type",
+    ) -> None:
+        self.contract = contract
+        self.encoding = encoding or contract.encoding
+        csv = CsvOptions(
+            delimiter or contract.csv.delimiter, columns or contract.csv_columns, False
+        )
+        self._reader = codec_for(dataclasses.replace(contract, csv=csv), Encoding.CSV)
+        self._writer: Codec = codec_for(contract, self.encoding)
+        type_header = (data_type_header, contract.data_type.encode())
+        self._headers: OutHeaders = [type_header]
+        if self.encoding is not contract.encoding:
+            self._headers.append((CONTENT_TYPE_HEADER, CONTENT_TYPE_OF[self.encoding].encode()))
+        self._raw_headers: OutHeaders = [type_header, (CONTENT_TYPE_HEADER, b"text/csv")]
+
+    def encode(
+        self, raw: bytes, *, record_id: str, event_time_ms: int
+    ) -> tuple[bytes, OutHeaders, bool]:
+        """A line as a message: value, headers, and whether it read."""
+        decoded = self._reader.decode([raw])
+        if decoded.errors:
+            return raw, self._raw_headers, False
+        row = row_values(self.contract, decoded, 0)
+        id_field, time_field = self.contract.id_field, self.contract.event_time_field
+        if id_field and id_field not in row:
+            kind = self.contract.field_named(id_field).type
+            if kind is FieldType.STRING:
+                row[id_field] = record_id
+        if time_field and time_field not in row:
+            row[time_field] = event_time_ms
+        return self._writer.encode([row])[0], self._headers, True
 
 
 @dataclasses.dataclass
@@ -180,10 +232,12 @@ def produce(
             raise CliError(f"cannot produce to {topic}: {exc}") from None
 
 
-def send_descriptor(config: Config, desc: pb.ModelDescriptor) -> Message:
-    """Produce a descriptor to the models topic (key: its data type) and wait for delivery."""
-    value = desc.SerializeToString()
-    ensure_topic(config, config.models_topic, 1)
+def send_control(config: Config, body: pb.ModelDescriptor | pb.DataContract) -> Message:
+    """Produce a descriptor or a contract to the control topic (key: its data type) and
+    wait for delivery."""
+    value = control_message(body)
+    what = "descriptor" if isinstance(body, pb.ModelDescriptor) else "contract"
+    ensure_topic(config, config.control_topic, 1)
     producer = Producer(
         kafka_settings(
             config,
@@ -197,21 +251,26 @@ def send_descriptor(config: Config, desc: pb.ModelDescriptor) -> Message:
     outcome: list[tuple[KafkaError | None, Message]] = []
     try:
         producer.produce(
-            config.models_topic,
+            config.control_topic,
             value=value,
-            key=desc.data_type.encode(),
+            key=body.data_type.encode(),
             on_delivery=lambda err, msg: outcome.append((err, msg)),
         )
     except (KafkaException, BufferError) as exc:
-        raise CliError(f"cannot produce the descriptor: {exc}") from None
+        raise CliError(f"cannot produce the {what}: {exc}") from None
     if producer.flush(FLUSH_TIMEOUT_S) or not outcome:
         raise CliError(
-            f"the descriptor was not delivered to {config.brokers} within {FLUSH_TIMEOUT_S:g} s"
+            f"the {what} was not delivered to {config.brokers} within {FLUSH_TIMEOUT_S:g} s"
         )
     err, msg = outcome[0]
     if err is not None:
-        raise CliError(f"the broker refused the descriptor: {err.name()}: {err.str()}")
+        raise CliError(f"the broker refused the {what}: {err.name()}: {err.str()}")
     return msg
+
+
+def send_descriptor(config: Config, desc: pb.ModelDescriptor) -> Message:
+    """Produce a model descriptor to the control topic and wait for delivery."""
+    return send_control(config, desc)
 
 
 # --- consuming ---------------------------------------------------------------------------

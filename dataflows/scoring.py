@@ -1,482 +1,61 @@
-"""The model registry and the shard scorer: the per-batch logic of waxserve, without Bytewax.
+"""The shard scorer: the per-batch logic of the `serve` step, without Bytewax.
 
-`Registry` (one per data type) validates descriptors and decides which model serves.
-`ShardScorer` (one per "<data_type>#<shard>" key) receives, in arrival order, the models
-the registry installs and the records of its shard, and scores each run of records
-between two model changes with one vectorized model call.
+A shard ("<data_type>#<n>") receives, in arrival order, the contract and models its data
+type's registry installs and the raw record runs of its source partitions. It holds the
+contract and the model; a run is decoded with the contract's codecs and scored with one
+vectorized model call. Runs that arrive before their data type's contract or model wait
+(`HeldRecords`), within bounds. Windows of stats and drift are `ShardWindows`; the scored
+records' bytes come from `dataflows.scored`; metrics and queryable state hear about it
+through events.
 """
 
 from __future__ import annotations
 
-import collections
-import functools
-import itertools
+import copy
 import logging
-import math
 import os
 import socket
-import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable, Iterable
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
-from urllib.parse import unquote, urlparse
 
 import numpy as np
 
-from dataflows import metrics, wire
-from dataflows.descriptors import FORMAT_NAMES, sha256_hex
+from dataflows.contracts.schema import Contract
+from dataflows.events import (
+    NO_EVENTS,
+    BatchScored,
+    EventBus,
+    ModelServing,
+    Quality,
+    RecordsReceived,
+)
 from dataflows.monitoring import (
     DriftAccumulator,
     DriftPartial,
-    DriftReference,
     ModelIdentity,
     StatsAccumulator,
     StatsPartial,
     window_start,
 )
-from dataflows.records import (
-    WINE_FEATURES,
-    DeadLetter,
-    OutMessage,
-    RecordColumns,
-    feature_columns,
-    record_field_for,
+from dataflows.reasons import Reason, Stage
+from dataflows.records import DeadLetter, OutMessage, RawRun, RecordColumns, record_columns
+from dataflows.registry import (
+    CODECS,
+    RUNTIMES,
+    CodecCache,
+    ContractInstall,
+    Install,
+    ModelInstall,
+    ModelSpec,
+    RuntimeCache,
 )
-from dataflows.runtimes import (
-    ModelError,
-    ModelRuntime,
-    Prediction,
-    load_runtime,
-)
-from dataflows.state import PROCESS_STATE, ProcessState
-from protos import waxserve_pb2 as pb
+from dataflows.runtimes import ModelError, ModelRuntime, Prediction
+from dataflows.scored import scored_messages
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
-"""Seconds since the epoch; injectable so tests control windows."""
-
-
-# --- installed models ------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """A validated model: everything shards need except the bytes."""
-
-    identity: ModelIdentity
-    input_features: tuple[str, ...]  # record fields, in the model's input column order
-    reference: DriftReference | None
-    created_at_ms: int
-    declared_inputs: tuple[str, ...] = ()  # the descriptor's input_features, as loaded
-
-    @property
-    def runtime_key(self) -> str:
-        """Key of the loaded runtime in the process cache."""
-        return runtime_key(self.identity.sha256, self.declared_inputs)
-
-    @property
-    def columns(self) -> list[int]:
-        """Columns of `RecordColumns.features` that feed the model, in its order."""
-        return feature_columns(self.input_features)
-
-
-@dataclass(frozen=True)
-class ModelInstall:
-    """The registry's word to every shard of a data type: serve this model from now on."""
-
-    spec: ModelSpec
-    model_bytes: bytes
-    restored: bool = False  # re-sent after a resume, not a new model
-
-
-@dataclass(frozen=True)
-class DescriptorIn:
-    """A decoded descriptor with where it came from."""
-
-    descriptor: pb.ModelDescriptor
-    topic: str
-    partition: int
-    offset: int
-    key: bytes | None
-    raw: bytes
-
-    @property
-    def data_type(self) -> str:
-        """The data type the descriptor is for."""
-        return self.descriptor.data_type
-
-    def dead_letter(self, reason: str, message: str) -> DeadLetter:
-        """Dead letter for this descriptor, as it arrived."""
-        return DeadLetter(
-            stage="model",
-            reason=reason,
-            message=message,
-            topic=self.topic,
-            partition=self.partition,
-            offset=self.offset,
-            key=self.key,
-            value=self.raw,
-            data_type=self.data_type,
-        )
-
-
-def runtime_key(sha256: str, declared_inputs: Iterable[str]) -> str:
-    """Cache key of a runtime: the same bytes with other declared inputs are another model."""
-    return sha256 + "|" + ",".join(declared_inputs)
-
-
-class RuntimeCache:
-    """Loaded runtimes of this process, by model digest and declared inputs: each model
-    loads once per process.
-
-    Shards of one data type share the session (onnxruntime and our PMML runtime are safe
-    to call from several worker threads). Evicted runtimes are not closed: a shard may
-    still hold one; garbage collection frees it when the last holder lets go.
-    """
-
-    def __init__(self, capacity: int = 16) -> None:
-        self._capacity = capacity
-        self._runtimes: OrderedDict[str, ModelRuntime] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def clear(self) -> None:
-        """Forget every loaded runtime (as a new process would start)."""
-        with self._lock:
-            self._runtimes.clear()
-
-    def get(self, key: str) -> ModelRuntime | None:
-        """The loaded runtime for this key, if this process has one."""
-        with self._lock:
-            runtime = self._runtimes.get(key)
-            if runtime is not None:
-                self._runtimes.move_to_end(key)
-            return runtime
-
-    def load(
-        self,
-        sha256: str,
-        model_format: int,
-        model_bytes: bytes,
-        declared_inputs: tuple[str, ...],
-        onnx_threads: int = 1,
-    ) -> ModelRuntime:
-        """The runtime for these bytes and inputs, loading it if this process has not yet."""
-        key = runtime_key(sha256, declared_inputs)
-        runtime = self.get(key)
-        if runtime is not None:
-            return runtime
-        # Load outside the lock: a big model must not stall other workers' lookups.
-        runtime = load_runtime(
-            model_format, model_bytes, list(declared_inputs), onnx_threads=onnx_threads
-        )
-        with self._lock:
-            self._runtimes.setdefault(key, runtime)
-            self._runtimes.move_to_end(key)
-            while len(self._runtimes) > self._capacity:
-                self._runtimes.popitem(last=False)
-            return self._runtimes[key]
-
-
-RUNTIMES = RuntimeCache()
-"""The process-wide runtime cache."""
-
-
-def read_model_bytes(descriptor: pb.ModelDescriptor, model_dir: str) -> bytes:
-    """The model bytes of a descriptor: inline, or read from an allowed file:// location."""
-    which = descriptor.WhichOneof("source")
-    if which == "model_bytes":
-        return descriptor.model_bytes
-    if which != "location":
-        raise ModelError("no_model", "descriptor has neither model_bytes nor location")
-    url = urlparse(descriptor.location)
-    if url.scheme != "file" or url.netloc not in ("", "localhost"):
-        raise ModelError(
-            "location_rejected",
-            f"location {descriptor.location!r}: only file:// locations are supported",
-        )
-    if not model_dir:
-        raise ModelError(
-            "location_rejected",
-            f"location {descriptor.location!r}: no model directory is allowed "
-            "(set WAXSERVE_MODEL_DIR)",
-        )
-    allowed = Path(model_dir).resolve()
-    path = Path(unquote(url.path)).resolve()
-    if not path.is_relative_to(allowed):
-        raise ModelError(
-            "location_rejected",
-            f"location {descriptor.location!r} is outside the allowed model directory {allowed}",
-        )
-    try:
-        return path.read_bytes()
-    except OSError as exc:
-        raise ModelError("location_unreadable", f"{path}: {exc.strerror}") from None
-
-
-def _reference(profile: pb.ReferenceProfile) -> DriftReference | None:
-    """Drift reference from a descriptor's profile, over the features records have."""
-    names, columns, edges, expected, means, stds = [], [], [], [], [], []
-    for feature in profile.features:
-        record_field = record_field_for(feature.name)
-        if record_field is None:
-            continue
-        edge = np.asarray(feature.bin_edges, dtype=np.float64)
-        fractions = np.asarray(feature.expected_fractions, dtype=np.float64)
-        if len(fractions) != len(edge) + 1 or np.any(np.diff(edge) < 0):
-            raise ModelError(
-                "bad_profile",
-                f"reference profile of {feature.name!r}: needs ascending bin_edges and "
-                f"len(bin_edges) + 1 expected_fractions, got {len(edge)} and {len(fractions)}",
-            )
-        names.append(record_field)
-        columns.append(WINE_FEATURES.index(record_field))
-        edges.append(edge)
-        expected.append(fractions)
-        means.append(feature.mean)
-        stds.append(feature.std)
-    if not names:
-        return None
-    return DriftReference(
-        features=tuple(names),
-        columns=tuple(columns),
-        edges=tuple(edges),
-        expected=tuple(expected),
-        means=np.asarray(means),
-        stds=np.asarray(stds),
-    )
-
-
-def validate_descriptor(
-    descriptor: pb.ModelDescriptor,
-    *,
-    model_dir: str,
-    clock: Clock = time.time,
-    onnx_threads: int = 1,
-    cache: RuntimeCache = RUNTIMES,
-) -> ModelInstall:
-    """Check a descriptor end to end and load its model; ModelError says why not."""
-    for name in ("name", "version", "data_type"):
-        if not getattr(descriptor, name):
-            raise ModelError("bad_descriptor", f"descriptor has no {name}")
-    if descriptor.format not in FORMAT_NAMES:
-        raise ModelError("unsupported_model", f"unknown model format {descriptor.format}")
-    model_bytes = read_model_bytes(descriptor, model_dir)
-    digest = sha256_hex(model_bytes)
-    if digest != descriptor.sha256.lower():
-        raise ModelError(
-            "digest_mismatch",
-            f"sha256 of the model bytes is {digest}, the descriptor says {descriptor.sha256!r}",
-        )
-    declared = tuple(descriptor.input_features)
-    runtime = cache.load(digest, descriptor.format, model_bytes, declared, onnx_threads)
-    fields = []
-    for model_input in runtime.input_names:
-        record_field = record_field_for(model_input)
-        if record_field is None:
-            raise ModelError(
-                "bad_inputs",
-                f"model input {model_input!r} matches no {descriptor.data_type} record field "
-                f"(record fields: {', '.join(WINE_FEATURES)})",
-            )
-        fields.append(record_field)
-    reference = (
-        _reference(descriptor.reference_profile)
-        if descriptor.HasField("reference_profile")
-        else None
-    )
-    identity = ModelIdentity(
-        data_type=descriptor.data_type,
-        name=descriptor.name,
-        version=descriptor.version,
-        sha256=digest,
-        description=descriptor.description,
-        format=descriptor.format,
-        # Stamped after loading: "installed at" is when the model could first serve.
-        since_ms=int(clock() * 1000),
-    )
-    spec = ModelSpec(identity, tuple(fields), reference, descriptor.created_at_ms, declared)
-    return ModelInstall(spec, model_bytes)
-
-
-def model_event(
-    kind: str,
-    identity: ModelIdentity | None,
-    now_ms: int,
-    *,
-    source: DescriptorIn | None = None,
-    reason: str = "",
-    message: str = "",
-) -> pb.ModelEvent:
-    """An events-topic message."""
-    event = pb.ModelEvent(kind=kind, reason=reason, message=message, at_ms=now_ms)
-    if identity is not None:
-        event.data_type = identity.data_type
-        event.model_name = identity.name
-        event.model_version = identity.version
-        event.model_sha256 = identity.sha256
-    if source is not None:
-        d = source.descriptor
-        event.data_type = d.data_type
-        event.model_name = event.model_name or d.name
-        event.model_version = event.model_version or d.version
-        event.model_sha256 = event.model_sha256 or d.sha256
-        event.source_topic = source.topic
-        event.source_partition = source.partition
-        event.source_offset = source.offset
-    return event
-
-
-# --- the registry ------------------------------------------------------------------------
-
-
-RegistryOut = ModelInstall | pb.ModelEvent | DeadLetter
-
-
-@dataclass
-class RegistryState:
-    """What the registry snapshots: the serving model (with its bytes), and descriptors
-    read but still loading, which a resume loads again."""
-
-    current: ModelInstall | None = None
-    loading: list[DescriptorIn] = field(default_factory=list)
-
-
-_LOADER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="waxserve-model-load")
-"""Loads ONNX models off the worker thread (a big model takes seconds), so the records of
-every data type keep being scored meanwhile."""
-
-
-class Registry:
-    """Which model serves one data type. Touched only by descriptors, so it snapshots
-    only when a model changes; it holds the model bytes so that whichever process
-    resumes a shard can rebuild the model from them.
-
-    Descriptors are validated and loaded in the background (PMML: on the worker), in
-    arrival order; the old model serves until the new one is ready. `collect()` returns
-    what has finished.
-    """
-
-    def __init__(
-        self,
-        state: RegistryState | ModelInstall | None,
-        *,
-        model_dir: str,
-        clock: Clock = time.time,
-        onnx_threads: int = 1,
-    ) -> None:
-        if not isinstance(state, RegistryState):  # None, or a snapshot from before loading
-            state = RegistryState(state)
-        self.current = state.current
-        self.resumed = state.current is not None or bool(state.loading)
-        self._model_dir = model_dir
-        self._clock = clock
-        self._onnx_threads = onnx_threads
-        self._loading: collections.deque[tuple[DescriptorIn, Future[ModelInstall]]] = (
-            collections.deque()
-        )
-        for item in state.loading:
-            self._load(item)
-
-    @property
-    def loading(self) -> bool:
-        """Whether descriptors are still being validated and loaded."""
-        return bool(self._loading)
-
-    def snapshot(self) -> RegistryState:
-        """The registry's state for Bytewax's snapshots (immutable parts only)."""
-        return RegistryState(self.current, [item for item, _ in self._loading])
-
-    def _load(self, item: DescriptorIn) -> None:
-        load = functools.partial(
-            validate_descriptor,
-            item.descriptor,
-            model_dir=self._model_dir,
-            clock=self._clock,
-            onnx_threads=self._onnx_threads,
-        )
-        if item.descriptor.format != pb.MODEL_FORMAT_PMML:
-            self._loading.append((item, _LOADER.submit(load)))
-            return
-        # PMML runs in an in-process JVM: a loader thread that called into it stays attached,
-        # and the interpreter can crash at exit (seen: SIGSEGV after the tests). PMML loads
-        # on the worker, as it always did.
-        future: Future[ModelInstall] = Future()
-        try:
-            future.set_result(load())
-        except Exception as exc:
-            future.set_exception(exc)
-        self._loading.append((item, future))
-
-    def on_descriptors(self, items: Iterable[DescriptorIn]) -> list[RegistryOut]:
-        """Start loading descriptors; returns whatever has finished loading already."""
-        for item in items:
-            self._load(item)
-        return self.collect()
-
-    def collect(self, *, wait: bool = False) -> list[RegistryOut]:
-        """Installs and rejections of the descriptors that finished, in arrival order
-        (with `wait`, of all of them)."""
-        out: list[RegistryOut] = []
-        while self._loading and (wait or self._loading[0][1].done()):
-            item, future = self._loading.popleft()
-            try:
-                install = future.result()
-            except ModelError as exc:
-                out.extend(self._rejected(item, exc))
-            else:
-                out.extend(self._installed(item, install))
-        return out
-
-    def _rejected(self, item: DescriptorIn, exc: ModelError) -> list[RegistryOut]:
-        now_ms = int(self._clock() * 1000)
-        metrics.MODEL_REJECTIONS.labels(item.data_type, exc.reason).inc()
-        log.warning(
-            "rejected model %s:%s for %s: %s",
-            item.descriptor.name,
-            item.descriptor.version,
-            item.data_type,
-            exc,
-        )
-        return [
-            item.dead_letter(exc.reason, str(exc)),
-            model_event("rejected", None, now_ms, source=item, reason=exc.reason, message=str(exc)),
-        ]
-
-    def _installed(self, item: DescriptorIn, install: ModelInstall) -> list[RegistryOut]:
-        self.current = install
-        identity = install.spec.identity
-        log.info(
-            "installed model %s:%s (%s) for %s",
-            identity.name,
-            identity.version,
-            identity.sha256[:12],
-            item.data_type,
-        )
-        metrics.MODEL_INSTALLS.labels(item.data_type).inc()
-        metrics.model_installed(
-            identity.data_type, identity.name, identity.version, identity.sha256, identity.format
-        )
-        return [install, model_event("installed", identity, identity.since_ms, source=item)]
-
-    def on_resume(self) -> list[RegistryOut]:
-        """After a resume: re-send the current model so every shard can rebuild it."""
-        self.resumed = False
-        if self.current is None:
-            return []
-        restored = ModelInstall(self.current.spec, self.current.model_bytes, restored=True)
-        identity = restored.spec.identity
-        metrics.model_installed(
-            identity.data_type, identity.name, identity.version, identity.sha256, identity.format
-        )
-        now_ms = int(self._clock() * 1000)
-        return [restored, model_event("restored", restored.spec.identity, now_ms)]
-
-
-# --- the shard scorer -------------------------------------------------------------------
 
 
 @dataclass
@@ -490,29 +69,197 @@ class ScoredBatch:
 ShardOut = ScoredBatch | DeadLetter | StatsPartial | DriftPartial
 
 
+# --- state -------------------------------------------------------------------------------
+
+
+@dataclass
+class DataTypeState:
+    """One data type on one shard: its contract and model (identities, not bytes), and the
+    runs waiting for them."""
+
+    contract: Contract | None = None
+    spec: ModelSpec | None = None
+    held: list[RawRun] = field(default_factory=list)
+    held_since_ms: int = 0
+
+
 @dataclass
 class ShardState:
-    """What a shard snapshots: the model's identity (not its bytes), open windows, and
-    records held while no model is loaded (before the first model arrives, or after a
-    resume until the registry re-sends it)."""
+    """What a shard snapshots."""
 
-    spec: ModelSpec | None = None
+    data_types: dict[str, DataTypeState] = field(default_factory=dict)
     stats: dict[tuple[ModelIdentity, int], StatsPartial] = field(default_factory=dict)
     drift: dict[tuple[ModelIdentity, int], DriftPartial] = field(default_factory=dict)
-    pending: list[RecordColumns] = field(default_factory=list)
-    pending_since_ms: int = 0
+
+    def snapshot(self) -> ShardState:
+        """A copy for Bytewax: windows are mutated in place while scoring. Contracts and
+        model specs are immutable and shared; every other field is copied, whatever it is."""
+        return copy.deepcopy(self)
 
     @property
-    def pending_count(self) -> int:
-        """Records held."""
-        return sum(len(run) for run in self.pending)
+    def held_count(self) -> int:
+        """Records held, over all data types."""
+        return sum(len(run) for dt in self.data_types.values() for run in dt.held)
 
 
-def _labelled_quality(
-    prediction: Prediction, labels: np.ndarray
-) -> tuple[int, float, int | None] | None:
-    """(labelled records, sum of squared errors, correct classifications or None for
-    regressors) over the valid predictions of records that carry a label."""
+# --- the pieces --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Binding:
+    """A model bound to a contract's column layout: which columns feed it."""
+
+    spec: ModelSpec
+    runtime: ModelRuntime
+    numeric_columns: list[int]  # numeric matrix columns, in the runtime's numeric order
+    text_columns: list[int]
+    text_names: list[str]
+    categories: list[frozenset[str] | None]  # per text feature, what the model knows
+    reference_columns: list[int] | None  # drift: numeric columns of the reference's features
+
+    @classmethod
+    def of(cls, spec: ModelSpec, runtime: ModelRuntime, contract: Contract) -> Binding:
+        """Bind; KeyError when the contract lacks a field the model reads (the registry
+        refuses such contracts, so this is a bug if it happens)."""
+        numeric, text, names, categories = [], [], [], []
+        for feature, name in zip(spec.features, spec.input_fields, strict=True):
+            column = contract.columns[name]
+            if feature.kind == "numeric":
+                numeric.append(column.index)
+            else:
+                text.append(column.index)
+                names.append(name)
+                categories.append(
+                    frozenset(feature.categories) if feature.categories is not None else None
+                )
+        reference = None
+        if spec.reference is not None:
+            reference = [contract.columns[f].index for f in spec.reference.features]
+        return cls(spec, runtime, numeric, text, names, categories, reference)
+
+
+class HeldRecords:
+    """Runs that wait for their data type's contract or model, within bounds: past the wait
+    or the size limits they are dead letters (no_contract or no_model), not lost."""
+
+    def __init__(self, wait_ms: int, max_records: int, max_bytes: int, clock: Clock) -> None:
+        self._wait_ms = wait_ms
+        self._max_records = max_records
+        self._max_bytes = max_bytes
+        self._clock = clock
+
+    def hold(self, state: ShardState, dt: DataTypeState, run: RawRun) -> list[DeadLetter]:
+        """Hold a run; dead letters when the shard holds too much."""
+        if not dt.held:
+            dt.held_since_ms = int(self._clock() * 1000)
+        dt.held.append(run)
+        held = [r for d in state.data_types.values() for r in d.held]
+        if (
+            sum(map(len, held)) > self._max_records
+            or sum(r.size_bytes for r in held) > self._max_bytes
+        ):
+            return self.release(dt, force=True)
+        return []
+
+    def release(self, dt: DataTypeState, *, force: bool = False) -> list[DeadLetter]:
+        """Dead-letter the data type's held runs once they have waited too long."""
+        if not dt.held:
+            return []
+        waited = int(self._clock() * 1000) - dt.held_since_ms
+        if not force and waited < self._wait_ms:
+            return []
+        held, dt.held = dt.held, []
+        data_type = held[0].data_type
+        if dt.contract is None:
+            reason = Reason.NO_CONTRACT
+            message = f"no contract installed for data type {data_type!r}"
+        else:
+            reason = Reason.NO_MODEL
+            message = f"no model installed for data type {data_type!r}"
+        how = "held past the limits" if force else f"waited {waited / 1000:.1f} s"
+        return [
+            d for run in held for d in run.dead_letters(Stage.SCORE, reason, f"{message} ({how})")
+        ]
+
+    def due_ms(self, dt: DataTypeState) -> int | None:
+        """When the data type's held runs time out."""
+        return dt.held_since_ms + self._wait_ms if dt.held else None
+
+
+class ShardWindows:
+    """Stats and drift partials of a shard, per model and tumbling window."""
+
+    def __init__(self, stats_ms: int, drift_ms: int, clock: Clock) -> None:
+        self._stats_ms = stats_ms
+        self._drift_ms = drift_ms
+        self._clock = clock
+
+    def add(
+        self,
+        state: ShardState,
+        binding: Binding,
+        now_ms: int,
+        scored: int,
+        seconds: float,
+        quality: Quality | None,
+        numeric: np.ndarray,
+    ) -> None:
+        """Count one model call in its windows; `numeric` are the scored records' rows."""
+        identity = binding.spec.identity
+        start = window_start(now_ms, self._stats_ms)
+        stats = state.stats.get((identity, start))
+        if stats is None:
+            stats = state.stats[(identity, start)] = StatsPartial(
+                identity, start, start + self._stats_ms, StatsAccumulator()
+            )
+        stats.stats.add_call(scored, seconds)
+        if quality is not None:
+            quality.add_to(stats.stats)
+        reference = binding.spec.reference
+        if reference is None or binding.reference_columns is None:
+            return
+        start = window_start(now_ms, self._drift_ms)
+        drift = state.drift.get((identity, start))
+        if drift is None:
+            drift = state.drift[(identity, start)] = DriftPartial(
+                identity,
+                reference,
+                start,
+                start + self._drift_ms,
+                DriftAccumulator.empty(reference),
+            )
+        drift.drift.add(reference, numeric[:, binding.reference_columns])
+
+    def close(self, state: ShardState, *, everything: bool = False) -> list[ShardOut]:
+        """Partials for windows that have ended (all open windows when `everything`)."""
+        now_ms = int(self._clock() * 1000)
+        out: list[ShardOut] = []
+        for key, stats in list(state.stats.items()):
+            if everything or stats.window_end_ms <= now_ms:
+                out.append(state.stats.pop(key))
+        for key, drift in list(state.drift.items()):
+            if everything or drift.window_end_ms <= now_ms:
+                out.append(state.drift.pop(key))
+        return out
+
+    @staticmethod
+    def next_end_ms(state: ShardState) -> int | None:
+        """When the earliest open window ends."""
+        ends = [p.window_end_ms for p in state.stats.values()]
+        ends += [p.window_end_ms for p in state.drift.values()]
+        return min(ends, default=None)
+
+
+def labelled_quality(prediction: Prediction, labels: np.ndarray) -> Quality | None:
+    """Online quality over the valid predictions of records that carry a label."""
+    if labels.dtype == object:  # a text label: classifiers only
+        has_label = _present(labels) & prediction.valid
+        n = int(has_label.sum())
+        if n == 0 or prediction.labels is None:
+            return None
+        predicted = np.asarray(prediction.labels, dtype=object)[has_label]
+        right = int((predicted == labels[has_label]).sum())
+        return Quality(n, 0.0, 0, right)
     labelled = prediction.valid & ~np.isnan(labels)
     n = int(labelled.sum())
     if n == 0:
@@ -522,16 +269,24 @@ def _labelled_quality(
     numeric = ~np.isnan(values)
     squared_error = float(np.square(values[numeric] - truth[numeric]).sum())
     correct = int((values == truth).sum()) if prediction.labels is not None else None
-    return n, squared_error, correct
+    return Quality(n, squared_error, int(numeric.sum()), correct)
 
 
-def _missing_message(features: Iterable[str], row_missing: np.ndarray) -> str:
-    names = [name for name, missing in zip(features, row_missing, strict=True) if missing]
-    return f"record lacks feature(s) the model needs: {', '.join(names)}"
+def _present(values: np.ndarray) -> np.ndarray:
+    """Where an object array holds a value (not None), elementwise."""
+    return np.frompyfunc(lambda v: v is not None, 1, 1)(values).astype(bool)
+
+
+def _missing_message(names: list[str], row_missing: np.ndarray) -> str:
+    lacking = [name for name, missing in zip(names, row_missing, strict=True) if missing]
+    return f"record lacks feature(s) the model needs: {', '.join(lacking)}"
+
+
+# --- the scorer --------------------------------------------------------------------------
 
 
 class ShardScorer:
-    """Scores the records of one shard with the model the registry last installed."""
+    """Decodes and scores the records of one shard with each data type's installed model."""
 
     def __init__(
         self,
@@ -540,43 +295,77 @@ class ShardScorer:
         stats_interval_s: float,
         drift_window_s: float,
         no_model_wait_s: float = 30.0,
-        max_pending: int = 100_000,
+        max_held_records: int = 100_000,
+        max_held_bytes: int = 64 << 20,
         clock: Clock = time.time,
         onnx_threads: int = 1,
         monitoring: bool = True,
+        events: EventBus = NO_EVENTS,
         cache: RuntimeCache = RUNTIMES,
-        process_state: ProcessState = PROCESS_STATE,
+        codecs: CodecCache = CODECS,
     ) -> None:
         self.state = state if state is not None else ShardState()
         self._monitoring = monitoring
-        self._stats_ms = int(stats_interval_s * 1000)
-        self._drift_ms = int(drift_window_s * 1000)
-        self._wait_ms = int(no_model_wait_s * 1000)
         self._scored_by = f"{socket.gethostname()}/{os.getpid()}"
-        self._max_pending = max_pending
         self._clock = clock
         self._onnx_threads = onnx_threads
+        self._events = events
         self._cache = cache
-        self._process_state = process_state
-        self._serving_identity: ModelIdentity | None = None  # as process_state knows it
-        # Resumed with a model but no session: wait for the registry to re-send it.
-        self.runtime: ModelRuntime | None = None
-        if self.state.spec is not None:
-            self.runtime = cache.get(self.state.spec.runtime_key)
+        self._codecs = codecs
+        self._held = HeldRecords(
+            int(no_model_wait_s * 1000), max_held_records, max_held_bytes, clock
+        )
+        self._windows = ShardWindows(
+            int(stats_interval_s * 1000), int(drift_window_s * 1000), clock
+        )
+        # Per data type, the model bound to its contract; rebuilt from the cache after a
+        # resume, or when the registry re-sends the model.
+        self._bindings: dict[str, Binding] = {}
+        for data_type, dt in self.state.data_types.items():
+            if dt.spec is not None and dt.contract is not None:
+                runtime = cache.get(dt.spec.runtime_key)
+                if runtime is not None:
+                    self._bind(data_type, dt, runtime)
 
     # The one entry point: values in arrival order.
-    def on_values(self, values: Iterable[ModelInstall | RecordColumns]) -> list[ShardOut]:
-        """Install models and score records in the order they arrived."""
+    def on_values(self, values: Iterable[Install | RawRun]) -> list[ShardOut]:
+        """Install contracts and models and score records in the order they arrived."""
         out: list[ShardOut] = []
         for value in values:
-            if isinstance(value, ModelInstall):
-                out.extend(self._install(value))
-            else:
+            if isinstance(value, RawRun):
                 out.extend(self._score_or_hold(value))
+            elif isinstance(value, ModelInstall):
+                out.extend(self._install_model(value))
+            else:
+                out.extend(self._install_contract(value))
         return out
 
-    def _install(self, install: ModelInstall) -> list[ShardOut]:
+    def _data_type(self, name: str) -> DataTypeState:
+        dt = self.state.data_types.get(name)
+        if dt is None:
+            dt = self.state.data_types[name] = DataTypeState()
+        return dt
+
+    def _bind(self, data_type: str, dt: DataTypeState, runtime: ModelRuntime) -> None:
+        assert dt.spec is not None and dt.contract is not None
+        previous = self._bindings.get(data_type)
+        self._bindings[data_type] = Binding.of(dt.spec, runtime, dt.contract)
+        before = previous.spec.identity if previous is not None else None
+        if before != dt.spec.identity:
+            self._events.publish(ModelServing(dt.spec.identity, before))
+
+    def _install_contract(self, install: ContractInstall) -> list[ShardOut]:
+        contract = install.contract
+        dt = self._data_type(contract.data_type)
+        dt.contract = contract
+        binding = self._bindings.get(contract.data_type)
+        if binding is not None:  # the serving model now reads this contract's layout
+            self._bind(contract.data_type, dt, binding.runtime)
+        return self._release_ready(dt)
+
+    def _install_model(self, install: ModelInstall) -> list[ShardOut]:
         spec = install.spec
+        data_type = spec.identity.data_type
         try:
             runtime = self._cache.load(
                 spec.identity.sha256,
@@ -591,230 +380,169 @@ class ShardScorer:
                 "shard could not load %s:%s: %s", spec.identity.name, spec.identity.version, exc
             )
             return []
-        current = self.state.spec
-        if install.restored and current is not None and current.identity != spec.identity:
+        dt = self._data_type(data_type)
+        if install.restored and dt.spec is not None and dt.spec.identity != spec.identity:
             # The registry re-sent its model after a resume; the shard's snapshot is the
             # same epoch, so they agree unless state was lost. Trust the registry.
-            log.warning("shard had %s, registry restored %s", current.identity, spec.identity)
-        self._process_state.installed(spec.identity, self._serving_identity)
-        self._serving_identity = spec.identity
-        self.state.spec = spec
-        self.runtime = runtime
+            log.warning("shard had %s, registry restored %s", dt.spec.identity, spec.identity)
+        dt.spec = spec
+        if dt.contract is None:  # the registry sends the contract first: state was lost
+            log.error("model %s for %s arrived before any contract", spec.identity, data_type)
+            return []
+        self._bind(data_type, dt, runtime)
+        return self._release_ready(dt)
+
+    def _release_ready(self, dt: DataTypeState) -> list[ShardOut]:
+        if not dt.held or dt.contract is None or dt.spec is None:
+            return []
+        held, dt.held = dt.held, []
         out: list[ShardOut] = []
-        pending, self.state.pending = self.state.pending, []
-        for run in pending:
-            out.extend(self._score(run))
+        for run in held:
+            out.extend(self._score_or_hold(run))
         return out
 
-    def _score_or_hold(self, run: RecordColumns) -> list[ShardOut]:
-        if self.runtime is not None:
-            return self._score(run)
-        # No model loaded yet: on a fresh start records can outrun the descriptor, and
-        # after a resume the registry re-sends the model a moment later. Hold them, within
-        # bounds; past those they are dead letters, not lost.
-        state = self.state
-        if not state.pending:
-            state.pending_since_ms = int(self._clock() * 1000)
-        state.pending.append(run)
-        if state.pending_count > self._max_pending:
-            return self.release_held(force=True)
-        return []
+    def _score_or_hold(self, run: RawRun) -> list[ShardOut]:
+        dt = self._data_type(run.data_type)
+        binding = self._bindings.get(run.data_type)
+        if dt.contract is None or binding is None or dt.held:
+            # No contract or model yet: on a fresh start records can outrun the control
+            # topic, and after a resume the registry re-sends a moment later.
+            return list(self._held.hold(self.state, dt, run))
+        codecs = self._codecs.get(dt.contract)
+        decoded = codecs.decode(run.values, run.headers)
+        columns, dead = record_columns(run, dt.contract, decoded)
+        out: list[ShardOut] = list(dead)
+        if columns is not None:
+            self._events.publish(RecordsReceived(run.data_type, len(columns)))
+            out.extend(self._score(columns, binding))
+        return out
 
     def release_held(self, *, force: bool = False) -> list[ShardOut]:
-        """Dead-letter held records once they have waited too long for a model."""
-        state = self.state
-        if not state.pending or self.runtime is not None:
-            return []
-        waited = int(self._clock() * 1000) - state.pending_since_ms
-        if not force and waited < self._wait_ms:
-            return []
-        pending, state.pending = state.pending, []
-        message = (
-            f"no model installed for data type {pending[0].data_type!r} "
-            f"(waited {waited / 1000:.1f} s)"
-        )
-        return [
-            run.dead_letter(i, "score", "no_model", message)
-            for run in pending
-            for i in range(len(run))
-        ]
-
-    def _score(self, run: RecordColumns) -> list[ShardOut]:
-        spec, runtime = self.state.spec, self.runtime
-        assert spec is not None and runtime is not None
+        """Dead-letter held records once they have waited too long for a contract or model."""
         out: list[ShardOut] = []
-        x = run.features[:, spec.columns]
-        missing = np.isnan(x)
-        incomplete = missing.any(axis=1)
-        if incomplete.any():
-            for i in np.flatnonzero(incomplete):
-                out.append(
-                    run.dead_letter(
-                        int(i),
-                        "score",
-                        "missing_feature",
-                        _missing_message(spec.input_features, missing[i]),
-                    )
-                )
-            run = run.take(~incomplete)
-            x = x[~incomplete]
+        for name, dt in list(self.state.data_types.items()):
+            out.extend(self._held.release(dt, force=force))
+            if dt.contract is None and dt.spec is None and not dt.held:
+                del self.state.data_types[name]  # a data type nobody installed: forget it
+        return out
+
+    def _score(self, run: RecordColumns, binding: Binding) -> list[ShardOut]:
+        spec, runtime = binding.spec, binding.runtime
+        out: list[ShardOut] = []
+        x = run.numeric[:, binding.numeric_columns]
+        bad = np.isnan(x).any(axis=1)
+        text = None
+        if binding.text_columns:
+            text = run.text[:, binding.text_columns]
+            bad |= ~_present(text).all(axis=1)
+        if bad.any():
+            for i in np.flatnonzero(bad):
+                out.append(self._unusable(run, binding, x, text, int(i)))
+            keep = ~bad
+            run, x = run.take(keep), x[keep]
+            text = text[keep] if text is not None else None
+        if binding.categories and any(c is not None for c in binding.categories):
+            assert text is not None
+            unknown = self._unknown_categories(binding, text)
+            if unknown.any():
+                for i in np.flatnonzero(unknown):
+                    out.append(self._unknown_category(run, binding, text, int(i)))
+                keep = ~unknown
+                run, x, text = run.take(keep), x[keep], text[keep]
         if len(run) == 0:
             return out
         started = time.perf_counter()
         try:
-            prediction = runtime.predict(np.ascontiguousarray(x))
+            prediction = runtime.predict(np.ascontiguousarray(x), text)
         except Exception as exc:  # a model failure must not take the dataflow down
             log.exception("model %s:%s failed", spec.identity.name, spec.identity.version)
             message = f"model call failed: {type(exc).__name__}: {exc}"
             return out + [
-                run.dead_letter(i, "score", "score_failed", message) for i in range(len(run))
+                run.dead_letter(i, Stage.SCORE, Reason.SCORE_FAILED, message)
+                for i in range(len(run))
             ]
         elapsed = time.perf_counter() - started
         now_ms = int(self._clock() * 1000)
-        if not prediction.valid.all():
-            for i in np.flatnonzero(~prediction.valid):
+        valid = prediction.valid
+        if not valid.all():
+            for i in np.flatnonzero(~valid):
                 out.append(
                     run.dead_letter(
                         int(i),
-                        "score",
-                        "invalid_prediction",
+                        Stage.SCORE,
+                        Reason.INVALID_PREDICTION,
                         "model returned no usable prediction (NaN)",
                     )
                 )
-        messages = self._messages(run, spec, prediction, elapsed, now_ms)
+        messages = scored_messages(run, spec.identity, prediction, elapsed, now_ms, self._scored_by)
         out.append(ScoredBatch(f"{run.topic}/{run.partition}", messages))
-        valid = prediction.valid
         scored = int(valid.sum())
-        all_valid = scored == len(run)
-        identity = spec.identity
-        model_labels = (run.data_type, identity.name, identity.version)
-        metrics.RECORDS_SCORED.labels(*model_labels).inc(scored)
-        metrics.SCORING_LATENCY.labels(run.data_type, identity.name).observe(elapsed / len(run))
-        metrics.BATCH_SIZE.labels(run.data_type).observe(len(run))
-        metrics.END_TO_END_LAG.observe_many(
-            (run.data_type,), (now_ms - run.event_time_ms[valid]) / 1000.0
-        )
-        quality = _labelled_quality(prediction, run.labels)
-        if quality is not None:
-            metrics.LABELLED_RECORDS.labels(*model_labels).inc(quality[0])
-            metrics.SQUARED_ERROR.labels(*model_labels).inc(quality[1])
-            if quality[2] is not None:
-                metrics.CORRECT_PREDICTIONS.labels(*model_labels).inc(quality[2])
-        self._process_state.scored(identity, scored, elapsed, quality)
-        if not self._monitoring:
-            return out
-        start = window_start(now_ms, self._stats_ms)
-        stats = self.state.stats.get((identity, start))
-        if stats is None:
-            stats = self.state.stats[(identity, start)] = StatsPartial(
-                identity, start, start + self._stats_ms, StatsAccumulator()
-            )
-        stats.stats.add_call(scored, elapsed)
-        if quality is not None:
-            stats.stats.add_labelled(*quality)
-        if spec.reference is not None:
-            start = window_start(now_ms, self._drift_ms)
-            drift = self.state.drift.get((identity, start))
-            if drift is None:
-                drift = self.state.drift[(identity, start)] = DriftPartial(
-                    identity,
-                    spec.reference,
-                    start,
-                    start + self._drift_ms,
-                    DriftAccumulator.empty(spec.reference),
-                )
-            drift.drift.add(spec.reference, run.features if all_valid else run.features[valid])
+        quality = labelled_quality(prediction, run.labels)
+        lags = (now_ms - run.event_time_ms[valid]) / 1000.0
+        self._events.publish(BatchScored(spec.identity, scored, len(run), elapsed, lags, quality))
+        if self._monitoring:
+            numeric = run.numeric if scored == len(run) else run.numeric[valid]
+            self._windows.add(self.state, binding, now_ms, scored, elapsed, quality, numeric)
         return out
-
-    def _messages(
-        self,
-        run: RecordColumns,
-        spec: ModelSpec,
-        prediction: Prediction,
-        elapsed: float,
-        now_ms: int,
-    ) -> list[OutMessage]:
-        identity = spec.identity
-        n = len(run)
-        # Every record of this call shares these fields: serialized once (dataflows/wire.py).
-        shared = pb.ScoredRecord(
-            data_type=run.data_type,
-            source_topic=run.topic,
-            source_partition=run.partition,
-            model_name=identity.name,
-            model_version=identity.version,
-            model_sha256=identity.sha256,
-            scoring_latency_us=elapsed / n * 1e6,
-            scored_at_ms=now_ms,
-            batch_size=n,
-            scored_by=self._scored_by,
-        ).SerializeToString()
-        rows = None if prediction.valid.all() else np.flatnonzero(prediction.valid)
-        offsets = run.offsets if rows is None else run.offsets[rows]
-        event_times = run.event_time_ms if rows is None else run.event_time_ms[rows]
-        values = prediction.values if rows is None else prediction.values[rows]
-        record_ids = run.record_ids if rows is None else [run.record_ids[i] for i in rows]
-        keys = wire.output_keys(
-            run.topic, run.partition, identity.name, identity.version, offsets.tolist()
-        )
-        if prediction.labels is None:
-            encoded = wire.regression_records(
-                shared, keys, record_ids, offsets, event_times, values
-            )
-        else:  # a classifier's value is optional: protobuf writes it with the label
-            numbers = [
-                own + extra
-                for own, extra in zip(
-                    wire.numeric_fields(offsets, event_times, None),
-                    self._classifier_fields(prediction, rows, values),
-                    strict=True,
-                )
-            ]
-            encoded = wire.scored_record_values(shared, keys, record_ids, numbers)
-        # No content-type header: the scored topic carries ScoredRecord protobuf only, and
-        # a header costs ~1 µs a record to produce (bench/README.md).
-        return list(zip(keys, encoded, itertools.repeat(None)))
 
     @staticmethod
-    def _classifier_fields(
-        prediction: Prediction, rows: np.ndarray | None, values: np.ndarray
-    ) -> list[bytes]:
-        """Per record, the encoded label, probabilities and (numeric labels) value."""
-        assert prediction.labels is not None
-        labels = prediction.labels if rows is None else [prediction.labels[i] for i in rows]
-        probabilities = prediction.probabilities
-        if probabilities is not None and rows is not None:
-            probabilities = probabilities[rows]
-        class_labels = prediction.class_labels
-        per_row = probabilities.tolist() if probabilities is not None else None
-        out = []
-        for i, value in enumerate(values.tolist()):
-            own = pb.ScoredRecord(label=labels[i])
-            if not math.isnan(value):
-                own.value = value
-            if per_row is not None:
-                own.probabilities.update(
-                    (label, p) for label, p in zip(class_labels, per_row[i], strict=True) if p == p
+    def _unusable(
+        run: RecordColumns, binding: Binding, x: np.ndarray, text: np.ndarray | None, i: int
+    ) -> DeadLetter:
+        names = [
+            name
+            for feature, name in zip(binding.spec.features, binding.spec.input_fields, strict=True)
+            if feature.kind == "numeric"
+        ]
+        missing = list(np.isnan(x[i]))
+        if text is not None:
+            names += binding.text_names
+            missing += list(~_present(text[i]))
+        return run.dead_letter(
+            i, Stage.SCORE, Reason.MISSING_FEATURE, _missing_message(names, np.asarray(missing))
+        )
+
+    @staticmethod
+    def _unknown_categories(binding: Binding, text: np.ndarray) -> np.ndarray:
+        unknown = np.zeros(len(text), dtype=bool)
+        for j, known in enumerate(binding.categories):
+            if known is not None:
+                unknown |= np.fromiter(
+                    (v not in known for v in text[:, j]), dtype=bool, count=len(text)
                 )
-            out.append(own.SerializeToString())
-        return out
+        return unknown
+
+    @staticmethod
+    def _unknown_category(
+        run: RecordColumns, binding: Binding, text: np.ndarray, i: int
+    ) -> DeadLetter:
+        problems = [
+            f"{name}={value!r} (the model knows {', '.join(sorted(known))})"
+            for name, value, known in zip(
+                binding.text_names, text[i], binding.categories, strict=True
+            )
+            if known is not None and value not in known
+        ]
+        return run.dead_letter(
+            i,
+            Stage.SCORE,
+            Reason.UNKNOWN_CATEGORY,
+            "category the model does not know: " + "; ".join(problems),
+        )
 
     def close_windows(self, *, everything: bool = False) -> list[ShardOut]:
         """Partials for windows that have ended (all open windows when `everything`)."""
-        now_ms = int(self._clock() * 1000)
-        out: list[ShardOut] = []
-        for key, stats in list(self.state.stats.items()):
-            if everything or stats.window_end_ms <= now_ms:
-                out.append(self.state.stats.pop(key))
-        for key, drift in list(self.state.drift.items()):
-            if everything or drift.window_end_ms <= now_ms:
-                out.append(self.state.drift.pop(key))
-        return out
+        return self._windows.close(self.state, everything=everything)
+
+    @property
+    def holds_anything(self) -> bool:
+        """Whether the shard has a contract, a model, held records or open windows."""
+        state = self.state
+        return bool(state.data_types or state.stats or state.drift)
 
     def next_wakeup_s(self) -> float | None:
         """When the earliest open window ends or held records time out, in epoch seconds."""
-        ends = [p.window_end_ms for p in self.state.stats.values()]
-        ends += [p.window_end_ms for p in self.state.drift.values()]
-        if self.state.pending and self.runtime is None:
-            ends.append(self.state.pending_since_ms + self._wait_ms)
-        return min(ends) / 1000 if ends else None
+        ends = [self._windows.next_end_ms(self.state)]
+        ends += [self._held.due_ms(dt) for dt in self.state.data_types.values()]
+        due = [e for e in ends if e is not None]
+        return min(due) / 1000 if due else None

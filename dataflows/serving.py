@@ -1,61 +1,67 @@
 """The waxserve dataflow: run with `python -m bytewax.run dataflows.serving:flow`.
 
 ```
-models  ─► decode_models ─► registry (per data type) ─► fan_out (every shard key) ─┐
-records ─► decode_records ─► key "<data_type>#<partition % shards>" ───────────────┴► serve
+control ─► decode_control ─► registry (per data type) ─► installs ─► fan_out (its shards) ─┐
+records ─► route (split by data type) ─► key "<data_type>#<shard of the partition>" ───────┴► serve
 serve ─► scored records ─► scored topic
       ─► stats / drift partials ─► monitor (per data type) ─► stats topic, drift topic
 registry ─► model events ─► events topic
 every stage ─► dead letters ─► DLQ topic
 ```
 
-Step ids are the recovery contract: renaming one orphans its snapshots.
+Records travel undecoded to their shard, where the data type's contract decodes them: the
+contract is data from the control topic, held by the shard with the model. Every mixed
+stream is split once, by type (`split`). Step ids are the recovery contract: renaming one
+orphans its snapshots.
 """
 
 from __future__ import annotations
 
 import atexit
 import copy
+import functools
 import gc
 import logging
 import os
 import sys
 import time
+import zlib
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import bytewax.operators as op
 from bytewax.dataflow import Dataflow, Stream
 from bytewax.inputs import Source
 from bytewax.operators import KeyedStream
 from bytewax.outputs import Sink
-from google.protobuf.message import DecodeError
 
 from dataflows import metrics
 from dataflows.config import Config
+from dataflows.contracts.codecs.avro import schema_registry_resolver
+from dataflows.events import NO_EVENTS, DeadLettered, DriftClosed, EventBus
 from dataflows.kafka_io import SinkItem, kafka_sinks, kafka_sources
 from dataflows.monitoring import DriftPartial, MonitorState, StatsPartial
-from dataflows.records import DeadLetter, RecordColumns, SourceBatch, decode_batch
-from dataflows.runtimes import jvm_started
-from dataflows.scoring import (
-    DescriptorIn,
+from dataflows.records import DataTypeRouter, DeadLetter, Headers, RawRun, SourceBatch
+from dataflows.registry import (
+    CODECS,
+    ControlIn,
+    Install,
     ModelInstall,
     Registry,
     RegistryState,
-    ScoredBatch,
-    ShardScorer,
-    ShardState,
+    decode_control,
 )
+from dataflows.runtimes import jvm_started
+from dataflows.scoring import ScoredBatch, ShardScorer, ShardState
 from dataflows.state import PROCESS_STATE, start_state_server
 from protos import waxserve_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-T = TypeVar("T")
 Clock = Callable[[], float]
 
-SOURCE_NAMES = ("models", "records")
+SOURCE_NAMES = ("control", "records")
 SINK_NAMES = ("scored", "stats", "drift", "events", "dlq")
 
 
@@ -63,28 +69,51 @@ def _at(seconds: float | None) -> datetime | None:
     return None if seconds is None else datetime.fromtimestamp(seconds, UTC)
 
 
-def decode_descriptors(batch: SourceBatch) -> list[DescriptorIn | DeadLetter]:
-    """Models-topic messages as descriptors; undecodable ones as dead letters."""
-    out: list[DescriptorIn | DeadLetter] = []
-    for i, value in enumerate(batch.values):
-        try:
-            if value is None:
-                raise DecodeError("message has no value (a tombstone)")
-            descriptor = pb.ModelDescriptor.FromString(value)
-        except DecodeError as exc:
-            out.append(batch.dead_letter(i, "decode", "undecodable", f"model descriptor: {exc}"))
-            continue
-        out.append(
-            DescriptorIn(
-                descriptor, batch.topic, batch.partition, batch.offsets[i], batch.keys[i], value
-            )
+def shard_numbers(topics: Iterable[str], shards: int) -> Callable[[str, int], int]:
+    """The shard number of each source partition: partition % shards, the topics' ranges
+    offset from each other so that several topics spread over the shards too. Stable across
+    processes and restarts (unlike Python's hash()), so a partition's records always meet
+    the same state."""
+    listed = list(topics)
+    step = max(1, shards // max(1, len(listed)))
+    offsets = {topic: i * step for i, topic in enumerate(listed)}
+
+    def shard(topic: str, partition: int) -> int:
+        offset = offsets.get(topic)
+        if offset is None:
+            offset = zlib.crc32(topic.encode())
+        return (offset + partition) % shards
+
+    return shard
+
+
+def shard_key(data_type: str, shard: int) -> str:
+    """The key of a data type's shard: the unit of scoring state and parallelism."""
+    return f"{data_type}#{shard}"
+
+
+def split(step_id: str, up: Stream[Any], *kinds: Any) -> list[Stream[Any]]:
+    """A mixed stream split by type, one stream per kind in order (one `op.branch` per
+    kind but the last, which takes the rest)."""
+    out: list[Stream[Any]] = []
+    rest = up
+    for i, kind in enumerate(kinds[:-1]):
+        branch: op.BranchOut[Any, Any] = op.branch(
+            f"{step_id}_{i}", rest, functools.partial(_is_a, kind)
         )
+        out.append(branch.trues)
+        rest = branch.falses
+    out.append(rest)
     return out
 
 
-class RegistryLogic(op.StatefulBatchLogic[DescriptorIn, Any, RegistryState]):
-    """Bytewax wrapper of `Registry`: re-sends the model right after a resume, and polls
-    for models loading in the background."""
+def _is_a(kind: Any, value: Any) -> bool:
+    return isinstance(value, kind)
+
+
+class RegistryLogic(op.StatefulBatchLogic[ControlIn, Any, RegistryState]):
+    """Bytewax wrapper of `Registry`: re-sends the contract and model right after a resume,
+    and polls for models loading in the background."""
 
     POLL = timedelta(milliseconds=5)
 
@@ -95,9 +124,9 @@ class RegistryLogic(op.StatefulBatchLogic[DescriptorIn, Any, RegistryState]):
         # The first activation after a resume re-sends the current model to every shard.
         return list(self.registry.on_resume()) if self.registry.resumed else []
 
-    def on_batch(self, values: list[DescriptorIn]) -> tuple[Iterable[Any], bool]:
+    def on_batch(self, values: list[ControlIn]) -> tuple[Iterable[Any], bool]:
         out = self._restored()
-        out.extend(self.registry.on_descriptors(values))
+        out.extend(self.registry.on_control(values))
         return out, op.StatefulBatchLogic.RETAIN
 
     def notify_at(self) -> datetime | None:
@@ -120,40 +149,41 @@ class RegistryLogic(op.StatefulBatchLogic[DescriptorIn, Any, RegistryState]):
         return self.registry.snapshot()
 
 
-class ServeLogic(op.StatefulBatchLogic[ModelInstall | RecordColumns, Any, ShardState]):
+class ServeLogic(op.StatefulBatchLogic[Install | RawRun, Any, ShardState]):
     """Bytewax wrapper of `ShardScorer`; closes stats and drift windows on time."""
 
     def __init__(self, scorer: ShardScorer) -> None:
         self.scorer = scorer
 
-    def on_batch(self, values: list[ModelInstall | RecordColumns]) -> tuple[Iterable[Any], bool]:
+    def _keep(self) -> bool:
+        # A shard of a data type nobody installed holds nothing once its records are
+        # dead-lettered: discarding it keeps a typo in a data type from growing state.
+        return (
+            op.StatefulBatchLogic.RETAIN
+            if self.scorer.holds_anything
+            else (op.StatefulBatchLogic.DISCARD)
+        )
+
+    def on_batch(self, values: list[Install | RawRun]) -> tuple[Iterable[Any], bool]:
         out: list[Any] = self.scorer.close_windows()
         out.extend(self.scorer.on_values(values))
         out.extend(self.scorer.release_held())
-        return out, op.StatefulBatchLogic.RETAIN
+        return out, self._keep()
 
     def notify_at(self) -> datetime | None:
         return _at(self.scorer.next_wakeup_s())
 
     def on_notify(self) -> tuple[Iterable[Any], bool]:
         out = self.scorer.close_windows() + self.scorer.release_held()
-        return out, op.StatefulBatchLogic.RETAIN
+        return out, self._keep()
 
     def on_eof(self) -> tuple[Iterable[Any], bool]:
         # Input is over for this execution: nothing more will arrive to score held records.
         out = self.scorer.release_held(force=True) + self.scorer.close_windows(everything=True)
-        return out, op.StatefulBatchLogic.RETAIN
+        return out, self._keep()
 
     def snapshot(self) -> ShardState:
-        state = self.scorer.state
-        # Windows are mutated in place while scoring: hand Bytewax a copy.
-        return ShardState(
-            spec=state.spec,
-            stats={k: copy.deepcopy(v) for k, v in state.stats.items()},
-            drift={k: copy.deepcopy(v) for k, v in state.drift.items()},
-            pending=list(state.pending),
-            pending_since_ms=state.pending_since_ms,
-        )
+        return self.scorer.state.snapshot()
 
 
 class MonitorLogic(op.StatefulBatchLogic[StatsPartial | DriftPartial, Any, MonitorState]):
@@ -170,20 +200,21 @@ class MonitorLogic(op.StatefulBatchLogic[StatsPartial | DriftPartial, Any, Monit
         min_records: int,
         grace_s: float,
         clock: Clock = time.time,
+        events: EventBus = NO_EVENTS,
     ) -> None:
         self.state = state if state is not None else MonitorState()
         self._threshold = threshold
         self._min_records = min_records
         self._grace_ms = int(grace_s * 1000)
         self._clock = clock
+        self._events = events
 
     def _close(self, everything: bool = False) -> list[Any]:
         until = None if everything else int(self._clock() * 1000) - self._grace_ms
         closed = self.state.close(until, self._threshold, self._min_records)
         for message in closed:
             if isinstance(message, pb.DriftMetrics):
-                metrics.drift_window_closed(message)
-                PROCESS_STATE.drift_closed(message)
+                self._events.publish(DriftClosed(message))
         return closed
 
     def on_batch(self, values: list[StatsPartial | DriftPartial]) -> tuple[Iterable[Any], bool]:
@@ -205,11 +236,7 @@ class MonitorLogic(op.StatefulBatchLogic[StatsPartial | DriftPartial, Any, Monit
         return copy.deepcopy(self.state)
 
 
-def _only(step_id: str, up: Stream[Any], kind: type[T]) -> Stream[T]:
-    return op.filter_map(step_id, up, lambda x: x if isinstance(x, kind) else None)
-
-
-PROTOBUF_HEADERS = [("content-type", b"application/x-protobuf")]
+PROTOBUF_HEADERS: Headers = [("content-type", b"application/x-protobuf")]
 
 
 def _protobuf_items(
@@ -224,18 +251,30 @@ def _protobuf_items(
     return op.map(step_id, up, item)
 
 
+def router_of(config: Config) -> DataTypeRouter:
+    """How the dataflow tells a record's data type, from the settings."""
+    return DataTypeRouter(
+        config.data_type_sources,
+        header_name=config.data_type_header,
+        field_name=config.data_type_field,
+        topic_defaults={t: d for t, d in config.record_topic_defaults.items() if d},
+    )
+
+
 def build_flow(
     config: Config,
     sources: Mapping[str, Source[SourceBatch]],
     sinks: Mapping[str, Sink[SinkItem]],
     *,
     clock: Clock = time.time,
+    events: EventBus = NO_EVENTS,
 ) -> Dataflow:
     """The waxserve dataflow over the given sources and sinks.
 
-    `sources` has "models" and "records", each emitting `SourceBatch` items. `sinks` has
+    `sources` has "control" and "records", each emitting `SourceBatch` items. `sinks` has
     "scored", "stats", "drift", "events" and "dlq"; each receives `(route_key, messages)`
-    pairs where messages are (key, value, headers) tuples ready for Kafka.
+    pairs where messages are (key, value, headers) tuples ready for Kafka. Metrics and the
+    queryable state subscribe to `events`.
     """
     missing = [n for n in SOURCE_NAMES if n not in sources]
     missing += [n for n in SINK_NAMES if n not in sinks]
@@ -244,40 +283,46 @@ def build_flow(
     shards = config.shards
     flow = Dataflow("waxserve")
 
-    # Models: decode, validate per data type, fan out to every shard of the data type.
-    model_batches = op.input("models_in", flow, sources["models"])
-    model_items = op.flat_map("decode_models", model_batches, decode_descriptors)
-    descriptors = _only("descriptors", model_items, DescriptorIn)
+    # Control: decode, check per data type, fan installs out to every shard.
+    control_batches = op.input("control_in", flow, sources["control"])
+    control_items = op.flat_map("decode_control", control_batches, decode_control)
+    control, dead_control = split("control_split", control_items, ControlIn, DeadLetter)
     registry = op.stateful_batch(
         "registry",
-        op.key_on("key_models", descriptors, lambda d: d.data_type),
+        op.key_on("key_control", control, lambda c: c.data_type),
         lambda state: RegistryLogic(
             Registry(
-                state, model_dir=config.model_dir, clock=clock, onnx_threads=config.onnx_threads
+                state,
+                model_dir=config.model_dir,
+                clock=clock,
+                onnx_threads=config.onnx_threads,
+                events=events,
             )
         ),
     )
     registry_out = op.map("registry_values", registry, lambda kv: kv[1])
-    installs = op.flat_map(
+    installs, model_events, dead_registry = split(
+        "registry_split", registry_out, Install, pb.ModelEvent, DeadLetter
+    )
+    fanned = op.flat_map(
         "fan_out",
-        _only("installs", registry_out, ModelInstall),
-        lambda m: [(f"{m.spec.identity.data_type}#{s}", m) for s in range(shards)],
+        installs,
+        lambda m: [(shard_key(_data_type_of(m), s), m) for s in range(shards)],
     )
 
-    # Records: decode a batch into runs per data type, keyed by shard.
+    # Records: split each batch by data type; a source partition always meets one shard.
+    router = router_of(config)
     record_batches = op.input("records_in", flow, sources["records"])
-    record_items = op.flat_map("decode_records", record_batches, _decode)
-    runs = op.filter_map(
-        "key_records",
-        record_items,
-        lambda r: (
-            (f"{r.data_type}#{r.partition % shards}", r) if isinstance(r, RecordColumns) else None
-        ),
+    routed = op.flat_map("route", record_batches, lambda b: _routed(router, b))
+    runs, dead_records = split("route_split", routed, RawRun, DeadLetter)
+    shard_of = shard_numbers(config.record_topic_defaults, shards)
+    keyed_runs = op.map(
+        "key_records", runs, lambda r: (shard_key(r.data_type, shard_of(r.topic, r.partition)), r)
     )
 
     served = op.stateful_batch(
         "serve",
-        cast(KeyedStream[ModelInstall | RecordColumns], op.merge("serve_in", installs, runs)),
+        cast(KeyedStream[Install | RawRun], op.merge("serve_in", fanned, keyed_runs)),
         lambda state: ServeLogic(
             ShardScorer(
                 state,
@@ -287,32 +332,30 @@ def build_flow(
                 clock=clock,
                 onnx_threads=config.onnx_threads,
                 monitoring=config.monitoring,
+                events=events,
             )
         ),
     )
     served_values = op.map("served_values", served, lambda kv: kv[1])
-
-    scored = _only("scored", served_values, ScoredBatch)
+    scored, partials, dead_serve = split(
+        "serve_split", served_values, ScoredBatch, StatsPartial | DriftPartial, DeadLetter
+    )
     op.output(
         "scored_out",
         op.map("scored_items", scored, lambda b: (b.route, b.messages)),
         sinks["scored"],
     )
 
-    partials = op.filter_map(
-        "partials",
-        served_values,
-        lambda p: (p.model.data_type, p) if isinstance(p, StatsPartial | DriftPartial) else None,
-    )
     monitored = op.stateful_batch(
         "monitor",
-        partials,
+        op.key_on("key_partials", partials, lambda p: p.model.data_type),
         lambda state: MonitorLogic(
             state,
             threshold=config.drift_psi_threshold,
             min_records=config.drift_min_records,
             grace_s=min(2.0, config.stats_interval_s / 2),
             clock=clock,
+            events=events,
         ),
     )
     monitor_values = op.map("monitor_values", monitored, lambda kv: kv[1])
@@ -320,45 +363,52 @@ def build_flow(
     def model_key(m: pb.ServingStats | pb.DriftMetrics) -> str:
         return f"{m.data_type}/{m.model_name}/{m.model_version}"
 
-    stats = _only("stats", monitor_values, pb.ServingStats)
+    stats, drift = split("monitor_split", monitor_values, pb.ServingStats, pb.DriftMetrics)
     op.output("stats_out", _protobuf_items("stats_items", stats, model_key), sinks["stats"])
-    drift = _only("drift", monitor_values, pb.DriftMetrics)
     op.output("drift_out", _protobuf_items("drift_items", drift, model_key), sinks["drift"])
-    events = _only("events", registry_out, pb.ModelEvent)
     op.output(
-        "events_out", _protobuf_items("event_items", events, lambda e: e.data_type), sinks["events"]
+        "events_out",
+        _protobuf_items("event_items", model_events, lambda e: e.data_type),
+        sinks["events"],
     )
 
-    dead = op.merge(
-        "dead_letters",
-        _only("dead_models", model_items, DeadLetter),
-        _only("dead_registry", registry_out, DeadLetter),
-        _only("dead_records", record_items, DeadLetter),
-        _only("dead_serve", served_values, DeadLetter),
+    dead = op.merge("dead_letters", dead_control, dead_registry, dead_records, dead_serve)
+    op.output(
+        "dlq_out", op.map("dlq_items", dead, lambda d: _dead_letter_item(d, events)), sinks["dlq"]
     )
-    op.output("dlq_out", op.map("dlq_items", dead, _dead_letter_item), sinks["dlq"])
     return flow
 
 
-def _dead_letter_item(dead: DeadLetter) -> SinkItem:
-    metrics.DEAD_LETTERS.labels(dead.stage, dead.reason).inc()
+def _data_type_of(install: Install) -> str:
+    if isinstance(install, ModelInstall):
+        return install.spec.identity.data_type
+    return install.contract.data_type
+
+
+def _routed(router: DataTypeRouter, batch: SourceBatch) -> list[RawRun | DeadLetter]:
+    runs, dead = router.split(batch)
+    return [*runs, *dead]
+
+
+def _dead_letter_item(dead: DeadLetter, events: EventBus) -> SinkItem:
+    events.publish(DeadLettered(dead.data_type, dead.stage, dead.reason))
     return f"{dead.topic}/{dead.partition}", [dead.to_message()]
 
 
-def _decode(batch: SourceBatch) -> list[RecordColumns | DeadLetter]:
-    runs, dead = decode_batch(batch)
-    for run in runs:
-        metrics.RECORDS_RECEIVED.labels(run.data_type).inc(len(run))
-    return [*runs, *dead]
+def process_events() -> EventBus:
+    """The event bus of a dataflow process: Prometheus metrics and the queryable state."""
+    return EventBus(metrics.on_event, PROCESS_STATE.on_event)
 
 
 def _flow_from_env() -> Dataflow:
     logging.basicConfig(
-        level=os.environ.get("WAXSERVE_LOG_LEVEL", "INFO"),
+        level=os.environ.get("WAXSERVE_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     config = Config.from_env()
-    flow = build_flow(config, kafka_sources(config), kafka_sinks(config))
+    if config.schema_registry_url:
+        CODECS.use_schema_registry(schema_registry_resolver(config.schema_registry_url))
+    flow = build_flow(config, kafka_sources(config), kafka_sinks(config), events=process_events())
     start_state_server(config.state_addr, config.state_peers)
     _tune_gc()
     _skip_finalization_after_the_jvm()

@@ -35,6 +35,7 @@ from urllib.parse import unquote
 from urllib.request import urlopen
 
 from dataflows.descriptors import FORMAT_NAMES
+from dataflows.events import BatchScored, DriftClosed, Event, ModelServing, Quality
 from dataflows.monitoring import ModelIdentity, StatsAccumulator
 from protos import waxserve_pb2 as pb
 
@@ -89,16 +90,28 @@ class ProcessState:
         identity: ModelIdentity,
         n: int,
         seconds: float,
-        quality: tuple[int, float, int | None] | None,
+        quality: Quality | None,
     ) -> None:
-        """One model call scored n records in `seconds`; `quality` as `add_labelled` takes."""
+        """One model call scored n records in `seconds`."""
         with self._lock:
             held = self._models.get(identity)
             if held is None:  # scored by a shard restored before install() was seen
                 held = self._models[identity] = HeldModel(identity, int(self._clock() * 1000))
             held.stats.add_call(n, seconds)
             if quality is not None:
-                held.stats.add_labelled(*quality)
+                quality.add_to(held.stats)
+
+    def on_event(self, event: Event) -> None:
+        """Follow the events that change what this process holds: the event bus's subscriber."""
+        match event:
+            case ModelServing(identity=identity, previous=previous):
+                self.installed(identity, previous)
+            case BatchScored(identity=identity, scored=scored, seconds=seconds, quality=quality):
+                self.scored(identity, scored, seconds, quality)
+            case DriftClosed(message=message):
+                self.drift_closed(message)
+            case _:
+                pass
 
     def drift_closed(self, message: pb.DriftMetrics) -> None:
         """The last closed drift window of a model, merged over the cluster's shards."""

@@ -50,10 +50,14 @@ from sklearn.model_selection import train_test_split  # noqa: E402
 from sklearn.pipeline import Pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
-from dataflows.records import WINE_FEATURES  # noqa: E402
+from dataflows.contracts.files import load_contract  # noqa: E402
 from protos import waxserve_pb2 as pb  # noqa: E402
 
 MODELS_DIR = REPO_ROOT / "models"
+WINE_FEATURES: tuple[str, ...] = load_contract(MODELS_DIR / "wine" / "contract.json").csv_columns[
+    :-1
+]
+"""The 11 wine features: the data file's columns but the last (quality), from its contract."""
 DATA_FILE = MODELS_DIR / "data" / "winequality_red.csv"
 PROFILE_FILE = "wine.profile.json"
 SEED = 42
@@ -166,13 +170,14 @@ def load_wine(path: Path = DATA_FILE) -> tuple[np.ndarray, np.ndarray]:
     return data[:, :-1], data[:, -1].astype(np.int64)
 
 
-def reference_profile(x: np.ndarray) -> pb.ReferenceProfile:
-    """Decile histogram, mean and population std of every feature over these rows.
+def reference_profile(x: np.ndarray, names: tuple[str, ...] = WINE_FEATURES) -> pb.ReferenceProfile:
+    """Decile histogram, mean and population std of every feature (column j named
+    `names[j]`) over these rows.
 
     Bin i of a value v is `np.searchsorted(edges, v, side="right")`, as the dataflow bins.
     """
     profile = pb.ReferenceProfile(row_count=len(x))
-    for j, name in enumerate(WINE_FEATURES):
+    for j, name in enumerate(names):
         column = x[:, j]
         edges = np.unique(np.quantile(column, np.linspace(0.1, 0.9, 9)))
         bins = np.searchsorted(edges, column, side="right")
@@ -312,8 +317,16 @@ def main(argv: list[str] | None = None) -> int:
         entries.append(catalog_entry(spec, metrics))
         results.append((spec.name, metrics))
 
-    catalog = {"models": entries + PMML_ENTRIES}
-    (out / "catalog.json").write_text(json.dumps(catalog, indent=2) + "\n")
+    # Keep what this script does not make (contracts, other data types' models).
+    path = out / "catalog.json"
+    previous = json.loads(path.read_text()) if path.is_file() else {}
+    made = {e["name"] for e in entries + PMML_ENTRIES}
+    others = [e for e in previous.get("models", []) if e["name"] not in made]
+    catalog = {
+        "contracts": previous.get("contracts", []),
+        "models": entries + PMML_ENTRIES + others,
+    }
+    path.write_text(json.dumps(catalog, indent=2) + "\n")
     print(f"catalog: {out / 'catalog.json'} ({len(catalog['models'])} models)")
     print_table(results)
     return 0

@@ -12,9 +12,37 @@ class ModelFormat(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     MODEL_FORMAT_UNSPECIFIED: _ClassVar[ModelFormat]
     MODEL_FORMAT_ONNX: _ClassVar[ModelFormat]
     MODEL_FORMAT_PMML: _ClassVar[ModelFormat]
+
+class FieldType(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FIELD_TYPE_UNSPECIFIED: _ClassVar[FieldType]
+    FIELD_TYPE_FLOAT: _ClassVar[FieldType]
+    FIELD_TYPE_INTEGER: _ClassVar[FieldType]
+    FIELD_TYPE_BOOLEAN: _ClassVar[FieldType]
+    FIELD_TYPE_STRING: _ClassVar[FieldType]
+
+class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    ENCODING_UNSPECIFIED: _ClassVar[Encoding]
+    ENCODING_JSON: _ClassVar[Encoding]
+    ENCODING_CSV: _ClassVar[Encoding]
+    ENCODING_AVRO: _ClassVar[Encoding]
+    ENCODING_PROTOBUF: _ClassVar[Encoding]
+    ENCODING_RECORD: _ClassVar[Encoding]
 MODEL_FORMAT_UNSPECIFIED: ModelFormat
 MODEL_FORMAT_ONNX: ModelFormat
 MODEL_FORMAT_PMML: ModelFormat
+FIELD_TYPE_UNSPECIFIED: FieldType
+FIELD_TYPE_FLOAT: FieldType
+FIELD_TYPE_INTEGER: FieldType
+FIELD_TYPE_BOOLEAN: FieldType
+FIELD_TYPE_STRING: FieldType
+ENCODING_UNSPECIFIED: Encoding
+ENCODING_JSON: Encoding
+ENCODING_CSV: Encoding
+ENCODING_AVRO: Encoding
+ENCODING_PROTOBUF: Encoding
+ENCODING_RECORD: Encoding
 
 class FeatureProfile(_message.Message):
     __slots__ = ("name", "bin_edges", "expected_fractions", "mean", "std")
@@ -39,7 +67,7 @@ class ReferenceProfile(_message.Message):
     def __init__(self, features: _Optional[_Iterable[_Union[FeatureProfile, _Mapping]]] = ..., row_count: _Optional[int] = ...) -> None: ...
 
 class ModelDescriptor(_message.Message):
-    __slots__ = ("name", "version", "description", "data_type", "format", "model_bytes", "location", "sha256", "created_at_ms", "input_features", "reference_profile")
+    __slots__ = ("name", "version", "description", "data_type", "format", "model_bytes", "location", "sha256", "created_at_ms", "input_features", "reference_profile", "contract_version")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -51,6 +79,7 @@ class ModelDescriptor(_message.Message):
     CREATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
     INPUT_FEATURES_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_PROFILE_FIELD_NUMBER: _ClassVar[int]
+    CONTRACT_VERSION_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     description: str
@@ -62,41 +91,111 @@ class ModelDescriptor(_message.Message):
     created_at_ms: int
     input_features: _containers.RepeatedScalarFieldContainer[str]
     reference_profile: ReferenceProfile
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., description: _Optional[str] = ..., data_type: _Optional[str] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., model_bytes: _Optional[bytes] = ..., location: _Optional[str] = ..., sha256: _Optional[str] = ..., created_at_ms: _Optional[int] = ..., input_features: _Optional[_Iterable[str]] = ..., reference_profile: _Optional[_Union[ReferenceProfile, _Mapping]] = ...) -> None: ...
+    contract_version: int
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., description: _Optional[str] = ..., data_type: _Optional[str] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., model_bytes: _Optional[bytes] = ..., location: _Optional[str] = ..., sha256: _Optional[str] = ..., created_at_ms: _Optional[int] = ..., input_features: _Optional[_Iterable[str]] = ..., reference_profile: _Optional[_Union[ReferenceProfile, _Mapping]] = ..., contract_version: _Optional[int] = ...) -> None: ...
 
-class WineRecord(_message.Message):
-    __slots__ = ("record_id", "data_type", "event_time_ms", "fixed_acidity", "volatile_acidity", "citric_acid", "residual_sugar", "chlorides", "free_sulfur_dioxide", "total_sulfur_dioxide", "density", "ph", "sulphates", "alcohol", "quality")
-    RECORD_ID_FIELD_NUMBER: _ClassVar[int]
+class FieldSpec(_message.Message):
+    __slots__ = ("name", "type", "required", "categories", "description")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TYPE_FIELD_NUMBER: _ClassVar[int]
+    REQUIRED_FIELD_NUMBER: _ClassVar[int]
+    CATEGORIES_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    type: FieldType
+    required: bool
+    categories: _containers.RepeatedScalarFieldContainer[str]
+    description: str
+    def __init__(self, name: _Optional[str] = ..., type: _Optional[_Union[FieldType, str]] = ..., required: _Optional[bool] = ..., categories: _Optional[_Iterable[str]] = ..., description: _Optional[str] = ...) -> None: ...
+
+class CsvOptions(_message.Message):
+    __slots__ = ("delimiter", "columns", "header")
+    DELIMITER_FIELD_NUMBER: _ClassVar[int]
+    COLUMNS_FIELD_NUMBER: _ClassVar[int]
+    HEADER_FIELD_NUMBER: _ClassVar[int]
+    delimiter: str
+    columns: _containers.RepeatedScalarFieldContainer[str]
+    header: bool
+    def __init__(self, delimiter: _Optional[str] = ..., columns: _Optional[_Iterable[str]] = ..., header: _Optional[bool] = ...) -> None: ...
+
+class AvroOptions(_message.Message):
+    __slots__ = ("writer_schema", "confluent_framing", "schema_id")
+    WRITER_SCHEMA_FIELD_NUMBER: _ClassVar[int]
+    CONFLUENT_FRAMING_FIELD_NUMBER: _ClassVar[int]
+    SCHEMA_ID_FIELD_NUMBER: _ClassVar[int]
+    writer_schema: str
+    confluent_framing: bool
+    schema_id: int
+    def __init__(self, writer_schema: _Optional[str] = ..., confluent_framing: _Optional[bool] = ..., schema_id: _Optional[int] = ...) -> None: ...
+
+class ProtobufOptions(_message.Message):
+    __slots__ = ("file_descriptor_set", "message_name")
+    FILE_DESCRIPTOR_SET_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_NAME_FIELD_NUMBER: _ClassVar[int]
+    file_descriptor_set: bytes
+    message_name: str
+    def __init__(self, file_descriptor_set: _Optional[bytes] = ..., message_name: _Optional[str] = ...) -> None: ...
+
+class DataContract(_message.Message):
+    __slots__ = ("data_type", "version", "description", "fields", "id_field", "event_time_field", "label_field", "encoding", "csv", "avro", "protobuf", "created_at_ms")
     DATA_TYPE_FIELD_NUMBER: _ClassVar[int]
-    EVENT_TIME_MS_FIELD_NUMBER: _ClassVar[int]
-    FIXED_ACIDITY_FIELD_NUMBER: _ClassVar[int]
-    VOLATILE_ACIDITY_FIELD_NUMBER: _ClassVar[int]
-    CITRIC_ACID_FIELD_NUMBER: _ClassVar[int]
-    RESIDUAL_SUGAR_FIELD_NUMBER: _ClassVar[int]
-    CHLORIDES_FIELD_NUMBER: _ClassVar[int]
-    FREE_SULFUR_DIOXIDE_FIELD_NUMBER: _ClassVar[int]
-    TOTAL_SULFUR_DIOXIDE_FIELD_NUMBER: _ClassVar[int]
-    DENSITY_FIELD_NUMBER: _ClassVar[int]
-    PH_FIELD_NUMBER: _ClassVar[int]
-    SULPHATES_FIELD_NUMBER: _ClassVar[int]
-    ALCOHOL_FIELD_NUMBER: _ClassVar[int]
-    QUALITY_FIELD_NUMBER: _ClassVar[int]
-    record_id: str
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    ID_FIELD_FIELD_NUMBER: _ClassVar[int]
+    EVENT_TIME_FIELD_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    CSV_FIELD_NUMBER: _ClassVar[int]
+    AVRO_FIELD_NUMBER: _ClassVar[int]
+    PROTOBUF_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_MS_FIELD_NUMBER: _ClassVar[int]
     data_type: str
-    event_time_ms: int
-    fixed_acidity: float
-    volatile_acidity: float
-    citric_acid: float
-    residual_sugar: float
-    chlorides: float
-    free_sulfur_dioxide: float
-    total_sulfur_dioxide: float
-    density: float
-    ph: float
-    sulphates: float
-    alcohol: float
-    quality: float
-    def __init__(self, record_id: _Optional[str] = ..., data_type: _Optional[str] = ..., event_time_ms: _Optional[int] = ..., fixed_acidity: _Optional[float] = ..., volatile_acidity: _Optional[float] = ..., citric_acid: _Optional[float] = ..., residual_sugar: _Optional[float] = ..., chlorides: _Optional[float] = ..., free_sulfur_dioxide: _Optional[float] = ..., total_sulfur_dioxide: _Optional[float] = ..., density: _Optional[float] = ..., ph: _Optional[float] = ..., sulphates: _Optional[float] = ..., alcohol: _Optional[float] = ..., quality: _Optional[float] = ...) -> None: ...
+    version: int
+    description: str
+    fields: _containers.RepeatedCompositeFieldContainer[FieldSpec]
+    id_field: str
+    event_time_field: str
+    label_field: str
+    encoding: Encoding
+    csv: CsvOptions
+    avro: AvroOptions
+    protobuf: ProtobufOptions
+    created_at_ms: int
+    def __init__(self, data_type: _Optional[str] = ..., version: _Optional[int] = ..., description: _Optional[str] = ..., fields: _Optional[_Iterable[_Union[FieldSpec, _Mapping]]] = ..., id_field: _Optional[str] = ..., event_time_field: _Optional[str] = ..., label_field: _Optional[str] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., csv: _Optional[_Union[CsvOptions, _Mapping]] = ..., avro: _Optional[_Union[AvroOptions, _Mapping]] = ..., protobuf: _Optional[_Union[ProtobufOptions, _Mapping]] = ..., created_at_ms: _Optional[int] = ...) -> None: ...
+
+class ControlMessage(_message.Message):
+    __slots__ = ("model", "contract")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    CONTRACT_FIELD_NUMBER: _ClassVar[int]
+    model: ModelDescriptor
+    contract: DataContract
+    def __init__(self, model: _Optional[_Union[ModelDescriptor, _Mapping]] = ..., contract: _Optional[_Union[DataContract, _Mapping]] = ...) -> None: ...
+
+class Value(_message.Message):
+    __slots__ = ("number", "integer", "boolean", "text")
+    NUMBER_FIELD_NUMBER: _ClassVar[int]
+    INTEGER_FIELD_NUMBER: _ClassVar[int]
+    BOOLEAN_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    number: float
+    integer: int
+    boolean: bool
+    text: str
+    def __init__(self, number: _Optional[float] = ..., integer: _Optional[int] = ..., boolean: _Optional[bool] = ..., text: _Optional[str] = ...) -> None: ...
+
+class Record(_message.Message):
+    __slots__ = ("fields",)
+    class FieldsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: Value
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[Value, _Mapping]] = ...) -> None: ...
+    FIELDS_FIELD_NUMBER: _ClassVar[int]
+    fields: _containers.MessageMap[str, Value]
+    def __init__(self, fields: _Optional[_Mapping[str, Value]] = ...) -> None: ...
 
 class ScoredRecord(_message.Message):
     __slots__ = ("output_key", "record_id", "data_type", "source_topic", "source_partition", "source_offset", "model_name", "model_version", "model_sha256", "value", "label", "probabilities", "scoring_latency_us", "event_time_ms", "scored_at_ms", "batch_size", "scored_by")
@@ -220,7 +319,7 @@ class DriftMetrics(_message.Message):
     def __init__(self, data_type: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., window_start_ms: _Optional[int] = ..., window_end_ms: _Optional[int] = ..., record_count: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ..., max_psi: _Optional[float] = ..., alarm: _Optional[bool] = ...) -> None: ...
 
 class ModelEvent(_message.Message):
-    __slots__ = ("kind", "data_type", "model_name", "model_version", "model_sha256", "reason", "message", "at_ms", "source_topic", "source_partition", "source_offset")
+    __slots__ = ("kind", "data_type", "model_name", "model_version", "model_sha256", "reason", "message", "at_ms", "source_topic", "source_partition", "source_offset", "contract_version")
     KIND_FIELD_NUMBER: _ClassVar[int]
     DATA_TYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -232,6 +331,7 @@ class ModelEvent(_message.Message):
     SOURCE_TOPIC_FIELD_NUMBER: _ClassVar[int]
     SOURCE_PARTITION_FIELD_NUMBER: _ClassVar[int]
     SOURCE_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    CONTRACT_VERSION_FIELD_NUMBER: _ClassVar[int]
     kind: str
     data_type: str
     model_name: str
@@ -243,4 +343,5 @@ class ModelEvent(_message.Message):
     source_topic: str
     source_partition: int
     source_offset: int
-    def __init__(self, kind: _Optional[str] = ..., data_type: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., at_ms: _Optional[int] = ..., source_topic: _Optional[str] = ..., source_partition: _Optional[int] = ..., source_offset: _Optional[int] = ...) -> None: ...
+    contract_version: int
+    def __init__(self, kind: _Optional[str] = ..., data_type: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., at_ms: _Optional[int] = ..., source_topic: _Optional[str] = ..., source_partition: _Optional[int] = ..., source_offset: _Optional[int] = ..., contract_version: _Optional[int] = ...) -> None: ...

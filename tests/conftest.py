@@ -37,16 +37,19 @@ def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]
         yield running
 
 
-def unique_topics(config: Config, suffix: str) -> Config:
-    """`config` with `-<suffix>` appended to every topic name."""
+def unique_topics(config: Config, suffix: str, data_type: str = "wine") -> Config:
+    """`config` with `-<suffix>` appended to every topic name; the records topic's default
+    data type is `data_type`."""
     return dataclasses.replace(
-        config, **{name: f"{getattr(config, name)}-{suffix}" for name in TOPIC_FIELDS}
+        config,
+        **{name: f"{getattr(config, name)}-{suffix}" for name in TOPIC_FIELDS},
+        records_topics=f"{config.records_topic}-{suffix}={data_type}",
     )
 
 
 def config_env(config: Config) -> dict[str, str]:
     """The WAXSERVE_* variables that make `Config.from_env()` use these brokers and topics."""
-    env = {"WAXSERVE_BROKERS": config.brokers}
+    env = {"WAXSERVE_BROKERS": config.brokers, "WAXSERVE_RECORDS_TOPICS": config.records_topics}
     env.update({f"WAXSERVE_{name.upper()}": getattr(config, name) for name in TOPIC_FIELDS})
     return env
 
@@ -55,7 +58,8 @@ def config_env(config: Config) -> dict[str, str]:
 def kafka_config(broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch) -> Config:
     """A Config on the session broker with topics of this test's own, already created.
 
-    The records topic has 2 partitions (the outputs too; the models topic 1). The process
+    The records topic has 2 partitions (the outputs too; the control topic 1); its default
+    data type is wine. The process
     environment is set to match (WAXSERVE_BROKERS, WAXSERVE_*_TOPIC, other WAXSERVE_*
     variables removed), so `Config.from_env()`, the CLI and subprocesses see the same.
     """

@@ -14,15 +14,12 @@ from bytewax.recovery import RecoveryConfig
 from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 
 from dataflows.config import Config
-from dataflows.descriptors import load_catalog
-from dataflows.records import (
-    CONTENT_TYPE_CSV,
-    Headers,
-    OutMessage,
-    SourceBatch,
-    parse_csv_line,
-    wine_record,
-)
+from dataflows.contracts.codecs import codec_for
+from dataflows.contracts.files import load_contract
+from dataflows.contracts.schema import Encoding
+from dataflows.descriptors import catalog_contracts, control_message, load_catalog
+from dataflows.events import EventBus
+from dataflows.records import Headers, OutMessage, SourceBatch
 from dataflows.serving import SINK_NAMES, build_flow
 from protos import waxserve_pb2 as pb
 
@@ -30,9 +27,35 @@ REPO = Path(__file__).resolve().parents[1]
 WINE_CSV = REPO / "models" / "data" / "winequality_red.csv"
 ERROR_CSV = REPO / "models" / "data" / "error_winequality_red.csv"
 CATALOG = load_catalog()
+WINE_CONTRACT = load_contract(catalog_contracts()["wine"])
+WINE_FEATURES: tuple[str, ...] = tuple(WINE_CONTRACT.csv_columns[:-1])
+"""The 11 wine features, in the data file's column order."""
+WINE_PROTOBUF = codec_for(WINE_CONTRACT, Encoding.PROTOBUF)
+WINE_CSV_CODEC = codec_for(WINE_CONTRACT, Encoding.CSV)
 
-MODELS_TOPIC = "models"
+CONTROL_TOPIC = "control"
 RECORDS_TOPIC = "records"
+
+
+def parse_csv_line(line: str) -> dict[str, float | None]:
+    """A wine CSV line as field values (None where a cell is empty)."""
+    cells = line.split(";")
+    return {
+        name: float(cell) if cell.strip() else None
+        for name, cell in zip(WINE_CONTRACT.csv_columns, cells, strict=True)
+    }
+
+
+def wine_record(
+    values: dict[str, float | None], *, record_id: str = "", event_time_ms: int = 0
+) -> bytes:
+    """A wine record in the wine contract's protobuf encoding."""
+    row: dict[str, object] = {k: v for k, v in values.items() if v is not None}
+    if record_id:
+        row["record_id"] = record_id
+    if event_time_ms:
+        row["event_time_ms"] = event_time_ms
+    return WINE_PROTOBUF.encode([row])[0]
 
 
 def wine_lines(start: int = 0, count: int | None = None) -> list[str]:
@@ -44,9 +67,7 @@ def wine_lines(start: int = 0, count: int | None = None) -> list[str]:
 def record_bytes(lines: Iterable[str], id_prefix: str = "r") -> list[bytes]:
     """Each CSV line as a serialized WineRecord."""
     return [
-        wine_record(
-            parse_csv_line(line), record_id=f"{id_prefix}{i}", event_time_ms=1
-        ).SerializeToString()
+        wine_record(parse_csv_line(line), record_id=f"{id_prefix}{i}", event_time_ms=1)
         for i, line in enumerate(lines)
     ]
 
@@ -77,7 +98,7 @@ def csv_batch(lines: Sequence[str], *, partition: int = 0, start: int = 0) -> So
         [line.encode() for line in lines],
         partition=partition,
         start=start,
-        headers=[[("content-type", CONTENT_TYPE_CSV.encode())] for _ in lines],
+        headers=[[("content-type", b"text/csv")] for _ in lines],
     )
 
 
@@ -89,9 +110,20 @@ def descriptor(name: str, *, version: str | None = None, **changes: Any) -> pb.M
     return desc
 
 
+def control_batch(*items: pb.ModelDescriptor | pb.DataContract, start: int = 0) -> SourceBatch:
+    """Descriptors and contracts as a control-topic batch."""
+    return batch(CONTROL_TOPIC, [control_message(i) for i in items], start=start)
+
+
 def model_batch(*descriptors: pb.ModelDescriptor, start: int = 0) -> SourceBatch:
-    """Descriptors as a models-topic batch."""
-    return batch(MODELS_TOPIC, [d.SerializeToString() for d in descriptors], start=start)
+    """Descriptors as a control-topic batch; the first batch (start 0) carries the wine
+    contract first, as `waxserve contract publish` would have sent it."""
+    items: list[pb.ModelDescriptor | pb.DataContract] = list(descriptors)
+    if start == 0:
+        items.insert(0, WINE_CONTRACT.to_proto())
+    else:
+        start += 1  # the contract took offset 0
+    return control_batch(*items, start=start)
 
 
 @dataclass
@@ -164,7 +196,13 @@ class CrashingSink(DynamicSink[Any]):
 
 def test_config(**changes: Any) -> Config:
     """Config for in-process flow tests: short windows, no waiting for models."""
-    base = Config(shards=4, stats_interval_s=3600, drift_window_s=3600, no_model_wait_s=30)
+    base = Config(
+        shards=4,
+        stats_interval_s=3600,
+        drift_window_s=3600,
+        no_model_wait_s=30,
+        records_topics=f"{RECORDS_TOPIC}=wine",
+    )
     return dataclasses.replace(base, **changes)
 
 
@@ -181,6 +219,7 @@ def run_flow(
     recovery: Path | None = None,
     crash: CrashOnce | None = None,
     crash_sink: str = "scored",
+    events: EventBus | None = None,
 ) -> Outputs:
     """Run the flow to completion over scripted inputs; return what the sinks got."""
     outputs = outputs or Outputs()
@@ -189,8 +228,9 @@ def run_flow(
         sinks[crash_sink] = CrashingSink(outputs.items[crash_sink], crash)
     flow = build_flow(
         config,
-        {"models": TestingSource(models), "records": TestingSource(records)},
+        {"control": TestingSource(models), "records": TestingSource(records)},
         sinks,
+        **({"events": events} if events is not None else {}),
     )
     recovery_config = RecoveryConfig(str(recovery)) if recovery is not None else None
     epoch = timedelta(0)

@@ -9,7 +9,6 @@ import time
 from collections import Counter
 from datetime import timedelta
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import onnxruntime
@@ -18,23 +17,26 @@ from bytewax.recovery import init_db_dir
 from bytewax.testing import TestingSource
 from flowtools import (
     CATALOG,
+    CONTROL_TOPIC,
     ERROR_CSV,
-    MODELS_TOPIC,
     RECORDS_TOPIC,
+    WINE_CONTRACT,
+    WINE_FEATURES,
     CrashOnce,
     Outputs,
     batch,
+    control_batch,
     csv_batch,
     descriptor,
     model_batch,
+    parse_csv_line,
     record_bytes,
     run_flow,
     test_config,
     wine_lines,
 )
 
-from dataflows.records import WINE_FEATURES, parse_csv_line
-from dataflows.scoring import RUNTIMES
+from dataflows.registry import RUNTIMES, ControlIn, Registry
 from protos import waxserve_pb2 as pb
 
 WORKERS = [1, 2]
@@ -105,7 +107,7 @@ def test_every_record_is_scored_once_with_traceable_output(workers: int) -> None
     drift = out.drift()
     assert sum(d.record_count for d in drift) == 200
     assert {f.feature for f in drift[0].features} == set(WINE_FEATURES)
-    assert [e.kind for e in out.events()] == ["installed"]
+    assert [e.kind for e in out.events()] == ["contract_installed", "installed"]
 
 
 @pytest.mark.parametrize("workers", WORKERS)
@@ -132,7 +134,7 @@ def test_new_model_replaces_old_one_mid_stream(workers: int) -> None:
     expected = onnx_reference("wine-gbt", after)
     for i, value in enumerate(expected):
         assert late_values[f"late-{i}"] == pytest.approx(float(value), rel=1e-5)
-    assert [e.kind for e in out.events()] == ["installed", "installed"]
+    assert [e.kind for e in out.events()] == ["contract_installed", "installed", "installed"]
     assert {s.model_name for s in out.stats()} == {"wine-lr", "wine-gbt"}
 
 
@@ -142,7 +144,7 @@ def test_malformed_records_go_to_the_dead_letter_topic_with_their_bytes(workers:
     garbage = batch(RECORDS_TOPIC, [b"\xff\x00garbage", None], partition=1, start=0)
     json_nan = batch(
         RECORDS_TOPIC,
-        [b'{"alcohol": "NaN"}', b'{"alcohol": "strong"}'],
+        [b'{"alcohol": NaN}', b'{"alcohol": "strong"}'],
         partition=1,
         start=2,
         headers=[[("content-type", b"application/json")]] * 2,
@@ -175,8 +177,9 @@ def test_malformed_records_go_to_the_dead_letter_topic_with_their_bytes(workers:
     assert by_offset[("1", 0)][0]["waxserve.error.class"] == "undecodable"
     assert by_offset[("1", 0)][1] == b"\xff\x00garbage"
     assert by_offset[("1", 1)][0]["waxserve.error.class"] == "undecodable"
-    assert by_offset[("1", 2)][0]["waxserve.error.class"] == "non_finite"
-    assert by_offset[("1", 3)][0]["waxserve.error.class"] == "non_numeric"
+    assert by_offset[("1", 2)][0]["waxserve.error.class"] in ("undecodable", "non_finite")
+    assert by_offset[("1", 3)][0]["waxserve.error.class"] == "wrong_type"
+    assert "alcohol" in by_offset[("1", 3)][0]["waxserve.error.message"]
     assert len(dead) == 1 + 11 + 4
 
 
@@ -187,7 +190,7 @@ def test_rejected_descriptor_leaves_the_old_model_serving(workers: int) -> None:
     bad_input = descriptor("wine-lr", version="3")
     del bad_input.input_features[:]
     bad_input.input_features.extend([*WINE_FEATURES[:-1], "colour"])
-    garbage = batch(MODELS_TOPIC, [b"not a descriptor"], start=3)
+    garbage = batch(CONTROL_TOPIC, [b"not a descriptor"], start=4)
     models = [
         model_batch(descriptor("wine-lr")),
         PAUSE(timedelta(seconds=0.5)),
@@ -206,29 +209,32 @@ def test_rejected_descriptor_leaves_the_old_model_serving(workers: int) -> None:
         ),
         key=lambda r: r[1],
     )
-    assert rejected[0][:2] == ("digest_mismatch", "1")
-    assert rejected[0][2] == tampered.SerializeToString()
-    assert rejected[1][:2] == ("bad_inputs", "2")
-    assert rejected[2][:2] == ("undecodable", "3")
+    assert rejected[0][:2] == ("digest_mismatch", "2")
+    assert rejected[0][2] == pb.ControlMessage(model=tampered).SerializeToString()
+    assert rejected[1][:2] == ("bad_inputs", "3")
+    assert rejected[2][:2] == ("undecodable", "4")
     kinds = [(e.kind, e.model_version, e.reason) for e in out.events()]
     assert kinds == [
+        ("contract_installed", "", ""),
         ("installed", "1", ""),
         ("rejected", "2", "digest_mismatch"),
         ("rejected", "3", "bad_inputs"),
     ]
 
 
-def test_records_without_a_model_are_dead_lettered_after_the_wait() -> None:
-    beer = batch(RECORDS_TOPIC, [record_bytes(wine_lines(0, 1))[0]])
-    from dataflows.records import wine_record
-
-    beer.values = [
-        wine_record(parse_csv_line(wine_lines(0, 1)[0]), data_type="beer").SerializeToString()
-    ]
-    out = run_flow(test_config(no_model_wait_s=0), [model_batch(descriptor("wine-lr"))], [beer])
-    ((headers, _value),) = out.dead_letters()
-    assert headers["waxserve.error.class"] == "no_model"
-    assert headers["waxserve.data_type"] == "beer"
+def test_records_of_a_data_type_without_contract_or_model_are_dead_lettered() -> None:
+    line = record_bytes(wine_lines(0, 1))[0]
+    beer = batch(RECORDS_TOPIC, [line], headers=[[("data-type", b"beer")]])
+    wine = batch(RECORDS_TOPIC, [line], start=1)
+    out = run_flow(
+        test_config(no_model_wait_s=0),
+        [control_batch(WINE_CONTRACT.to_proto())],
+        [beer, wine],
+    )
+    reasons = {
+        h["waxserve.data_type"]: h["waxserve.error.class"] for h, _value in out.dead_letters()
+    }
+    assert reasons == {"beer": "no_contract", "wine": "no_model"}
 
 
 def test_records_that_arrive_before_their_model_wait_for_it() -> None:
@@ -309,7 +315,7 @@ def test_abort_and_resume_loses_nothing_and_rebuilds_models(workers: int, tmp_pa
     assert duplicates <= 40, "duplicates bounded by the epochs replayed"
     assert outputs.dead_letters() == []
     kinds = [e.kind for e in outputs.events()]
-    assert kinds == ["installed", "restored"]
+    assert kinds == ["contract_installed", "installed", "restored"]
     assert {s.model_name for s in scored} == {"wine-lr"}
     # Stats and drift windows were open at the crash: restored from the snapshots, they
     # count every record exactly once (the replayed epoch is not counted twice).
@@ -318,15 +324,27 @@ def test_abort_and_resume_loses_nothing_and_rebuilds_models(workers: int, tmp_pa
     assert sum(d.record_count for d in outputs.drift()) == 400
 
 
-def test_snapshots_do_not_carry_model_bytes() -> None:
-    import pickle
+def control_in(body: pb.ModelDescriptor | pb.DataContract, offset: int) -> ControlIn:
+    """A control message as the registry receives it."""
+    raw = pb.ControlMessage(
+        **{"model" if isinstance(body, pb.ModelDescriptor) else "contract": body}
+    )
+    return ControlIn(body, CONTROL_TOPIC, 0, offset, b"wine", raw.SerializeToString())
 
-    from dataflows.scoring import ModelInstall, ShardScorer, validate_descriptor
+
+def test_snapshots_do_not_carry_model_bytes() -> None:
+    from dataflows.registry import ModelInstall
+    from dataflows.scoring import ShardScorer
     from dataflows.serving import ServeLogic
 
-    install: ModelInstall = validate_descriptor(descriptor("wine-rf-classifier"), model_dir="")
+    registry = Registry(None, model_dir="")
+    installs = registry.on_control(
+        [control_in(WINE_CONTRACT.to_proto(), 0), control_in(descriptor("wine-rf-classifier"), 1)]
+    )
+    installs += registry.collect(wait=True)
+    install = next(i for i in installs if isinstance(i, ModelInstall))
     logic = ServeLogic(ShardScorer(None, stats_interval_s=10, drift_window_s=60))
-    logic.on_batch([install])
+    logic.on_batch([i for i in installs if not isinstance(i, pb.ModelEvent)])
     size = len(pickle.dumps(logic.snapshot()))
     assert len(install.model_bytes) > 100_000
     assert size < 10_000, f"shard snapshot is {size} bytes"
@@ -381,16 +399,13 @@ def test_drift_shows_when_the_input_shifts() -> None:
 def test_records_keep_the_old_model_while_a_new_one_loads(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import dataflows.scoring as scoring
+    import dataflows.registry as registry
 
-    validate = scoring.validate_descriptor
-
-    def slow_gbt(descriptor: pb.ModelDescriptor, **kwargs: Any) -> scoring.ModelInstall:
-        if descriptor.name == "wine-gbt":
+    def slow_gbt(candidate: registry.Candidate) -> None:
+        if candidate.descriptor.name == "wine-gbt":
             time.sleep(1.5)  # a big model, or a first PMML model starting the JVM
-        return validate(descriptor, **kwargs)
 
-    monkeypatch.setattr(scoring, "validate_descriptor", slow_gbt)
+    monkeypatch.setattr(registry, "LOAD_CHECKS", (slow_gbt, *registry.LOAD_CHECKS))
     models = [
         model_batch(descriptor("wine-lr")),
         PAUSE(timedelta(seconds=0.5)),
@@ -411,28 +426,27 @@ def test_records_keep_the_old_model_while_a_new_one_loads(
     assert {by_id[f"after-{i}"] for i in range(40)} == {"wine-gbt"}
 
 
-def test_a_snapshot_keeps_descriptors_that_are_still_loading(
+def test_a_snapshot_keeps_control_messages_that_are_still_going_through(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import dataflows.scoring as scoring
+    import dataflows.registry as registry
 
     release = threading.Event()
-    validate = scoring.validate_descriptor
 
-    def blocked(descriptor: pb.ModelDescriptor, **kwargs: Any) -> scoring.ModelInstall:
+    def blocked(candidate: registry.Candidate) -> None:
         release.wait(10)
-        return validate(descriptor, **kwargs)
 
-    monkeypatch.setattr(scoring, "validate_descriptor", blocked)
-    lr = descriptor("wine-lr")
-    item = scoring.DescriptorIn(lr, MODELS_TOPIC, 0, 0, b"wine", lr.SerializeToString())
-    registry = scoring.Registry(None, model_dir="")
-    assert registry.on_descriptors([item]) == [] and registry.loading
-    state = registry.snapshot()
-    assert state.current is None and [i.offset for i in state.loading] == [0]
+    monkeypatch.setattr(registry, "LOAD_CHECKS", (blocked, *registry.LOAD_CHECKS))
+    reg = Registry(None, model_dir="")
+    items = [control_in(WINE_CONTRACT.to_proto(), 0), control_in(descriptor("wine-lr"), 1)]
+    out = reg.on_control(items)
+    assert [type(o).__name__ for o in out] == ["ContractInstall", "ModelEvent"] and reg.loading
+    state = reg.snapshot()
+    assert state.current is None and [i.offset for i in state.loading] == [1]
+    assert state.contract is not None and state.contract.version == 1
     release.set()
     # A process resuming from that snapshot loads the descriptor again, and installs it.
-    resumed = scoring.Registry(pickle.loads(pickle.dumps(state)), model_dir="")
+    resumed = Registry(pickle.loads(pickle.dumps(state)), model_dir="")
     out = resumed.collect(wait=True)
     assert [type(o).__name__ for o in out] == ["ModelInstall", "ModelEvent"]
     assert resumed.current is not None and resumed.current.spec.identity.name == "wine-lr"

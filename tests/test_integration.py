@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -21,10 +22,11 @@ from typing import Any
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from conftest import config_env
-from flowtools import CATALOG, ERROR_CSV, descriptor, record_bytes, wine_lines
+from flowtools import CATALOG, ERROR_CSV, WINE_CONTRACT, descriptor, record_bytes, wine_lines
 
 from dataflows.broker import free_port, kafka_settings
 from dataflows.config import Config
+from dataflows.descriptors import control_message
 from dataflows.recovery import init_volume
 from protos import waxserve_pb2 as pb
 
@@ -181,9 +183,17 @@ def get_json(url: str) -> Any:
         return json.load(response)
 
 
+_CONTRACTS_SENT: set[str] = set()
+
+
 def publish(config: Config, desc: pb.ModelDescriptor) -> None:
-    """A descriptor on the models topic, keyed by data type."""
-    produce(config, config.models_topic, [desc.SerializeToString()], key=desc.data_type.encode())
+    """A descriptor on the control topic, keyed by data type; the wine contract before the
+    first one."""
+    key = desc.data_type.encode()
+    if config.control_topic not in _CONTRACTS_SENT:
+        _CONTRACTS_SENT.add(config.control_topic)
+        produce(config, config.control_topic, [control_message(WINE_CONTRACT.to_proto())], key=key)
+    produce(config, config.control_topic, [control_message(desc)], key=key)
 
 
 def test_model_swap_mid_stream_and_pmml_reference_value(
@@ -260,17 +270,77 @@ def test_model_swap_mid_stream_and_pmml_reference_value(
     assert reader.seen[config.dlq_topic] == []
 
 
+def test_two_data_types_from_two_topics_in_their_own_encodings(
+    kafka_config: Config, tmp_path: Path
+) -> None:
+    """Wine as protobuf on the records topic, penguins as JSON on a topic of their own
+    (routed by the topic's default data type); one dataflow serves both."""
+    from test_flow_contracts import COMPLETE, PENGUIN_ROWS, PENGUINS
+
+    from dataflows.broker import create_topics
+    from dataflows.contracts.codecs import codec_for
+    from dataflows.contracts.schema import Encoding
+
+    penguins_topic = f"{kafka_config.records_topic}-penguins"
+    config = dataclasses.replace(
+        kafka_config,
+        records_topics=f"{kafka_config.records_topics},{penguins_topic}=penguins",
+    )
+    create_topics(config, 2)
+    reader = Reader(config, config.scored_topic, config.events_topic, config.dlq_topic)
+    publish(config, descriptor("wine-gbt"))
+    produce(
+        config,
+        config.control_topic,
+        [
+            control_message(PENGUINS.to_proto()),
+            control_message(descriptor("penguins-species-onnx")),
+        ],
+        key=b"penguins",
+    )
+    wine = record_bytes(wine_lines(0, 200))
+    penguins = codec_for(PENGUINS, Encoding.JSON).encode(PENGUIN_ROWS)
+    flow = Dataflow(config, tmp_path)
+    try:
+        reader.wait_for("4 installs", lambda: len(reader.events(config)) >= 4, flow)
+        produce(config, config.records_topic, wine, partitions=2)
+        produce(config, penguins_topic, penguins, partitions=2)
+        total = len(wine) + len(penguins)
+        reader.wait_for(
+            "every record scored or dead-lettered",
+            lambda: len(reader.scored(config)) + len(reader.seen[config.dlq_topic]) >= total,
+            flow,
+        )
+        reader.read(1.0)
+    finally:
+        flow.stop()
+        reader.close()
+    scored = reader.scored(config)
+    by_type = Counter((s.data_type, s.model_name) for s in scored)
+    assert by_type == {
+        ("wine", "wine-gbt"): 200,
+        ("penguins", "penguins-species-onnx"): len(COMPLETE),
+    }
+    dead = Counter(
+        (h["waxserve.data_type"], h["waxserve.error.class"])
+        for _, h in reader.seen[config.dlq_topic]
+    )
+    assert sum(dead.values()) == len(PENGUIN_ROWS) - len(COMPLETE)
+    assert set(dead) <= {("penguins", "missing_field"), ("penguins", "missing_feature")}
+    assert {s.source_topic for s in scored if s.data_type == "penguins"} == {penguins_topic}
+
+
 def test_bad_records_and_a_tampered_model_on_kafka(kafka_config: Config, tmp_path: Path) -> None:
     config = kafka_config
     reader = Reader(config, config.scored_topic, config.events_topic, config.dlq_topic)
     publish(config, descriptor("wine-lr"))
     flow = Dataflow(config, tmp_path)
     try:
-        reader.wait_for("wine-lr installed", lambda: len(reader.events(config)) >= 1, flow)
+        reader.wait_for("wine-lr installed", lambda: len(reader.events(config)) >= 2, flow)
         tampered = descriptor("wine-gbt", version="2")
         tampered.sha256 = "0" * 64
         publish(config, tampered)
-        reader.wait_for("tampered model rejected", lambda: len(reader.events(config)) >= 2, flow)
+        reader.wait_for("tampered model rejected", lambda: len(reader.events(config)) >= 3, flow)
         lines = ERROR_CSV.read_text().splitlines()
         produce(
             config,
@@ -289,6 +359,7 @@ def test_bad_records_and_a_tampered_model_on_kafka(kafka_config: Config, tmp_pat
         flow.stop()
         reader.close()
     assert [(e.kind, e.model_version, e.reason) for e in reader.events(config)] == [
+        ("contract_installed", "", ""),
         ("installed", "1", ""),
         ("rejected", "2", "digest_mismatch"),
     ]
@@ -297,9 +368,9 @@ def test_bad_records_and_a_tampered_model_on_kafka(kafka_config: Config, tmp_pat
     dead = reader.seen[config.dlq_topic]
     model_dead = [(v, h) for v, h in dead if h["waxserve.stage"] == "model"]
     assert len(model_dead) == 1
-    assert model_dead[0][0] == tampered.SerializeToString()
+    assert model_dead[0][0] == control_message(tampered)
     assert model_dead[0][1]["waxserve.error.class"] == "digest_mismatch"
-    assert model_dead[0][1]["waxserve.source.topic"] == config.models_topic
+    assert model_dead[0][1]["waxserve.source.topic"] == config.control_topic
     record_dead = {
         int(h["waxserve.source.offset"]): (v, h) for v, h in dead if h["waxserve.stage"] != "model"
     }
@@ -354,10 +425,11 @@ def test_kill_9_and_restart_loses_no_record(kafka_config: Config, tmp_path: Path
     )
     assert len(counts) == total
     assert reader.seen[config.dlq_topic] == []
-    assert [e.kind for e in reader.events(config)] in (
-        ["installed", "restored"],
-        ["installed", "installed", "restored"],
-    )
+    # The restart restores from the snapshot, or (killed before the registry's first one)
+    # reads the control topic again.
+    kinds = [e.kind for e in reader.events(config)]
+    assert kinds[:2] == ["contract_installed", "installed"], kinds
+    assert set(kinds[2:]) <= {"contract_installed", "installed", "restored"}, kinds
     # At-least-once, bounded: the only duplicates are the records scored between the last
     # snapshot and the kill, i.e. one contiguous run of offsets per source partition.
     assert duplicates < before

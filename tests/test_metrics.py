@@ -22,10 +22,11 @@ from flowtools import (
 )
 from prometheus_client import REGISTRY, CollectorRegistry, Histogram
 
-from dataflows.metrics import DEAD_LETTER_CLASSES, LAG_BUCKETS, BatchHistogram
+from dataflows.events import EventBus, Quality
+from dataflows.metrics import DEAD_LETTER_CLASSES, LAG_BUCKETS, BatchHistogram, on_event
 from dataflows.monitoring import ModelIdentity, StatsAccumulator, StatsPartial, stats_message
 from dataflows.runtimes import Prediction
-from dataflows.scoring import _labelled_quality
+from dataflows.scoring import labelled_quality
 
 
 def value(name: str, **labels: str) -> float:
@@ -63,7 +64,7 @@ def test_metrics_count_scoring_dead_letters_and_model_events() -> None:
         batch(RECORDS_TOPIC, record_bytes(wine_lines()[::8]), partition=1),
         csv_batch(ERROR_CSV.read_text().splitlines()),
     ]
-    run_flow(test_config(), models, records)
+    run_flow(test_config(), models, records, events=EventBus(on_event))
     assert value("waxserve_records_scored_total", **scored) - before["scored"] == 200 + 2
     latency = value("waxserve_scoring_latency_seconds_count", data_type="wine", model="wine-lr")
     assert latency - before["latency"] == 2  # one observation per model call
@@ -158,7 +159,7 @@ def test_online_quality_of_a_classifier_and_a_regressor() -> None:
         valid=np.array([True, True, True, False]),
     )
     # Row 2 has no label, row 3 no prediction: two labelled, one right, squared errors 0 + 1.
-    assert _labelled_quality(classifier, labels) == (2, 1.0, 1)
+    assert labelled_quality(classifier, labels) == Quality(2, 1.0, 2, 1)
     regressor = Prediction(
         values=np.array([5.5, 6.0, 6.0, 6.0]),
         labels=None,
@@ -166,8 +167,21 @@ def test_online_quality_of_a_classifier_and_a_regressor() -> None:
         class_labels=(),
         valid=np.ones(4, dtype=bool),
     )
-    assert _labelled_quality(regressor, labels) == (3, 0.25 + 0 + 1.0, None)
-    assert _labelled_quality(regressor, np.full(4, np.nan)) is None
+    assert labelled_quality(regressor, labels) == Quality(3, 0.25 + 0 + 1.0, 3, None)
+    assert labelled_quality(regressor, np.full(4, np.nan)) is None
+    # A text label (a contract's STRING label field): accuracy only, no RMSE.
+    species = np.array(["Adelie", None, "Gentoo"], dtype=object)
+    text = Prediction(
+        values=np.full(3, np.nan),
+        labels=["Adelie", "Adelie", "Adelie"],
+        probabilities=None,
+        class_labels=(),
+        valid=np.ones(3, dtype=bool),
+    )
+    assert labelled_quality(text, species) == Quality(2, 0.0, 0, 1)
+    text_stats = StatsAccumulator()
+    Quality(2, 0.0, 0, 1).add_to(text_stats)
+    assert text_stats.rmse is None and text_stats.accuracy == 0.5
 
     model = ModelIdentity("wine", "wine-rf", "1", "0" * 64)
     stats = StatsAccumulator()

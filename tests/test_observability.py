@@ -288,7 +288,9 @@ def has_data(answer: dict[str, Any]) -> bool:
 def replay(*args: str) -> None:
     """`waxserve replay ...` in-process (the topics come from the environment `kafka_config`
     sets)."""
-    assert waxserve(["replay", *args, "-q"]) == 0, f"waxserve replay {args} failed"
+    assert waxserve(["replay", *args, "--data-type", "wine", "-q"]) == 0, (
+        f"waxserve replay {args} failed"
+    )
 
 
 @pytest.mark.integration
@@ -299,6 +301,7 @@ def test_dashboards_and_alerts_on_the_real_dataflow(kafka_config: Config, tmp_pa
     recovery.mkdir()
     subprocess.run([sys.executable, "-m", "bytewax.recovery", str(recovery), "2"], check=True)
     api_port = free_port()
+    assert waxserve(["contract", "publish", "wine"]) == 0
     assert waxserve(["publish", "wine-lr"]) == 0
     with contextlib.ExitStack() as stack:
         prometheus = Prometheus(executable, tmp_path, f"127.0.0.1:{api_port}")

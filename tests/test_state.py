@@ -12,6 +12,7 @@ import pytest
 
 from dataflows.broker import free_port
 from dataflows.cli import main
+from dataflows.events import Quality
 from dataflows.monitoring import ModelIdentity
 from dataflows.state import (
     RETIRED_MODELS_KEPT,
@@ -45,7 +46,7 @@ def test_models_follow_installs_scoring_and_drift() -> None:
     # Two shards load wine-lr, one moves on to wine-gbt: both are held, one shard each.
     state.installed(LR, None)
     state.installed(LR, None)
-    state.scored(LR, 100, 0.002, (100, 25.0, None))
+    state.scored(LR, 100, 0.002, Quality(100, 25.0, 100, None))
     state.scored(LR, 50, 0.0005, None)
     state.installed(GBT, LR)
     rows = {m["name"]: m for m in state.models()}
@@ -166,7 +167,7 @@ def test_status_command_prints_every_process(
 ) -> None:
     state, server = served
     state.installed(LR, None)
-    state.scored(LR, 1234, 0.01, (1234, 1234 * 0.36, None))
+    state.scored(LR, 1234, 0.01, Quality(1234, 1234 * 0.36, 1234, None))
     assert main(["status", "--url", server.url]) == 0
     out = capsys.readouterr().out
     assert out.startswith("process 3 ")

@@ -1,0 +1,93 @@
+"""Why an input went to the dead-letter topic: one enum, the `waxserve.error.class` header.
+
+The values are strings on the wire, in metrics labels and in model events; a `Reason`
+compares equal to its string.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Stage(StrEnum):
+    """Where in the dataflow an input was refused."""
+
+    DECODE = "decode"  # a record's bytes, or which data type it is
+    SCORE = "score"  # a decoded record that could not be scored
+    MODEL = "model"  # a model descriptor
+    CONTRACT = "contract"  # a data contract
+
+
+class Reason(StrEnum):
+    """The error class of a dead letter."""
+
+    # decode: records
+    NO_DATA_TYPE = "no_data_type"
+    UNDECODABLE = "undecodable"
+    WRONG_TYPE = "wrong_type"
+    NON_FINITE = "non_finite"
+    OUT_OF_RANGE = "out_of_range"
+    MISSING_FIELD = "missing_field"
+    UNKNOWN_CATEGORY = "unknown_category"
+    BAD_CSV = "bad_csv"
+    CSV_HEADER = "csv_header"
+    # score
+    NO_CONTRACT = "no_contract"
+    NO_MODEL = "no_model"
+    MISSING_FEATURE = "missing_feature"
+    SCORE_FAILED = "score_failed"
+    INVALID_PREDICTION = "invalid_prediction"
+    # model
+    BAD_DESCRIPTOR = "bad_descriptor"
+    UNSUPPORTED_MODEL = "unsupported_model"
+    LOCATION_REJECTED = "location_rejected"
+    LOCATION_UNREADABLE = "location_unreadable"
+    DIGEST_MISMATCH = "digest_mismatch"
+    LOAD_FAILED = "load_failed"
+    BAD_INPUTS = "bad_inputs"
+    BAD_PROFILE = "bad_profile"
+    # contract
+    BAD_CONTRACT = "bad_contract"
+    INCOMPATIBLE_CONTRACT = "incompatible_contract"
+
+
+STAGE_REASONS: dict[Stage, tuple[Reason, ...]] = {
+    Stage.DECODE: (
+        Reason.NO_DATA_TYPE,
+        Reason.UNDECODABLE,
+        Reason.WRONG_TYPE,
+        Reason.NON_FINITE,
+        Reason.OUT_OF_RANGE,
+        Reason.MISSING_FIELD,
+        Reason.UNKNOWN_CATEGORY,
+        Reason.BAD_CSV,
+        Reason.CSV_HEADER,
+    ),
+    Stage.SCORE: (
+        Reason.NO_CONTRACT,
+        Reason.NO_MODEL,
+        Reason.MISSING_FEATURE,
+        Reason.UNKNOWN_CATEGORY,
+        Reason.SCORE_FAILED,
+        Reason.INVALID_PREDICTION,
+    ),
+    Stage.MODEL: (
+        Reason.UNDECODABLE,
+        Reason.BAD_DESCRIPTOR,
+        Reason.UNSUPPORTED_MODEL,
+        Reason.NO_CONTRACT,
+        Reason.NO_MODEL,
+        Reason.LOCATION_REJECTED,
+        Reason.LOCATION_UNREADABLE,
+        Reason.DIGEST_MISMATCH,
+        Reason.LOAD_FAILED,
+        Reason.BAD_INPUTS,
+        Reason.BAD_PROFILE,
+    ),
+    Stage.CONTRACT: (
+        Reason.UNDECODABLE,
+        Reason.BAD_CONTRACT,
+        Reason.INCOMPATIBLE_CONTRACT,
+    ),
+}
+"""Every (stage, reason) a dead letter can have."""

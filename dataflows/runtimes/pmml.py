@@ -1,0 +1,296 @@
+"""PMML models scored by pypmml (PMML4S) on an in-process JVM (JPype).
+
+Nothing here executes model content: PMML documents are interpreted by PMML4S. Numeric
+fields (double, float, integer, boolean) are numeric features; string fields are text
+features whose categories are the field's valid values, when the DataDictionary lists them.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import orjson
+
+from dataflows.runtimes.base import (
+    CLASSIFICATION,
+    NUMERIC,
+    REGRESSION,
+    TEXT,
+    ModelError,
+    ModelFeature,
+    ModelRuntime,
+    Prediction,
+    _classification,
+    _label_number,
+    _label_str,
+    _regression,
+    _sorted_labels,
+    canonical_name,
+)
+
+log = logging.getLogger(__name__)
+
+_JVM_LOCK = threading.Lock()
+_jvm_ready = False
+
+_NUMERIC_PMML_TYPES = {"double", "float", "integer", "boolean"}
+_TEXT_PMML_TYPES = {"string"}
+
+
+def jvm_started() -> bool:
+    """Whether this process has started pypmml's in-process JVM."""
+    return _jvm_ready
+
+
+def start_jvm() -> None:
+    """Start pypmml's gateway once per process, as an in-process JVM (JPype).
+
+    pypmml picks its gateway when the first PMMLContext is created: the default launches a
+    Java child process and talks Py4J over a socket (milliseconds per call); gateway="jpype"
+    loads the JVM into this process (microseconds per call). Later calls are a flag check.
+    Call it at process start-up to pay the JVM's start before the first PMML model arrives.
+    """
+    global _jvm_ready
+    if _jvm_ready:
+        return
+    with _JVM_LOCK:
+        if _jvm_ready:
+            return
+        import jpype
+        import jpype.config
+        from pypmml.base import PMMLContext
+
+        # At interpreter exit JPype must stop its reference queue, or a JVM thread waiting
+        # for the GIL is ended by CPython with pthread_exit, which unwinds through JPype's
+        # C++ and aborts the process ("FATAL: exception not rethrown", SIGABRT: seen in 2
+        # of 16 bounded runs with the stop skipped). Destroying the JVM as well crashed
+        # (SIGSEGV in jpype._core._JTerminate after the test suite); waxserve holds nothing
+        # in Java that needs it destroyed.
+        jpype.config.onexit = True
+        jpype.config.destroy_jvm = False
+
+        if PMMLContext.gateway() is None and jpype.isJVMStarted():
+            # Someone else started a JVM in this process: reuse it (it can't be restarted).
+            from pypmml.jvm import JPypeGateway
+
+            PMMLContext(gateway_instance=JPypeGateway())
+        PMMLContext.getOrCreate(gateway="jpype")
+        if PMMLContext.gateway() != "JPype":
+            log.warning(
+                "pypmml already runs on the %s gateway in this process; PMML scoring will be "
+                "slow (create no pypmml Model before waxserve loads one)",
+                PMMLContext.gateway(),
+            )
+        _jvm_ready = True
+
+
+def _valid_values(field: Any) -> tuple[str, ...] | None:
+    """A field's declared valid values: DataDictionary `Value`s that are neither missing nor
+    invalid; None when the DataDictionary lists none.
+
+    PMML4S's Field.validValues gives them as DataVal objects (`valuesAsString` would join them
+    with commas, which a category may itself contain). With no `Value`s declared, PMML4S
+    collects the values the model's predicates mention into a *mutable* attribute instead:
+    those are not categories (any other string is still scored), so they are not reported.
+    """
+    from pypmml.metadata import DataVal
+
+    try:
+        if field.call("isMutable"):
+            return None
+        values = tuple(str(DataVal(v).toVal) for v in field.call("validValues"))
+    except Exception:  # a pypmml without these calls: the categories are unknown
+        log.debug("cannot read the valid values of PMML field %s", field.name, exc_info=True)
+        return None
+    return values or None
+
+
+class PmmlRuntime(ModelRuntime):
+    """A PMML regression or classification model scored by pypmml (PMML4S) in-process.
+
+    Features are the PMML's active fields in mining-schema order, spelled as the PMML spells
+    them ("fixed acidity"). A batch is scored in one call through PMML4S's JSON "split" form:
+    text fields as strings, numeric ones as numbers, booleans as true/false. Classifiers need
+    probability(k) output fields (or PMML4S's default ones).
+    """
+
+    def __init__(self, model_bytes: bytes, input_features: Sequence[str] = ()) -> None:
+        self.format = "pmml"
+        # PMML never needs a DTD; refusing one rules out XML entity tricks on our files.
+        if re.search(rb"<!(DOCTYPE|ENTITY)", model_bytes, re.IGNORECASE):
+            raise ModelError("load_failed", "PMML documents with a DOCTYPE are not accepted")
+        try:
+            start_jvm()
+        except Exception as exc:
+            raise ModelError("load_failed", f"cannot start the JVM for pypmml: {exc}") from exc
+        from pypmml import Model
+
+        try:
+            model = Model.fromBytes(bytes(model_bytes))
+            function = str(model.functionName)
+            fields = [(f, str(f.name), str(f.dataType)) for f in model.inputFields]
+        except Exception as exc:
+            raise ModelError("load_failed", f"pypmml cannot load the model: {exc}") from exc
+
+        if function not in (REGRESSION, CLASSIFICATION):
+            raise ModelError(
+                "unsupported_model",
+                f"PMML model function {function!r} is not regression or classification",
+            )
+        if not fields:
+            raise ModelError("unsupported_model", "PMML model has no active input fields")
+        unsupported = [
+            f"{name} ({kind})"
+            for _, name, kind in fields
+            if kind not in _NUMERIC_PMML_TYPES | _TEXT_PMML_TYPES
+        ]
+        if unsupported:
+            raise ModelError(
+                "unsupported_model",
+                "PMML inputs must be double, float, integer, boolean or string: "
+                + ", ".join(unsupported),
+            )
+        self.task = function
+        self._set_features(
+            ModelFeature(name, TEXT, _valid_values(field))
+            if kind in _TEXT_PMML_TYPES
+            else ModelFeature(name, NUMERIC)
+            for field, name, kind in fields
+        )
+        names = self.input_names
+        if input_features:
+            expected = {canonical_name(x) for x in names}
+            given = {canonical_name(x) for x in input_features}
+            if given != expected or len(input_features) != len(names):
+                raise ModelError(
+                    "bad_inputs",
+                    f"input_features {list(input_features)} do not match the PMML inputs "
+                    f"{list(names)} (missing: {sorted(expected - given)}, "
+                    f"unknown: {sorted(given - expected)})",
+                )
+
+        try:
+            outputs = self._outputs(model)
+            if not outputs:
+                model.setSupplementOutput(True)  # ask PMML4S for its default output fields
+                outputs = self._outputs(model)
+        except Exception as exc:
+            raise ModelError("load_failed", f"pypmml cannot read the outputs: {exc}") from exc
+        if not outputs:
+            wanted = "probability(k) output fields" if self.task == CLASSIFICATION else "a value"
+            raise ModelError("unsupported_model", f"PMML {self.task} model gives no {wanted}")
+
+        if self.task == CLASSIFICATION:
+            by_label = {_label_str(label): name for name, label in outputs}
+            self.class_labels = _sorted_labels(by_label)
+            self._out_fields = tuple(by_label[label] for label in self.class_labels)
+        else:
+            self._out_fields = (outputs[0][0],)
+        self.output_names = self._out_fields
+        self._label_values = np.array([_label_number(x) for x in self.class_labels])
+        self._model: Any = model
+        self._request_prefix = b'{"columns":' + orjson.dumps(list(names)) + b',"data":'
+        # Where each numeric and text column goes in a request row, in feature order. With
+        # only double/float/integer fields (the wine models) the numeric matrix is the rows.
+        kinds = [kind for _, _, kind in fields]
+        self._numeric_at = [i for i, k in enumerate(kinds) if k in _NUMERIC_PMML_TYPES]
+        self._text_at = [i for i, k in enumerate(kinds) if k in _TEXT_PMML_TYPES]
+        numeric_kinds = [k for k in kinds if k in _NUMERIC_PMML_TYPES]
+        self._boolean = [j for j, k in enumerate(numeric_kinds) if k == "boolean"]
+        self._plain = not self._text_at and not self._boolean
+        # JPype releases the GIL during Java calls, so two Bytewax worker threads really run
+        # PMML4S concurrently. PMML4S does not document Model.predict as thread-safe (its issue
+        # #14 reported NaNs from shared models under concurrency): one lock per model.
+        self._lock = threading.Lock()
+
+    def _outputs(self, model: Any) -> list[tuple[str, object]]:
+        """(field name, class label) of the probability outputs, or [(name, None)] of the value."""
+        fields = [(str(f.name), str(f.feature), f.value) for f in model.outputFields]
+        if self.task == CLASSIFICATION:
+            return [
+                (name, value)
+                for name, feature, value in fields
+                if feature == "probability" and value is not None
+            ]
+        return [(name, None) for name, feature, _ in fields if feature == "predictedValue"]
+
+    def _rows(self, numeric: np.ndarray, text: np.ndarray | None) -> bytes:
+        """The request's "data": one JSON array per row, fields in feature order."""
+        if self._plain:
+            return orjson.dumps(
+                np.ascontiguousarray(numeric, dtype=np.float64), option=orjson.OPT_SERIALIZE_NUMPY
+            )
+        rows = np.empty((len(numeric), len(self.features)), dtype=object)
+        rows[:, self._numeric_at] = numeric  # Python floats: NaN is sent as null (missing)
+        for j in self._boolean:
+            # PMML4S reads a number as a boolean's text ("1.0"), which is no boolean value.
+            rows[:, self._numeric_at[j]] = numeric[:, j] != 0
+        if self._text_at:
+            assert text is not None
+            rows[:, self._text_at] = text
+        return orjson.dumps(rows.tolist(), option=orjson.OPT_SERIALIZE_NUMPY)
+
+    def _call(self, numeric: np.ndarray, text: np.ndarray | None) -> np.ndarray:
+        """One PMML4S call for these rows: the output columns as float64 (NaN for null)."""
+        request = self._request_prefix + self._rows(numeric, text) + b"}"
+        n = len(numeric)
+        with self._lock:
+            if self._model is None:
+                raise RuntimeError("the PMML runtime is closed")
+            response = str(self._model.predict(request.decode()))
+        doc = orjson.loads(response)
+        columns: list[str] = doc["columns"] or []
+        rows: list[list[Any]] = doc["data"]
+        if len(rows) != n:
+            raise ValueError(f"PMML4S returned {len(rows)} rows for {n}")
+        out = np.full((n, len(self._out_fields)), np.nan)
+        if not all(name in columns for name in self._out_fields):
+            # The columns come from the first row's outputs: one refused row can hide them.
+            if n > 1:
+                raise ValueError(f"PMML4S response lacks the output columns: {columns}")
+            return out
+        index = [columns.index(name) for name in self._out_fields]
+        try:
+            return np.array(rows, dtype=np.float64)[:, index]  # null -> NaN
+        except (ValueError, TypeError, IndexError):
+            pass  # ragged rows or text outputs: pick our columns row by row
+        width = len(columns)
+        for i, row in enumerate(rows):
+            if len(row) == width:  # a record PMML4S refused may come back short
+                out[i] = [np.nan if row[j] is None else row[j] for j in index]
+        return out
+
+    def predict(self, numeric: np.ndarray, text: np.ndarray | None = None) -> Prediction:
+        """Score a batch in one PMML4S call; rows it cannot score come back invalid."""
+        n = self._check_batch(numeric, text)
+        if n == 0:
+            return self._empty()
+        if self._model is None:
+            raise RuntimeError("the PMML runtime is closed")
+        try:
+            scores = self._call(numeric, text)
+        except Exception as exc:
+            # One bad row fails a whole batch call: retry row by row to isolate it.
+            log.warning("PMML batch of %d rows failed (%s); scoring row by row", n, exc)
+            scores = np.full((n, len(self._out_fields)), np.nan)
+            for i in range(n):
+                row_text = None if text is None else text[i : i + 1]
+                try:
+                    scores[i] = self._call(numeric[i : i + 1], row_text)[0]
+                except Exception as row_exc:
+                    if self._model is None:
+                        raise
+                    log.warning("PMML row %d of %d failed: %s", i, n, row_exc)
+        if self.task == REGRESSION:
+            return _regression(scores[:, 0])
+        return _classification(scores, self.class_labels, self._label_values)
+
+    def close(self) -> None:
+        """Drop the model. The JVM stays up: JPype cannot restart it in this process."""
+        with self._lock:
+            self._model = None
