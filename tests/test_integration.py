@@ -330,6 +330,126 @@ def test_two_data_types_from_two_topics_in_their_own_encodings(
     assert {s.source_topic for s in scored if s.data_type == "penguins"} == {penguins_topic}
 
 
+def test_a_teams_own_topic_in_the_readmes_three_commands(
+    kafka_config: Config, tmp_path: Path
+) -> None:
+    """README "Your own data in three commands": derive a contract from a JSON-lines
+    sample, publish it and a model, point the dataflow at the topic; records are plain
+    JSON with no header (what kcat or any producer sends)."""
+    from test_flow_contracts import COMPLETE, PENGUIN_ROWS
+
+    from dataflows.cli import main as waxserve
+
+    config = kafka_config
+    sample = tmp_path / "birds-sample.jsonl"
+    rows = [{k: v for k, v in r.items() if k != "penguin_id"} for r in PENGUIN_ROWS]
+    sample.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    contract = tmp_path / "birds.json"
+    derive = ["contract", "derive", str(sample), "--data-type", "birds"]
+    assert waxserve([*derive, "--label-field", "species", "-o", str(contract)]) == 0
+    assert waxserve(["contract", "publish", str(contract)]) == 0
+    model = CATALOG["penguins-species-onnx"].path()
+    assert waxserve(["publish", str(model), "--data-type", "birds"]) == 0
+    topic = config.records_topic  # the team's topic: its default data type is birds
+    flow_config = dataclasses.replace(config, records_topics=f"{topic}=birds")
+    reader = Reader(config, config.scored_topic, config.events_topic, config.dlq_topic)
+    flow = Dataflow(flow_config, tmp_path)
+    try:
+        reader.wait_for("birds installs", lambda: len(reader.events(config)) >= 2, flow)
+        produce(config, topic, [json.dumps(r).encode() for r in rows], partitions=2)
+        reader.wait_for(
+            "every record scored or dead-lettered",
+            lambda: len(reader.scored(config)) + len(reader.seen[config.dlq_topic]) >= len(rows),
+            flow,
+        )
+        reader.read(1.0)
+    finally:
+        flow.stop()
+        reader.close()
+    assert [(e.kind, e.data_type) for e in reader.events(config)] == [
+        ("contract_installed", "birds"),
+        ("installed", "birds"),
+    ]
+    scored = reader.scored(config)
+    assert len(scored) == len(COMPLETE)
+    assert {s.label for s in scored} == {"Adelie", "Chinstrap", "Gentoo"}
+    # The derived contract makes the measurements optional: incomplete rows reach the model
+    # and are refused there, by name.
+    reasons = Counter(h["waxserve.error.class"] for _, h in reader.seen[config.dlq_topic])
+    assert reasons == {"missing_feature": len(rows) - len(COMPLETE)}
+
+
+def test_every_encoding_on_kafka_scored_or_dead_lettered_with_its_reason(
+    kafka_config: Config, tmp_path: Path
+) -> None:
+    """Wine records in each encoding the wine contract decodes (its own protobuf; JSON, CSV
+    and generic Records named by a content-type header) and as Confluent-framed Avro of a
+    data type of their own, each with a garbled message."""
+    from test_flow_contracts import WINE_AVRO, wine_records
+
+    from dataflows.contracts.schema import Encoding
+
+    config = kafka_config
+    avro = dataclasses.replace(WINE_AVRO, data_type="wine-avro")
+    lines = wine_lines(0, 30)
+    batches: list[tuple[bytes, list[bytes], list[tuple[str, bytes]]]] = [
+        (b"wine", wine_records(Encoding.PROTOBUF, WINE_CONTRACT, lines), []),
+        (
+            b"wine",
+            wine_records(Encoding.JSON, WINE_CONTRACT, lines),
+            [("content-type", b"application/json")],
+        ),
+        (b"wine", [line.encode() for line in lines], [("content-type", b"text/csv")]),
+        (
+            b"wine",
+            wine_records(Encoding.RECORD, WINE_CONTRACT, lines),
+            [("content-type", b"application/vnd.waxserve.record+protobuf")],
+        ),
+        (b"wine-avro", wine_records(Encoding.AVRO, avro, lines), []),
+    ]
+    reader = Reader(config, config.scored_topic, config.events_topic, config.dlq_topic)
+    publish(config, descriptor("wine-lr"))
+    avro_lr = descriptor("wine-lr")
+    avro_lr.data_type = "wine-avro"
+    produce(
+        config,
+        config.control_topic,
+        [control_message(avro.to_proto()), control_message(avro_lr)],
+        key=b"wine-avro",
+    )
+    flow = Dataflow(config, tmp_path)
+    try:
+        reader.wait_for("installs", lambda: len(reader.events(config)) >= 4, flow)
+        for data_type, values, headers in batches:
+            headers = [("data-type", data_type), *headers]
+            produce(config, config.records_topic, [*values, b"\xff\x00garbled"], headers=headers)
+        total = sum(len(values) + 1 for _, values, _ in batches)
+        reader.wait_for(
+            "every record scored or dead-lettered",
+            lambda: len(reader.scored(config)) + len(reader.seen[config.dlq_topic]) >= total,
+            flow,
+        )
+        reader.read(1.0)
+    finally:
+        flow.stop()
+        reader.close()
+    scored = reader.scored(config)
+    assert Counter(s.data_type for s in scored) == {"wine": 4 * 30, "wine-avro": 30}
+    values = {}
+    for s in scored:
+        values.setdefault(s.record_id, set()).add(round(s.value, 9))
+    csv_ids = {s.record_id for s in scored if s.record_id.startswith(config.records_topic)}
+    assert len(csv_ids) == 30  # CSV lines carry no id: "<topic>/<partition>/<offset>"
+    assert all(len(v) == 1 for k, v in values.items() if k not in csv_ids)  # same score
+    dead = [h for _, h in reader.seen[config.dlq_topic]]
+    assert len(dead) == len(batches)
+    assert {(h["waxserve.data_type"], h["waxserve.stage"]) for h in dead} == {
+        ("wine", "decode"),
+        ("wine-avro", "decode"),
+    }
+    assert {h["waxserve.error.class"] for h in dead} <= {"undecodable", "bad_csv"}
+
+
 def test_bad_records_and_a_tampered_model_on_kafka(kafka_config: Config, tmp_path: Path) -> None:
     config = kafka_config
     reader = Reader(config, config.scored_topic, config.events_topic, config.dlq_topic)
