@@ -231,6 +231,16 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--profile", type=Path, metavar="PATH", help="reference profile JSON for drift")
     p.add_argument(
+        "--profile-from",
+        type=Path,
+        metavar="SAMPLE",
+        help="compute the reference profile from a sample of the training records (CSV or "
+        "JSON lines, read with the data type's contract: the catalog's, or --contract)",
+    )
+    p.add_argument(
+        "--contract", type=Path, metavar="FILE", help="with --profile-from: the contract file"
+    )
+    p.add_argument(
         "--by-reference",
         action="store_true",
         help="send a file:// location instead of the model bytes; the dataflow's "
@@ -290,6 +300,22 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("data_type", nargs="?", help="only this data type")
     c.add_argument("--timeout", type=_non_negative_float, default=5.0, help=argparse.SUPPRESS)
     c.set_defaults(run=cmd_contract_show)
+
+    p = sub.add_parser(
+        "profile",
+        help="compute a model's reference profile (for drift) from a sample of records",
+        description="Read a sample of a data type's records (CSV in the contract's CSV "
+        "layout, or JSON lines) with its contract and write the reference profile drift is "
+        "measured against: decile bins, mean and std of every numeric feature, category "
+        "frequencies of every categorical one. Publish it with `waxserve publish --profile`.",
+    )
+    p.add_argument("sample", type=Path, metavar="SAMPLE", help="CSV or JSON-lines records")
+    p.add_argument("--data-type", help="the data type: its contract comes from the catalog")
+    p.add_argument("--contract", type=Path, metavar="FILE", help="the data type's contract file")
+    p.add_argument("-o", "--output", type=Path, help="write the profile here (default: stdout)")
+    p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--brokers", help=argparse.SUPPRESS)
+    p.set_defaults(run=cmd_profile)
 
     p = sub.add_parser(
         "replay",
@@ -578,9 +604,13 @@ def build_descriptor(args: argparse.Namespace) -> tuple[pb.ModelDescriptor, Path
     else:
         features = entry.input_features if entry else ()
     profile_path: Path | None = args.profile
-    if profile_path is None and entry is not None and entry.profile:
+    if args.profile_from is not None and profile_path is not None:
+        raise CliError("give --profile or --profile-from, not both")
+    if profile_path is None and args.profile_from is None and entry is not None and entry.profile:
         profile_path = MODELS_DIR / entry.profile
     profile = None
+    if args.profile_from is not None:
+        profile = _sample_profile(args.profile_from, _contract_for(data_type, args.contract))
     if profile_path is not None:
         try:
             profile = load_profile(profile_path)
@@ -742,6 +772,47 @@ def cmd_replay(config: Config, args: argparse.Namespace) -> int:
     if failures:
         return 1
     return 130 if interrupted else 0
+
+
+# --- profile -----------------------------------------------------------------------------
+
+
+def _sample_profile(sample: Path, contract: Contract) -> pb.ReferenceProfile:
+    """The reference profile of a sample of records, read with the contract."""
+    from dataflows.profiles import profile_of, read_sample
+
+    if not sample.is_file():
+        raise CliError(f"sample {sample} does not exist")
+    try:
+        decoded = read_sample(contract, sample)
+        profile = profile_of(contract, decoded)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if decoded.errors:
+        print(
+            f"warning: {len(decoded.errors)} of {len(decoded)} sample records do not decode "
+            f"with the {contract.data_type} contract and are left out "
+            f"(first: {next(iter(decoded.errors.values()))[1]})",
+            file=sys.stderr,
+        )
+    return profile
+
+
+def cmd_profile(config: Config, args: argparse.Namespace) -> int:
+    """Write the reference profile of a sample of records."""
+    contract = _contract_for(args.data_type, args.contract)
+    profile = _sample_profile(args.sample, contract)
+    text = json_format.MessageToJson(profile, indent=2) + "\n"
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.write_text(text)
+        names = ", ".join(f.name for f in profile.features)
+        print(
+            f"wrote the profile of {profile.row_count} records ({names}) to {args.output}",
+            file=sys.stderr,
+        )
+    return 0
 
 
 # --- contract ----------------------------------------------------------------------------

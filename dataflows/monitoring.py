@@ -20,18 +20,26 @@ PSI_EPSILON = 1e-4
 
 @dataclass(frozen=True)
 class DriftReference:
-    """Reference bins of the features a model's training data had (from its descriptor)."""
+    """Reference of the features a model's training data had (from its descriptor): bins
+    of the numeric features, category frequencies of the categorical ones."""
 
-    features: tuple[str, ...]  # contract fields, all numeric
+    features: tuple[str, ...]  # numeric contract fields
     edges: tuple[np.ndarray, ...]  # inner bin edges per feature
     expected: tuple[np.ndarray, ...]  # expected fraction per bin per feature
     means: np.ndarray
     stds: np.ndarray
+    text_features: tuple[str, ...] = ()  # categorical (string) contract fields
+    categories: tuple[tuple[str, ...], ...] = ()  # per text feature, as profiled
+    # Per text feature: expected fraction per category, then 0 for "unseen".
+    text_expected: tuple[np.ndarray, ...] = ()
 
     @property
     def bin_counts(self) -> tuple[int, ...]:
-        """Number of bins per feature."""
+        """Number of bins per numeric feature."""
         return tuple(len(e) + 1 for e in self.edges)
+
+    def __deepcopy__(self, memo: dict[int, object]) -> DriftReference:
+        return self  # immutable
 
 
 def psi(expected: np.ndarray, counts: np.ndarray) -> float:
@@ -48,9 +56,10 @@ def psi(expected: np.ndarray, counts: np.ndarray) -> float:
 class DriftAccumulator:
     """Bin counts and sums of the features of the records one model scored in a window."""
 
-    counts: list[np.ndarray]  # per feature, int64 (bins,)
-    sums: np.ndarray  # per feature
+    counts: list[np.ndarray]  # per numeric feature, int64 (bins,)
+    sums: np.ndarray  # per numeric feature
     n: int = 0
+    text_counts: list[np.ndarray] = field(default_factory=list)  # per category, then unseen
 
     @classmethod
     def empty(cls, reference: DriftReference) -> DriftAccumulator:
@@ -58,13 +67,18 @@ class DriftAccumulator:
         return cls(
             counts=[np.zeros(b, dtype=np.int64) for b in reference.bin_counts],
             sums=np.zeros(len(reference.features)),
+            text_counts=[np.zeros(len(c) + 1, dtype=np.int64) for c in reference.categories],
         )
 
-    def add(self, reference: DriftReference, features: np.ndarray) -> None:
-        """Count the rows of a (n, len(reference.features)) matrix of the reference's features.
+    def add(
+        self, reference: DriftReference, features: np.ndarray, text: np.ndarray | None = None
+    ) -> None:
+        """Count the rows of a (n, len(reference.features)) matrix of the reference's
+        numeric features and, with text features, a (n, len(reference.text_features))
+        object matrix of them.
 
-        A record may lack a feature that its model does not use (NaN): it counts for the
-        features it has, so each feature's bins hold the records that had it.
+        A record may lack a feature that its model does not use (NaN, None): it counts for
+        the features it has, so each feature's bins hold the records that had it.
         """
         if len(features) == 0:
             return
@@ -78,11 +92,19 @@ class DriftAccumulator:
             bins = np.searchsorted(edges, column, side="right")
             self.counts[i] += np.bincount(bins, minlength=len(edges) + 1)
         self.sums += np.where(absent, 0.0, values).sum(axis=1) if any(lacking) else values.sum(1)
+        if text is not None:
+            for j, categories in enumerate(reference.categories):
+                index = {c: k for k, c in enumerate(categories)}
+                unseen = len(categories)
+                bins = [index.get(v, unseen) for v in text[:, j].tolist() if v is not None]
+                self.text_counts[j] += np.bincount(bins, minlength=unseen + 1)
         self.n += len(features)
 
     def merge(self, other: DriftAccumulator) -> None:
         """Add another accumulator of the same reference into this one."""
         for mine, theirs in zip(self.counts, other.counts, strict=True):
+            mine += theirs
+        for mine, theirs in zip(self.text_counts, other.text_counts, strict=True):
             mine += theirs
         self.sums += other.sums
         self.n += other.n
@@ -210,6 +232,17 @@ def drift_message(partial: DriftPartial, threshold: float, min_records: int = 0)
                 mean=mean,
                 mean_shift_sigmas=shift,
                 bin_counts=[int(c) for c in acc.counts[i]],
+            )
+        )
+    for j, name in enumerate(ref.text_features):
+        counts = acc.text_counts[j]
+        features.append(
+            pb.FeatureDrift(
+                feature=name,
+                psi=psi(ref.text_expected[j], counts),
+                bin_counts=[int(c) for c in counts],
+                unseen_count=int(counts[-1]),
+                categorical=True,
             )
         )
     max_psi = max((f.psi for f in features), default=0.0)

@@ -405,14 +405,31 @@ BIND_CHECKS: tuple[Check, ...] = (check_contract, check_inputs, check_profile)
 
 
 def drift_reference(profile: pb.ReferenceProfile, contract: Contract) -> DriftReference | None:
-    """Drift reference from a profile, over its features that are numeric contract fields."""
+    """Drift reference from a profile, over its features that are contract fields of the
+    same kind (numeric bins for numeric fields, categories for string fields)."""
     names, edges, expected, means, stds = [], [], [], [], []
+    text_names, categories, text_expected = [], [], []
     for feature in profile.features:
         found = contract.field_for(feature.name)
-        if found is None or not found.type.numeric:
+        if found is None:
+            continue
+        fractions = np.asarray(feature.expected_fractions, dtype=np.float64)
+        if feature.categories:
+            if found.type.numeric:
+                continue
+            if len(fractions) != len(feature.categories):
+                raise ModelError(
+                    Reason.BAD_PROFILE,
+                    f"reference profile of {feature.name!r}: {len(feature.categories)} "
+                    f"categories but {len(fractions)} expected_fractions",
+                )
+            text_names.append(found.name)
+            categories.append(tuple(feature.categories))
+            text_expected.append(np.append(fractions, 0.0))  # unseen: never in training
+            continue
+        if not found.type.numeric:
             continue
         edge = np.asarray(feature.bin_edges, dtype=np.float64)
-        fractions = np.asarray(feature.expected_fractions, dtype=np.float64)
         if len(fractions) != len(edge) + 1 or np.any(np.diff(edge) < 0):
             raise ModelError(
                 Reason.BAD_PROFILE,
@@ -424,7 +441,7 @@ def drift_reference(profile: pb.ReferenceProfile, contract: Contract) -> DriftRe
         expected.append(fractions)
         means.append(feature.mean)
         stds.append(feature.std)
-    if not names:
+    if not names and not text_names:
         return None
     return DriftReference(
         features=tuple(names),
@@ -432,6 +449,9 @@ def drift_reference(profile: pb.ReferenceProfile, contract: Contract) -> DriftRe
         expected=tuple(expected),
         means=np.asarray(means),
         stds=np.asarray(stds),
+        text_features=tuple(text_names),
+        categories=tuple(categories),
+        text_expected=tuple(text_expected),
     )
 
 

@@ -116,6 +116,7 @@ class Binding:
     text_names: list[str]
     categories: list[frozenset[str] | None]  # per text feature, what the model knows
     reference_columns: list[int] | None  # drift: numeric columns of the reference's features
+    reference_text_columns: list[int] | None  # drift: text columns of its categorical ones
 
     @classmethod
     def of(cls, spec: ModelSpec, runtime: ModelRuntime, contract: Contract) -> Binding:
@@ -132,10 +133,11 @@ class Binding:
                 categories.append(
                     frozenset(feature.categories) if feature.categories is not None else None
                 )
-        reference = None
+        reference = reference_text = None
         if spec.reference is not None:
             reference = [contract.columns[f].index for f in spec.reference.features]
-        return cls(spec, runtime, numeric, text, names, categories, reference)
+            reference_text = [contract.columns[f].index for f in spec.reference.text_features]
+        return cls(spec, runtime, numeric, text, names, categories, reference, reference_text)
 
 
 class HeldRecords:
@@ -203,8 +205,10 @@ class ShardWindows:
         seconds: float,
         quality: Quality | None,
         numeric: np.ndarray,
+        text: np.ndarray,
     ) -> None:
-        """Count one model call in its windows; `numeric` are the scored records' rows."""
+        """Count one model call in its windows; `numeric` and `text` are the scored
+        records' rows."""
         identity = binding.spec.identity
         start = window_start(now_ms, self._stats_ms)
         stats = state.stats.get((identity, start))
@@ -228,7 +232,10 @@ class ShardWindows:
                 start + self._drift_ms,
                 DriftAccumulator.empty(reference),
             )
-        drift.drift.add(reference, numeric[:, binding.reference_columns])
+        categorical = None
+        if binding.reference_text_columns:
+            categorical = text[:, binding.reference_text_columns]
+        drift.drift.add(reference, numeric[:, binding.reference_columns], categorical)
 
     def close(self, state: ShardState, *, everything: bool = False) -> list[ShardOut]:
         """Partials for windows that have ended (all open windows when `everything`)."""
@@ -481,8 +488,10 @@ class ShardScorer:
         lags = (now_ms - run.event_time_ms[valid]) / 1000.0
         self._events.publish(BatchScored(spec.identity, scored, len(run), elapsed, lags, quality))
         if self._monitoring:
-            numeric = run.numeric if scored == len(run) else run.numeric[valid]
-            self._windows.add(self.state, binding, now_ms, scored, elapsed, quality, numeric)
+            rows = run if scored == len(run) else run.take(valid)
+            self._windows.add(
+                self.state, binding, now_ms, scored, elapsed, quality, rows.numeric, rows.text
+            )
         return out
 
     @staticmethod

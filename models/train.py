@@ -51,6 +51,7 @@ from sklearn.pipeline import Pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
 from dataflows.contracts.files import load_contract  # noqa: E402
+from dataflows.profiles import numeric_profile  # noqa: E402
 from protos import waxserve_pb2 as pb  # noqa: E402
 
 MODELS_DIR = REPO_ROOT / "models"
@@ -171,26 +172,11 @@ def load_wine(path: Path = DATA_FILE) -> tuple[np.ndarray, np.ndarray]:
 
 
 def reference_profile(x: np.ndarray, names: tuple[str, ...] = WINE_FEATURES) -> pb.ReferenceProfile:
-    """Decile histogram, mean and population std of every feature (column j named
-    `names[j]`) over these rows.
-
-    Bin i of a value v is `np.searchsorted(edges, v, side="right")`, as the dataflow bins.
-    """
+    """The drift profile of these rows, column j named `names[j]`
+    (`dataflows.profiles.numeric_profile`: deciles, fractions, mean, population std)."""
     profile = pb.ReferenceProfile(row_count=len(x))
     for j, name in enumerate(names):
-        column = x[:, j]
-        edges = np.unique(np.quantile(column, np.linspace(0.1, 0.9, 9)))
-        bins = np.searchsorted(edges, column, side="right")
-        fractions = np.bincount(bins, minlength=len(edges) + 1) / len(column)
-        profile.features.append(
-            pb.FeatureProfile(
-                name=name,
-                bin_edges=edges.tolist(),
-                expected_fractions=fractions.tolist(),
-                mean=float(column.mean()),
-                std=float(column.std()),
-            )
-        )
+        profile.features.append(numeric_profile(name, x[:, j]))
     return profile
 
 

@@ -14,8 +14,9 @@ on species, seed 42: 266 training rows, 67 held out), and writes into --out/peng
   island, sex and the three other measurements;
 - penguins-species.pmml: the same logistic regression as a PMML 4.4 RegressionModel,
   standardisation folded into the coefficients (written here with xml.etree);
-- penguins.profile.json: the waxserve.v1.ReferenceProfile of the training rows (the four
-  measurements and year), computed by models/train.py's `reference_profile`;
+- penguins.profile.json: the waxserve.v1.ReferenceProfile of the training rows (deciles of
+  the four measurements and year, category frequencies of island and sex), computed by
+  `dataflows.profiles` as `waxserve profile` computes one;
 
 and updates --out/catalog.json: its penguins entries and contract entry are replaced, every
 other entry is kept as it is. Every ONNX graph has one input per feature, [None, 1], named
@@ -35,7 +36,6 @@ from __future__ import annotations
 import argparse
 import csv
 import importlib.resources
-import importlib.util
 import io
 import json
 import shutil
@@ -43,7 +43,6 @@ import sys
 import xml.etree.ElementTree as ET
 from dataclasses import dataclass
 from pathlib import Path
-from types import ModuleType
 from typing import Any
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -77,6 +76,7 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler  # noqa: E402
 
 from dataflows.contracts.files import load_contract  # noqa: E402
 from dataflows.contracts.schema import Contract, FieldType  # noqa: E402
+from dataflows.profiles import categorical_profile, numeric_profile  # noqa: E402
 from protos import waxserve_pb2 as pb  # noqa: E402
 
 MODELS_DIR = REPO_ROOT / "models"
@@ -111,6 +111,7 @@ SPECIES_FEATURES = (
 MASS_FEATURES = ("island", "sex", "bill_length_mm", "bill_depth_mm", "flipper_length_mm")
 MASS_TARGET = "body_mass_g"
 PROFILE_FEATURES = ("bill_length_mm", "bill_depth_mm", "flipper_length_mm", "body_mass_g", "year")
+PROFILE_CATEGORIES = ("island", "sex")
 DATA_DESCRIPTION = "the Palmer penguins data (80% stratified training split of the complete rows)"
 SPECIES_LR_DESCRIPTION = (
     "multinomial logistic regression classifying species (Adelie, Chinstrap, Gentoo) from "
@@ -528,20 +529,16 @@ def check_pmml(
 # --- profile and catalog --------------------------------------------------------------------
 
 
-def wine_trainer() -> ModuleType:
-    """models/train.py as a module, for its `reference_profile`."""
-    spec = importlib.util.spec_from_file_location("waxserve_train_wine", MODELS_DIR / "train.py")
-    assert spec is not None and spec.loader is not None
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-def reference_profile(frame: pd.DataFrame, names: tuple[str, ...]) -> pb.ReferenceProfile:
-    """models/train.py's reference profile (deciles, fractions, mean, std) of these columns."""
-    x = frame[list(names)].to_numpy(dtype=np.float64)
-    return wine_trainer().reference_profile(x, names)
+def reference_profile(frame: pd.DataFrame) -> pb.ReferenceProfile:
+    """Deciles, fractions, mean and std of the numeric features, category frequencies of
+    the categorical ones (`dataflows.profiles`)."""
+    profile = pb.ReferenceProfile(row_count=len(frame))
+    for name in PROFILE_FEATURES:
+        column = frame[name].to_numpy(dtype=np.float64)
+        profile.features.append(numeric_profile(name, column))
+    for name in PROFILE_CATEGORIES:
+        profile.features.append(categorical_profile(name, frame[name].tolist()))
+    return profile
 
 
 def classification_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, float]:
@@ -723,7 +720,7 @@ def main(argv: list[str] | None = None) -> int:
 
     species, species_fitted = species_onnx(split)
     models = [species, mass_onnx(split), species_pmml(split, species_fitted)]
-    profile = reference_profile(train, PROFILE_FEATURES)
+    profile = reference_profile(train)
     profile_json = json_format.MessageToJson(profile, preserving_proto_field_name=True, indent=2)
     files = {
         DATA_FILE: data_csv(rows, contract).encode(),

@@ -45,18 +45,20 @@ ENCODING_PROTOBUF: Encoding
 ENCODING_RECORD: Encoding
 
 class FeatureProfile(_message.Message):
-    __slots__ = ("name", "bin_edges", "expected_fractions", "mean", "std")
+    __slots__ = ("name", "bin_edges", "expected_fractions", "mean", "std", "categories")
     NAME_FIELD_NUMBER: _ClassVar[int]
     BIN_EDGES_FIELD_NUMBER: _ClassVar[int]
     EXPECTED_FRACTIONS_FIELD_NUMBER: _ClassVar[int]
     MEAN_FIELD_NUMBER: _ClassVar[int]
     STD_FIELD_NUMBER: _ClassVar[int]
+    CATEGORIES_FIELD_NUMBER: _ClassVar[int]
     name: str
     bin_edges: _containers.RepeatedScalarFieldContainer[float]
     expected_fractions: _containers.RepeatedScalarFieldContainer[float]
     mean: float
     std: float
-    def __init__(self, name: _Optional[str] = ..., bin_edges: _Optional[_Iterable[float]] = ..., expected_fractions: _Optional[_Iterable[float]] = ..., mean: _Optional[float] = ..., std: _Optional[float] = ...) -> None: ...
+    categories: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, name: _Optional[str] = ..., bin_edges: _Optional[_Iterable[float]] = ..., expected_fractions: _Optional[_Iterable[float]] = ..., mean: _Optional[float] = ..., std: _Optional[float] = ..., categories: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReferenceProfile(_message.Message):
     __slots__ = ("features", "row_count")
@@ -283,18 +285,22 @@ class ServingStats(_message.Message):
     def __init__(self, data_type: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., description: _Optional[str] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., since_ms: _Optional[int] = ..., usage_count: _Optional[int] = ..., total_duration_ms: _Optional[float] = ..., min_duration_us: _Optional[float] = ..., max_duration_us: _Optional[float] = ..., mean_duration_us: _Optional[float] = ..., window_start_ms: _Optional[int] = ..., window_end_ms: _Optional[int] = ..., window_count: _Optional[int] = ..., window_labelled_count: _Optional[int] = ..., window_rmse: _Optional[float] = ..., window_accuracy: _Optional[float] = ...) -> None: ...
 
 class FeatureDrift(_message.Message):
-    __slots__ = ("feature", "psi", "mean", "mean_shift_sigmas", "bin_counts")
+    __slots__ = ("feature", "psi", "mean", "mean_shift_sigmas", "bin_counts", "unseen_count", "categorical")
     FEATURE_FIELD_NUMBER: _ClassVar[int]
     PSI_FIELD_NUMBER: _ClassVar[int]
     MEAN_FIELD_NUMBER: _ClassVar[int]
     MEAN_SHIFT_SIGMAS_FIELD_NUMBER: _ClassVar[int]
     BIN_COUNTS_FIELD_NUMBER: _ClassVar[int]
+    UNSEEN_COUNT_FIELD_NUMBER: _ClassVar[int]
+    CATEGORICAL_FIELD_NUMBER: _ClassVar[int]
     feature: str
     psi: float
     mean: float
     mean_shift_sigmas: float
     bin_counts: _containers.RepeatedScalarFieldContainer[int]
-    def __init__(self, feature: _Optional[str] = ..., psi: _Optional[float] = ..., mean: _Optional[float] = ..., mean_shift_sigmas: _Optional[float] = ..., bin_counts: _Optional[_Iterable[int]] = ...) -> None: ...
+    unseen_count: int
+    categorical: bool
+    def __init__(self, feature: _Optional[str] = ..., psi: _Optional[float] = ..., mean: _Optional[float] = ..., mean_shift_sigmas: _Optional[float] = ..., bin_counts: _Optional[_Iterable[int]] = ..., unseen_count: _Optional[int] = ..., categorical: _Optional[bool] = ...) -> None: ...
 
 class DriftMetrics(_message.Message):
     __slots__ = ("data_type", "model_name", "model_version", "window_start_ms", "window_end_ms", "record_count", "features", "max_psi", "alarm")

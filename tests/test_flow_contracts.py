@@ -132,6 +132,11 @@ def test_two_data_types_from_two_topics_in_two_encodings(workers: int) -> None:
     assert penguin_stats.window_labelled_count == len(COMPLETE)
     assert penguin_stats.window_accuracy == pytest.approx(right / len(COMPLETE))
     assert not penguin_stats.HasField("window_rmse")
+    # Drift follows the contract: categorical features count their categories.
+    (penguin_drift,) = [d for d in out.drift() if d.data_type == "penguins"]
+    island = next(f for f in penguin_drift.features if f.feature == "island")
+    assert island.categorical and sum(island.bin_counts) == len(COMPLETE)
+    assert island.unseen_count == 0 and penguin_drift.record_count == len(COMPLETE)
     kinds = sorted((e.data_type, e.kind) for e in out.events())
     assert kinds == [
         ("penguins", "contract_installed"),
