@@ -133,7 +133,7 @@ END_TO_END_LAG = BatchHistogram(
 )
 LABELLED_RECORDS = Counter(
     "waxserve_labelled_records",
-    "Scored records that carried a label (wine: quality), by model.",
+    "Scored records that carried a label (the contract's label field), by model.",
     ["data_type", "model", "version"],
 )
 SQUARED_ERROR = Counter(

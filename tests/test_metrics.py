@@ -193,3 +193,32 @@ def test_online_quality_of_a_classifier_and_a_regressor() -> None:
     assert message.window_labelled_count == 4
     assert message.window_rmse == pytest.approx(math.sqrt(4.0 / 4))
     assert message.window_accuracy == pytest.approx(3 / 4)
+
+
+def test_metrics_follow_events_without_a_dataflow() -> None:
+    from dataflows.events import BatchScored, ControlRejected, DeadLettered, ModelInstalled
+
+    model = ModelIdentity("metrics-unit", "m", "3", "f" * 64, format=1)
+    labels = dict(data_type="metrics-unit", model="m", version="3")
+    bus = EventBus(on_event)
+    bus.publish(ModelInstalled(model))
+    bus.publish(BatchScored(model, 9, 10, 0.01, np.full(9, 0.5), Quality(4, 2.0, 4, None)))
+    bus.publish(ControlRejected("metrics-unit", "contract", "incompatible_contract"))
+    bus.publish(DeadLettered("metrics-unit", "decode", "no_data_type"))
+    assert value("waxserve_records_scored_total", **labels) == 9
+    assert value("waxserve_labelled_records_total", **labels) == 4
+    assert value("waxserve_prediction_squared_error_total", **labels) == 2.0
+    assert value("waxserve_model_installs_total", data_type="metrics-unit") == 1
+    assert (
+        value(
+            "waxserve_model_rejections_total",
+            data_type="metrics-unit",
+            reason="incompatible_contract",
+        )
+        == 1
+    )
+    assert value("waxserve_end_to_end_lag_seconds_count", data_type="metrics-unit") == 9
+    # A handler that fails is logged and skipped: the next one still runs.
+    seen: list[object] = []
+    EventBus(lambda e: 1 / 0, seen.append).publish(DeadLettered("x", "decode", "undecodable"))
+    assert len(seen) == 1

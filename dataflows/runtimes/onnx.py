@@ -129,7 +129,7 @@ class OnnxRuntime(ModelRuntime):
         index = _GraphIndex(graph)
         self._feeds, features = _plan_inputs(session.get_inputs(), tuple(input_features), index)
         self._set_features(features)
-        # The wine path: one float [N, k] input taking every numeric column, fed with no copy
+        # The common path: one float [N, k] input taking every numeric column, fed with no copy
         # beyond the dtype conversion onnxruntime needs anyway.
         first = self._feeds[0]
         fast = (
@@ -259,7 +259,7 @@ class OnnxRuntime(ModelRuntime):
         if session is None:
             raise RuntimeError("the ONNX runtime is closed")
         try:
-            if self._fast_input:  # inlined: the wine path pays for nothing it doesn't use
+            if self._fast_input:  # inlined: the common path pays for nothing it doesn't use
                 feed = {self._fast_input: np.ascontiguousarray(numeric, dtype=self._fast_dtype)}
             else:
                 feed = self._feed(numeric, text)

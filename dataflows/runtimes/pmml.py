@@ -196,7 +196,7 @@ class PmmlRuntime(ModelRuntime):
         self._model: Any = model
         self._request_prefix = b'{"columns":' + orjson.dumps(list(names)) + b',"data":'
         # Where each numeric and text column goes in a request row, in feature order. With
-        # only double/float/integer fields (the wine models) the numeric matrix is the rows.
+        # only double/float/integer fields (most models) the numeric matrix is the rows.
         kinds = [kind for _, _, kind in fields]
         self._numeric_at = [i for i, k in enumerate(kinds) if k in _NUMERIC_PMML_TYPES]
         self._text_at = [i for i, k in enumerate(kinds) if k in _TEXT_PMML_TYPES]
