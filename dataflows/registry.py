@@ -510,13 +510,6 @@ _LOADER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="waxserve-model-l
 every data type keep being scored meanwhile."""
 
 
-@dataclass
-class _Loaded:
-    """A descriptor through the load checks."""
-
-    candidate: Candidate
-
-
 class Registry:
     """The contract and the model of one data type. Touched only by control messages, so
     it snapshots only when they change; it holds the model bytes so that whichever process
@@ -549,7 +542,7 @@ class Registry:
         self._events = events
         self._cache = cache
         self._codecs = codecs
-        self._queue: collections.deque[tuple[ControlIn, Future[_Loaded] | None]] = (
+        self._queue: collections.deque[tuple[ControlIn, Future[Candidate] | None]] = (
             collections.deque()
         )
         for item in state.loading:
@@ -576,7 +569,7 @@ class Registry:
         # PMML runs in an in-process JVM: a loader thread that called into it stays attached,
         # and the interpreter can crash at exit (seen: SIGSEGV after the tests). PMML loads
         # on the worker, as it always did.
-        future: Future[_Loaded] = Future()
+        future: Future[Candidate] = Future()
         try:
             future.set_result(load())
         except Exception as exc:
@@ -602,7 +595,7 @@ class Registry:
                 if future is None:
                     out.extend(self._contract(item))
                 else:
-                    out.extend(self._model(item, future.result().candidate))
+                    out.extend(self._model(item, future.result()))
             except (ModelError, ContractError) as exc:
                 out.extend(self._rejected(item, exc.reason, str(exc)))
         return out
@@ -696,7 +689,7 @@ class Registry:
         return [*out, restored, model_event("restored", identity, now_ms)]
 
 
-def _run_checks(candidate: Candidate, checks: Sequence[Check]) -> _Loaded:
+def _run_checks(candidate: Candidate, checks: Sequence[Check]) -> Candidate:
     for check in checks:
         check(candidate)
-    return _Loaded(candidate)
+    return candidate
