@@ -1,6 +1,8 @@
 # waxserve recipes. `just --list` shows them all.
 
 set shell := ["bash", "-euo", "pipefail", "-c"]
+# Recipe arguments reach commands as "$@", each one word: `just test -m "not integration"`.
+set positional-arguments
 
 python := env_var_or_default("PYTHON", "python3.11")
 venv := ".venv"
@@ -17,11 +19,32 @@ setup:
 
 # Run the demo: embedded broker, models, replay, live dataflow, a model swap mid-stream.
 demo *ARGS: setup
-    {{bin}}/waxserve demo {{ARGS}}
+    {{bin}}/waxserve demo "$@"
+
+# Debian packages the tests need: a JRE for PMML; Prometheus and promtool for the alert tests.
+system-deps:
+    #!/usr/bin/env bash
+    set -euo pipefail
+    missing=()
+    command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
+    command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+    [ ${#missing[@]} -eq 0 ] && exit 0
+    if [ "$(id -u)" -ne 0 ]; then
+        echo "the tests need Debian packages: ${missing[*]}; install them with:" >&2
+        echo "  sudo apt-get install --no-install-recommends ${missing[*]}" >&2
+        exit 1
+    fi
+    echo "installing ${missing[*]} (apt-get)"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+    # The package starts a Prometheus server where systemd runs: the tests start their own.
+    if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
+        systemctl disable --now prometheus >/dev/null
+    fi
 
 # Run the whole test suite (unit, flow and integration tests against tansu).
-test *ARGS: setup
-    {{bin}}/python -m pytest {{ARGS}}
+test *ARGS: setup system-deps
+    {{bin}}/python -m pytest "$@"
 
 # ruff and mypy.
 lint: setup
@@ -41,11 +64,11 @@ train: setup
 
 # Start the embedded Kafka-protocol broker (tansu) in the foreground.
 broker *ARGS: setup
-    {{bin}}/waxserve broker {{ARGS}}
+    {{bin}}/waxserve broker "$@"
 
 # Run the dataflow against WAXSERVE_BROKERS (workers: -w N; recovery: -r DIR -s S -b S).
 run *ARGS: setup
-    {{bin}}/python -m bytewax.run dataflows.serving:flow {{ARGS}}
+    {{bin}}/python -m bytewax.run dataflows.serving:flow "$@"
 
 # Run a local cluster of N processes x W workers (RECOVERY=DIR: one recovery dir per process).
 cluster processes="2" workers="1": setup
@@ -127,7 +150,7 @@ deploy-waxctl overlay="dev" *ARGS: setup
     fi
     args=$({{bin}}/python k8s/waxctl/waxctl_args.py {{overlay}})
     mapfile -t argv <<<"$args"
-    waxctl dataflow deploy dataflows/serving.py "${argv[@]}" --yes {{ARGS}}
+    waxctl dataflow deploy dataflows/serving.py "${argv[@]}" --yes "${@:2}"
 
 # Start Prometheus (Debian's `prometheus`) on 127.0.0.1:PORT, scraping the dataflow at TARGET with the alert rules loaded.
 prometheus port="9090" target="localhost:3030": setup
@@ -170,8 +193,8 @@ alerts-sync: setup
 
 # Benchmark waxserve against the Kafka floor, hand-written loops, Bytewax and Quix Streams (bench/README.md).
 bench *ARGS: setup
-    {{bin}}/python -m bench {{ARGS}}
+    {{bin}}/python -m bench "$@"
 
 # Soak: waxserve at 5,000 records/s for 10 minutes, its resident set sampled (bench/README.md).
 soak *ARGS: setup
-    {{bin}}/python -m bench soak {{ARGS}}
+    {{bin}}/python -m bench soak "$@"
