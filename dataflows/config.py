@@ -26,9 +26,10 @@ class Config:
     # The record topics, comma-separated; `topic=data_type` gives a topic's default data type.
     records_topics: str = "waxserve-records"
     # Where a record's data type comes from, tried in order: `header` (data_type_header),
-    # `key` (the message key), `field` (a JSON record's data_type_field), `topic` (the
-    # topic's default in records_topics). A record with none is a dead letter.
-    data_type_from: str = "header,field,topic"
+    # `key` (the message key), `topic` (the topic's default in records_topics), `field` (a
+    # JSON record's data_type_field: last by default, since it decodes every record once
+    # more). A record with none is a dead letter.
+    data_type_from: str = "header,topic,field"
     data_type_header: str = "data-type"
     data_type_field: str = "data_type"
     # A Confluent-API schema registry for Confluent-framed Avro records whose schema id is
