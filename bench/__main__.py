@@ -55,6 +55,13 @@ def main(argv: list[str] | None = None) -> int:
         help="repetitions of every measurement; figures are medians",
     )
     parser.add_argument(
+        "--format-reps",
+        type=int,
+        default=defaults.format_reps,
+        help="repetitions of the input-format rows (protobuf, CSV, Avro, penguins), at most "
+        "--reps (default %(default)s)",
+    )
+    parser.add_argument(
         "--rate",
         type=float,
         default=defaults.rate,
@@ -120,6 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     settings = Settings(
         records=args.records,
         reps=args.reps,
+        format_reps=args.format_reps,
         rate=args.rate,
         latency_s=args.latency_s,
         warmup_s=args.warmup_s,

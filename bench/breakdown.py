@@ -1,15 +1,28 @@
 """Where waxserve's CPU goes per record, stage by stage, in-process and without a broker.
 
 `python -m bench breakdown` times waxserve's own per-batch functions on 1,000-record batches
-of the bench's JSON wine records, and the parts of a hand-tuned loop doing the same job, so
-the throughput gap in the bench report can be read as a sum of measured parts:
+of the bench's inputs (`bench/inputs.py`: the records `waxserve replay` writes), and the
+parts of a hand-tuned loop doing the same job, so the throughput gap in the bench report
+can be read as a sum of measured parts. The shard's work on a run of records is
+`ShardScorer.on_values([RawRun])`; here it is taken apart:
 
-- decode: `dataflows.records.decode_batch` (JSON, and protobuf for comparison) against
-  `orjson.loads` + an itemgetter per record (what the tuned loop does);
-- score + encode: `ShardScorer.on_values` (validation, the model call, the ScoredRecord
-  protobuf with its tracing fields, metrics, stats and drift) against one onnxruntime call
-  and a 3-field `orjson.dumps` per record;
-- produce: `Producer.produce` of those messages (enqueue only), with and without the
+- route: `DataTypeRouter.split`, the `route` step, with the default `data_type_from`
+  (header,topic,field): a batch's data type from its topic's default (the bench's
+  records), or from replay's `data-type` header; and with `data_type_from=header,field,topic`
+  (the default until 9c894c7), which looks into every JSON record for a `data_type` field
+  before it takes the topic's default;
+- decode: `ContractCodecs.decode`, what the shard calls (the content-type header, the
+  codec, the contract's batch checks) for JSON, protobuf, CSV and Avro records, the JSON
+  codec alone, and `record_columns` (ids, event times, labels); against `orjson.loads` +
+  an itemgetter per record (what the tuned loop does);
+- score + encode: `ShardScorer._score` on the decoded columns (the missing-feature check,
+  the model call, the ScoredRecord protobuf with its tracing fields, events to the
+  process's metrics and queryable state, stats and drift), with stats and drift on and
+  off; against one onnxruntime call and a 3-field `orjson.dumps` per record; for CSV
+  records, which carry no id (waxserve names them "<topic>/<partition>/<offset>"); and for
+  the categorical penguins model;
+- the whole shard: `ShardScorer.on_values([RawRun])`, decode to scored records;
+- produce: `Producer.produce` of the scored messages (enqueue only), with and without the
   content-type header;
 - PMML: `PmmlRuntime.predict` on a batch, and the PMML4S call alone.
 
@@ -19,10 +32,11 @@ passthrough contender and the difference to the bench's waxserve figure hold tho
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import operator
 import time
-from collections.abc import Callable
-from pathlib import Path
+from collections.abc import Callable, Iterable
 from typing import Any, cast
 
 import numpy as np
@@ -30,21 +44,23 @@ import onnxruntime as ort
 import orjson
 from confluent_kafka import Producer
 
+from bench.inputs import DATA_TYPE_HEADER, INPUTS, SHARED_INPUT, Feed
+from dataflows.config import Config
+from dataflows.contracts.codecs import codec_for
+from dataflows.contracts.decode import ContractCodecs
+from dataflows.contracts.schema import Contract, Encoding
 from dataflows.descriptors import load_catalog
-from dataflows.records import (
-    CONTENT_TYPE_JSON,
-    WINE_FEATURES,
-    SourceBatch,
-    decode_batch,
-    parse_csv_line,
-    wine_record,
-)
+from dataflows.records import RawRun, RecordColumns, SourceBatch, record_columns
+from dataflows.registry import ContractInstall, ControlIn, ModelInstall, Registry
 from dataflows.runtimes import PmmlRuntime, load_runtime
-from dataflows.scoring import DescriptorIn, ModelInstall, Registry, ShardScorer
+from dataflows.scoring import ScoredBatch, ShardOut, ShardScorer
+from dataflows.serving import process_events, router_of
 from protos import waxserve_pb2 as pb
 
 BATCH = 1000
-WINE_CSV = Path(__file__).resolve().parents[1] / "models" / "data" / "winequality_red.csv"
+FIRST_OFFSET = 100_000
+"""A batch from a running stream: offsets and ids of one width (the bench's ids are the
+record numbers), which is what lets the scored records be one byte matrix."""
 
 
 def _per_record_us(run: Callable[[], object], repeat: int = 50) -> float:
@@ -58,93 +74,147 @@ def _per_record_us(run: Callable[[], object], repeat: int = 50) -> float:
     return float(np.median(times)) / BATCH * 1e6
 
 
-def _batches() -> tuple[SourceBatch, SourceBatch]:
-    """One 1,000-record batch of the bench's records as JSON and as protobuf."""
-    lines = WINE_CSV.read_text().splitlines()
-    now_ms = int(time.time() * 1000)
-    # A batch from a running stream: offsets and ids of one width (the bench's ids are the
-    # record numbers), which is what lets the scored records be one byte matrix.
-    first = 100_000
-    records = [
-        wine_record(parse_csv_line(lines[i % len(lines)]), record_id=f"{i}", event_time_ms=now_ms)
-        for i in range(first, first + BATCH)
-    ]
-    json_values = [
-        orjson.dumps(
-            {
-                "record_id": r.record_id,
-                "data_type": "wine",
-                "event_time_ms": r.event_time_ms,
-                **{f: getattr(r, f) for f in (*WINE_FEATURES, "quality")},
-            }
-        )
-        for r in records
-    ]
-    json_batch = SourceBatch(
-        "records",
+def source_batch(feed: Feed, topic: str = "records") -> SourceBatch:
+    """One 1,000-record batch of a bench input, as the Kafka source hands it on."""
+    messages = list(feed.messages(FIRST_OFFSET, BATCH, int(time.time() * 1000)))
+    return SourceBatch(
+        topic,
         0,
-        list(range(first, first + BATCH)),
-        [r.record_id.encode() for r in records],
-        list(json_values),
-        [[("content-type", CONTENT_TYPE_JSON.encode())]] * BATCH,
+        list(range(FIRST_OFFSET, FIRST_OFFSET + BATCH)),
+        [key for key, _, _ in messages],
+        [value for _, value, _ in messages],
+        [cast(list[tuple[str, bytes | None]], list(headers or [])) for _, _, headers in messages],
     )
-    protobuf_batch = SourceBatch(
-        "records",
-        0,
-        list(range(first, first + BATCH)),
-        [r.record_id.encode() for r in records],
-        [r.SerializeToString() for r in records],
-        [[]] * BATCH,
-    )
-    return json_batch, protobuf_batch
 
 
-def _scorers() -> tuple[ShardScorer, ShardScorer]:
-    """Shards serving wine-lr, with stats and drift on and off."""
-    lr = load_catalog()["wine-lr"].descriptor()
+def raw_run(batch: SourceBatch, data_type: str) -> RawRun:
+    """The batch as the route step passes it to a shard."""
+    return RawRun(
+        data_type,
+        batch.topic,
+        batch.partition,
+        batch.offsets,
+        batch.keys,
+        batch.values,
+        batch.headers,
+    )
+
+
+def serving_shard(contract: Contract, model: str, *, monitoring: bool = True) -> ShardScorer:
+    """A shard serving a catalog model for `contract`'s data type, installed the way the
+    dataflow installs it: the contract and the descriptor through the registry. Its events
+    go to the dataflow process's subscribers (Prometheus metrics, queryable state)."""
+    descriptor = load_catalog()[model].descriptor()
+    descriptor.data_type = contract.data_type
     registry = Registry(None, model_dir="")
-    (install,) = [
-        o
-        for o in [
-            *registry.on_descriptors([DescriptorIn(lr, "models", 0, 0, None, b"")]),
-            *registry.collect(wait=True),
-        ]
-        if isinstance(o, ModelInstall)
+    control = [
+        ControlIn(contract.to_proto(), "control", 0, 0, None, b""),
+        ControlIn(descriptor, "control", 0, 1, None, b""),
     ]
-    scorer = ShardScorer(None, stats_interval_s=10, drift_window_s=60)
-    scorer.on_values([install])
-    unmonitored = ShardScorer(None, stats_interval_s=10, drift_window_s=60, monitoring=False)
-    unmonitored.on_values([install])
-    return scorer, unmonitored
+    out = [*registry.on_control(control), *registry.collect(wait=True)]
+    installs = [o for o in out if isinstance(o, ContractInstall | ModelInstall)]
+    if len(installs) != 2:
+        raise RuntimeError(f"{model} was not installed for {contract.data_type}: {out}")
+    scorer = ShardScorer(
+        None,
+        stats_interval_s=10,
+        drift_window_s=60,
+        monitoring=monitoring,
+        events=process_events(),
+    )
+    scorer.on_values(installs)
+    return scorer
+
+
+def scored_batch(out: list[ShardOut]) -> ScoredBatch:
+    """The one scored batch of a shard's output (anything else is a surprise here)."""
+    scored = [o for o in out if isinstance(o, ScoredBatch)]
+    if len(scored) != 1 or len(out) != 1:
+        raise RuntimeError(f"expected one scored batch, got {out}")
+    return scored[0]
+
+
+def _score(scorer: ShardScorer, columns: RecordColumns) -> Callable[[], object]:
+    """`ShardScorer._score` of decoded columns: everything the shard does after decoding."""
+    binding = scorer._bindings[columns.data_type]
+    return lambda: scorer._score(columns, binding)
+
+
+def _columns(run: RawRun, contract: Contract) -> RecordColumns:
+    columns, dead = record_columns(
+        run, contract, ContractCodecs(contract).decode(run.values, run.headers)
+    )
+    if columns is None or dead:
+        raise RuntimeError(f"the bench's records do not decode: {dead[:1]}")
+    return columns
 
 
 def monitoring_cost(rounds: int = 7) -> dict[str, float]:
     """Score + encode of a 1,000-record JSON batch with stats and drift on and off, µs a
     record: the medians of `rounds` interleaved rounds. The throughput runs cannot resolve
     a cost of a few percent (their repetitions vary by ±20%); this can."""
-    json_batch, _ = _batches()
-    scorer, unmonitored = _scorers()
-    (run,), _ = decode_batch(json_batch)
-    on, off = [], []
+    feed = Feed(INPUTS[SHARED_INPUT])
+    columns = _columns(raw_run(source_batch(feed), "wine"), feed.contract)
+    on = _score(serving_shard(feed.contract, "wine-lr"), columns)
+    off = _score(serving_shard(feed.contract, "wine-lr", monitoring=False), columns)
+    on_us, off_us = [], []
     for _ in range(rounds):
-        on.append(_per_record_us(lambda: scorer.on_values([run])))
-        off.append(_per_record_us(lambda: unmonitored.on_values([run])))
-    return {"on_us": float(np.median(on)), "off_us": float(np.median(off)), "rounds": rounds}
+        on_us.append(_per_record_us(on))
+        off_us.append(_per_record_us(off))
+    return {"on_us": float(np.median(on_us)), "off_us": float(np.median(off_us)), "rounds": rounds}
+
+
+def decode_costs(names: Iterable[str] = INPUTS) -> dict[str, float]:
+    """`ContractCodecs.decode` of a 1,000-record batch of these bench inputs, µs a record."""
+    out = {}
+    for name in names:
+        feed = Feed(INPUTS[name])
+        run = raw_run(source_batch(feed), feed.contract.data_type)
+        decode = functools.partial(ContractCodecs(feed.contract).decode, run.values, run.headers)
+        out[name] = _per_record_us(decode)
+    return out
 
 
 def measure() -> list[tuple[str, float]]:
     """(stage, µs per record) for every stage above."""
-    json_batch, protobuf_batch = _batches()
-    json_values = cast(list[bytes], json_batch.values)
     catalog = load_catalog()
-    scorer, unmonitored = _scorers()
-    (run,), _ = decode_batch(json_batch)
-    scored = scorer.on_values([run])
-    messages = next(o.messages for o in scored if hasattr(o, "messages"))
+    feeds = {name: Feed(fmt) for name, fmt in INPUTS.items()}
+    contracts = {name: feed.contract for name, feed in feeds.items()}
+    wine = contracts[SHARED_INPUT]
+    batches = {name: source_batch(feed) for name, feed in feeds.items()}
+    json_batch = batches[SHARED_INPUT]
+    runs = {name: raw_run(batches[name], contracts[name].data_type) for name in INPUTS}
+    codecs = {name: ContractCodecs(contract) for name, contract in contracts.items()}
 
+    def decode(name: str) -> Callable[[], object]:
+        run, codec = runs[name], codecs[name]
+        return lambda: codec.decode(run.values, run.headers)
+
+    json_codec = codec_for(wine, Encoding.JSON)
+    json_run = runs[SHARED_INPUT]
+    decoded = codecs[SHARED_INPUT].decode(json_run.values, json_run.headers)
+    columns = _columns(json_run, wine)
+    scorer = serving_shard(wine, "wine-lr")
+    unmonitored = serving_shard(wine, "wine-lr", monitoring=False)
+    messages = scored_batch(scorer.on_values([json_run])).messages
+    csv_columns = _columns(runs["wine-csv"], wine)  # no ids: "<topic>/<partition>/<offset>"
+    penguins = contracts["penguins-json"]
+    penguin_scorer = serving_shard(penguins, "penguins-species-onnx")
+    penguin_columns = _columns(runs["penguins-json"], penguins)
+
+    # The route step, as the dataflow builds it from the default settings; the bench's
+    # records name their data type by their topic, `waxserve replay`'s by a header too.
+    router = router_of(Config(records_topics="records=wine"))
+    named = [[(DATA_TYPE_HEADER, b"wine"), *headers] for headers in json_batch.headers]
+    with_data_type = dataclasses.replace(json_batch, headers=named)
+    field_first = router_of(
+        Config(records_topics="records=wine", data_type_from="header,field,topic")
+    )
+
+    features = operator.itemgetter(*wine.csv_columns[:-1])
     session = ort.InferenceSession(str(catalog["wine-lr"].path()))
     input_name = session.get_inputs()[0].name
-    features = operator.itemgetter(*WINE_FEATURES)
+    json_values = cast(list[bytes], json_batch.values)
     docs = [orjson.loads(v) for v in json_values]
 
     def tuned_decode() -> object:
@@ -168,51 +238,80 @@ def measure() -> list[tuple[str, float]]:
             "log_level": 0,
         }
     )
-
-    CONTENT_TYPE = [("content-type", b"application/x-protobuf")]
+    content_type: Any = [("content-type", b"application/x-protobuf")]
 
     def produce(with_headers: bool) -> Callable[[], object]:
         def run() -> object:
             for key, value, _ in messages:
                 if with_headers:
-                    producer.produce("scored", value, key, headers=cast(Any, CONTENT_TYPE))
+                    producer.produce("scored", value, key, headers=content_type)
                 else:
                     producer.produce("scored", value, key)
             return None
 
         return run
 
-    pmml_entry = catalog["wine-pmml-lr"]
-    pmml_descriptor = pmml_entry.descriptor()
+    pmml_descriptor = catalog["wine-pmml-lr"].descriptor()
     pmml = cast(
         PmmlRuntime,
         load_runtime(
             pb.MODEL_FORMAT_PMML, pmml_descriptor.model_bytes, list(pmml_descriptor.input_features)
         ),
     )
-    pmml_x = run.features[:, : len(pmml.input_names)]
-    request = (
-        pmml._request_prefix  # the one PMML4S call inside predict, timed alone
-        + orjson.dumps(np.ascontiguousarray(pmml_x), option=orjson.OPT_SERIALIZE_NUMPY)
-        + b"}"
-    ).decode()
+    pmml_columns = []
+    for name in pmml.numeric_features:
+        found = wine.field_for(name)
+        assert found is not None, name
+        pmml_columns.append(wine.columns[found.name].index)
+    pmml_x = np.ascontiguousarray(columns.numeric[:, pmml_columns])
+    request = (pmml._request_prefix + pmml._rows(pmml_x, None) + b"}").decode()
 
     rows = [
-        ("waxserve decode, JSON (decode_batch)", _per_record_us(lambda: decode_batch(json_batch))),
         (
-            "waxserve decode, protobuf (decode_batch)",
-            _per_record_us(lambda: decode_batch(protobuf_batch)),
+            "route, JSON: the topic's default (DataTypeRouter.split)",
+            _per_record_us(lambda: router.split(json_batch)),
+        ),
+        (
+            "route, JSON: a data-type header (replay's)",
+            _per_record_us(lambda: router.split(with_data_type)),
+        ),
+        (
+            "route, JSON: a data_type field looked for first",
+            _per_record_us(lambda: field_first.split(json_batch)),
+        ),
+        (
+            "route, protobuf: the topic's default",
+            _per_record_us(lambda: router.split(batches["wine-protobuf"])),
+        ),
+        ("decode, JSON (ContractCodecs.decode)", _per_record_us(decode(SHARED_INPUT))),
+        (
+            "decode, JSON codec alone (JsonCodec.decode)",
+            _per_record_us(lambda: json_codec.decode(json_run.values)),
+        ),
+        ("decode, protobuf (ContractCodecs.decode)", _per_record_us(decode("wine-protobuf"))),
+        ("decode, CSV (ContractCodecs.decode)", _per_record_us(decode("wine-csv"))),
+        ("decode, Avro (ContractCodecs.decode)", _per_record_us(decode("wine-avro"))),
+        ("decode, penguins JSON (ContractCodecs.decode)", _per_record_us(decode("penguins-json"))),
+        (
+            "ids, event times, labels (record_columns)",
+            _per_record_us(lambda: record_columns(json_run, wine, decoded)),
         ),
         ("tuned decode: orjson.loads + itemgetter", _per_record_us(tuned_decode)),
+        ("score + ScoredRecord (ShardScorer._score)", _per_record_us(_score(scorer, columns))),
+        ("score + ScoredRecord, stats + drift off", _per_record_us(_score(unmonitored, columns))),
         (
-            "waxserve score + ScoredRecord (ShardScorer)",
-            _per_record_us(lambda: scorer.on_values([run])),
+            "score + ScoredRecord, CSV records (ids from offsets)",
+            _per_record_us(_score(scorer, csv_columns)),
         ),
         (
-            "waxserve score + ScoredRecord, stats + drift off",
-            _per_record_us(lambda: unmonitored.on_values([run])),
+            "score + ScoredRecord, penguins classifier",
+            _per_record_us(_score(penguin_scorer, penguin_columns)),
         ),
         ("tuned score + 3-field orjson.dumps", _per_record_us(tuned_score_encode)),
+        (
+            "shard, JSON: decode to scored records (on_values)",
+            _per_record_us(lambda: scorer.on_values([json_run])),
+        ),
         ("produce, with content-type header", _per_record_us(produce(True), repeat=20)),
         ("produce, no header", _per_record_us(produce(False), repeat=20)),
         ("PMML: PmmlRuntime.predict", _per_record_us(lambda: pmml.predict(pmml_x), repeat=20)),

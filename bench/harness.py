@@ -1,6 +1,7 @@
 """Runs the contenders against one tansu broker and measures them.
 
-    Bench.throughput_run   one contender over the shared 200k-record input topic, from the
+    Bench.throughput_run   one contender over its 200k-record input topic (the peers' JSON
+                           wine records, or another input format: bench/inputs.py), from the
                            beginning to the end: records/s between its first and its last
                            output message, CPU of its process tree over the same span
     Bench.latency_run      one contender tailing a fresh topic that a paced producer writes
@@ -33,13 +34,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnxruntime as ort
 import orjson
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Producer
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 from confluent_kafka.admin import AdminClient
 
 from bench.contenders.common import FETCH_QUEUE_BACKOFF_MS
+from bench.inputs import INPUTS, SHARED_INPUT, Feed, Reference
 from bench.measure import CpuSampler, percentile, process_tree, rss_bytes, throughput
 from dataflows.broker import (
     EmbeddedBroker,
@@ -51,20 +52,12 @@ from dataflows.broker import (
     log_tail,
 )
 from dataflows.config import Config
-from dataflows.descriptors import MODELS_DIR, CatalogEntry, load_catalog
-from dataflows.records import DEFAULT_DATA_TYPE, WINE_FEATURES, parse_csv_line
-from dataflows.replay import (
-    DeliveryReport,
-    Pacer,
-    csv_lines,
-    encode_line,
-    header_pairs,
-    send_descriptor,
-)
+from dataflows.contracts.schema import Contract
+from dataflows.descriptors import CatalogEntry, load_catalog
+from dataflows.replay import Pacer, header_pairs, send_control
 from protos import waxserve_pb2 as pb
 
 REPO = Path(__file__).resolve().parent.parent
-WINE_CSV = MODELS_DIR / "data" / "winequality_red.csv"
 QUIX_VENV = REPO / "bench" / ".venv-quix"
 QUIX_REQUIREMENTS = ("quixstreams", "confluent-kafka<2.13", "onnxruntime", "numpy", "orjson")
 """Quix Streams pins confluent-kafka below 2.13; waxserve needs newer: hence its own venv."""
@@ -85,6 +78,12 @@ class Contender:
     monitoring: bool = True  # waxserve: stats and drift on
     max_records: int | None = None  # read only this many input records (slow contenders)
     writes_scored: bool = False  # a script that writes waxserve's ScoredRecord, not JSON
+    input: str = SHARED_INPUT  # which input topic it reads (`bench.inputs.INPUTS`)
+
+    @property
+    def format_row(self) -> bool:
+        """A waxserve run on another input format than the peers' (fewer repetitions)."""
+        return self.input != SHARED_INPUT
 
     @property
     def output(self) -> str:
@@ -126,10 +125,31 @@ CONTENDERS: dict[str, Contender] = {
         Contender(
             "pypmml", "pypmml per record (Py4J)", "script", "pypmml_naive", model="wine-pmml-lr"
         ),
+        # The input formats (issue 11): waxserve LR on the same wine rows in other encodings,
+        # and a categorical model.
+        Contender(
+            "waxserve-lr-protobuf",
+            "waxserve ONNX LR, protobuf records",
+            "waxserve",
+            input="wine-protobuf",
+        ),
+        Contender("waxserve-lr-csv", "waxserve ONNX LR, CSV records", "waxserve", input="wine-csv"),
+        Contender(
+            "waxserve-lr-avro", "waxserve ONNX LR, Avro records", "waxserve", input="wine-avro"
+        ),
+        Contender(
+            "waxserve-penguins",
+            "waxserve ONNX penguin species (categorical), JSON records",
+            "waxserve",
+            model="penguins-species-onnx",
+            input="penguins-json",
+        ),
     )
 }
 THROUGHPUT_DEFAULT = tuple(n for n in CONTENDERS if n != "consume")
 """Every contender but the plain consumer, whose floor is a latency floor."""
+FORMAT_ROWS = tuple(n for n, c in CONTENDERS.items() if c.format_row)
+"""The input-format rows: waxserve on inputs other than the peers' JSON wine records."""
 LATENCY_DEFAULT = ("consume", "passthrough", "naive", "tuned", "bytewax", "quix", "waxserve-lr")
 
 
@@ -151,6 +171,9 @@ class Settings:
     # writes 4x the batches, and latency climbs during a run for every contender alike.
     live_partitions: int = 1
     throughput: tuple[str, ...] = THROUGHPUT_DEFAULT
+    # Repetitions of the input-format rows (at most `reps`): they are not compared with a
+    # goal, and each costs a waxserve start-up (~10 s) on top of its input topic.
+    format_reps: int = 2
     latency: tuple[str, ...] = LATENCY_DEFAULT
     swap: bool = True
     quix: bool = True
@@ -172,6 +195,19 @@ class RunFailed(RuntimeError):
 # --- processes ---------------------------------------------------------------------------
 
 
+def _contender_setup() -> None:  # runs in the child between fork and exec
+    """SIGINT as usual, and death with the harness (Linux): a crashed bench leaves no
+    contender behind.
+
+    A harness started in the background (`nohup`, `&` in a script, CI) has SIGINT ignored,
+    and a child inherits that: Python then installs no KeyboardInterrupt handler, `stop()`
+    waits 15 s for nothing, and every latency run took 28 s instead of 13.
+    """
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    if sys.platform.startswith("linux"):
+        _die_with_parent()
+
+
 class ContenderProcess:
     """A contender's process (its own session and process group), its output in a log."""
 
@@ -187,8 +223,7 @@ class ContenderProcess:
             stdout=self._log,
             stderr=subprocess.STDOUT,
             start_new_session=True,
-            # Dies with the harness: a crashed bench leaves no contender behind.
-            preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            preexec_fn=_contender_setup,
         )
 
     @property
@@ -233,37 +268,7 @@ class ContenderProcess:
         return self.proc.returncode
 
 
-# --- the input ---------------------------------------------------------------------------
-
-
-class Records:
-    """The input records: JSON wine records, record i from CSV row i % 1,599, keyed by id."""
-
-    def __init__(self) -> None:
-        self.lines = [line.raw for line in csv_lines(WINE_CSV, loop=False, header=False)]
-        rows = [parse_csv_line(raw.decode()) for raw in self.lines]
-        self.features = np.array(
-            [[row[name] for name in WINE_FEATURES] for row in rows], dtype=np.float32
-        )
-
-    def message(self, i: int, event_time_ms: int) -> tuple[bytes, bytes, Any]:
-        """Key, value and headers of record i (`dataflows.replay.encode_line`, as replay)."""
-        record_id = str(i)
-        value, headers, ok = encode_line(
-            self.lines[i % len(self.lines)],
-            fmt="json",
-            record_id=record_id,
-            data_type=DEFAULT_DATA_TYPE,
-            event_time_ms=event_time_ms,
-        )
-        assert ok, f"CSV row {i % len(self.lines)} does not parse"
-        return record_id.encode(), value, headers
-
-    def reference_scores(self, model_path: Path) -> np.ndarray:
-        """What an ONNX regressor scores for each CSV row (onnxruntime, one batch)."""
-        session = ort.InferenceSession(str(model_path), providers=["CPUExecutionProvider"])
-        name = session.get_inputs()[0].name
-        return np.asarray(session.run(None, {name: self.features})[0]).reshape(-1)
+# --- live input ------------------------------------------------------------------------
 
 
 class PacedProducer(threading.Thread):
@@ -333,6 +338,11 @@ class Output:
     event_time_ms: int
     score: float
     scored: pb.ScoredRecord | None = None
+
+    @property
+    def label(self) -> str:
+        """A classifier's label (scored records only)."""
+        return self.scored.label if self.scored is not None else ""
 
 
 def decode(kind: str, msg: Message) -> Output:
@@ -427,16 +437,44 @@ class Bench:
         self.say = progress
         self.config = dataclasses.replace(Config(), brokers=broker.bootstrap)
         self.catalog: dict[str, CatalogEntry] = load_catalog()
-        self.records = Records()
-        self.reference: dict[str, np.ndarray] = {
-            name: self.records.reference_scores(entry.path())
-            for name, entry in self.catalog.items()
-            if name in ("wine-lr", "wine-gbt")
-        }
+        self._feeds: dict[str, Feed] = {}
+        self._references: dict[tuple[str, str], Reference] = {}
+        self.records = self.feed(SHARED_INPUT)
+        """The peers' input, also the live input of the latency, swap and soak runs."""
         self.run_id = uuid.uuid4().hex[:6]
-        self.input_topic = f"bench-{self.run_id}-input"
+        self.input_topics: dict[str, str] = {}  # input format -> its filled topic
+        # Inputs without record ids (CSV): per topic and partition, the record number at
+        # each offset (arrays: a dict of 200,000 tuples would live in every GC pass).
+        self.positions: dict[tuple[str, int], np.ndarray] = {}
         self.quix_python: Path | None = None
         self._topic_seq = 0
+
+    @property
+    def input_topic(self) -> str:
+        """The shared input topic (JSON wine records), once filled."""
+        return self.input_topics[SHARED_INPUT]
+
+    def feed(self, name: str) -> Feed:
+        """The records of an input format (RunFailed when its files are not there)."""
+        feed = self._feeds.get(name)
+        if feed is None:
+            try:
+                feed = self._feeds[name] = Feed(INPUTS[name])
+            except (OSError, KeyError, ValueError) as exc:
+                raise RunFailed(
+                    f"input {name} cannot be built: {type(exc).__name__}: {exc}"
+                ) from None
+        return feed
+
+    def reference(self, contender: Contender) -> Reference | None:
+        """What the contender's model scores for each data row of its input (ONNX only)."""
+        entry = self.catalog[contender.model]
+        if entry.format != "onnx":
+            return None
+        key = (contender.input, contender.model)
+        if key not in self._references:
+            self._references[key] = self.feed(contender.input).reference(entry)
+        return self._references[key]
 
     # --- topics ------------------------------------------------------------------------
 
@@ -457,9 +495,22 @@ class Bench:
             with contextlib.suppress(Exception):  # a leftover topic costs nothing much
                 future.result(timeout=15)
 
-    def fill_input(self) -> None:
-        """Write the shared input topic: `settings.records` records, as fast as tansu takes."""
-        ensure_topic(self.config, self.input_topic, self.settings.partitions)
+    def fill_inputs(self, names: Iterable[str]) -> dict[str, str]:
+        """Write the input topics of these formats, `settings.records` records each, as fast
+        as tansu takes them; an input that cannot be built or written is left out, with why."""
+        failed = {}
+        for name in dict.fromkeys(names):
+            try:
+                self.fill_input(name)
+            except RunFailed as exc:
+                failed[name] = str(exc)
+        return failed
+
+    def fill_input(self, name: str) -> str:
+        """Write one input format's topic; its name."""
+        feed = self.feed(name)
+        topic = f"bench-{self.run_id}-input-{name}"
+        ensure_topic(self.config, topic, self.settings.partitions)
         producer = Producer(
             kafka_settings(
                 self.config,
@@ -470,35 +521,55 @@ class Bench:
                 },
             )
         )
-        report = DeliveryReport()
-        now_ms = _now_ms()
-        for i in range(self.settings.records):
-            key, value, headers = self.records.message(i, now_ms)
+        delivered = 0
+        first_error = ""
+        record_positions = not feed.carries_ids
+        written: dict[int, tuple[list[int], list[int]]] = {}  # partition -> offsets, numbers
+
+        def report(err: KafkaError | None, msg: Message) -> None:
+            nonlocal delivered, first_error
+            if err is not None:
+                first_error = first_error or f"{err.name()}: {err.str()}"
+                return
+            delivered += 1
+            if record_positions:
+                offsets, numbers = written.setdefault(msg.partition() or 0, ([], []))
+                offsets.append(msg.offset() or 0)
+                numbers.append(int(msg.key() or b""))
+
+        for key, value, headers in feed.messages(0, self.settings.records, _now_ms()):
             while True:
                 try:
-                    producer.produce(
-                        self.input_topic, value, key, headers=headers, on_delivery=report
-                    )
+                    producer.produce(topic, value, key, headers=headers, on_delivery=report)
                     break
                 except BufferError:
                     producer.poll(0.01)
         producer.flush(120)
-        if report.delivered != self.settings.records:
+        if delivered != self.settings.records:
             raise RunFailed(
-                f"only {report.delivered} of {self.settings.records} input records were "
-                f"delivered ({report.first_error or 'no error reported'})"
+                f"only {delivered} of {self.settings.records} input records were "
+                f"delivered to {topic} ({first_error or 'no error reported'})"
             )
+        for partition, (offsets, numbers) in written.items():
+            at = np.full(max(offsets) + 1, -1, dtype=np.int64)
+            at[offsets] = numbers
+            self.positions[(topic, partition)] = at
+        self.input_topics[name] = topic
+        return topic
 
     # --- starting contenders -----------------------------------------------------------
 
-    def waxserve_config(self, records_topic: str, partitions: int) -> Config:
-        """Fresh output and models topics for one waxserve run, created."""
+    def waxserve_config(
+        self, records_topic: str, partitions: int, data_type: str = "wine"
+    ) -> Config:
+        """Fresh output and control topics for one waxserve run, created. The records topic
+        defaults to `data_type` (the records name it in a header too)."""
         self._topic_seq += 1
         prefix = f"bench-{self.run_id}-{self._topic_seq:03d}-wax"
         config = dataclasses.replace(
             self.config,
-            records_topic=records_topic,
-            models_topic=f"{prefix}-models",
+            records_topics=f"{records_topic}={data_type}",
+            control_topic=f"{prefix}-control",
             scored_topic=f"{prefix}-scored",
             stats_topic=f"{prefix}-stats",
             drift_topic=f"{prefix}-drift",
@@ -511,7 +582,7 @@ class Bench:
     @staticmethod
     def waxserve_topics(config: Config) -> list[str]:
         """The topics of a waxserve run, but its records topic."""
-        return [config.models_topic, *config.output_topics]
+        return [config.control_topic, *config.output_topics]
 
     def _env(self) -> dict[str, str]:
         # Ours only: a WAXSERVE_* setting of the caller's must not change what is measured.
@@ -576,32 +647,54 @@ class Bench:
                 command += ["--model", model]
         return ContenderProcess(command, env | dict(contender.env) | (extra_env or {}), log_path)
 
-    def publish(self, config: Config, model: str, version: str | None = None) -> int:
-        """Publish a catalog model's descriptor; its Kafka timestamp (ms)."""
-        msg = send_descriptor(config, self.catalog[model].descriptor(version=version))
-        return msg.timestamp()[1]
+    def publish_contract(self, config: Config, contract: Contract) -> None:
+        """Publish a data type's contract: before the first model of the data type."""
+        send_control(config, contract.to_proto())
+
+    def publish(
+        self, config: Config, model: str, version: str | None = None, data_type: str = ""
+    ) -> int:
+        """Publish a catalog model's descriptor (for `data_type`, default the catalog's);
+        its Kafka timestamp (ms)."""
+        descriptor = self.catalog[model].descriptor(version=version)
+        if data_type:
+            descriptor.data_type = data_type
+        return send_control(config, descriptor).timestamp()[1]
+
+    def start_serving(
+        self, config: Config, contender: Contender, version: str | None = None
+    ) -> int:
+        """Publish the contract of the contender's input and its model; the model's Kafka
+        timestamp (ms)."""
+        feed = self.feed(contender.input)
+        self.publish_contract(config, feed.contract)
+        return self.publish(config, contender.model, version, feed.contract.data_type)
 
     # --- throughput --------------------------------------------------------------------
 
     def throughput_run(self, contender: Contender, rep: int) -> dict[str, Any]:
-        """One pass of a contender over the shared input; its figures."""
+        """One pass of a contender over its input topic; its figures."""
         expected = self.settings.records
         if contender.max_records is not None:
             expected = min(expected, contender.max_records)
+        input_topic = self.input_topics.get(contender.input)
+        if input_topic is None:
+            raise RunFailed(f"its input {contender.input} was not written")
         tag = f"throughput-{contender.name}-{rep}"
         topics: list[str] = []
         output: str | Config
         if contender.kind == "waxserve":
-            output = self.waxserve_config(self.input_topic, self.settings.partitions)
+            data_type = self.feed(contender.input).contract.data_type
+            output = self.waxserve_config(input_topic, self.settings.partitions, data_type)
             topics = self.waxserve_topics(output)
-            self.publish(output, contender.model)
+            self.start_serving(output, contender)
         elif contender.kind == "consume":
             output = str(self.work_dir / f"{tag}.json")
         else:
             output = self.topic(contender.name, self.settings.partitions)
             topics = [output]
         # Bytewax and waxserve stop at the end of the input, the others after N records.
-        process = self.launch(contender, self.input_topic, output, stop_after=expected, tag=tag)
+        process = self.launch(contender, input_topic, output, stop_after=expected, tag=tag)
         sampler = CpuSampler(process.pid).start()
         broker_cpu = CpuSampler(self.broker.pid or 0, tree=False).start()
         try:
@@ -683,20 +776,41 @@ class Bench:
         figures.update(self._score_check(contender, outputs))
         return figures
 
+    def _row_numbers(self, contender: Contender, outputs: list[Output]) -> np.ndarray:
+        """The record number of every output: its record id, or for inputs without ids
+        (CSV) where its source record was written."""
+        if self.feed(contender.input).carries_ids:
+            return np.array([int(o.record_id) for o in outputs], dtype=np.int64)
+        positions = self.positions
+        return np.array(
+            [
+                positions[(s.source_topic, s.source_partition)][s.source_offset]
+                for s in (o.scored for o in outputs)
+                if s is not None
+            ],
+            dtype=np.int64,
+        )
+
     def _score_check(self, contender: Contender, outputs: list[Output]) -> dict[str, Any]:
-        """How far the scores are from onnxruntime's on the same rows (ONNX models)."""
+        """How far the scores are from onnxruntime's on the same rows (ONNX models); for a
+        classifier, how many labels differ."""
         if contender.kind == "consume" or not contender.model:
             return {}
+        rows = self._row_numbers(contender, outputs) % len(self.feed(contender.input))
+        reference = self.reference(contender)
+        if reference is not None and reference.labels is not None:
+            labels = [o.label for o in outputs]
+            wrong = sum(
+                x != reference.labels[r] for x, r in zip(labels, rows.tolist(), strict=True)
+            )
+            return {"label_mismatches": wrong}
         scores = np.array([o.score for o in outputs], dtype=np.float64)
         check: dict[str, Any] = {"scores_finite": bool(np.isfinite(scores).all())}
-        reference = self.reference.get(contender.model)
-        if reference is not None:
-            index = np.array([int(o.record_id) for o in outputs]) % len(reference)
-            check["max_abs_error"] = float(np.max(np.abs(scores - reference[index])))
+        if reference is not None and reference.values is not None:
+            check["max_abs_error"] = float(np.max(np.abs(scores - reference.values[rows])))
         else:
             # No onnxruntime reference (PMML): `bench.run` compares contenders row by row.
-            rows = len(self.records.lines)
-            check["row_scores"] = {int(o.record_id) % rows: o.score for o in outputs}
+            check["row_scores"] = dict(zip(rows.tolist(), scores.tolist(), strict=True))
         return check
 
     def _consume_figures(
@@ -734,7 +848,7 @@ class Bench:
             output = self.waxserve_config(input_topic, partitions)
             topics += self.waxserve_topics(output)
             read_topics = [output.scored_topic]
-            self.publish(output, contender.model)
+            self.start_serving(output, contender)
         elif contender.kind == "consume":
             output = str(self.work_dir / f"{tag}.json")
         else:
@@ -830,6 +944,7 @@ class Bench:
         input_topic = self.topic("swap-input", self.settings.live_partitions)
         config = self.waxserve_config(input_topic, self.settings.live_partitions)
         topics = [input_topic, *self.waxserve_topics(config)]
+        self.publish_contract(config, self.records.contract)
         self.publish(config, models[0], version="swap-000")
         contender = CONTENDERS["waxserve-lr"]
         process = self.launch(contender, input_topic, config, stop_after=None, tag="swap")
@@ -938,8 +1053,8 @@ class Bench:
         input_topic = self.topic("soak-input", self.settings.live_partitions)
         config = self.waxserve_config(input_topic, self.settings.live_partitions)
         topics = [input_topic, *self.waxserve_topics(config)]
-        self.publish(config, "wine-lr")
         contender = CONTENDERS["waxserve-lr"]
+        self.start_serving(config, contender)
         process = self.launch(
             contender, input_topic, config, stop_after=None, tag="soak", extra_env=SOAK_ENV
         )
@@ -1037,7 +1152,7 @@ def _order_violations(scored: list[tuple[int, int, str, int]]) -> int:
 
 def waxserve_env(config: Config) -> dict[str, str]:
     """WAXSERVE_* variables that point a dataflow at `config`'s brokers and topics."""
-    env = {"WAXSERVE_BROKERS": config.brokers}
+    env = {"WAXSERVE_BROKERS": config.brokers, "WAXSERVE_RECORDS_TOPICS": config.records_topics}
     for field in dataclasses.fields(config):
         if field.name.endswith("_topic"):
             env[f"WAXSERVE_{field.name.upper()}"] = getattr(config, field.name)

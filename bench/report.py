@@ -346,6 +346,7 @@ def markdown(result: dict[str, Any], soak: dict[str, Any] | None, chart: str | N
         ],
         rows,
     )
+    lines += _formats(result)
     lat = result.get("latency", {})
     p50, p99 = _get(lat, REFERENCE, "p50_ms"), _get(lat, REFERENCE, "p99_ms")
     lines += [
@@ -458,6 +459,9 @@ def markdown(result: dict[str, Any], soak: dict[str, Any] | None, chart: str | N
                 for r in entry["reps"]
             ]
             rows.append([f"{entry['label']} ({unit})", ", ".join(reps)])
+    for entry in result.get("formats", {}).get("rows", {}).values():
+        reps = ["failed" if "error" in r else rate(r["throughput"]) for r in entry["reps"]]
+        rows.append([f"{entry['label']} (rec/s, input formats)", ", ".join(reps)])
     lines += _table(["figure", "repetitions"], rows)
     lines += ["", "## Notes", ""]
     lines += [f"- {note}" for note in result.get("notes", [])]
@@ -466,6 +470,65 @@ def markdown(result: dict[str, Any], soak: dict[str, Any] | None, chart: str | N
     if chart:
         lines += ["", f"![throughput and latency]({chart})"]
     return "\n".join(lines) + "\n"
+
+
+def _formats(result: dict[str, Any]) -> list[str]:
+    """The input-format table: waxserve on other inputs than the peers', with its JSON row
+    measured beside them on the same broker."""
+    formats = result.get("formats")
+    if not formats:
+        return []
+    rows_in = formats["rows"]
+    decode = formats.get("decode_us", {})
+    json_rate = _get(rows_in, formats["baseline"], "throughput")
+    rows = []
+    for entry in rows_in.values():
+        med = entry.get("median", {})
+        value, cpu = med.get("throughput", math.nan), med.get("cpu_s_per_100k", math.nan)
+        decode_us = decode.get(entry["input"], math.nan)
+        rows.append(
+            [
+                entry["label"],
+                f"`{entry['input']}`",
+                rate(value),
+                f"{1e6 / value:.2f}" if _ok(value) and value > 0 else "-",
+                times(json_rate / value) if _ok(value) and _ok(json_rate) and value > 0 else "-",
+                f"{cpu:.2f}" if _ok(cpu) else "-",
+                f"{decode_us:.2f}" if _ok(decode_us) else "-",
+                _notes(entry),
+            ]
+        )
+    return [
+        "",
+        f"## Input formats: {result['settings']['records']:,} records each",
+        "",
+        "waxserve LR on the same wine rows as records in other encodings (protobuf: the "
+        "contract's own encoding, no headers; CSV: `content-type: text/csv`, the contract's "
+        "columns, so no record id or event time; Avro: the bench's copy of the contract with "
+        "an Avro writer schema, data type wine-avro, no headers), and a categorical model "
+        "(penguins-species-onnx: string, int64 and float inputs; JSON records), each from "
+        "its own topic. These rows run on a tansu broker of their own, after everything "
+        "above, with waxserve LR on the JSON records again as their first row, so that the "
+        "extra inputs do not change the broker the rows above were measured on: compare them "
+        f"with that row. Medians of {formats['reps']} repetition(s), interleaved. "
+        'µs/record: wall time per record (1 / rec/s). "JSON ÷ this": the JSON row\'s '
+        "records/s over this one's. Decode: `ContractCodecs.decode` of a 1,000-record batch "
+        "of the input, in-process (`python -m bench breakdown`).",
+        "",
+        *_table(
+            [
+                "contender",
+                "input",
+                "rec/s",
+                "µs/record",
+                "JSON ÷ this",
+                "CPU-s/100k",
+                "decode µs/record",
+                "notes",
+            ],
+            rows,
+        ),
+    ]
 
 
 # --- chart -------------------------------------------------------------------------------

@@ -31,6 +31,7 @@ from bench.harness import (
     ensure_quix_venv,
     quix_versions,
 )
+from bench.inputs import SHARED_INPUT
 from bench.measure import median
 from dataflows.broker import EmbeddedBroker
 
@@ -118,6 +119,7 @@ THROUGHPUT_KEYS = (
     ("missing", "{:.0f} missing"),
     ("duplicates", "{:.0f} duplicates"),
     ("max_abs_error", "max |error| {:.1e}"),
+    ("label_mismatches", "{:.0f} labels differ"),
 )
 LATENCY_KEYS = (
     ("p50_ms", "p50 {:.1f} ms"),
@@ -160,7 +162,8 @@ def run_bench(
     elif "quix" in settings.throughput or "quix" in settings.latency:
         quix_note = "not run (--no-quix)"
     skip = set() if quix_python is not None else {"quix"}
-    throughput_names = [n for n in settings.throughput if n not in skip]
+    format_names = [n for n in settings.throughput if CONTENDERS[n].format_row]
+    throughput_names = [n for n in settings.throughput if n not in skip and n not in format_names]
     latency_names = [n for n in settings.latency if n not in skip]
 
     work_dir = Path(tempfile.mkdtemp(prefix="waxserve-bench-"))
@@ -181,12 +184,14 @@ def run_bench(
             f"tansu at {broker.bootstrap}; writing {settings.records:,} input records "
             f"({settings.partitions} partitions)"
         )
-        bench.fill_input()
+        bench.fill_input(SHARED_INPUT)
         say("input written")
 
         # Every contender asked for gets a row; one that cannot run says why in its note.
         throughput: dict[str, Any] = {
-            n: {"label": CONTENDERS[n].label, "reps": []} for n in settings.throughput
+            n: {"label": CONTENDERS[n].label, "reps": []}
+            for n in settings.throughput
+            if n not in format_names
         }
         latency: dict[str, Any] = {
             n: {"label": CONTENDERS[n].label, "reps": []} for n in settings.latency
@@ -256,6 +261,10 @@ def run_bench(
                     f"scored twice {raw['duplicates']}, dead-lettered {raw['dead_lettered']}"
                 )
 
+    if format_names:
+        result["formats"] = _format_runs(settings, format_names, work_dir / "formats", say)
+        failed |= any("error" in r for e in result["formats"]["rows"].values() for r in e["reps"])
+
     if "pypmml" in throughput_names:
         py4j = throughput["pypmml"]["median"].get("throughput", math.nan)
         notes.append(
@@ -304,6 +313,64 @@ def run_bench(
         shutil.rmtree(work_dir, ignore_errors=True)
     say(f"done in {(time.time() - started) / 60:.1f} min")
     return paths
+
+
+FORMAT_BASELINE = "waxserve-lr"
+"""The input-format table's reference row: waxserve LR on the JSON records, on the same
+broker as the format rows."""
+
+
+def _format_runs(
+    settings: Settings, names: list[str], work_dir: Path, say: Callable[[str], None]
+) -> dict[str, Any]:
+    """The input-format rows, on a tansu broker of their own, with waxserve LR's JSON row
+    again as their reference: repetitions interleaved, `settings.format_reps` of them.
+
+    Their own broker, so that the peers, the latency and the swap runs see the broker they
+    saw before issue 11 (one input topic), whatever four more inputs (800,000 records) do
+    to tansu: in one trial the tuned loop went from 308k to 212k records/s once they were
+    written, and did not recover when they were deleted; in a second trial it did not slow
+    down. tansu's CPU grows with its log (GUIDE.md); the formats compare with their own
+    JSON row.
+    """
+    work_dir.mkdir(parents=True, exist_ok=True)
+    reps = min(settings.reps, settings.format_reps)
+    rows = [FORMAT_BASELINE, *(n for n in names if n != FORMAT_BASELINE)]
+    entries: dict[str, Any] = {
+        n: {"label": CONTENDERS[n].label, "input": CONTENDERS[n].input, "reps": []} for n in rows
+    }
+    with EmbeddedBroker(log_path=work_dir / "tansu.log") as broker:
+        bench = Bench(broker, settings, work_dir, say)
+        inputs = list(dict.fromkeys(CONTENDERS[n].input for n in rows))
+        say(
+            f"input formats: a tansu of their own at {broker.bootstrap}; writing "
+            f"{settings.records:,} records for each of {', '.join(inputs)}"
+        )
+        unwritten = bench.fill_inputs(inputs)
+        for name in list(rows):
+            why = unwritten.get(CONTENDERS[name].input)
+            if why is not None:
+                say(f"{name}: {why}: its row stays empty")
+                entries[name]["note"] = why
+                rows.remove(name)
+        for rep in range(1, reps + 1):
+            for name in rows:
+                what = f"throughput {name} (input formats) rep {rep}/{reps}"
+                say(f"{what} ...")
+                run = functools.partial(bench.throughput_run, CONTENDERS[name], rep)
+                figures = _attempt(say, what, run)
+                entries[name]["reps"].append(figures)
+                if "error" not in figures:
+                    say(f"{what}: {_fmt(figures, THROUGHPUT_KEYS)}")
+    for entry in entries.values():
+        entry["median"] = report.summarize(entry["reps"])
+    from bench import breakdown  # onnxruntime and the models: only when needed
+
+    written = [n for n in inputs if n not in unwritten]
+    say("decode of each input format in-process (ContractCodecs.decode) ...")
+    decode_us = breakdown.decode_costs(written)
+    say("decode µs/record: " + ", ".join(f"{k} {v:.2f}" for k, v in decode_us.items()))
+    return {"reps": reps, "baseline": FORMAT_BASELINE, "rows": entries, "decode_us": decode_us}
 
 
 def _compare_pmml(throughput: dict[str, Any], notes: list[str]) -> None:

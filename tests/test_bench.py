@@ -19,7 +19,8 @@ from typing import Any
 
 import pytest
 
-from dataflows.records import WINE_FEATURES
+from dataflows.contracts.files import load_contract
+from dataflows.descriptors import catalog_contracts, load_catalog
 
 REPO = Path(__file__).resolve().parents[1]
 # bench/ is not an installed package: `python -m pytest` finds it in the working directory,
@@ -29,13 +30,70 @@ if str(REPO) not in sys.path:
 
 from bench import report  # noqa: E402
 from bench.contenders.common import FEATURES  # noqa: E402
-from bench.harness import CONTENDERS, LATENCY_DEFAULT, THROUGHPUT_DEFAULT  # noqa: E402
+from bench.harness import (  # noqa: E402
+    CONTENDERS,
+    FORMAT_ROWS,
+    LATENCY_DEFAULT,
+    THROUGHPUT_DEFAULT,
+)
+from bench.inputs import INPUTS, SHARED_INPUT, WINE_AVRO_CONTRACT, Feed  # noqa: E402
 from bench.measure import CpuSampler, interpolate, percentile, throughput  # noqa: E402
+
+WINE = load_contract(catalog_contracts()["wine"])
 
 
 def test_contenders_feed_the_model_waxserve_columns() -> None:
-    # The Quix venv cannot import dataflows: common.py keeps its own copy of the columns.
-    assert FEATURES == WINE_FEATURES
+    # The Quix venv cannot import dataflows: common.py keeps its own copy of the columns,
+    # the wine data file's features (its columns but the last, quality).
+    assert WINE.csv_columns[:-1] == FEATURES
+    assert load_catalog()["wine-lr"].input_features == FEATURES
+
+
+def test_avro_contract_is_a_copy_of_the_wine_contract() -> None:
+    from dataflows.contracts.codecs import codec_for
+    from dataflows.contracts.schema import Encoding
+
+    avro = load_contract(WINE_AVRO_CONTRACT)
+    assert (avro.data_type, avro.encoding) == ("wine-avro", Encoding.AVRO)
+    assert avro.fields == WINE.fields and avro.csv == WINE.csv
+    assert (avro.id_field, avro.event_time_field, avro.label_field) == (
+        WINE.id_field,
+        WINE.event_time_field,
+        WINE.label_field,
+    )
+    writer = json.loads(avro.avro.writer_schema)
+    assert [f["name"] for f in writer["fields"]] == [f.name for f in WINE.fields]
+    codec_for(avro, Encoding.AVRO)  # the codec accepts the schema
+
+
+@pytest.mark.parametrize("name", list(INPUTS))
+def test_every_input_is_what_replay_writes(name: str) -> None:
+    # Feed checks its batch encoding against RecordEncoder when it is built.
+    feed = Feed(INPUTS[name])
+    key, value, headers = feed.message(len(feed) + 3, 1_764_000_000_000)
+    assert key == str(len(feed) + 3).encode() and value
+    # The topic's default names the data type; a content-type where it is not the
+    # contract's own encoding.
+    expected = {
+        "wine-json": [("content-type", b"application/json")],
+        "wine-protobuf": None,
+        "wine-csv": [("content-type", b"text/csv")],
+        "wine-avro": None,
+        "penguins-json": None,
+    }
+    assert headers == expected[name]
+    # Only complete rows (every column of the data file): every record can be scored.
+    for column in feed.contract.csv_columns:
+        values = feed.columns[column].tolist()
+        assert None not in values and all(v == v for v in values), column
+    assert feed.carries_ids == (name != "wine-csv")
+
+
+def test_every_input_has_its_contenders() -> None:
+    inputs = {CONTENDERS[n].input for n in THROUGHPUT_DEFAULT}
+    assert inputs == set(INPUTS)
+    assert all(CONTENDERS[n].kind == "waxserve" for n in FORMAT_ROWS)
+    assert all(CONTENDERS[n].input == SHARED_INPUT for n in LATENCY_DEFAULT)
 
 
 def test_percentile_is_nearest_rank() -> None:
@@ -163,13 +221,17 @@ def test_bench_runs_every_contender_on_a_tiny_input(tmp_path: Path) -> None:
     assert set(files) == {".json", ".md", ".png"}, log
     result = json.loads(files[".json"].read_text())
 
-    assert set(result["throughput"]) == set(THROUGHPUT_DEFAULT)
+    # The input-format rows run on a broker of their own, with waxserve LR's JSON row again.
+    assert set(result["throughput"]) == set(THROUGHPUT_DEFAULT) - set(FORMAT_ROWS)
+    assert set(result["formats"]["rows"]) == {"waxserve-lr", *FORMAT_ROWS}
+    assert set(result["formats"]["decode_us"]) == set(INPUTS), result["formats"]
     assert set(result["latency"]) == set(LATENCY_DEFAULT)
     for section in ("throughput", "latency"):
         # Not run, and the report says so.
         assert result[section]["quix"]["reps"] == [], result[section]["quix"]
         assert "--no-quix" in result[section].pop("quix")["note"]
-    for name, entry in result["throughput"].items():
+    rows = [*result["throughput"].items(), *result["formats"]["rows"].items()]
+    for name, entry in rows:
         (figures,) = entry["reps"]
         assert "error" not in figures, (name, figures, log)
         expected = pmml_records if name == "pypmml" else records
@@ -181,6 +243,8 @@ def test_bench_runs_every_contender_on_a_tiny_input(tmp_path: Path) -> None:
         if CONTENDERS[name].model in ("wine-lr", "wine-gbt"):
             # Same scores as onnxruntime on the same CSV rows (float32).
             assert figures["scores_finite"] and figures["max_abs_error"] < 1e-4, (name, figures)
+        if CONTENDERS[name].model == "penguins-species-onnx":
+            assert figures["label_mismatches"] == 0, (name, figures)
         if CONTENDERS[name].kind == "waxserve":
             assert figures["dead_letters"] == 0, (name, figures)
     # waxserve's PMML scores agree with pypmml's on every row both scored.
@@ -202,7 +266,8 @@ def test_bench_runs_every_contender_on_a_tiny_input(tmp_path: Path) -> None:
     cost = result["monitoring_cost"]
     assert 0 < cost["off_us"] < cost["on_us"] < 1_000, cost
     markdown = files[".md"].read_text()
-    assert "## Goals" in markdown and files[".png"].name in markdown
+    assert "## Goals" in markdown and "## Input formats" in markdown
+    assert files[".png"].name in markdown
     for entry in [*result["throughput"].values(), *result["latency"].values()]:
         assert entry["label"] in markdown
     assert files[".png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -211,47 +276,47 @@ def test_bench_runs_every_contender_on_a_tiny_input(tmp_path: Path) -> None:
 def test_essential_loop_writes_what_waxserve_writes() -> None:
     # The limit contender bounds waxserve only if it produces the same output from the
     # same input: same keys, same ScoredRecord fields (but the timing ones).
+    from bench.breakdown import scored_batch, serving_shard
     from bench.contenders.essential import EssentialScorer
-    from bench.harness import Records
-    from dataflows.descriptors import load_catalog
-    from dataflows.records import SourceBatch, decode_batch
-    from dataflows.scoring import DescriptorIn, ModelInstall, Registry, ScoredBatch, ShardScorer
+    from dataflows.records import RawRun
     from protos import waxserve_pb2 as pb
 
-    records = Records()
-    messages = [records.message(i, 1_764_000_000_000 + i) for i in range(40, 540)]
+    feed = Feed(INPUTS[SHARED_INPUT])
+    messages = list(feed.messages(40, 500, 1_764_000_000_000))
     offsets = list(range(1_000, 1_500))
-    keys, values = [m[0] for m in messages], [m[1] for m in messages]
-    batch = SourceBatch("records", 3, offsets, keys, values, [list(m[2]) for m in messages])
+    keys: list[bytes | None] = [m[0] for m in messages]
+    values: list[bytes | None] = [m[1] for m in messages]
+    headers: list[Any] = [list(m[2] or []) for m in messages]
+    run = RawRun("wine", "records", 3, offsets, keys, values, headers)
+    scorer = serving_shard(feed.contract, "wine-lr")
+    waxserve = [(key, value) for key, value, _ in scored_batch(scorer.on_values([run])).messages]
+
     entry = load_catalog()["wine-lr"]
-    registry = Registry(None, model_dir="")
-    descriptor = DescriptorIn(entry.descriptor(), "models", 0, 0, None, b"")
-    out = [*registry.on_descriptors([descriptor]), *registry.collect(wait=True)]
-    scorer = ShardScorer(None, stats_interval_s=10, drift_window_s=60)
-    scorer.on_values([o for o in out if isinstance(o, ModelInstall)])
-    (run,), dead = decode_batch(batch)
-    (scored,) = [o for o in scorer.on_values([run]) if isinstance(o, ScoredBatch)]
-    waxserve = [(key, value) for key, value, _ in scored.messages]
+    essential = EssentialScorer(
+        str(entry.path()), feed.contract, entry.input_features, "records", "wine-lr", "1"
+    )
+    theirs = [(key, value) for key, value, _ in essential.score(3, offsets, keys, values, headers)]
 
-    essential = EssentialScorer(str(entry.path()), "records", "wine-lr", "1")
-    theirs = essential.score(3, offsets, values)
-
-    def fields(value: bytes) -> pb.ScoredRecord:
-        parsed = pb.ScoredRecord.FromString(value)
+    def fields(value: bytes | None) -> pb.ScoredRecord:
+        parsed = pb.ScoredRecord.FromString(value or b"")
         parsed.ClearField("scoring_latency_us")
         parsed.ClearField("scored_at_ms")
         return parsed
 
-    assert dead == [] and len(theirs) == len(waxserve) == 500
+    assert len(theirs) == len(waxserve) == 500
     assert [k for k, _ in theirs] == [k for k, _ in waxserve]
     assert [fields(v) for _, v in theirs] == [fields(v) for _, v in waxserve]
+    assert fields(theirs[0][1]).record_id == "40" and fields(theirs[0][1]).data_type == "wine"
 
 
 def test_breakdown_times_every_stage() -> None:
     from bench import breakdown
 
     rows = dict(breakdown.measure())
-    assert len(rows) == 10
+    assert len(rows) == 22
+    assert {"decode, Avro (ContractCodecs.decode)", "decode, CSV (ContractCodecs.decode)"} <= set(
+        rows
+    )
     # Figures only: timings are the benchmark's to judge (the JVM's JIT made "the PMML4S
     # call alone" anywhere from 0.7x to 2x of the whole predict in one run on this machine).
     assert all(0 < us < 1_000 for us in rows.values()), rows

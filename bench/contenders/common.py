@@ -24,8 +24,9 @@ FEATURES: tuple[str, ...] = (
     "sulphates",
     "alcohol",
 )
-"""The model inputs in column order (`dataflows.records.WINE_FEATURES`; a test checks they
-agree): the contenders in the Quix venv cannot import dataflows."""
+"""The model inputs in column order: the wine contract's CSV columns but the last (quality),
+wine-lr's `input_features` in the catalog (a test checks they agree). The contenders in the
+Quix venv cannot import dataflows."""
 
 FETCH_WAIT_MS = 5
 """librdkafka fetch.wait.max.ms of every contender: waxserve's default, so latencies differ by

@@ -13,7 +13,8 @@ from confluent_kafka import Consumer, Producer
 from pypmml import Model
 
 from bench.contenders import common
-from dataflows.records import record_field_for
+from dataflows.contracts.files import load_contract
+from dataflows.descriptors import catalog_contracts
 
 
 def main() -> None:
@@ -21,8 +22,15 @@ def main() -> None:
     args = common.parse_args(__doc__)
     common.stop_on_sigterm()
     model = Model.load(args.model)
-    # PMML names its inputs "fixed acidity", "pH": map them onto the record's fields.
-    inputs = {field.name: record_field_for(field.name) for field in model.inputFields}
+    # PMML names its inputs "fixed acidity", "pH": map them onto the record's fields as the
+    # wine contract does (by canonical name).
+    contract = load_contract(catalog_contracts()["wine"])
+    inputs = {}
+    for field in model.inputFields:
+        found = contract.field_for(field.name)
+        if found is None:
+            raise SystemExit(f"PMML input {field.name!r} is not a field of the wine contract")
+        inputs[field.name] = found.name
     output = model.outputFields[0].name
     consumer = Consumer(common.consumer_config(args.brokers))
     common.assign_from_beginning(consumer, args.input)
