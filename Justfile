@@ -85,7 +85,7 @@ cluster processes="2" workers="1": setup
     for ((i = 0; i < n; i++)); do
         args=(-i "$i" -a "$addresses" -w {{workers}})
         if [ -n "${RECOVERY:-}" ]; then
-            {{bin}}/python -m dataflows.recovery --directory "$RECOVERY/process-$i" \
+            {{bin}}/python -m dataflows.tools.recovery --directory "$RECOVERY/process-$i" \
                 --partitions "${PARTITIONS:-$((n * 2))}" --layout-processes "$n" \
                 --process-id "$i" --dns-timeout 0
             args+=(-r "$RECOVERY/process-$i" -s "${SNAPSHOT_S:-5}" -b "${BACKUP_S:-30}")

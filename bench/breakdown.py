@@ -45,15 +45,15 @@ import orjson
 from confluent_kafka import Producer
 
 from bench.inputs import DATA_TYPE_HEADER, INPUTS, SHARED_INPUT, Feed
-from dataflows.config import Config
 from dataflows.contracts.codecs import codec_for
 from dataflows.contracts.decode import ContractCodecs
 from dataflows.contracts.schema import Contract, Encoding
-from dataflows.descriptors import load_catalog
-from dataflows.records import RawRun, RecordColumns, SourceBatch, record_columns
-from dataflows.registry import ContractInstall, ControlIn, ModelInstall, Registry
+from dataflows.control.registry import ContractInstall, ControlIn, ModelInstall, Registry
+from dataflows.core.config import Config
+from dataflows.core.descriptors import load_catalog
+from dataflows.core.records import RawRun, RecordColumns, SourceBatch, record_columns
 from dataflows.runtimes import PmmlRuntime, load_runtime
-from dataflows.scoring import ScoredBatch, ShardOut, ShardScorer
+from dataflows.scoring.shard import ScoredBatch, ShardOut, ShardScorer
 from dataflows.serving import process_events, router_of
 from protos import waxserve_pb2 as pb
 

@@ -42,7 +42,10 @@ from confluent_kafka.admin import AdminClient
 from bench.contenders.common import FETCH_QUEUE_BACKOFF_MS
 from bench.inputs import INPUTS, SHARED_INPUT, Feed, Reference
 from bench.measure import CpuSampler, percentile, process_tree, rss_bytes, throughput
-from dataflows.broker import (
+from dataflows.contracts.schema import Contract
+from dataflows.core.config import Config
+from dataflows.core.descriptors import CatalogEntry, load_catalog
+from dataflows.tools.broker import (
     EmbeddedBroker,
     _die_with_parent,
     create_topics,
@@ -51,10 +54,7 @@ from dataflows.broker import (
     kafka_settings,
     log_tail,
 )
-from dataflows.config import Config
-from dataflows.contracts.schema import Contract
-from dataflows.descriptors import CatalogEntry, load_catalog
-from dataflows.replay import Pacer, header_pairs, send_control
+from dataflows.tools.replay import Pacer, header_pairs, send_control
 from protos import waxserve_pb2 as pb
 
 REPO = Path(__file__).resolve().parent.parent

@@ -2,7 +2,7 @@
 
 Every format is a data file of models/ read through its data type's contract, record i from
 row i % rows, keyed by its record id. The records are the ones `waxserve replay` writes
-(`dataflows.replay.RecordEncoder`: the contract's id and event-time fields filled in, a
+(`dataflows.tools.replay.RecordEncoder`: the contract's id and event-time fields filled in, a
 content-type header unless the encoding is the contract's own), on a topic whose default
 data type is theirs (`WAXSERVE_RECORDS_TOPICS=<topic>=<data type>`), so without replay's
 `data-type` header: a second header costs the consumer ~0.2 µs a message (librdkafka and
@@ -44,8 +44,8 @@ import onnxruntime as ort
 from dataflows.contracts.codecs import codec_for
 from dataflows.contracts.files import load_contract
 from dataflows.contracts.schema import Contract, CsvOptions, Encoding, FieldType
-from dataflows.descriptors import MODELS_DIR, CatalogEntry, catalog_contracts
-from dataflows.replay import OutHeaders, RecordEncoder, csv_lines, row_values
+from dataflows.core.descriptors import MODELS_DIR, CatalogEntry, catalog_contracts
+from dataflows.tools.replay import OutHeaders, RecordEncoder, csv_lines, row_values
 
 BENCH_DIR = Path(__file__).resolve().parent
 WINE_AVRO_CONTRACT = BENCH_DIR / "contracts" / "wine-avro.json"

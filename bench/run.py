@@ -33,7 +33,7 @@ from bench.harness import (
 )
 from bench.inputs import SHARED_INPUT
 from bench.measure import median
-from dataflows.broker import EmbeddedBroker
+from dataflows.tools.broker import EmbeddedBroker
 
 RESULTS = REPO / "bench" / "results"
 VERSIONED = (

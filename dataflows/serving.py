@@ -36,14 +36,8 @@ from bytewax.inputs import Source
 from bytewax.operators import KeyedStream
 from bytewax.outputs import Sink
 
-from dataflows import metrics
-from dataflows.config import Config
 from dataflows.contracts.codecs.avro import schema_registry_resolver
-from dataflows.events import NO_EVENTS, DeadLettered, DriftClosed, EventBus
-from dataflows.kafka_io import SinkItem, kafka_sinks, kafka_sources
-from dataflows.monitoring import DriftPartial, MonitorState, StatsPartial
-from dataflows.records import DataTypeRouter, DeadLetter, Headers, RawRun, SourceBatch
-from dataflows.registry import (
+from dataflows.control.registry import (
     CODECS,
     ControlIn,
     Install,
@@ -52,9 +46,15 @@ from dataflows.registry import (
     RegistryState,
     decode_control,
 )
+from dataflows.core.config import Config
+from dataflows.core.events import NO_EVENTS, DeadLettered, DriftClosed, EventBus
+from dataflows.core.records import DataTypeRouter, DeadLetter, Headers, RawRun, SourceBatch
+from dataflows.io.kafka import SinkItem, kafka_sinks, kafka_sources
+from dataflows.monitoring.windows import DriftPartial, MonitorState, StatsPartial
+from dataflows.observability import metrics
+from dataflows.observability.state import PROCESS_STATE, start_state_server
 from dataflows.runtimes import jvm_started
-from dataflows.scoring import ScoredBatch, ShardScorer, ShardState
-from dataflows.state import PROCESS_STATE, start_state_server
+from dataflows.scoring.shard import ScoredBatch, ShardScorer, ShardState
 from protos import waxserve_pb2 as pb
 
 log = logging.getLogger(__name__)

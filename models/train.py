@@ -51,7 +51,7 @@ from sklearn.pipeline import Pipeline  # noqa: E402
 from sklearn.preprocessing import StandardScaler  # noqa: E402
 
 from dataflows.contracts.files import load_contract  # noqa: E402
-from dataflows.profiles import numeric_profile  # noqa: E402
+from dataflows.monitoring.profiles import numeric_profile  # noqa: E402
 from protos import waxserve_pb2 as pb  # noqa: E402
 
 MODELS_DIR = REPO_ROOT / "models"
@@ -173,7 +173,7 @@ def load_wine(path: Path = DATA_FILE) -> tuple[np.ndarray, np.ndarray]:
 
 def reference_profile(x: np.ndarray, names: tuple[str, ...] = WINE_FEATURES) -> pb.ReferenceProfile:
     """The drift profile of these rows, column j named `names[j]`
-    (`dataflows.profiles.numeric_profile`: deciles, fractions, mean, population std)."""
+    (`dataflows.monitoring.profiles.numeric_profile`: deciles, fractions, mean, population std)."""
     profile = pb.ReferenceProfile(row_count=len(x))
     for j, name in enumerate(names):
         profile.features.append(numeric_profile(name, x[:, j]))
@@ -242,7 +242,7 @@ def evaluate(task: str, y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, flo
 
 
 def catalog_entry(spec: Spec, metrics: dict[str, float]) -> dict[str, Any]:
-    """The catalog.json entry of an ONNX model (fields of dataflows.descriptors.CatalogEntry)."""
+    """The catalog.json entry of an ONNX model (the fields of `CatalogEntry`)."""
     return {
         "file": f"{spec.name}.onnx",
         "name": spec.name,

@@ -16,7 +16,7 @@ on species, seed 42: 266 training rows, 67 held out), and writes into --out/peng
   standardisation folded into the coefficients (written here with xml.etree);
 - penguins.profile.json: the waxserve.v1.ReferenceProfile of the training rows (deciles of
   the four measurements and year, category frequencies of island and sex), computed by
-  `dataflows.profiles` as `waxserve profile` computes one;
+  `dataflows.monitoring.profiles` as `waxserve profile` computes one;
 
 and updates --out/catalog.json: its penguins entries and contract entry are replaced, every
 other entry is kept as it is. Every ONNX graph has one input per feature, [None, 1], named
@@ -76,7 +76,7 @@ from sklearn.preprocessing import OneHotEncoder, StandardScaler  # noqa: E402
 
 from dataflows.contracts.files import load_contract  # noqa: E402
 from dataflows.contracts.schema import Contract, FieldType  # noqa: E402
-from dataflows.profiles import categorical_profile, numeric_profile  # noqa: E402
+from dataflows.monitoring.profiles import categorical_profile, numeric_profile  # noqa: E402
 from protos import waxserve_pb2 as pb  # noqa: E402
 
 MODELS_DIR = REPO_ROOT / "models"
@@ -531,7 +531,7 @@ def check_pmml(
 
 def reference_profile(frame: pd.DataFrame) -> pb.ReferenceProfile:
     """Deciles, fractions, mean and std of the numeric features, category frequencies of
-    the categorical ones (`dataflows.profiles`)."""
+    the categorical ones (`dataflows.monitoring.profiles`)."""
     profile = pb.ReferenceProfile(row_count=len(frame))
     for name in PROFILE_FEATURES:
         column = frame[name].to_numpy(dtype=np.float64)
@@ -559,7 +559,7 @@ def regression_metrics(y_true: np.ndarray, y_pred: np.ndarray) -> dict[str, floa
 def catalog_entry(
     file: str, name: str, fmt: str, task: str, description: str, metrics: dict[str, float]
 ) -> dict[str, Any]:
-    """A catalog.json entry (fields of dataflows.descriptors.CatalogEntry). input_features is
+    """A catalog.json entry (fields of dataflows.core.descriptors.CatalogEntry). input_features is
     empty: the graph inputs and the PMML mining schema name the fields themselves."""
     return {
         "file": f"{SUBDIR}/{file}",

@@ -16,8 +16,8 @@ from collections.abc import Callable, Iterator
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
 
-from dataflows.broker import EmbeddedBroker, create_topics, kafka_settings
-from dataflows.config import Config
+from dataflows.core.config import Config
+from dataflows.tools.broker import EmbeddedBroker, create_topics, kafka_settings
 
 TOPIC_FIELDS = tuple(f.name for f in dataclasses.fields(Config) if f.name.endswith("_topic"))
 """The Config fields that name a topic."""

@@ -13,13 +13,13 @@ from bytewax.outputs import DynamicSink, StatelessSinkPartition
 from bytewax.recovery import RecoveryConfig
 from bytewax.testing import TestingSink, TestingSource, cluster_main, run_main
 
-from dataflows.config import Config
 from dataflows.contracts.codecs import codec_for
 from dataflows.contracts.files import load_contract
 from dataflows.contracts.schema import Encoding
-from dataflows.descriptors import catalog_contracts, control_message, load_catalog
-from dataflows.events import EventBus
-from dataflows.records import Headers, OutMessage, SourceBatch
+from dataflows.core.config import Config
+from dataflows.core.descriptors import catalog_contracts, control_message, load_catalog
+from dataflows.core.events import EventBus
+from dataflows.core.records import Headers, OutMessage, SourceBatch
 from dataflows.serving import SINK_NAMES, build_flow
 from protos import waxserve_pb2 as pb
 

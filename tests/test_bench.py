@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from dataflows.contracts.files import load_contract
-from dataflows.descriptors import catalog_contracts, load_catalog
+from dataflows.core.descriptors import catalog_contracts, load_catalog
 
 REPO = Path(__file__).resolve().parents[1]
 # bench/ is not an installed package: `python -m pytest` finds it in the working directory,
@@ -278,7 +278,7 @@ def test_essential_loop_writes_what_waxserve_writes() -> None:
     # same input: same keys, same ScoredRecord fields (but the timing ones).
     from bench.breakdown import scored_batch, serving_shard
     from bench.contenders.essential import EssentialScorer
-    from dataflows.records import RawRun
+    from dataflows.core.records import RawRun
     from protos import waxserve_pb2 as pb
 
     feed = Feed(INPUTS[SHARED_INPUT])

@@ -26,7 +26,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from dataflows.config import Config
+from dataflows.core.config import Config
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -44,7 +44,7 @@ CRD_KINDS = {
 }
 # Hadolint rules the Dockerfile may ignore, each with the reason given inline there.
 HADOLINT_IGNORES = {"DL3008"}  # apt version pins: Debian drops superseded versions
-# WAXSERVE_* variables read outside dataflows.config.Config.
+# WAXSERVE_* variables read outside dataflows.core.config.Config.
 EXTRA_WAXSERVE_VARS = {"WAXSERVE_LOG_LEVEL"}  # dataflows.serving sets up logging with it
 # Variables Bytewax's Rust core reads (bytewax.run's flags are found in its source).
 BYTEWAX_API_VARS = {
@@ -346,7 +346,7 @@ def test_each_pod_has_its_own_recovery_volume(dep: Deployment) -> None:
 
 def test_init_container_runs_the_packaged_recovery_init(dep: Deployment) -> None:
     assert dep.init["image"] == dep.main["image"]
-    assert dep.init["command"] == ["python", "-m", "dataflows.recovery"]
+    assert dep.init["command"] == ["python", "-m", "dataflows.tools.recovery"]
     assert dockerfile_instructions("WORKDIR")[-1] == "/app"
     assert dep.init["envFrom"] == [e for e in dep.main["envFrom"] if "configMapRef" in e]
 
@@ -700,7 +700,7 @@ def test_waxctl_entrypoint(tmp_path: Path) -> None:
     )
     assert done.returncode == 0, done.stderr
     assert (tmp_path / "calls").read_text().splitlines() == [
-        "/tmp/bytewax-api -m dataflows.recovery --dns-timeout 0",
+        "/tmp/bytewax-api -m dataflows.tools.recovery --dns-timeout 0",
         "/tmp/bytewax-api -m bytewax.run dataflows.serving:flow",
     ]
     copy = re.search(

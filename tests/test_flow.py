@@ -36,7 +36,7 @@ from flowtools import (
     wine_lines,
 )
 
-from dataflows.registry import RUNTIMES, ControlIn, Registry
+from dataflows.control.registry import RUNTIMES, ControlIn, Registry
 from protos import waxserve_pb2 as pb
 
 WORKERS = [1, 2]
@@ -333,8 +333,8 @@ def control_in(body: pb.ModelDescriptor | pb.DataContract, offset: int) -> Contr
 
 
 def test_snapshots_do_not_carry_model_bytes() -> None:
-    from dataflows.registry import ModelInstall
-    from dataflows.scoring import ShardScorer
+    from dataflows.control.registry import ModelInstall
+    from dataflows.scoring.shard import ShardScorer
     from dataflows.serving import ServeLogic
 
     registry = Registry(None, model_dir="")
@@ -399,7 +399,7 @@ def test_drift_shows_when_the_input_shifts() -> None:
 def test_records_keep_the_old_model_while_a_new_one_loads(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import dataflows.registry as registry
+    import dataflows.control.registry as registry
 
     def slow_gbt(candidate: registry.Candidate) -> None:
         if candidate.descriptor.name == "wine-gbt":
@@ -429,7 +429,7 @@ def test_records_keep_the_old_model_while_a_new_one_loads(
 def test_a_snapshot_keeps_control_messages_that_are_still_going_through(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    import dataflows.registry as registry
+    import dataflows.control.registry as registry
 
     release = threading.Event()
 

@@ -30,7 +30,7 @@ from flowtools import (
 from dataflows.contracts.codecs import codec_for
 from dataflows.contracts.files import load_contract
 from dataflows.contracts.schema import AvroOptions, Contract, Encoding, FieldType
-from dataflows.descriptors import MODELS_DIR, catalog_contracts
+from dataflows.core.descriptors import MODELS_DIR, catalog_contracts
 from protos import waxserve_pb2 as pb
 
 WORKERS = [1, 2]

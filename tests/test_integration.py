@@ -24,10 +24,10 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, Producer, TopicPartition
 from conftest import config_env
 from flowtools import CATALOG, ERROR_CSV, WINE_CONTRACT, descriptor, record_bytes, wine_lines
 
-from dataflows.broker import free_port, kafka_settings
-from dataflows.config import Config
-from dataflows.descriptors import control_message
-from dataflows.recovery import init_volume
+from dataflows.core.config import Config
+from dataflows.core.descriptors import control_message
+from dataflows.tools.broker import free_port, kafka_settings
+from dataflows.tools.recovery import init_volume
 from protos import waxserve_pb2 as pb
 
 pytestmark = pytest.mark.integration
@@ -240,7 +240,7 @@ def test_model_swap_mid_stream_and_pmml_reference_value(
         with pytest.raises(urllib.error.HTTPError, match="404"):
             get_json(f"{state}/state/no-such-type")
         status = subprocess.run(
-            [sys.executable, "-m", "dataflows.cli", "status", "--url", state],
+            [sys.executable, "-m", "dataflows.tools.cli", "status", "--url", state],
             capture_output=True,
             text=True,
         )
@@ -277,9 +277,9 @@ def test_two_data_types_from_two_topics_in_their_own_encodings(
     (routed by the topic's default data type); one dataflow serves both."""
     from test_flow_contracts import COMPLETE, PENGUIN_ROWS, PENGUINS
 
-    from dataflows.broker import create_topics
     from dataflows.contracts.codecs import codec_for
     from dataflows.contracts.schema import Encoding
+    from dataflows.tools.broker import create_topics
 
     penguins_topic = f"{kafka_config.records_topic}-penguins"
     config = dataclasses.replace(
@@ -338,7 +338,7 @@ def test_a_teams_own_topic_in_the_readmes_three_commands(
     JSON with no header (what kcat or any producer sends)."""
     from test_flow_contracts import COMPLETE, PENGUIN_ROWS
 
-    from dataflows.cli import main as waxserve
+    from dataflows.tools.cli import main as waxserve
 
     config = kafka_config
     sample = tmp_path / "birds-sample.jsonl"

@@ -9,8 +9,8 @@ headers compared once per batch as waxserve does), decode the records with the d
 type's contract through waxserve's own JSON codec (`dataflows.contracts.codecs`: msgspec
 into a struct built from the contract, then columns), one onnxruntime call on the
 columns that feed the model, and each record's `ScoredRecord` with its tracing fields and
-output key, by waxserve's own code (`dataflows.records.record_columns` for the ids and
-event times, `dataflows.scored.scored_messages` for the bytes); then produce.
+output key, by waxserve's own code (`dataflows.core.records.record_columns` for the ids and
+event times, `dataflows.scoring.scored.scored_messages` for the bytes); then produce.
 
 Nothing else: no Bytewax, no snapshots, no routing by data type, no dead letters (a bad
 record stops it), no validation beyond the codec's types (the contract's batch checks and
@@ -39,11 +39,11 @@ from bench.contenders import common
 from dataflows.contracts.codecs import codec_for
 from dataflows.contracts.files import load_contract
 from dataflows.contracts.schema import Contract, Encoding
-from dataflows.descriptors import catalog_contracts, load_catalog
-from dataflows.monitoring import ModelIdentity
-from dataflows.records import Headers, OutMessage, RawRun, record_columns
+from dataflows.core.descriptors import catalog_contracts, load_catalog
+from dataflows.core.records import Headers, OutMessage, RawRun, record_columns
+from dataflows.monitoring.windows import ModelIdentity
 from dataflows.runtimes import Prediction
-from dataflows.scored import scored_messages
+from dataflows.scoring.scored import scored_messages
 
 
 class EssentialScorer:

@@ -14,7 +14,7 @@ from pypmml import Model
 
 from bench.contenders import common
 from dataflows.contracts.files import load_contract
-from dataflows.descriptors import catalog_contracts
+from dataflows.core.descriptors import catalog_contracts
 
 
 def main() -> None:

@@ -24,7 +24,7 @@ from dataflows.contracts.schema import (
     Encoding,
     FieldType,
 )
-from dataflows.reasons import Reason
+from dataflows.core.reasons import Reason
 
 CONTENT_TYPE_HEADER = "content-type"
 

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 from dataflows.contracts.schema import MAX_SAFE_INTEGER, Contract, FieldType
-from dataflows.descriptors import format_of
+from dataflows.core.descriptors import format_of
 from dataflows.runtimes import ModelError, load_runtime
 from dataflows.runtimes.base import TEXT, ModelRuntime
 from protos import waxserve_pb2 as pb

@@ -17,7 +17,7 @@ export BYTEWAX_DATAFLOW_API_CACHE_PATH="$cache"
 # existing ones). The chart's recovery init container does not know the process count,
 # so it happens here, before the dataflow starts (k8s/README.md, "waxctl").
 if [ -n "${BYTEWAX_RECOVERY_DIRECTORY:-}" ] && [ -n "${RECOVERY_PARTITIONS:-}" ]; then
-    python -m dataflows.recovery --dns-timeout 0
+    python -m dataflows.tools.recovery --dns-timeout 0
 fi
 
 # The installed dataflow; the copy of dataflows/serving.py that waxctl uploads is not used.

@@ -40,7 +40,7 @@ from dataflows.contracts.codecs.base import (
     unsafe_integer_rows,
 )
 from dataflows.contracts.schema import Contract, ContractError, Encoding, FieldType
-from dataflows.reasons import Reason
+from dataflows.core.reasons import Reason
 
 SchemaResolver = Callable[[int], str]
 """Schema id -> the Avro schema (JSON text) registered under it; raises when unknown."""

@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from dataflows.contracts.schema import MAX_SAFE_INTEGER, Contract, Encoding, Field, FieldType
-from dataflows.reasons import Reason
+from dataflows.core.reasons import Reason
 
 Errors = dict[int, tuple[str, str]]
 """Message index -> (reason, human-readable message)."""

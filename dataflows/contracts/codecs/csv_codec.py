@@ -36,7 +36,7 @@ from dataflows.contracts.codecs.base import (
     unsafe_integer_rows,
 )
 from dataflows.contracts.schema import Contract, Encoding, Field, FieldType
-from dataflows.reasons import Reason
+from dataflows.core.reasons import Reason
 
 # A character no ASCII decimal/scientific number has. With none of them in a cell,
 # float() succeeding means the cell is such a number: float() takes "nan", "inf",

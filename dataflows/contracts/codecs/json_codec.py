@@ -30,7 +30,7 @@ from dataflows.contracts.codecs.base import (
     gather,
 )
 from dataflows.contracts.schema import MAX_SAFE_INTEGER, Contract, Encoding, FieldType
-from dataflows.reasons import Reason
+from dataflows.core.reasons import Reason
 
 _SafeInt = Annotated[int, msgspec.Meta(ge=-MAX_SAFE_INTEGER, le=MAX_SAFE_INTEGER)]
 

@@ -37,7 +37,7 @@ from dataflows.contracts.codecs.base import (
     unsafe_integer_rows,
 )
 from dataflows.contracts.schema import Contract, ContractError, Encoding, FieldType
-from dataflows.reasons import Reason
+from dataflows.core.reasons import Reason
 
 _FD = FieldDescriptor
 _FLOATS = {_FD.TYPE_DOUBLE, _FD.TYPE_FLOAT}

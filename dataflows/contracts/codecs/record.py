@@ -31,7 +31,7 @@ from dataflows.contracts.codecs.base import (
     unsafe_integer_rows,
 )
 from dataflows.contracts.schema import Contract, Encoding, Field, FieldType
-from dataflows.reasons import Reason
+from dataflows.core.reasons import Reason
 from protos import waxserve_pb2 as pb
 
 _KINDS: dict[FieldType, frozenset[str]] = {

@@ -1,0 +1,1 @@
+"""The pieces every concern shares: settings, reasons, events, records and model descriptors."""

@@ -1,0 +1,168 @@
+"""Settings, read from `WAXSERVE_*` environment variables with defaults for a local run."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+
+class ConfigError(ValueError):
+    """A setting has a value that cannot be used."""
+
+
+@dataclass(frozen=True)
+class Config:
+    """All waxserve settings. `Config.from_env()` reads `WAXSERVE_<FIELD NAME IN CAPS>`.
+
+    Kafka client settings beyond these go in `WAXSERVE_KAFKA_<librdkafka key with _ for .>`,
+    e.g. `WAXSERVE_KAFKA_SECURITY_PROTOCOL=SASL_SSL`, `WAXSERVE_KAFKA_SASL_MECHANISM=PLAIN`.
+    """
+
+    brokers: str = "127.0.0.1:19092"
+    # Contracts, model descriptors and serving commands, keyed by data type; one partition.
+    control_topic: str = "waxserve-control"
+    # The record topics, comma-separated; `topic=data_type` gives a topic's default data type.
+    records_topics: str = "waxserve-records"
+    # Where a record's data type comes from, tried in order: `header` (data_type_header),
+    # `key` (the message key), `topic` (the topic's default in records_topics), `field` (a
+    # JSON record's data_type_field: last by default, since it decodes every record once
+    # more). A record with none is a dead letter.
+    data_type_from: str = "header,topic,field"
+    data_type_header: str = "data-type"
+    data_type_field: str = "data_type"
+    # A Confluent-API schema registry for Confluent-framed Avro records whose schema id is
+    # not their contract's; empty: such records are dead letters.
+    schema_registry_url: str = ""
+    scored_topic: str = "waxserve-scored"
+    stats_topic: str = "waxserve-stats"
+    drift_topic: str = "waxserve-drift"
+    events_topic: str = "waxserve-events"
+    dlq_topic: str = "waxserve-dlq"
+    # Records are keyed "<data_type>#<shard>"; shard = source partition % shards.
+    # More shards than workers spreads the scoring over all of them.
+    shards: int = 8
+    # Max messages one consume() returns, i.e. the largest batch a model call scores.
+    batch_size: int = 1000
+    # librdkafka fetch.wait.max.ms: lower means lower latency, smaller batches.
+    fetch_wait_ms: int = 5
+    # Producer linger.ms: how long output waits to fill a produce request.
+    linger_ms: int = 5
+    # Serving stats are emitted once per interval; drift once per tumbling window.
+    stats_interval_s: float = 10.0
+    drift_window_s: float = 60.0
+    drift_psi_threshold: float = 0.25
+    # Windows with fewer records report PSI but never raise the drift alarm.
+    drift_min_records: int = 100
+    # Records that arrive before any model for their data type wait this long for one,
+    # then go to the dead-letter topic.
+    no_model_wait_s: float = 30.0
+    # Directory that `file://` model locations must resolve into; empty refuses all locations.
+    model_dir: str = ""
+    # Stop at the end of the input topics instead of tailing (tests, backfills).
+    stop_at_end: bool = False
+    # Serving stats and drift windows (stats and drift topics); off only to measure their cost.
+    monitoring: bool = True
+    # onnxruntime threads per session; 1 leaves the cores to the Bytewax workers.
+    onnx_threads: int = 1
+    # Queryable state (GET /models, /state/<data_type>, /processes): host:port to bind,
+    # empty for none; loopback by default, since it is unauthenticated.
+    state_addr: str = "127.0.0.1:3040"
+    # Other processes' state addresses, comma-separated; empty: each `-a` host, same port.
+    state_peers: str = ""
+    kafka: Mapping[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from dataflows.core.records import DATA_TYPE_SOURCES
+
+        if not self.record_topic_defaults:
+            raise ConfigError("records_topics names no topic")
+        sources = self.data_type_sources
+        unknown = [s for s in sources if s not in DATA_TYPE_SOURCES]
+        if unknown or not sources:
+            raise ConfigError(
+                f"data_type_from={self.data_type_from!r}: each of "
+                f"{', '.join(DATA_TYPE_SOURCES)}, comma-separated"
+            )
+        if self.shards < 1:
+            raise ConfigError(f"shards must be >= 1, got {self.shards}")
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
+        if self.stats_interval_s <= 0 or self.drift_window_s <= 0:
+            raise ConfigError("stats_interval_s and drift_window_s must be > 0")
+        if self.model_dir and not Path(self.model_dir).is_dir():
+            raise ConfigError(f"model_dir {self.model_dir!r} is not a directory")
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
+        """Settings from `WAXSERVE_*` variables in `env` (default: the process environment)."""
+        env = os.environ if env is None else env
+        values: dict[str, object] = {}
+        for f in fields(cls):
+            if f.name == "kafka":
+                continue
+            raw = env.get(f"WAXSERVE_{f.name.upper()}")
+            if raw is None:
+                continue
+            values[f.name] = _parse(f.name, str(f.type), raw)
+        prefix = "WAXSERVE_KAFKA_"
+        values["kafka"] = {
+            k[len(prefix) :].lower().replace("_", "."): v
+            for k, v in env.items()
+            if k.startswith(prefix)
+        }
+        return cls(**values)  # type: ignore[arg-type]
+
+    def client_config(self) -> dict[str, str | int | float | bool]:
+        """librdkafka settings shared by every consumer and producer (brokers, SASL, TLS)."""
+        return {"bootstrap.servers": self.brokers, **self.kafka}
+
+    @property
+    def record_topic_defaults(self) -> dict[str, str]:
+        """Each record topic with its default data type ("" when it has none)."""
+        out: dict[str, str] = {}
+        for item in self.records_topics.split(","):
+            topic, _, data_type = item.strip().partition("=")
+            if topic.strip():
+                out[topic.strip()] = data_type.strip()
+        return out
+
+    @property
+    def records_topic(self) -> str:
+        """The first record topic: where tools send records unless told otherwise."""
+        return next(iter(self.record_topic_defaults))
+
+    @property
+    def data_type_sources(self) -> tuple[str, ...]:
+        """data_type_from as a tuple."""
+        return tuple(s.strip() for s in self.data_type_from.split(",") if s.strip())
+
+    @property
+    def output_topics(self) -> tuple[str, ...]:
+        """Every topic the dataflow writes."""
+        return (
+            self.scored_topic,
+            self.stats_topic,
+            self.drift_topic,
+            self.events_topic,
+            self.dlq_topic,
+        )
+
+
+def _parse(name: str, type_name: str, raw: str) -> object:
+    try:
+        if type_name == "int":
+            return int(raw)
+        if type_name == "float":
+            return float(raw)
+        if type_name == "bool":
+            lowered = raw.strip().lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off", ""):
+                return False
+            raise ValueError(raw)
+    except ValueError:
+        raise ConfigError(f"WAXSERVE_{name.upper()}={raw!r}: expected {type_name}") from None
+    return raw

@@ -1,0 +1,145 @@
+"""What the serving logic tells the rest of the process: events and the bus that carries them.
+
+The registry, the shard scorer and the monitor publish events; side concerns (Prometheus
+metrics, the queryable state) subscribe. The domain code never calls them, so it is
+testable without them, and a new concern (lineage, an audit log) subscribes without a
+change to the core. Handlers run synchronously on the publishing worker: keep them cheap.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from dataflows.monitoring.windows import ModelIdentity, StatsAccumulator
+from protos import waxserve_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Quality:
+    """Online quality over the labelled records of one model call."""
+
+    labelled: int
+    squared_error: float  # over the labelled records whose label and prediction are numbers
+    squared_count: int
+    correct: int | None  # classifiers; None for regressors
+
+    def add_to(self, stats: StatsAccumulator) -> None:
+        """Count these labelled records in a stats accumulator."""
+        stats.add_labelled(self.labelled, self.squared_error, self.correct, self.squared_count)
+
+
+@dataclass(frozen=True)
+class RecordsReceived:
+    """A shard decoded records of a data type (before scoring)."""
+
+    data_type: str
+    count: int
+
+
+@dataclass(frozen=True)
+class BatchScored:
+    """One model call: n records scored (valid predictions) out of `calls` rows sent."""
+
+    identity: ModelIdentity
+    scored: int
+    rows: int
+    seconds: float
+    lags_s: np.ndarray  # per scored record: scoring time - event time
+    quality: Quality | None
+
+
+@dataclass(frozen=True)
+class ModelServing:
+    """A shard now serves `identity` instead of `previous`."""
+
+    identity: ModelIdentity
+    previous: ModelIdentity | None
+
+
+@dataclass(frozen=True)
+class ModelInstalled:
+    """The registry installed (or, after a resume, restored) a model for its data type."""
+
+    identity: ModelIdentity
+    restored: bool = False
+
+
+@dataclass(frozen=True)
+class ControlRejected:
+    """The registry rejected a model descriptor or a contract."""
+
+    data_type: str
+    stage: str  # "model" or "contract"
+    reason: str
+
+
+@dataclass(frozen=True)
+class ContractInstalled:
+    """The registry installed a data contract."""
+
+    data_type: str
+    version: int
+
+
+@dataclass(frozen=True)
+class DeadLettered:
+    """An input went to the dead-letter topic."""
+
+    data_type: str
+    stage: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class DriftClosed:
+    """A drift window closed, merged over the cluster."""
+
+    message: pb.DriftMetrics
+
+
+Event = (
+    RecordsReceived
+    | BatchScored
+    | ModelServing
+    | ModelInstalled
+    | ControlRejected
+    | ContractInstalled
+    | DeadLettered
+    | DriftClosed
+)
+Handler = Callable[[Event], None]
+
+
+class EventBus:
+    """Delivers each published event to every subscriber, in subscription order.
+
+    A failing subscriber is logged and skipped: observability must not stop scoring.
+    """
+
+    def __init__(self, *handlers: Handler) -> None:
+        self._handlers: list[Handler] = list(handlers)
+        self._lock = threading.Lock()
+
+    def subscribe(self, handler: Handler) -> None:
+        """Add a subscriber."""
+        with self._lock:
+            self._handlers.append(handler)
+
+    def publish(self, event: Event) -> None:
+        """Hand the event to every subscriber."""
+        for handler in self._handlers:
+            try:
+                handler(event)
+            except Exception:
+                log.exception("event handler %r failed on %s", handler, type(event).__name__)
+
+
+NO_EVENTS = EventBus()
+"""A bus nobody listens to: the default of the domain classes (tests, tools)."""

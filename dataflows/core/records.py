@@ -1,0 +1,413 @@
+"""Records on the wire: source batches, routing by data type, decoded columns, dead letters.
+
+Everything here is plain Python and numpy, testable without Bytewax or Kafka.
+
+A records-topic batch is split by data type (`DataTypeRouter`) into `RawRun`s, which
+travel undecoded to the shard that scores them; there the data type's contract decodes
+a run into `RecordColumns`: a float64 matrix of the numeric fields (NaN for absent) and an
+object matrix of the text fields (None for absent), in the contract's column layout.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import msgspec
+import numpy as np
+
+from dataflows.contracts.codecs.base import Decoded
+from dataflows.contracts.schema import Contract
+from dataflows.core.reasons import Reason
+
+CONTENT_TYPE_HEADER = "content-type"
+
+Headers = list[tuple[str, bytes | None]]
+OutMessage = tuple[bytes | None, bytes | None, Headers | None]
+"""A message for a sink: key, value, headers (None: no headers)."""
+
+MAX_DATA_TYPE_LENGTH = 128
+
+
+@dataclass
+class SourceBatch:
+    """Messages consumed together from one topic partition, in offset order."""
+
+    topic: str
+    partition: int
+    offsets: list[int]
+    keys: list[bytes | None]
+    values: list[bytes | None]
+    headers: list[Headers]
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def dead_letter(self, i: int, stage: str, reason: str, message: str) -> DeadLetter:
+        """Dead letter for message `i`, as it arrived."""
+        return DeadLetter(
+            stage=stage,
+            reason=reason,
+            message=message,
+            topic=self.topic,
+            partition=self.partition,
+            offset=self.offsets[i],
+            key=self.keys[i],
+            value=self.values[i],
+            headers=self.headers[i],
+        )
+
+
+@dataclass
+class DeadLetter:
+    """An input that could not be processed, kept whole for the dead-letter topic."""
+
+    stage: str  # "decode", "score", "model", "contract"
+    reason: str  # error class, e.g. "missing_feature"
+    message: str
+    topic: str
+    partition: int
+    offset: int
+    key: bytes | None
+    value: bytes | None
+    headers: Headers = field(default_factory=list)
+    data_type: str = ""
+
+    def to_message(self) -> OutMessage:
+        """The dead letter as a Kafka message: original key and bytes, error in headers."""
+        headers: Headers = [
+            ("waxserve.stage", self.stage.encode()),
+            ("waxserve.error.class", self.reason.encode()),
+            ("waxserve.error.message", self.message.encode()),
+            ("waxserve.source.topic", self.topic.encode()),
+            ("waxserve.source.partition", str(self.partition).encode()),
+            ("waxserve.source.offset", str(self.offset).encode()),
+        ]
+        if self.data_type:
+            headers.append(("waxserve.data_type", self.data_type.encode()))
+        # Keep the producer's own headers too, after ours.
+        headers.extend(h for h in self.headers if not h[0].startswith("waxserve."))
+        return (self.key, self.value, headers)
+
+
+@dataclass
+class RawRun:
+    """Undecoded messages of one data type from one source partition, in offset order."""
+
+    data_type: str
+    topic: str
+    partition: int
+    offsets: list[int]
+    keys: list[bytes | None]
+    values: list[bytes | None]
+    headers: list[Headers]
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    @property
+    def size_bytes(self) -> int:
+        """The bytes of its values (what holding it costs, roughly)."""
+        return sum(len(v) for v in self.values if v is not None)
+
+    def dead_letter(self, i: int, stage: str, reason: str, message: str) -> DeadLetter:
+        """Dead letter for message `i`, as it arrived."""
+        return DeadLetter(
+            stage=stage,
+            reason=reason,
+            message=message,
+            topic=self.topic,
+            partition=self.partition,
+            offset=self.offsets[i],
+            key=self.keys[i],
+            value=self.values[i],
+            headers=self.headers[i],
+            data_type=self.data_type,
+        )
+
+    def dead_letters(self, stage: str, reason: str, message: str) -> list[DeadLetter]:
+        """Every message of the run as a dead letter with the same reason."""
+        return [self.dead_letter(i, stage, reason, message) for i in range(len(self))]
+
+
+# --- which data type a message is --------------------------------------------------------
+
+DATA_TYPE_SOURCES = ("header", "key", "field", "topic")
+"""Where a record's data type can come from, tried in the configured order."""
+
+
+class DataTypeRouter:
+    """Splits a source batch into runs per data type.
+
+    Each message's data type is the first of the configured sources that has one: a
+    header (`header_name`), the message key, a top-level string field of a JSON record
+    (`field_name`), or the topic's default data type. A message with none is a dead letter
+    (no_data_type).
+    """
+
+    def __init__(
+        self,
+        sources: Sequence[str],
+        *,
+        header_name: str = "data-type",
+        field_name: str = "data_type",
+        topic_defaults: Mapping[str, str] | None = None,
+    ) -> None:
+        unknown = [s for s in sources if s not in DATA_TYPE_SOURCES]
+        if unknown or not sources:
+            raise ValueError(
+                f"data type sources must be some of {', '.join(DATA_TYPE_SOURCES)}, "
+                f"got {list(sources)}"
+            )
+        self._sources = tuple(sources)
+        self._header = header_name.lower()
+        self._topic_defaults = dict(topic_defaults or {})
+        peek = msgspec.defstruct(
+            "DataTypePeek", [("value", str | None, None)], rename={"value": field_name}
+        )
+        self._peek = msgspec.json.Decoder(peek).decode
+
+    def _from_header(self, headers: Headers) -> str | None:
+        for name, value in headers:
+            if name.lower() == self._header and value:
+                return value.decode("utf-8", "replace")
+        return None
+
+    def _from_field(self, value: bytes | None) -> str | None:
+        if not value or value[:1] != b"{":
+            return None
+        try:
+            found: Any = self._peek(value)
+        except msgspec.DecodeError:
+            return None
+        return found.value or None
+
+    def _resolve(self, batch: SourceBatch) -> list[str | None]:
+        n = len(batch)
+        found: list[str | None] = [None] * n
+        for source in self._sources:
+            if source == "topic":
+                default = self._topic_defaults.get(batch.topic)
+                if default is not None:
+                    found = [d or default for d in found]
+            elif source == "header":
+                first = batch.headers[0]
+                if batch.headers.count(first) == n:  # producers send the same headers
+                    value = self._from_header(first)
+                    found = [d or value for d in found]
+                else:
+                    found = [
+                        d or self._from_header(h) for d, h in zip(found, batch.headers, strict=True)
+                    ]
+            elif source == "key":
+                found = [
+                    d or (k.decode("utf-8", "replace") if k else None)
+                    for d, k in zip(found, batch.keys, strict=True)
+                ]
+            else:
+                found = [d or self._from_field(v) for d, v in zip(found, batch.values, strict=True)]
+            if None not in found:
+                break
+        return found
+
+    def split(self, batch: SourceBatch) -> tuple[list[RawRun], list[DeadLetter]]:
+        """Runs per data type (in order of first appearance) and dead letters."""
+        if len(batch) == 0:
+            return [], []
+        data_types = self._resolve(batch)
+        first = data_types[0]
+        if first is not None and data_types.count(first) == len(batch) and _valid(first):
+            run = RawRun(
+                first,
+                batch.topic,
+                batch.partition,
+                batch.offsets,
+                batch.keys,
+                batch.values,
+                batch.headers,
+            )
+            return [run], []
+        rows: dict[str, list[int]] = {}
+        dead: list[DeadLetter] = []
+        for i, data_type in enumerate(data_types):
+            if data_type is None:
+                dead.append(
+                    batch.dead_letter(
+                        i,
+                        "decode",
+                        Reason.NO_DATA_TYPE,
+                        f"no data type: none of {', '.join(self._sources)} named one",
+                    )
+                )
+            elif not _valid(data_type):
+                dead.append(
+                    batch.dead_letter(
+                        i,
+                        "decode",
+                        Reason.NO_DATA_TYPE,
+                        f"data type {data_type[:MAX_DATA_TYPE_LENGTH]!r}... is longer than "
+                        f"{MAX_DATA_TYPE_LENGTH} characters or empty",
+                    )
+                )
+            else:
+                rows.setdefault(data_type, []).append(i)
+        runs = [
+            RawRun(
+                data_type,
+                batch.topic,
+                batch.partition,
+                [batch.offsets[i] for i in index],
+                [batch.keys[i] for i in index],
+                [batch.values[i] for i in index],
+                [batch.headers[i] for i in index],
+            )
+            for data_type, index in rows.items()
+        ]
+        return runs, dead
+
+
+def _valid(data_type: str) -> bool:
+    return 0 < len(data_type) <= MAX_DATA_TYPE_LENGTH
+
+
+# --- decoded columns ---------------------------------------------------------------------
+
+
+@dataclass
+class RecordColumns:
+    """Decoded records of one data type from one source partition, as columns.
+
+    `numeric[i, j]` is the contract's numeric field j of record i (NaN when absent),
+    `text[i, j]` its text field j (None when absent). `labels` is the label field's column
+    (float64 with NaN, or object with None), all-absent when the contract has no label.
+    `raw[i]`, `keys[i]` and `headers[i]` are record i as it arrived, for dead letters.
+    """
+
+    data_type: str
+    contract_version: int
+    topic: str
+    partition: int
+    offsets: np.ndarray  # int64 (n,)
+    record_ids: list[str]
+    event_time_ms: np.ndarray  # int64 (n,)
+    numeric: np.ndarray  # float64 (n, len(contract.numeric_fields))
+    text: np.ndarray  # object (n, len(contract.text_fields))
+    labels: np.ndarray  # float64 or object (n,)
+    keys: list[bytes | None]
+    raw: list[bytes | None]
+    headers: list[Headers]
+
+    def __len__(self) -> int:
+        return len(self.record_ids)
+
+    def take(self, rows: np.ndarray) -> RecordColumns:
+        """The records at these row indices (a boolean mask or integer indices)."""
+        index = np.flatnonzero(rows) if rows.dtype == bool else rows
+        return RecordColumns(
+            data_type=self.data_type,
+            contract_version=self.contract_version,
+            topic=self.topic,
+            partition=self.partition,
+            offsets=self.offsets[index],
+            record_ids=[self.record_ids[i] for i in index],
+            event_time_ms=self.event_time_ms[index],
+            numeric=self.numeric[index],
+            text=self.text[index],
+            labels=self.labels[index],
+            keys=[self.keys[i] for i in index],
+            raw=[self.raw[i] for i in index],
+            headers=[self.headers[i] for i in index],
+        )
+
+    def dead_letter(self, row: int, stage: str, reason: str, message: str) -> DeadLetter:
+        """Dead letter for record `row`."""
+        return DeadLetter(
+            stage=stage,
+            reason=reason,
+            message=message,
+            topic=self.topic,
+            partition=self.partition,
+            offset=int(self.offsets[row]),
+            key=self.keys[row],
+            value=self.raw[row],
+            headers=self.headers[row],
+            data_type=self.data_type,
+        )
+
+
+def record_columns(
+    run: RawRun, contract: Contract, decoded: Decoded
+) -> tuple[RecordColumns | None, list[DeadLetter]]:
+    """A decoded run as columns, with the contract's id, event time and label pulled out;
+    messages that failed decoding as dead letters."""
+    n = len(run)
+    dead = [
+        run.dead_letter(i, "decode", reason, message)
+        for i, (reason, message) in sorted(decoded.errors.items())
+    ]
+    numeric, text = decoded.numeric, decoded.text
+    offsets = np.asarray(run.offsets, dtype=np.int64)
+    keys, raw, headers = run.keys, run.values, run.headers
+    if dead:
+        keep = np.ones(n, dtype=bool)
+        keep[list(decoded.errors)] = False
+        index = np.flatnonzero(keep)
+        if len(index) == 0:
+            return None, dead
+        numeric, text, offsets = numeric[index], text[index], offsets[index]
+        keys = [keys[i] for i in index]
+        raw = [raw[i] for i in index]
+        headers = [headers[i] for i in index]
+    columns = contract.columns
+    record_ids = _record_ids(run, contract, numeric, text, offsets)
+    if contract.event_time_field:
+        times = numeric[:, columns[contract.event_time_field].index]
+        event_times = np.where(np.isnan(times), 0, times).astype(np.int64)
+    else:
+        event_times = np.zeros(len(offsets), dtype=np.int64)
+    if contract.label_field:
+        where = columns[contract.label_field]
+        labels = (numeric if where.numeric else text)[:, where.index]
+    else:
+        labels = np.full(len(offsets), np.nan)
+    return (
+        RecordColumns(
+            data_type=run.data_type,
+            contract_version=contract.version,
+            topic=run.topic,
+            partition=run.partition,
+            offsets=offsets,
+            record_ids=record_ids,
+            event_time_ms=event_times,
+            numeric=numeric,
+            text=text,
+            labels=labels,
+            keys=keys,
+            raw=raw,
+            headers=headers,
+        ),
+        dead,
+    )
+
+
+def _record_ids(
+    run: RawRun, contract: Contract, numeric: np.ndarray, text: np.ndarray, offsets: np.ndarray
+) -> list[str]:
+    """Each record's id field as text; "<topic>/<partition>/<offset>" where it has none."""
+    prefix = f"{run.topic}/{run.partition}/"
+    if not contract.id_field:
+        return [f"{prefix}{o}" for o in offsets.tolist()]
+    where = contract.columns[contract.id_field]
+    if where.numeric:
+        column = numeric[:, where.index]
+        if not np.isnan(column).any():
+            return list(map(str, column.astype(np.int64).tolist()))
+        return [
+            f"{prefix}{o}" if v != v else str(int(v))
+            for v, o in zip(column.tolist(), offsets.tolist(), strict=True)
+        ]
+    ids: list[Any] = text[:, where.index].tolist()
+    if None in ids or "" in ids:
+        return [i or f"{prefix}{o}" for i, o in zip(ids, offsets.tolist(), strict=True)]
+    return ids

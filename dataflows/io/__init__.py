@@ -1,0 +1,1 @@
+"""Where records come from and where output goes: the Kafka sources and sinks."""

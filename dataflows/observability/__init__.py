@@ -1,0 +1,1 @@
+"""Side concerns that subscribe to events: Prometheus metrics and the queryable state."""

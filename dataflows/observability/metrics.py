@@ -1,0 +1,253 @@
+"""waxserve's Prometheus metrics, in prometheus_client's default registry.
+
+Bytewax serves that registry on `:3030/metrics` (with its own metrics) whenever
+`BYTEWAX_DATAFLOW_API_ENABLED` is set; waxserve starts no server of its own. Every metric is
+updated once per batch or per model event, never per record, so the hot path pays a few
+microseconds per batch.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import HistogramMetricFamily, Metric
+from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
+
+from dataflows.core.descriptors import FORMAT_NAMES
+from dataflows.core.events import (
+    BatchScored,
+    ContractInstalled,
+    ControlRejected,
+    DeadLettered,
+    DriftClosed,
+    Event,
+    ModelInstalled,
+    RecordsReceived,
+)
+from dataflows.core.reasons import STAGE_REASONS
+from protos import waxserve_pb2 as pb
+
+LATENCY_BUCKETS = (
+    1e-5, 2.5e-5, 5e-5, 1e-4, 2.5e-4, 5e-4, 1e-3, 2.5e-3, 5e-3,
+    1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0,
+)  # fmt: skip
+"""10 µs to 1 s."""
+
+BATCH_BUCKETS = (1, 2, 5, 10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)
+
+LAG_BUCKETS = (
+    1e-3, 2.5e-3, 5e-3, 1e-2, 2.5e-2, 5e-2, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0,
+    300.0,
+)  # fmt: skip
+"""1 ms to 5 min: live serving is milliseconds; a backlog being worked off is minutes."""
+
+
+class BatchHistogram(Collector):
+    """A histogram that takes a whole numpy array per call.
+
+    prometheus_client's Histogram observes one value per call, which at 100k records/s
+    costs more than the scoring; this one bins a batch with one `searchsorted`.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        documentation: str,
+        labelnames: Sequence[str],
+        buckets: Sequence[float],
+        registry: CollectorRegistry | None = REGISTRY,
+    ) -> None:
+        self._name = name
+        self._documentation = documentation
+        self._labelnames = tuple(labelnames)
+        self._upper = np.array([*buckets, np.inf])
+        self._series: dict[tuple[str, ...], tuple[np.ndarray, list[float]]] = {}
+        self._lock = threading.Lock()
+        if registry is not None:
+            registry.register(self)
+
+    def observe_many(self, labels: Sequence[str], values: np.ndarray) -> None:
+        """Observe every value of a 1-D array under one label set."""
+        if len(values) == 0:
+            return
+        # Bucket i counts values <= upper[i] (Prometheus's `le`), cumulated at collect.
+        counts = np.bincount(
+            np.searchsorted(self._upper, values, side="left"), minlength=len(self._upper)
+        )
+        total = float(values.sum())
+        key = tuple(labels)
+        with self._lock:
+            series = self._series.get(key)
+            if series is None:
+                series = self._series[key] = (np.zeros(len(self._upper), np.int64), [0.0])
+            series[0][:] += counts[: len(self._upper)]
+            series[1][0] += total
+
+    def describe(self) -> Iterator[Metric]:
+        yield HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+
+    def collect(self) -> Iterator[Metric]:
+        family = HistogramMetricFamily(self._name, self._documentation, labels=self._labelnames)
+        with self._lock:
+            series = [(k, counts.cumsum(), total[0]) for k, (counts, total) in self._series.items()]
+        for labels, cumulative, total in series:
+            buckets = [
+                (floatToGoString(upper), float(count))
+                for upper, count in zip(self._upper, cumulative, strict=True)
+            ]
+            family.add_metric(list(labels), buckets, sum_value=total)
+        yield family
+
+
+RECORDS_SCORED = Counter(
+    "waxserve_records_scored",
+    "Records scored, by data type and model.",
+    ["data_type", "model", "version"],
+)
+SCORING_LATENCY = Histogram(
+    "waxserve_scoring_latency_seconds",
+    "Model time per record: each model call observes its duration divided by its records.",
+    ["data_type", "model"],
+    buckets=LATENCY_BUCKETS,
+)
+BATCH_SIZE = Histogram(
+    "waxserve_batch_size_records",
+    "Records per model call.",
+    ["data_type"],
+    buckets=BATCH_BUCKETS,
+)
+RECORDS_RECEIVED = Counter(
+    "waxserve_records_received",
+    "Records decoded from the records topic, by data type (before validation and scoring).",
+    ["data_type"],
+)
+END_TO_END_LAG = BatchHistogram(
+    "waxserve_end_to_end_lag_seconds",
+    "Time from a record's event_time_ms to its scoring, per record.",
+    ["data_type"],
+    LAG_BUCKETS,
+)
+LABELLED_RECORDS = Counter(
+    "waxserve_labelled_records",
+    "Scored records that carried a label (the contract's label field), by model.",
+    ["data_type", "model", "version"],
+)
+SQUARED_ERROR = Counter(
+    "waxserve_prediction_squared_error",
+    "Sum of (prediction - label)^2 over labelled records; RMSE = sqrt(this / labelled).",
+    ["data_type", "model", "version"],
+)
+CORRECT_PREDICTIONS = Counter(
+    "waxserve_correct_predictions",
+    "Classifiers: labelled records whose predicted class equals the label; accuracy = "
+    "this / labelled.",
+    ["data_type", "model", "version"],
+)
+MODEL_INSTALLS = Counter(
+    "waxserve_model_installs",
+    "Models installed (validated and loaded) by the registry.",
+    ["data_type"],
+)
+MODEL_REJECTIONS = Counter(
+    "waxserve_model_rejections",
+    "Model descriptors rejected by the registry, by reason.",
+    ["data_type", "reason"],
+)
+MODEL_INFO = Gauge(
+    "waxserve_model_info",
+    "1 for the model serving each data type (reported by the process holding its registry).",
+    ["data_type", "model", "version", "sha256", "format"],
+)
+DEAD_LETTERS = Counter(
+    "waxserve_dead_letters",
+    "Inputs sent to the dead-letter topic, by stage and error class.",
+    ["stage", "reason"],
+)
+DEAD_LETTER_CLASSES: tuple[tuple[str, str], ...] = tuple(
+    (str(stage), str(reason)) for stage, reasons in STAGE_REASONS.items() for reason in reasons
+)
+"""Every (stage, reason) a dead letter can have."""
+# Exported at 0 from the start: rate() and increase() cannot see a counter's first event
+# when the series appears with it.
+for _stage, _reason in DEAD_LETTER_CLASSES:
+    DEAD_LETTERS.labels(_stage, _reason)
+
+DRIFT = Gauge(
+    "waxserve_drift",
+    "Drift of each feature in the last closed window: metric is psi or mean_shift_sigmas.",
+    ["data_type", "model", "feature", "metric"],
+)
+DRIFT_ALARM = Gauge(
+    "waxserve_drift_alarm",
+    "1 when the last closed drift window of a model raised the alarm.",
+    ["data_type", "model"],
+)
+
+
+def model_installed(data_type: str, name: str, version: str, sha256: str, fmt: int) -> None:
+    """A model now serves `data_type`: count it and make it the data type's model_info."""
+    for labels in list(MODEL_INFO._metrics):  # the previous model of this data type
+        if labels[0] == data_type:
+            MODEL_INFO.remove(*labels)
+    MODEL_INFO.labels(data_type, name, version, sha256, FORMAT_NAMES.get(fmt, "unknown")).set(1)
+
+
+def drift_window_closed(message: pb.DriftMetrics) -> None:
+    """Publish a closed drift window's per-feature PSI and mean shift, and its alarm."""
+    model = f"{message.model_name}:{message.model_version}"
+    for feature in message.features:
+        DRIFT.labels(message.data_type, model, feature.feature, "psi").set(feature.psi)
+        DRIFT.labels(message.data_type, model, feature.feature, "mean_shift_sigmas").set(
+            feature.mean_shift_sigmas
+        )
+    DRIFT_ALARM.labels(message.data_type, model).set(1 if message.alarm else 0)
+
+
+CONTRACT_INSTALLS = Counter(
+    "waxserve_contract_installs",
+    "Data contracts installed by the registry.",
+    ["data_type"],
+)
+
+
+def on_event(event: Event) -> None:
+    """Update the metrics an event concerns: the event bus's Prometheus subscriber."""
+    match event:
+        case BatchScored(identity=identity, scored=scored, rows=rows, seconds=seconds):
+            labels = (identity.data_type, identity.name, identity.version)
+            RECORDS_SCORED.labels(*labels).inc(scored)
+            SCORING_LATENCY.labels(identity.data_type, identity.name).observe(seconds / rows)
+            BATCH_SIZE.labels(identity.data_type).observe(rows)
+            END_TO_END_LAG.observe_many((identity.data_type,), event.lags_s)
+            quality = event.quality
+            if quality is not None:
+                LABELLED_RECORDS.labels(*labels).inc(quality.labelled)
+                SQUARED_ERROR.labels(*labels).inc(quality.squared_error)
+                if quality.correct is not None:
+                    CORRECT_PREDICTIONS.labels(*labels).inc(quality.correct)
+        case RecordsReceived(data_type=data_type, count=count):
+            RECORDS_RECEIVED.labels(data_type).inc(count)
+        case ModelInstalled(identity=identity, restored=restored):
+            if not restored:
+                MODEL_INSTALLS.labels(identity.data_type).inc()
+            model_installed(
+                identity.data_type,
+                identity.name,
+                identity.version,
+                identity.sha256,
+                identity.format,
+            )
+        case ControlRejected(data_type=data_type, reason=reason):
+            MODEL_REJECTIONS.labels(data_type, reason).inc()
+        case ContractInstalled(data_type=data_type):
+            CONTRACT_INSTALLS.labels(data_type).inc()
+        case DeadLettered(stage=stage, reason=reason):
+            DEAD_LETTERS.labels(stage, reason).inc()
+        case DriftClosed(message=message):
+            drift_window_closed(message)
+        case _:
+            pass

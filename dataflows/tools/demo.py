@@ -1,0 +1,1717 @@
+"""`waxserve demo`: the whole system on one machine, narrated.
+
+The demo starts an embedded tansu broker (or, with `--brokers`, uses fresh `*-demo-<id>`
+topics on yours), creates the topics, publishes the data contracts of wine and penguins and
+a first model of each, starts the dataflow (`python -m bytewax.run dataflows.serving:flow`)
+and replays both data sets at once at a steady rate, each to a topic of its own in its own
+encoding (wine as protobuf on the records topic, penguins as JSON on `waxserve-penguins`).
+Meanwhile it follows a plan: a model of each data type swapped mid-stream, malformed wine
+rows, a wine model with a wrong sha256 that must be rejected, and a burst of drifted wine
+records that must raise a drift alarm. It reads every output topic and shows what comes out
+once a second, and ends with a summary that accounts for every record sent, per data type:
+scored or dead-lettered.
+
+    Demo            the orchestration: broker, topics, dataflow subprocess, replay, the plan,
+                    shutdown (every step undone in reverse order, also on Ctrl-C)
+    ReplayStream    one data type's records: its CSV file (shuffled, looping), topic, encoder
+                    (`dataflows.tools.replay.RecordEncoder`) and what was sent of it
+    DemoReplay      a thread that sends the streams, interleaved by their shares, at --rate;
+                    the plan injects malformed rows and a drift burst
+    DemoStats       folds the output topics (scored, events, dlq, drift, stats) into counts
+                    per data type (`TypeTally`); pure, no Kafka
+    render_*        text for the live panel, the one-line progress and the final summary
+
+`dataflows.tools.cli` parses the command line and calls `run_demo`.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import itertools
+import math
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import uuid
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import Any, TextIO
+
+from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+from google.protobuf.message import DecodeError
+
+from dataflows.contracts.files import load_contract
+from dataflows.contracts.schema import Contract
+from dataflows.core.config import Config
+from dataflows.core.descriptors import (
+    MODELS_DIR,
+    CatalogEntry,
+    catalog_contracts,
+    load_catalog,
+    sha256_hex,
+)
+from dataflows.tools.broker import (
+    DEFAULT_PARTITIONS,
+    METADATA_TIMEOUT_S,
+    BrokerError,
+    EmbeddedBroker,
+    _die_with_parent,
+    create_topics,
+    free_port,
+    kafka_settings,
+    log_tail,
+    port_is_free,
+)
+from dataflows.tools.replay import (
+    FLUSH_TIMEOUT_S,
+    PROTO_TYPES,
+    CliError,
+    CsvLine,
+    DeliveryReport,
+    OutHeaders,
+    Pacer,
+    RecordEncoder,
+    csv_lines,
+    header_pairs,
+    in_main_thread,
+    produce,
+    send_control,
+)
+from protos import waxserve_pb2 as pb
+
+WINE = "wine"
+PENGUINS = "penguins"
+WINE_CSV = MODELS_DIR / "data" / "winequality_red.csv"
+ERROR_CSV = MODELS_DIR / "data" / "error_winequality_red.csv"
+PENGUINS_CSV = MODELS_DIR / "penguins" / "penguins.csv"
+DEMO_MODELS = ("wine-lr", "wine-gbt", "wine-pmml-lr")
+"""The wine models served in turn (`--models`)."""
+DEMO_PENGUIN_MODELS = ("penguins-species-onnx", "penguins-species-pmml")
+"""The penguins models served in turn (`--penguin-models`)."""
+BYTEWAX_API_PORT = 3030  # Bytewax's default (BYTEWAX_DATAFLOW_API_PORT)
+STATE_PORT = 3040  # Config.state_addr's default
+DEMO_TAMPERED = "wine-rf-classifier"
+"""Catalog model published once with a wrong sha256: the dataflow must reject it."""
+DEMO_SHIFT_FEATURE = "alcohol"
+DEMO_SHIFT_DELTA = 3.0
+DEMO_STATS_INTERVAL_S = 2.0
+DEMO_DRIFT_WINDOW_S = 5.0
+DEMO_READY_TIMEOUT_S = 120.0
+"""How long the dataflow may take to start and install the first models."""
+DEMO_CATCH_UP_TIMEOUT_S = 15.0
+DEMO_PLAN_GAP_S = 1.0
+"""A penguins swap planned within this of another step moves later, so that the narration
+shows one thing at a time."""
+DEMO_TANSU_FETCH_WAIT_MS = 100
+"""Fetch wait of the dataflow's consumers on the embedded tansu, unless
+WAXSERVE_FETCH_WAIT_MS says otherwise. A fetch from tansu's in-memory log costs more the
+longer the log is: with the default 5 ms (~200 fetches/s per partition), tansu saturates
+two cores about 15 s into a replay at 1,000 rec/s; 100 ms keeps it to a fraction of that
+for the whole demo, for ~25 ms more latency."""
+DEMO_INTERRUPT_DRAIN_S = 3.0
+_OUTPUT_KINDS = ("scored", "events", "dlq", "drift", "stats")
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoData:
+    """A data type the demo replays: its data file and its share of `--rate`."""
+
+    data_type: str
+    csv: Path
+    share: int
+    """Records of this data type in every `sum(shares)` records sent."""
+
+
+DEMO_DATA = (DemoData(WINE, WINE_CSV, 4), DemoData(PENGUINS, PENGUINS_CSV, 1))
+"""4 in 5 records are wine, 1 in 5 penguins. Wine keeps the larger share because its drift
+burst must fill a drift window: at 500 rec/s that is 400 wine records/s, ~1,200 shifted
+records in the 20 s demo's 3 s burst. Penguins get ~100 rec/s there: a few hundred records
+per window, enough for a quiet PSI."""
+
+
+def run_demo(config: Config, options: DemoOptions) -> int:
+    """The end-to-end demo (see `Demo`); returns the exit code."""
+    catalog = _demo_catalog(options.sequences())
+    return Demo(config, options, catalog).run()
+
+
+def _demo_catalog(sequences: Mapping[str, Sequence[str]]) -> dict[str, CatalogEntry]:
+    try:
+        catalog = load_catalog()
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise CliError(f"cannot read the model catalog in {MODELS_DIR}: {exc}") from None
+    if WINE not in sequences:
+        raise CliError("the demo needs a wine model (--models)")
+    wanted = [(data_type, name) for data_type, names in sequences.items() for name in names]
+    option = {WINE: "--models", PENGUINS: "--penguin-models"}
+    for data_type, name in [*wanted, (WINE, DEMO_TAMPERED)]:
+        entry = catalog.get(name)
+        if entry is None:
+            raise CliError(f"unknown model {name!r}; catalog models: {', '.join(sorted(catalog))}")
+        if entry.data_type != data_type:
+            raise CliError(
+                f"{option.get(data_type, data_type)}: {name} is a {entry.data_type} model, "
+                f"not a {data_type} one"
+            )
+        if not entry.path().is_file():
+            raise CliError(f"catalog model {name!r}: file {entry.path()} does not exist")
+    paths = [ERROR_CSV, *(d.csv for d in DEMO_DATA if d.data_type in sequences)]
+    for path in paths:
+        if not path.is_file():
+            raise CliError(f"demo data {path} does not exist")
+    return catalog
+
+
+# --- the plan ----------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoStep:
+    """Something the demo does `at_s` seconds into the replay."""
+
+    at_s: float
+    action: str  # "bad_rows", "swap", "tampered", "shift"
+    model: str = ""
+    seconds: float = 0.0  # "shift": how long
+
+    def describe(self) -> str:
+        """The step in a few words."""
+        if self.action == "bad_rows":
+            return f"send the rows of {ERROR_CSV.name} (malformed: expect dead letters)"
+        if self.action == "swap":
+            return f"publish {self.model}: the dataflow swaps models mid-stream"
+        if self.action == "tampered":
+            return f"publish {self.model} with a wrong sha256: it must be rejected"
+        if self.action == "shift":
+            return (
+                f"send {WINE} records with {DEMO_SHIFT_FEATURE} {DEMO_SHIFT_DELTA:+g} for "
+                f"{self.seconds:g} s: expect a drift alarm"
+            )
+        return self.action
+
+
+def plan_demo(
+    duration_s: float,
+    models: Sequence[str],
+    drift_window_s: float,
+    penguin_models: Sequence[str] = (),
+) -> list[DemoStep]:
+    """What happens when, in seconds since the replay started (the first models are up then).
+
+    `models` are wine's, `penguin_models` penguins'. Each data type's models swap at equal
+    shares of the duration; a penguins swap that would come within `DEMO_PLAN_GAP_S` of
+    another step comes later. The tampered (wine) model comes half a share after wine's
+    first swap (between the first two with three models); the (wine) drift burst comes
+    late, under the last wine model, and ends early enough for its drift window to close
+    (and be reported) before the replay stops.
+    """
+    n = len(models)
+    share = duration_s / n
+    steps = [DemoStep(min(2.0, duration_s / 10), "bad_rows")]
+    steps += [DemoStep(round(k * share, 1), "swap", models[k]) for k in range(1, n)]
+    tampered_at = 1.5 * share if n > 1 else duration_s / 2
+    steps.append(DemoStep(round(tampered_at, 1), "tampered", DEMO_TAMPERED))
+    last_swap = (n - 1) * share if n > 1 else 0.0
+    burst = round(min(drift_window_s, 0.15 * duration_s), 1)
+    start = round(max(last_swap + 1.0, 0.7 * duration_s), 1)
+    start = min(start, max(0.0, duration_s - burst))
+    steps.append(DemoStep(start, "shift", seconds=burst))
+    taken = [s.at_s for s in steps]
+    for k in range(1, len(penguin_models)):
+        at = round(k * duration_s / len(penguin_models), 1)
+        while any(abs(at - t) < DEMO_PLAN_GAP_S for t in taken) and at + DEMO_PLAN_GAP_S < (
+            duration_s
+        ):
+            at = round(at + DEMO_PLAN_GAP_S, 1)
+        taken.append(at)
+        steps.append(DemoStep(at, "swap", penguin_models[k]))
+    return sorted(steps, key=lambda s: s.at_s)
+
+
+def tampered_descriptor(entry: CatalogEntry) -> pb.ModelDescriptor:
+    """A catalog model's descriptor whose sha256 does not match its bytes."""
+    desc = entry.descriptor()
+    desc.sha256 = sha256_hex(b"tampered " + desc.sha256.encode())
+    return desc
+
+
+# --- the records -------------------------------------------------------------------------
+
+
+def shuffled_lines(path: Path, seed: int = 0, *, header: bool = False) -> Iterator[CsvLine]:
+    """The lines of a CSV file (without its first with `header`) in a random order (fixed
+    by `seed`), pass after pass, forever.
+
+    The UCI wine file is not in random order: a few hundred consecutive rows differ from
+    the whole file (PSI up to 0.8 for 300 rows), and the drift windows compare what they
+    see with the whole file's profile. Replayed in file order, normal traffic would raise
+    drift alarms; shuffled, only the demo's deliberate shift does. (penguins.csv is sorted
+    by species, island and year: the same holds.)
+    """
+    lines = list(csv_lines(path, loop=False, header=header))
+    if not lines:
+        raise CliError(f"{path} has no lines")
+    rng = random.Random(seed)
+    for pass_no in itertools.count():
+        rng.shuffle(lines)
+        for line in lines:
+            yield dataclasses.replace(line, pass_no=pass_no)
+
+
+def demo_contract(data_type: str) -> Contract:
+    """An example data type's contract, from the catalog."""
+    try:
+        return load_contract(catalog_contracts()[data_type])
+    except (OSError, ValueError, KeyError) as exc:
+        raise CliError(f"cannot read the {data_type} contract in {MODELS_DIR}: {exc}") from None
+
+
+def shift_feature(
+    raw: bytes, feature: str, delta: float, columns: Sequence[str], delimiter: str = ";"
+) -> bytes:
+    """A CSV line (columns as given) with `delta` added to one feature; lines that do not
+    parse, and lines of data without the feature, unchanged."""
+    sep = delimiter.encode()
+    cells = raw.split(sep)
+    if len(cells) != len(columns) or feature not in columns:
+        return raw
+    i = list(columns).index(feature)
+    try:
+        value = float(cells[i])
+    except ValueError:
+        return raw
+    cells[i] = f"{value + delta:.6g}".encode()
+    return sep.join(cells)
+
+
+def interleave(weights: Sequence[int]) -> Iterator[int]:
+    """Indices into `weights`, each as often as its weight says, evenly spread (smooth
+    weighted round-robin): weights (4, 1) give 0 0 1 0 0, 0 0 1 0 0, ...
+
+    Deterministic, so the shares hold from the first second, at any rate.
+    """
+    total = sum(weights)
+    if not weights or total <= 0 or min(weights) < 0:
+        raise ValueError(f"weights must be >= 0 with a positive sum, got {list(weights)}")
+    current = [0] * len(weights)
+    while True:
+        for i, weight in enumerate(weights):
+            current[i] += weight
+        best = max(range(len(weights)), key=current.__getitem__)
+        current[best] -= total
+        yield best
+
+
+@dataclasses.dataclass(frozen=True)
+class SentCounts:
+    """What the replay sent of one data type."""
+
+    sent: int
+    """Records the broker acknowledged."""
+    topic: str = ""
+    encoding: str = ""
+    injected: int = 0
+    """Of `sent`, lines of an injected file (malformed rows)."""
+    shifted: int = 0
+    """Of `sent`, records of the drift burst."""
+
+
+def route_records(config: Config, data_types: Sequence[str]) -> Config:
+    """The demo's record topics: one per data type, with that data type as its default.
+
+    A data type keeps a topic the settings give it (`topic=data_type` in records_topics);
+    otherwise the first data type gets the first record topic and the others
+    `waxserve-<data type>`. The records still carry the `data-type` header: the topic
+    default only routes records without one.
+    """
+    defaults = config.record_topic_defaults
+    given = {data_type: topic for topic, data_type in defaults.items() if data_type}
+    used: list[str] = []
+    for data_type in data_types:
+        topic = given.get(data_type)
+        if topic is None:
+            first = config.records_topic
+            free = not used and defaults[first] in ("", data_type)
+            topic = first if free else f"waxserve-{data_type}"
+        used.append(topic)
+    records = ",".join(f"{t}={dt}" for t, dt in zip(used, data_types, strict=True))
+    return dataclasses.replace(config, records_topics=records)
+
+
+# --- the replay thread -------------------------------------------------------------------
+
+
+class ReplayStream:
+    """One data type's share of the replay: its CSV file (shuffled, looping), its topic and
+    encoder, and what was sent of it.
+
+    Records go in the contract's own encoding with a `data-type` header. Record ids are
+    `<file stem>-<line>[-pass<N>]` as `waxserve replay --loop` makes them, with `-shifted`
+    for the records a drift burst changed; injected files use `<file stem>-<line>`.
+    """
+
+    def __init__(
+        self,
+        contract: Contract,
+        csv: Path,
+        topic: str,
+        *,
+        share: int = 1,
+        data_type_header: str = "data-type",
+    ) -> None:
+        self.contract = contract
+        self.csv = csv
+        self.topic = topic
+        self.share = share
+        self._lines = shuffled_lines(csv, header=contract.csv.header)
+        self._encoder = RecordEncoder(contract, data_type_header=data_type_header)
+        self._extra: collections.deque[tuple[str, bytes]] = collections.deque()
+        self.report = DeliveryReport()
+        self.produced = 0
+        self.injected = 0
+        self.shifted = 0
+
+    @property
+    def data_type(self) -> str:
+        """The data type of its records."""
+        return self.contract.data_type
+
+    def inject(self, path: Path) -> int:
+        """Send the lines of `path` once, next, ahead of the file's; returns how many."""
+        lines = [
+            (f"{path.stem}-{line.line_no}", line.raw)
+            for line in csv_lines(path, loop=False, header=False)
+        ]
+        self._extra.extend(lines)  # a deque: safe against the replay thread's popleft
+        return len(lines)
+
+    def next_message(self, *, shift: bool, event_time_ms: int) -> tuple[bytes, bytes, OutHeaders]:
+        """The next record as key, value and headers; with `shift`, drifted if it can be."""
+        if self._extra:
+            record_id, raw = self._extra.popleft()
+            self.injected += 1
+        else:
+            line = next(self._lines)
+            record_id = f"{self.csv.stem}-{line.line_no}"
+            if line.pass_no:
+                record_id += f"-pass{line.pass_no + 1}"
+            raw = line.raw
+            if shift:
+                moved = shift_feature(
+                    raw,
+                    DEMO_SHIFT_FEATURE,
+                    DEMO_SHIFT_DELTA,
+                    self.contract.csv_columns,
+                    self.contract.csv.delimiter,
+                )
+                if moved != raw:  # a data type without the feature is not shifted
+                    raw = moved
+                    record_id += "-shifted"
+                    self.shifted += 1
+        value, headers, _ = self._encoder.encode(
+            raw, record_id=record_id, event_time_ms=event_time_ms
+        )
+        self.produced += 1
+        return record_id.encode(), value, headers
+
+    def counts(self) -> SentCounts:
+        """What was sent so far."""
+        return SentCounts(
+            sent=self.report.delivered,
+            topic=self.topic,
+            encoding=str(self.contract.encoding),
+            injected=self.injected,
+            shifted=self.shifted,
+        )
+
+
+class DemoReplay:
+    """Sends the streams' records, interleaved by their shares, at `rate` records per second
+    in all, to their topics, in a background thread.
+
+    Each record's event time is its send time, so the scored records tell the latency.
+    """
+
+    def __init__(self, config: Config, rate: float, streams: Sequence[ReplayStream]) -> None:
+        self._config = config
+        self._rate = rate
+        self.streams = tuple(streams)
+        self._stop = threading.Event()
+        self._shift_until = 0.0  # time.monotonic() until which records are shifted
+        self._thread = threading.Thread(target=self._run, name="waxserve-demo-replay", daemon=True)
+        self.produced = 0
+        self.undelivered = 0
+        self.error: BaseException | None = None
+        self.started_at = 0.0
+        self.stopped_at = 0.0
+
+    def start(self) -> None:
+        """Start sending."""
+        self.started_at = time.monotonic()
+        self._thread.start()
+
+    def stream(self, data_type: str) -> ReplayStream:
+        """The stream of a data type."""
+        for stream in self.streams:
+            if stream.data_type == data_type:
+                return stream
+        raise KeyError(data_type)
+
+    def shift(self, seconds: float) -> None:
+        """Shift `DEMO_SHIFT_FEATURE` by `DEMO_SHIFT_DELTA` in the records of the next seconds
+        (of the data types that have it)."""
+        self._shift_until = time.monotonic() + seconds
+
+    def stop(self, *, wait: bool = True) -> None:
+        """Stop sending; with `wait`, until what was sent is delivered (or failed)."""
+        self._stop.set()
+        if wait and self._thread.is_alive():
+            self._thread.join()
+        if wait and not self.stopped_at:
+            self.stopped_at = time.monotonic()
+
+    @property
+    def running(self) -> bool:
+        """Whether the thread is still sending, or waiting for its records' delivery."""
+        return self._thread.is_alive()
+
+    @property
+    def delivered(self) -> int:
+        """Records the broker acknowledged."""
+        return sum(s.report.delivered for s in self.streams)
+
+    @property
+    def failed(self) -> int:
+        """Records the broker refused, and records still undelivered at the end."""
+        return sum(s.report.failed for s in self.streams) + self.undelivered
+
+    def sent(self) -> dict[str, SentCounts]:
+        """What was sent (acknowledged) so far, by data type."""
+        return {s.data_type: s.counts() for s in self.streams}
+
+    def produced_by_type(self) -> dict[str, int]:
+        """Records handed to the producer so far, by data type."""
+        return {s.data_type: s.produced for s in self.streams}
+
+    @property
+    def seconds(self) -> float:
+        """How long it sent (so far)."""
+        if not self.started_at:
+            return 0.0
+        return (self.stopped_at or time.monotonic()) - self.started_at
+
+    def _run(self) -> None:
+        producer = Producer(kafka_settings(self._config, **{"linger.ms": self._config.linger_ms}))
+        try:
+            self._send(producer)
+        except BaseException as exc:  # reported by the main thread
+            self.error = exc
+        finally:
+            self.stopped_at = time.monotonic()
+            self.undelivered = producer.flush(FLUSH_TIMEOUT_S)
+
+    def _send(self, producer: Producer) -> None:
+        pacer = Pacer(self._rate)
+        order = interleave([s.share for s in self.streams])
+        while not self._stop.is_set():
+            pacer.wait(lambda: producer.poll(0))
+            if self._stop.is_set():
+                return
+            stream = self.streams[next(order)]
+            key, value, headers = stream.next_message(
+                shift=time.monotonic() < self._shift_until,
+                event_time_ms=time.time_ns() // 1_000_000,
+            )
+            produce(producer, stream.topic, key, value, headers, stream.report)
+            self.produced += 1
+            if self.produced % 1000 == 0:
+                producer.poll(0)
+
+
+# --- what came out -----------------------------------------------------------------------
+
+
+def percentile(histogram: collections.Counter[int], q: float) -> int | None:
+    """The q-th percentile (nearest rank) of values counted in a histogram; None if empty."""
+    total = sum(histogram.values())
+    if total == 0:
+        return None
+    rank = max(1, math.ceil(q / 100 * total))
+    seen = 0
+    for value in sorted(histogram):
+        seen += histogram[value]
+        if seen >= rank:
+            return value
+    raise AssertionError("unreachable")
+
+
+@dataclasses.dataclass(frozen=True)
+class TimelineEntry:
+    """A control event: when, what (installed, rejected, restored; contract_installed,
+    contract_rejected), which model or contract, for which data type."""
+
+    at_ms: int
+    kind: str
+    data_type: str
+    model: str  # name:version, or "contract v<N>"
+    reason: str = ""
+
+    @property
+    def is_model(self) -> bool:
+        """Whether it is about a model (not a contract)."""
+        return not self.kind.startswith("contract_")
+
+
+def _header_text(headers: Sequence[tuple[str, bytes | str | None]]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, value in headers:
+        if isinstance(value, bytes):
+            out[name] = value.decode("utf-8", errors="replace")
+        elif value is not None:
+            out[name] = value
+    return out
+
+
+Position = tuple[str, int, int]
+"""Where a record was read: source topic, partition, offset."""
+
+
+@dataclasses.dataclass
+class TypeTally:
+    """What came out for the records of one data type, each record counted once (by its
+    position): scored per model, dead-lettered per reason, latency and drift."""
+
+    scored_by_model: collections.Counter[str] = dataclasses.field(
+        default_factory=collections.Counter
+    )
+    dead_by_class: collections.Counter[str] = dataclasses.field(default_factory=collections.Counter)
+    latency: collections.Counter[int] = dataclasses.field(default_factory=collections.Counter)
+    """End-to-end latency (scored_at_ms - event_time_ms) histogram, whole run."""
+    duplicates: int = 0
+    """Scored or dead-lettered again (counted once)."""
+    scored_and_dead: int = 0
+    """Records both scored and dead-lettered (should never happen)."""
+    unplaced_dead: int = 0
+    """Dead letters without a usable source position (counted, not deduplicated)."""
+    drift_windows: int = 0
+    drift_alarms: list[pb.DriftMetrics] = dataclasses.field(default_factory=list)
+    latest_drift: pb.DriftMetrics | None = None
+    _scored: set[Position] = dataclasses.field(default_factory=set)
+    _dead: set[Position] = dataclasses.field(default_factory=set)
+
+    def add_scored(self, position: Position, model: str) -> bool:
+        """A scored record; False if it was scored before."""
+        if position in self._scored:
+            self.duplicates += 1
+            return False
+        self._scored.add(position)
+        self.scored_and_dead += position in self._dead
+        self.scored_by_model[model] += 1
+        return True
+
+    def add_dead(self, position: Position | None, reason: str) -> None:
+        """A dead-lettered record (`position` None when the dead letter does not say)."""
+        if position is None:
+            self.dead_by_class[reason] += 1  # a dead letter we cannot place: count it anyway
+            self.unplaced_dead += 1
+            return
+        if position in self._dead:
+            self.duplicates += 1
+            return
+        self._dead.add(position)
+        self.scored_and_dead += position in self._scored
+        self.dead_by_class[reason] += 1
+
+    def add_drift(self, drift: pb.DriftMetrics) -> None:
+        """A drift window of this data type."""
+        self.drift_windows += 1
+        latest = self.latest_drift
+        # The newest window; of windows that end together (one per model), the worst.
+        if latest is None or (drift.window_end_ms, drift.max_psi) > (
+            latest.window_end_ms,
+            latest.max_psi,
+        ):
+            self.latest_drift = drift
+        if drift.alarm:
+            self.drift_alarms.append(drift)
+
+    @property
+    def scored(self) -> int:
+        """Distinct records scored."""
+        return len(self._scored)
+
+    @property
+    def dead(self) -> int:
+        """Distinct records dead-lettered."""
+        return sum(self.dead_by_class.values())
+
+    @property
+    def accounted(self) -> int:
+        """Distinct records scored or dead-lettered."""
+        return len(self._scored) + len(self._dead) - self.scored_and_dead + self.unplaced_dead
+
+    def unaccounted(self, sent: int) -> int:
+        """Records sent that are neither scored nor dead-lettered (yet)."""
+        return sent - self.accounted
+
+
+@dataclasses.dataclass
+class DemoStats:
+    """Everything the demo read from the output topics, folded into counts per data type.
+    No Kafka here: feed it decoded messages (`add_scored`, ...) or raw ones (`add_message`).
+
+    Records are identified by their position (topic, partition, offset) in a record topic,
+    so a record scored twice counts once (and as a duplicate), and `accounted` is exact. A
+    record's data type is its topic's (`record_topics`): the demo sends each data type to a
+    topic of its own, so the counts compare with what it sent there.
+    """
+
+    record_topics: Mapping[str, str]
+    """Record topic -> the data type sent to it."""
+    t0_ms: int = 0
+    """Wall-clock start of the replay: times are shown relative to it."""
+    tallies: dict[str, TypeTally] = dataclasses.field(default_factory=dict)
+    """Data type -> what came out for its records (every data type of record_topics)."""
+    rejected_control: collections.Counter[str] = dataclasses.field(
+        default_factory=collections.Counter
+    )
+    """Dead letters from other topics (descriptors and contracts on the control topic), by
+    error class."""
+    undecodable: int = 0
+    current: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Data type -> name:version of the model serving it (per the events topic)."""
+    timeline: list[TimelineEntry] = dataclasses.field(default_factory=list)
+    model_us: dict[str, float] = dataclasses.field(default_factory=dict)
+    """name:version -> mean model time per record (µs) from the latest serving stats."""
+    recent_latency: collections.Counter[int] = dataclasses.field(
+        default_factory=collections.Counter
+    )
+    recent_scored: int = 0
+    first_scored_ms: int = 0
+    last_scored_ms: int = 0
+    notes: list[str] = dataclasses.field(default_factory=list)
+    """Noteworthy things seen (model events, drift alarms), for the caller to print."""
+
+    def __post_init__(self) -> None:
+        for data_type in self.record_topics.values():
+            self.tally(data_type)
+
+    def tally(self, data_type: str) -> TypeTally:
+        """The counts of a data type (new and empty the first time)."""
+        tally = self.tallies.get(data_type)
+        if tally is None:
+            tally = self.tallies[data_type] = TypeTally()
+        return tally
+
+    # --- folding ---------------------------------------------------------------------
+
+    def add_message(
+        self, kind: str, value: bytes | None, headers: Sequence[tuple[str, bytes | str | None]]
+    ) -> None:
+        """One message of an output topic (`kind`: scored, events, dlq, drift, stats)."""
+        if kind == "dlq":
+            self.add_dead_letter(_header_text(headers))
+            return
+        proto = PROTO_TYPES.get(kind)
+        if proto is None or value is None:
+            self.undecodable += 1
+            return
+        try:
+            message = proto.FromString(value)
+        except DecodeError:
+            self.undecodable += 1
+            return
+        if isinstance(message, pb.ScoredRecord):
+            self.add_scored(message)
+        elif isinstance(message, pb.ModelEvent):
+            self.add_event(message)
+        elif isinstance(message, pb.DriftMetrics):
+            self.add_drift(message)
+        elif isinstance(message, pb.ServingStats):
+            self.add_stats(message)
+
+    def add_scored(self, rec: pb.ScoredRecord) -> None:
+        """A scored record."""
+        data_type = self.record_topics.get(rec.source_topic) or rec.data_type
+        tally = self.tally(data_type)
+        position = (rec.source_topic, rec.source_partition, rec.source_offset)
+        if not tally.add_scored(position, f"{rec.model_name}:{rec.model_version}"):
+            return
+        self.recent_scored += 1
+        if rec.event_time_ms > 0 and rec.scored_at_ms > 0:
+            latency_ms = max(0, rec.scored_at_ms - rec.event_time_ms)
+            tally.latency[latency_ms] += 1
+            self.recent_latency[latency_ms] += 1
+        if rec.scored_at_ms:
+            if not self.first_scored_ms or rec.scored_at_ms < self.first_scored_ms:
+                self.first_scored_ms = rec.scored_at_ms
+            self.last_scored_ms = max(self.last_scored_ms, rec.scored_at_ms)
+
+    def add_dead_letter(self, headers: Mapping[str, str]) -> None:
+        """A dead letter, by its `waxserve.*` headers."""
+        reason = headers.get("waxserve.error.class", "?")
+        topic = headers.get("waxserve.source.topic", "")
+        data_type = self.record_topics.get(topic)
+        if data_type is None:
+            self.rejected_control[reason] += 1
+            return
+        try:
+            position: Position | None = (
+                topic,
+                int(headers["waxserve.source.partition"]),
+                int(headers["waxserve.source.offset"]),
+            )
+        except (KeyError, ValueError):
+            position = None
+        self.tally(data_type).add_dead(position, reason)
+
+    def add_event(self, event: pb.ModelEvent) -> None:
+        """A control event: a model installed, rejected or restored; a contract installed
+        or rejected."""
+        contract = event.kind.startswith("contract_")
+        what = (
+            f"contract v{event.contract_version}"
+            if contract
+            else f"{event.model_name}:{event.model_version}"
+        )
+        entry = TimelineEntry(event.at_ms, event.kind, event.data_type, what, event.reason)
+        self.timeline.append(entry)
+        if event.kind in ("installed", "restored"):
+            self.current[event.data_type] = what
+            self.notes.append(f"{event.kind} {what} for {event.data_type}")
+        elif event.kind == "contract_installed":
+            self.notes.append(f"installed the {event.data_type} {what}")
+        elif contract:
+            self.notes.append(f"rejected the {event.data_type} {what} ({event.reason or '?'})")
+        else:
+            serving = self.current.get(event.data_type, "nothing")
+            self.notes.append(
+                f"{event.kind} {what} ({event.reason or '?'}): "
+                f"{serving} keeps serving {event.data_type}"
+            )
+
+    def add_drift(self, drift: pb.DriftMetrics) -> None:
+        """A drift window."""
+        self.tally(drift.data_type).add_drift(drift)
+        if drift.alarm:
+            feature, psi = top_feature(drift)
+            self.notes.append(
+                f"DRIFT ALARM: PSI {psi:.2f} on {feature} for {drift.data_type} under "
+                f"{drift.model_name}:{drift.model_version} in window {self.window(drift)} "
+                f"({drift.record_count:,} records)"
+            )
+
+    def add_stats(self, stats: pb.ServingStats) -> None:
+        """A serving-stats window."""
+        self.model_us[f"{stats.model_name}:{stats.model_version}"] = stats.mean_duration_us
+
+    # --- reading ---------------------------------------------------------------------
+
+    @property
+    def scored(self) -> int:
+        """Distinct records scored, all data types."""
+        return sum(t.scored for t in self.tallies.values())
+
+    @property
+    def dead(self) -> int:
+        """Distinct records dead-lettered, all data types."""
+        return sum(t.dead for t in self.tallies.values())
+
+    @property
+    def accounted(self) -> int:
+        """Distinct records scored or dead-lettered, all data types."""
+        return sum(t.accounted for t in self.tallies.values())
+
+    @property
+    def duplicates(self) -> int:
+        """Records scored or dead-lettered again, all data types."""
+        return sum(t.duplicates for t in self.tallies.values())
+
+    @property
+    def scored_and_dead(self) -> int:
+        """Records both scored and dead-lettered (a bug), all data types."""
+        return sum(t.scored_and_dead for t in self.tallies.values())
+
+    @property
+    def latency(self) -> collections.Counter[int]:
+        """End-to-end latency histogram, all data types."""
+        total: collections.Counter[int] = collections.Counter()
+        for tally in self.tallies.values():
+            total.update(tally.latency)
+        return total
+
+    @property
+    def drift_alarms(self) -> list[pb.DriftMetrics]:
+        """Drift windows that raised the alarm, all data types."""
+        return [d for t in self.tallies.values() for d in t.drift_alarms]
+
+    def unaccounted(self, sent: Mapping[str, int]) -> int:
+        """Records sent (`sent`: by data type) that are neither scored nor dead-lettered."""
+        return sum(self.unaccounted_by_type(sent).values())
+
+    def unaccounted_by_type(self, sent: Mapping[str, int]) -> dict[str, int]:
+        """`unaccounted` per data type: every data type sent or seen."""
+        names = list(dict.fromkeys([*self.tallies, *sent]))
+        return {dt: self.tallies.get(dt, TypeTally()).unaccounted(sent.get(dt, 0)) for dt in names}
+
+    def settled(self, models: Sequence[str]) -> bool:
+        """Whether the events topic told the outcome (installed or rejected) of each of these
+        models (name:version)."""
+        decided = {e.model for e in self.timeline if e.is_model}
+        return all(model in decided for model in models)
+
+    def take_recent(self) -> tuple[int, collections.Counter[int]]:
+        """Records scored, and their latencies, since the last call."""
+        recent = (self.recent_scored, self.recent_latency)
+        self.recent_scored, self.recent_latency = 0, collections.Counter()
+        return recent
+
+    def take_notes(self) -> list[str]:
+        """Notes since the last call."""
+        notes, self.notes = self.notes, []
+        return notes
+
+    def clock(self, at_ms: int, width: int = 0) -> str:
+        """A wall-clock time in ms as seconds since the replay started: "+12.3 s"."""
+        text = f"{(at_ms - self.t0_ms) / 1000:+.1f} s" if self.t0_ms else "start"
+        return text.rjust(width)
+
+    def window(self, drift: pb.DriftMetrics) -> str:
+        """A drift window's time span: "+10.0 s..+15.0 s"."""
+        return f"{self.clock(drift.window_start_ms)}..{self.clock(drift.window_end_ms)}"
+
+
+def top_feature(drift: pb.DriftMetrics) -> tuple[str, float]:
+    """The feature with the largest PSI in a drift window, and its PSI."""
+    best = max(drift.features, key=lambda f: f.psi, default=None)
+    return (best.feature, best.psi) if best is not None else ("-", 0.0)
+
+
+# --- text --------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoView:
+    """The numbers of one live update that do not come from the output topics."""
+
+    elapsed_s: float
+    duration_s: float
+    sent: Mapping[str, int]
+    """Records handed to the producer so far, by data type."""
+    scored_per_s: float
+    recent_latency: collections.Counter[int]
+    phase: str = ""  # e.g. "catching up"
+
+
+def _plural(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" + ("" if n == 1 else "s")
+
+
+def _ms(value: int | None) -> str:
+    return "-" if value is None else f"{value:,} ms"
+
+
+def _latency(histogram: collections.Counter[int], *, worst: bool = True) -> str:
+    text = f"p50 {_ms(percentile(histogram, 50))}, p99 {_ms(percentile(histogram, 99))}"
+    return text + (f", max {_ms(percentile(histogram, 100))}" if worst else "")
+
+
+def _counts(counter: Mapping[str, int]) -> str:
+    return ", ".join(f"{k} {v:,}" for k, v in sorted(counter.items(), key=lambda kv: -kv[1]))
+
+
+def _drift_text(stats: DemoStats, tally: TypeTally) -> str:
+    drift = tally.latest_drift
+    if drift is None:
+        return "no window closed yet"
+    feature, psi = top_feature(drift)
+    state = "ALARM" if drift.alarm else "ok"
+    return (
+        f"{state}: max PSI {psi:.2f} ({feature}), {drift.model_name}:{drift.model_version} "
+        f"{stats.window(drift)}; alarms so far {len(tally.drift_alarms)}"
+    )
+
+
+def render_panel(stats: DemoStats, view: DemoView) -> list[str]:
+    """The live panel (a terminal redraws it in place once a second)."""
+    phase = f"  [{view.phase}]" if view.phase else ""
+    sent = sum(view.sent.values())
+    in_flight = max(0, sent - stats.accounted)
+    lines = [
+        f"waxserve demo  {view.elapsed_s:5.1f} s of {view.duration_s:g} s{phase}",
+        f"  records   sent {sent:,}  scored {stats.scored:,} ({view.scored_per_s:,.0f}/s)"
+        f"  dead-lettered {stats.dead:,}  in flight {in_flight:,}",
+        f"  latency   sent -> scored, last second: {_latency(view.recent_latency, worst=False)}",
+    ]
+    for data_type, tally in stats.tallies.items():
+        serving = stats.current.get(data_type, "nothing yet")
+        lines.append(
+            f"  {data_type:<9} sent {view.sent.get(data_type, 0):,}  scored {tally.scored:,}"
+            f"  dead-lettered {tally.dead:,}  serving {serving}"
+        )
+        label = "    scored  "
+        for model, count in tally.scored_by_model.items():
+            us = stats.model_us.get(model)
+            timing = f"  model call {us:,.0f} us/record" if us is not None else ""
+            lines.append(f"{label}{model:<24} {count:>9,}{timing}")
+            label = " " * len(label)
+        lines.append(f"    DLQ     {_counts(tally.dead_by_class) or 'none'}")
+        lines.append(f"    drift   {_drift_text(stats, tally)}")
+    if stats.rejected_control:
+        lines.append(f"  rejected  control messages: {_counts(stats.rejected_control)}")
+    return lines
+
+
+def render_line(stats: DemoStats, view: DemoView) -> str:
+    """The live update as one line (when stdout is not a terminal)."""
+    p50 = percentile(view.recent_latency, 50)
+    p99 = percentile(view.recent_latency, 99)
+    per_type = []
+    for data_type, tally in stats.tallies.items():
+        drift = tally.latest_drift
+        psi = "-" if drift is None else f"{drift.max_psi:.2f}{' ALARM' if drift.alarm else ''}"
+        model = stats.current.get(data_type, "-")
+        per_type.append(f"{data_type}={model} scored {tally.scored} dlq {tally.dead} psi {psi}")
+    phase = f" [{view.phase}]" if view.phase else ""
+    return (
+        f"{view.elapsed_s:+6.1f} s{phase}  sent {sum(view.sent.values())} scored "
+        f"{stats.scored} ({view.scored_per_s:.0f}/s) dlq {stats.dead} | p50 {_ms(p50)} "
+        f"p99 {_ms(p99)} | " + " | ".join(per_type)
+    )
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoOutcome:
+    """What the replay did, for the summary."""
+
+    sent: Mapping[str, SentCounts]
+    """By data type: what the broker acknowledged."""
+    failed: int  # delivery failures (not sent)
+    replay_s: float
+    rate: float
+    workers: int
+    interrupted: bool = False
+    failure: str = ""
+
+    @property
+    def sent_by_type(self) -> dict[str, int]:
+        """Records sent, by data type."""
+        return {data_type: counts.sent for data_type, counts in self.sent.items()}
+
+    @property
+    def total_sent(self) -> int:
+        """Records sent, all data types."""
+        return sum(counts.sent for counts in self.sent.values())
+
+
+def _sent_note(counts: SentCounts) -> str:
+    notes = [f"{counts.encoding} on {counts.topic}"] if counts.topic else []
+    if counts.injected:
+        notes.append(f"{counts.injected} from {ERROR_CSV.name}")
+    if counts.shifted:
+        notes.append(f"{counts.shifted:,} with {DEMO_SHIFT_FEATURE} {DEMO_SHIFT_DELTA:+g}")
+    return f"({', '.join(notes)})" if notes else ""
+
+
+def render_summary(stats: DemoStats, outcome: DemoOutcome) -> list[str]:
+    """The final summary: the totals, the accounting per data type, then each data type."""
+    sent = outcome.sent_by_type
+    per_type = stats.unaccounted_by_type(sent)
+    unaccounted = sum(per_type.values())
+    rate = f"{outcome.rate:,.0f} rec/s" if outcome.rate else "full speed"
+    lines = [
+        "",
+        "=" * 72,
+        f"waxserve demo summary: {outcome.replay_s:.1f} s of replay at {rate}, "
+        f"{_plural(outcome.workers, 'worker')}" + (" (INTERRUPTED)" if outcome.interrupted else ""),
+        "=" * 72,
+        f"  records sent       {outcome.total_sent:>9,}   "
+        + ", ".join(f"{dt} {n:,}" for dt, n in sent.items()),
+    ]
+    if outcome.failed:
+        lines.append(f"  delivery failures  {outcome.failed:>9,}   (not counted as sent)")
+    lines.append(f"  scored             {stats.scored:>9,}")
+    lines.append(f"  dead-lettered      {stats.dead:>9,}")
+    if stats.duplicates:
+        lines.append(f"  duplicates         {stats.duplicates:>9,}   (counted once)")
+    if stats.scored_and_dead:
+        lines.append(
+            f"  scored AND dead    {stats.scored_and_dead:>9,}   (records both scored and "
+            "dead-lettered: a bug)"
+        )
+    ok = all(n == 0 for n in per_type.values())
+    verdict = "OK, every record is accounted for" if ok else "NOT OK"
+    if not ok and outcome.interrupted:
+        verdict = "interrupted: these may still have been in flight"
+    lines.append(
+        f"  UNACCOUNTED        {unaccounted:>9,}   sent - scored - dead-lettered: {verdict}"
+    )
+    for data_type, n in per_type.items():
+        tally = stats.tallies.get(data_type, TypeTally())
+        lines.append(
+            f"    {data_type:<16} {n:>9,}   of {sent.get(data_type, 0):,} sent: "
+            f"{tally.scored:,} scored, {tally.dead:,} dead-lettered"
+        )
+    span_s = (stats.last_scored_ms - stats.first_scored_ms) / 1000
+    if stats.scored and span_s > 0:
+        lines.append(
+            f"  throughput         {stats.scored / span_s:>9,.0f}   rec/s scored "
+            f"(the replay paces it: {rate})"
+        )
+    lines.append(f"  latency            {_latency(stats.latency)} (record sent -> scored)")
+    for data_type, tally in stats.tallies.items():
+        counts = outcome.sent.get(data_type, SentCounts(0))
+        lines.append(f"  {data_type:<18} {counts.sent:>9,}   sent {_sent_note(counts)}".rstrip())
+        # In serving order (the order they first scored), unlike the dead letters.
+        models = ", ".join(f"{m} {n:,}" for m, n in tally.scored_by_model.items())
+        lines.append(f"    scored           {tally.scored:>9,}   {models}".rstrip())
+        lines.append(
+            f"    dead-lettered    {tally.dead:>9,}   {_counts(tally.dead_by_class)}".rstrip()
+        )
+        lines.append(f"    latency          {_latency(tally.latency)}")
+        drift = f"    drift windows    {tally.drift_windows:>9,}   alarms {len(tally.drift_alarms)}"
+        if tally.drift_alarms:
+            worst = max(tally.drift_alarms, key=lambda d: d.max_psi)
+            feature, psi = top_feature(worst)
+            drift += (
+                f"; worst: PSI {psi:.2f} on {feature} under {worst.model_name}:"
+                f"{worst.model_version} ({stats.window(worst)}, {worst.record_count:,} records)"
+            )
+        lines.append(drift)
+    lines.append("  timeline           (seconds since the replay started)")
+    # Events come from several partitions of the events topic: put them in time order.
+    for entry in sorted(stats.timeline, key=lambda e: e.at_ms):
+        reason = f"  {entry.reason}" if entry.reason else ""
+        if reason and entry.is_model:
+            reason += ": the previous model kept serving"
+        kind = entry.kind.removeprefix("contract_")
+        lines.append(
+            f"    {stats.clock(entry.at_ms, 8)}  {kind:<9} {entry.model} for "
+            f"{entry.data_type}{reason}"
+        )
+    if not stats.timeline:
+        lines.append("    (no model events seen)")
+    if stats.rejected_control:
+        lines.append(
+            f"  rejected control   {sum(stats.rejected_control.values()):>9,}   "
+            f"dead-lettered descriptors and contracts: {_counts(stats.rejected_control)}"
+        )
+    if stats.undecodable:
+        lines.append(f"  undecodable output {stats.undecodable:>9,}   messages")
+    if outcome.failure:
+        lines.append(f"  FAILED: {outcome.failure.splitlines()[0]}")
+    return lines
+
+
+class LiveView:
+    """Prints notes (scrolling) and the live panel: redrawn in place on a terminal, one
+    line per update otherwise, nothing at all when quiet."""
+
+    def __init__(self, out: TextIO, *, quiet: bool, tty: bool | None = None) -> None:
+        self._out = out
+        self._quiet = quiet
+        self._tty = out.isatty() if tty is None else tty
+        self._panel: list[str] = []
+        self._drawn = 0
+
+    def note(self, text: str) -> None:
+        """A line that stays (above the panel)."""
+        if self._quiet:
+            return
+        self._erase()
+        self._out.write(text + "\n")
+        self._draw()
+
+    def update(self, panel: list[str], line: str) -> None:
+        """A new live update: `panel` on a terminal, else `line`."""
+        if self._quiet:
+            return
+        if not self._tty:
+            self._out.write(line + "\n")
+            self._out.flush()
+            return
+        self._erase()
+        width = max(20, shutil.get_terminal_size().columns - 1)
+        self._panel = [text[:width] for text in panel]  # a wrapped line would break the redraw
+        self._draw()
+
+    def close(self) -> None:
+        """Leave the last panel on screen and stop redrawing."""
+        self._panel, self._drawn = [], 0
+        if not self._quiet:
+            self._out.flush()
+
+    def _erase(self) -> None:
+        if self._drawn:
+            self._out.write(f"\x1b[{self._drawn}F\x1b[J")  # up N lines, clear to the end
+            self._drawn = 0
+
+    def _draw(self) -> None:
+        if self._tty and self._panel:
+            self._out.write("\n".join(self._panel) + "\n")
+            self._drawn = len(self._panel)
+        self._out.flush()
+
+
+# --- the orchestration -------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoOptions:
+    """The demo's command-line options. `models` are the wine models served in turn
+    (`--models`), `penguin_models` the penguins ones (`--penguin-models`; empty: wine only);
+    `rate` is records per second of all data types together (shares: `DEMO_DATA`)."""
+
+    duration_s: float = 40.0
+    rate: float = 1000.0
+    workers: int = 1
+    models: tuple[str, ...] = DEMO_MODELS
+    penguin_models: tuple[str, ...] = DEMO_PENGUIN_MODELS
+    external_brokers: bool = False
+    keep_logs: bool = False
+    quiet: bool = False
+
+    def sequences(self) -> dict[str, tuple[str, ...]]:
+        """Data type -> its models in serving order, for the data types the demo replays."""
+        sequences = {WINE: self.models, PENGUINS: self.penguin_models}
+        return {data_type: models for data_type, models in sequences.items() if models}
+
+
+def demo_config(config: Config, run_id: str, *, fresh_topics: bool) -> Config:
+    """The demo's settings: on a shared broker, topic names of its own (record topics keep
+    their default data types)."""
+    if not fresh_topics:
+        return config
+    topics: dict[str, Any] = {
+        f.name: f"{getattr(config, f.name)}-demo-{run_id}"
+        for f in dataclasses.fields(Config)
+        if f.name.endswith("_topic")
+    }
+    records = ",".join(
+        f"{topic}-demo-{run_id}" + (f"={default}" if default else "")
+        for topic, default in config.record_topic_defaults.items()
+    )
+    return dataclasses.replace(config, **topics, records_topics=records)
+
+
+def _usual_or_free(port: int) -> int:
+    return port if port_is_free(port) else free_port()
+
+
+def dataflow_env(
+    config: Config, workdir: Path, *, fetch_wait_ms: int | None = None
+) -> dict[str, str]:
+    """The dataflow subprocess's environment: ours (WAXSERVE_* tuning included), with the
+    demo's broker, topics and short stats/drift intervals."""
+    env = dict(os.environ)
+    env["WAXSERVE_BROKERS"] = config.brokers
+    for f in dataclasses.fields(Config):
+        if f.name.endswith("_topic"):
+            env[f"WAXSERVE_{f.name.upper()}"] = str(getattr(config, f.name))
+    env["WAXSERVE_RECORDS_TOPICS"] = config.records_topics
+    env["WAXSERVE_STATS_INTERVAL_S"] = str(DEMO_STATS_INTERVAL_S)
+    env["WAXSERVE_DRIFT_WINDOW_S"] = str(DEMO_DRIFT_WINDOW_S)
+    if fetch_wait_ms is not None:
+        env["WAXSERVE_FETCH_WAIT_MS"] = str(fetch_wait_ms)
+    env["BYTEWAX_DATAFLOW_API_CACHE_PATH"] = str(workdir / "bytewax")
+    # Metrics for `just prometheus` and queryable state for `waxserve status`, on their
+    # usual ports when free, else on any.
+    env.setdefault("BYTEWAX_DATAFLOW_API_ENABLED", "1")
+    if "BYTEWAX_DATAFLOW_API_PORT" not in env:
+        env["BYTEWAX_DATAFLOW_API_PORT"] = str(_usual_or_free(BYTEWAX_API_PORT))
+    env.setdefault("WAXSERVE_STATE_ADDR", f"127.0.0.1:{_usual_or_free(STATE_PORT)}")
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+class Demo:
+    """Runs the demo: set up, run the plan while showing the outputs, shut down, summarise.
+
+    Everything started is registered on an ExitStack, so it is stopped in reverse order
+    however the run ends (done, Ctrl-C, SIGTERM, a child dying).
+    """
+
+    def __init__(
+        self, config: Config, options: DemoOptions, catalog: Mapping[str, CatalogEntry]
+    ) -> None:
+        self.options = options
+        self.catalog = catalog
+        self.sequences = options.sequences()
+        self.data = [d for d in DEMO_DATA if d.data_type in self.sequences]
+        self.contracts = {d.data_type: demo_contract(d.data_type) for d in self.data}
+        self.run_id = uuid.uuid4().hex[:6]
+        routed = route_records(config, [d.data_type for d in self.data])
+        self.config = demo_config(routed, self.run_id, fresh_topics=options.external_brokers)
+        self.topics = {dt: t for t, dt in self.config.record_topic_defaults.items()}
+        """Data type -> its record topic."""
+        self.workdir = Path(tempfile.mkdtemp(prefix="waxserve-demo-"))
+        self.dataflow_log = self.workdir / "dataflow.log"
+        self.view = LiveView(sys.stdout, quiet=options.quiet)
+        self.stats = DemoStats(record_topics=self.config.record_topic_defaults)
+        self.broker: EmbeddedBroker | None = None
+        self.dataflow: subprocess.Popen[bytes] | None = None
+        self.consumer: Consumer | None = None
+        self.replay: DemoReplay | None = None
+        self.kinds = {getattr(self.config, f"{kind}_topic"): kind for kind in _OUTPUT_KINDS}
+        self.plan: collections.deque[DemoStep] = collections.deque()
+        self.published: list[str] = []
+        """name:version of every model published, for the summary to wait for its event."""
+        self.fetch_wait_ms: int | None = None
+        self.stop_requested = False
+        self.interrupted = False
+        self.failure = ""
+        self._last_update: float | None = None
+
+    # --- the run ---------------------------------------------------------------------
+
+    def run(self) -> int:
+        """The whole demo; returns the exit code."""
+        with self._deferred_interrupts():
+            with contextlib.ExitStack() as stack:
+                try:
+                    self._set_up(stack)
+                    self._show()
+                    self._catch_up(DEMO_CATCH_UP_TIMEOUT_S, "catching up")
+                except KeyboardInterrupt:
+                    self.interrupted = True
+                    self.view.note("interrupted: stopping (Ctrl-C again to skip the wait)")
+                    self._drain_after_interrupt()
+                except (CliError, BrokerError, KafkaException) as exc:
+                    self.failure = str(exc)
+                finally:
+                    self.view.close()
+                    if self.replay is not None:
+                        self.replay.stop()
+            # Everything is stopped now (ExitStack), the numbers are final.
+            return self._finish()
+
+    @contextlib.contextmanager
+    def _deferred_interrupts(self) -> Iterator[None]:
+        """The first Ctrl-C or SIGTERM only asks to stop (`_checkpoint` acts on it); the
+        second one raises KeyboardInterrupt at once.
+
+        A KeyboardInterrupt raised inside `Consumer.consume()` drops the messages it had
+        taken off librdkafka's queue, and the summary would miss them.
+        """
+        if not in_main_thread():
+            yield
+            return
+        signals = (signal.SIGINT, signal.SIGTERM)
+        previous = {sig: signal.getsignal(sig) for sig in signals}
+
+        def on_signal(signum: int, frame: FrameType | None) -> None:
+            if self.stop_requested:
+                raise KeyboardInterrupt
+            self.stop_requested = True
+
+        for sig in signals:
+            signal.signal(sig, on_signal)
+        try:
+            yield
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+    def _checkpoint(self) -> None:
+        """Where a requested stop takes effect."""
+        if self.stop_requested:
+            raise KeyboardInterrupt
+
+    def _set_up(self, stack: contextlib.ExitStack) -> None:
+        options = self.options
+        stack.callback(self._clean_workdir)
+        rate = f"{options.rate:,.0f} rec/s" if options.rate else "full speed"
+        shares = ":".join(str(d.share) for d in self.data)
+        self._say(
+            f"waxserve demo: {options.duration_s:g} s of "
+            f"{' and '.join(d.data_type for d in self.data)} records at {rate}"
+            + (f" ({shares})" if len(self.data) > 1 else "")
+            + f" through the dataflow ({_plural(options.workers, 'worker')})"
+        )
+        logs = "dataflow.log" if options.external_brokers else "dataflow.log, tansu.log"
+        self._say(f"  work dir   {self.workdir}  ({logs})")
+        if options.external_brokers:
+            self._say(
+                f"  broker     {self.config.brokers} (yours); fresh topics *-demo-{self.run_id}"
+            )
+            if not options.keep_logs:
+                stack.callback(self._delete_topics)
+        else:
+            broker = EmbeddedBroker(log_path=self.workdir / "tansu.log")
+            self.broker = broker.start()
+            stack.callback(broker.stop)
+            self.config = dataclasses.replace(self.config, brokers=broker.bootstrap)
+            if "WAXSERVE_FETCH_WAIT_MS" not in os.environ:
+                self.fetch_wait_ms = DEMO_TANSU_FETCH_WAIT_MS
+            self._say(f"  broker     tansu on {broker.bootstrap} (embedded, in memory)")
+        partitions = -(-DEFAULT_PARTITIONS // options.workers) * options.workers
+        self._checkpoint()
+        create_topics(self.config, partitions)
+        records = ", ".join(
+            f"{topic} ({dt}, {self.contracts[dt].encoding})" for dt, topic in self.topics.items()
+        )
+        self._say(
+            f"  topics     {records}: {partitions} partitions each; "
+            f"{self.config.control_topic} (1), outputs ({partitions} each)"
+        )
+        self.consumer = self._output_consumer()
+        stack.callback(self.consumer.close)
+        plan = plan_demo(
+            options.duration_s,
+            options.models,
+            DEMO_DRIFT_WINDOW_S,
+            self.sequences.get(PENGUINS, ()),
+        )
+        for data_type, models in self.sequences.items():
+            self._say(f"  plan       +{0:5.1f} s  {models[0]} serves {data_type} from the start")
+        for step in plan:
+            self._say(f"             +{step.at_s:5.1f} s  {step.describe()}")
+        self.plan = collections.deque(plan)
+
+        self._checkpoint()
+        # Contracts first: a model is checked against its data type's contract.
+        for contract in self.contracts.values():
+            send_control(self.config, contract.to_proto())
+            self._say(
+                f"published the {contract.data_type} contract v{contract.version} "
+                f"to {self.config.control_topic}"
+            )
+        firsts = []
+        for models in self.sequences.values():
+            desc = self.catalog[models[0]].descriptor()
+            send_control(self.config, desc)
+            firsts.append(f"{desc.name}:{desc.version}")
+            self._say(f"published {firsts[-1]} to {self.config.control_topic}")
+        self.published += firsts
+        self._start_dataflow(stack)
+        self._wait_ready(firsts)
+
+    def _start_dataflow(self, stack: contextlib.ExitStack) -> None:
+        command = [
+            sys.executable,
+            "-m",
+            "bytewax.run",
+            "dataflows.serving:flow",
+            "-w",
+            str(self.options.workers),
+        ]
+        self._dataflow_env = dataflow_env(
+            self.config, self.workdir, fetch_wait_ms=self.fetch_wait_ms
+        )
+        # Bytewax's API writes its cache there and will not start without the directory.
+        Path(self._dataflow_env["BYTEWAX_DATAFLOW_API_CACHE_PATH"]).mkdir(exist_ok=True)
+        with self.dataflow_log.open("wb") as log:
+            self.dataflow = subprocess.Popen(
+                command,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=self._dataflow_env,
+                # Its own session: Ctrl-C reaches the demo only, which stops it in order.
+                start_new_session=True,
+                preexec_fn=_die_with_parent if sys.platform.startswith("linux") else None,
+            )
+        stack.callback(self._stop_dataflow)
+        if self.fetch_wait_ms is not None:
+            self._say(
+                f"  note       WAXSERVE_FETCH_WAIT_MS={self.fetch_wait_ms} for the dataflow: "
+                "tansu's in-memory log gets slower to fetch from as it grows"
+            )
+        self._say(
+            f"started the dataflow (pid {self.dataflow.pid}): python -m bytewax.run "
+            f"dataflows.serving:flow -w {self.options.workers}"
+        )
+        self._say(f"  its log    {self.dataflow_log}")
+        state_addr = self._dataflow_env.get("WAXSERVE_STATE_ADDR")
+        if state_addr:
+            self._say(f"  its state  waxserve status --url http://{state_addr}")
+        api_port = self._dataflow_env.get("BYTEWAX_DATAFLOW_API_PORT", BYTEWAX_API_PORT)
+        self._say(f"  metrics    http://127.0.0.1:{api_port}/metrics")
+
+    def _wait_ready(self, models: Sequence[str]) -> None:
+        """Until the dataflow reports each first model installed; fails on a rejection (of
+        one of them, or of a contract)."""
+        started = time.monotonic()
+        while not self.stats.settled(models):
+            if time.monotonic() - started > DEMO_READY_TIMEOUT_S:
+                raise CliError(
+                    f"the dataflow did not install {', '.join(models)} within "
+                    f"{DEMO_READY_TIMEOUT_S:g} s; its log ends:\n{self._dataflow_tail()}"
+                )
+            self._checkpoint()
+            self._check_children()
+            self._pump(0.2, notes=False)
+            for entry in self.stats.timeline:
+                if entry.kind in ("rejected", "contract_rejected"):
+                    raise CliError(
+                        f"the dataflow rejected {entry.model} for {entry.data_type}: "
+                        f"{entry.reason or '?'}"
+                    )
+        self.stats.take_notes()
+        self._say(
+            f"the dataflow installed {', '.join(models)} after {time.monotonic() - started:.1f} s"
+        )
+
+    def _show(self) -> None:
+        """The replay and the plan, with a live update once a second."""
+        streams = [
+            ReplayStream(
+                self.contracts[d.data_type],
+                d.csv,
+                self.topics[d.data_type],
+                share=d.share,
+                data_type_header=self.config.data_type_header,
+            )
+            for d in self.data
+        ]
+        self.replay = DemoReplay(self.config, self.options.rate, streams)
+        self.stats.t0_ms = time.time_ns() // 1_000_000
+        self.replay.start()
+        files = " and ".join(f"{s.csv.name} ({s.contract.encoding}) to {s.topic}" for s in streams)
+        self._say(f"replaying {files} in a loop (times below: seconds since now)")
+        while self.replay.seconds < self.options.duration_s:
+            self._checkpoint()
+            while self.plan and self.plan[0].at_s <= self.replay.seconds:
+                self._do(self.plan.popleft())
+            self._pump(0.1)
+            self._check_children()
+            self._maybe_update()
+
+    def _catch_up(self, timeout: float, phase: str, *, interruptible: bool = True) -> None:
+        """Stop the replay; read until every record sent is scored or dead-lettered, and every
+        model published installed or rejected, for at most `timeout` seconds after the broker
+        acknowledged the last record."""
+        replay = self.replay
+        assert replay is not None
+        replay.stop(wait=False)
+        deadline = time.monotonic() + timeout
+        while replay.running or (
+            (self.stats.accounted < replay.delivered or not self.stats.settled(self.published))
+            and time.monotonic() < deadline
+        ):
+            if replay.running:
+                deadline = time.monotonic() + timeout
+            if interruptible:
+                self._checkpoint()
+            self._pump(0.1)
+            self._check_children()
+            self._maybe_update(phase)
+        replay.stop()
+        self._pump(0.3)  # duplicates or stragglers, if any
+        self._maybe_update(phase, force=True)
+
+    def _drain_after_interrupt(self) -> None:
+        try:
+            if self.replay is not None and self.consumer is not None:
+                self._catch_up(DEMO_INTERRUPT_DRAIN_S, "interrupted, draining", interruptible=False)
+        except (KeyboardInterrupt, CliError, KafkaException):
+            pass
+
+    def _finish(self) -> int:
+        replay = self.replay
+        if replay is None:  # failed or interrupted before the replay started
+            if self.failure:
+                raise CliError(self.failure)
+            print("waxserve demo: interrupted before the replay started", file=sys.stderr)
+            return 130
+        outcome = DemoOutcome(
+            sent=replay.sent(),
+            failed=replay.failed,
+            replay_s=replay.seconds,
+            rate=self.options.rate,
+            workers=self.options.workers,
+            interrupted=self.interrupted,
+            failure=self.failure,
+        )
+        for line in render_summary(self.stats, outcome):
+            print(line)
+        if self._keep_workdir():
+            print(f"  logs               {self.workdir}")
+        sys.stdout.flush()
+        if self.failure:
+            raise CliError(self.failure)
+        if self.interrupted:
+            return 130
+        lost = {
+            dt: n for dt, n in self.stats.unaccounted_by_type(outcome.sent_by_type).items() if n
+        }
+        if lost or outcome.failed:
+            print(
+                f"waxserve demo: {_counts(lost) or 'no'} record(s) unaccounted for, "
+                f"{outcome.failed} delivery failure(s); the dataflow log is kept in "
+                f"{self.workdir}",
+                file=sys.stderr,
+            )
+            return 1
+        return 0
+
+    # --- steps -----------------------------------------------------------------------
+
+    def _do(self, step: DemoStep) -> None:
+        assert self.replay is not None
+        if step.action == "bad_rows":
+            count = self.replay.stream(WINE).inject(ERROR_CSV)
+            self._event(f"sending the {count} rows of {ERROR_CSV.name} (malformed)")
+        elif step.action == "swap":
+            desc = self.catalog[step.model].descriptor()
+            send_control(self.config, desc)
+            self.published.append(f"{desc.name}:{desc.version}")
+            self._event(f"published {desc.name}:{desc.version} for {desc.data_type} (model swap)")
+        elif step.action == "tampered":
+            desc = tampered_descriptor(self.catalog[step.model])
+            send_control(self.config, desc)
+            self.published.append(f"{desc.name}:{desc.version}")
+            self._event(f"published {desc.name}:{desc.version} with a wrong sha256 (tampered)")
+        elif step.action == "shift":
+            self.replay.shift(step.seconds)
+            self._event(
+                f"{DEMO_SHIFT_FEATURE} {DEMO_SHIFT_DELTA:+g} in the {WINE} records of the next "
+                f"{step.seconds:g} s (drift)"
+            )
+
+    # --- reading the outputs ---------------------------------------------------------
+
+    def _output_consumer(self) -> Consumer:
+        """One consumer on every partition of the output topics, from the beginning."""
+        consumer = Consumer(
+            kafka_settings(
+                self.config,
+                **{
+                    # Required by the client, never used: we assign partitions (no group join,
+                    # which takes ~20 s on tansu).
+                    "group.id": f"waxserve-demo-{self.run_id}",
+                    "enable.auto.commit": False,
+                    "enable.auto.offset.store": False,
+                    # Few fetches: see DEMO_TANSU_FETCH_WAIT_MS.
+                    "fetch.wait.max.ms": 200,
+                },
+            )
+        )
+        assignment = []
+        for topic in self.kinds:
+            metadata = consumer.list_topics(topic, timeout=METADATA_TIMEOUT_S)
+            assignment += [
+                TopicPartition(topic, p, OFFSET_BEGINNING)
+                for p in sorted(metadata.topics[topic].partitions)
+            ]
+        consumer.assign(assignment)
+        return consumer
+
+    def _pump(self, timeout: float, *, notes: bool = True) -> None:
+        """Fold what arrived on the output topics within `timeout` seconds."""
+        assert self.consumer is not None
+        deadline = time.monotonic() + timeout
+        while True:
+            remaining = deadline - time.monotonic()
+            messages = self.consumer.consume(num_messages=5000, timeout=max(0.0, remaining))
+            for msg in messages:
+                err = msg.error()
+                if err is not None:
+                    if err.fatal():
+                        raise KafkaException(err)
+                    continue
+                kind = self.kinds.get(msg.topic() or "", "")
+                self.stats.add_message(kind, msg.value(), header_pairs(msg))
+            if notes:
+                for note in self.stats.take_notes():
+                    self._event(note)
+            if remaining <= 0 or not messages:
+                return
+
+    def _maybe_update(self, phase: str = "", *, force: bool = False) -> None:
+        now = time.monotonic()
+        last = self._last_update
+        if last is None:
+            self._last_update = now
+            return
+        if now - last < 1.0 and not force:
+            return
+        self._last_update = now
+        assert self.replay is not None
+        scored, latency = self.stats.take_recent()
+        view = DemoView(
+            elapsed_s=self.replay.seconds,
+            duration_s=self.options.duration_s,
+            sent=self.replay.produced_by_type(),
+            scored_per_s=scored / max(now - last, 1e-3),
+            recent_latency=latency,
+            phase=phase,
+        )
+        self.view.update(render_panel(self.stats, view), render_line(self.stats, view))
+
+    # --- children --------------------------------------------------------------------
+
+    def _check_children(self) -> None:
+        if self.dataflow is not None and self.dataflow.poll() is not None:
+            raise CliError(
+                f"the dataflow exited early with code {self.dataflow.returncode}; its log "
+                f"({self.dataflow_log}) ends:\n{self._dataflow_tail()}"
+            )
+        if self.broker is not None and not self.broker.running:
+            raise CliError(f"the broker stopped; its log ends:\n{self.broker.log_tail()}")
+        if self.replay is not None and self.replay.error is not None:
+            raise CliError(f"the replay failed: {self.replay.error}")
+
+    def _dataflow_tail(self, lines: int = 30) -> str:
+        return log_tail(self.dataflow_log, lines)
+
+    def _stop_dataflow(self) -> None:
+        """SIGINT (Bytewax stops cleanly), then SIGTERM, then SIGKILL."""
+        process = self.dataflow
+        if process is None or process.poll() is not None:
+            return
+        for sig, wait in ((signal.SIGINT, 10.0), (signal.SIGTERM, 5.0)):
+            try:
+                process.send_signal(sig)
+                process.wait(wait)
+                return
+            except subprocess.TimeoutExpired:
+                continue
+            except KeyboardInterrupt:
+                break
+        process.kill()
+        process.wait()
+
+    def _delete_topics(self) -> None:
+        from confluent_kafka.admin import AdminClient
+
+        config = self.config
+        topics = [config.control_topic, *config.record_topic_defaults, *config.output_topics]
+        admin = AdminClient(kafka_settings(config))  # alive until every future is done
+        futures = admin.delete_topics(topics, operation_timeout=10)
+        for topic, future in futures.items():
+            try:
+                future.result(timeout=15)
+            except Exception as exc:
+                print(f"warning: could not delete topic {topic}: {exc}", file=sys.stderr)
+
+    def _keep_workdir(self) -> bool:
+        """Keep the logs when asked to, and when something went wrong."""
+        if self.options.keep_logs or self.failure:
+            return True
+        replay = self.replay
+        if replay is None:
+            return False
+        sent = {dt: counts.sent for dt, counts in replay.sent().items()}
+        lost = any(self.stats.unaccounted_by_type(sent).values())
+        return lost and not self.interrupted
+
+    def _clean_workdir(self) -> None:
+        if not self._keep_workdir():
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _say(self, text: str) -> None:
+        self.view.note(text)
+
+    def _event(self, text: str) -> None:
+        """A note stamped with the time since the replay started."""
+        self.view.note(f"{self.stats.clock(time.time_ns() // 1_000_000, 8)}  * {text}")

@@ -1,0 +1,160 @@
+"""Stats and drift arithmetic."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from dataflows.monitoring.windows import (
+    DriftAccumulator,
+    DriftPartial,
+    DriftReference,
+    ModelIdentity,
+    MonitorState,
+    StatsAccumulator,
+    StatsPartial,
+    drift_message,
+    psi,
+    window_start,
+)
+from protos import waxserve_pb2 as pb
+
+MODEL = ModelIdentity("wine", "m", "1", "abc", since_ms=5)
+
+
+def reference() -> DriftReference:
+    return DriftReference(
+        features=("a",),
+        edges=(np.array([0.0, 1.0]),),
+        expected=(np.array([0.25, 0.5, 0.25]),),
+        means=np.array([0.5]),
+        stds=np.array([0.5]),
+    )
+
+
+def test_psi_is_zero_for_the_reference_and_grows_with_shift() -> None:
+    expected = np.array([0.25, 0.5, 0.25])
+    assert psi(expected, np.array([25, 50, 25])) == pytest.approx(0.0)
+    small = psi(expected, np.array([30, 50, 20]))
+    large = psi(expected, np.array([0, 10, 90]))
+    assert 0 < small < 0.1 < 0.25 < large
+    assert psi(expected, np.array([0, 0, 0])) == 0.0
+
+
+def test_drift_accumulator_bins_like_the_profile() -> None:
+    ref = reference()
+    acc = DriftAccumulator.empty(ref)
+    acc.add(ref, np.array([[-1.0], [0.0], [0.5], [1.0], [2.0]]))
+    # side="right": a value on an edge goes to the bin above it.
+    assert acc.counts[0].tolist() == [1, 2, 2]
+    assert acc.n == 5 and acc.sums[0] == pytest.approx(2.5)
+
+
+def test_a_record_lacking_a_feature_counts_for_the_others_only() -> None:
+    # A model that does not use a feature scores records without it; drift must neither
+    # count the gap in a bin (searchsorted puts NaN in the top one) nor average it in.
+    ref = DriftReference(
+        features=("a", "b"),
+        edges=(np.array([0.0, 1.0]), np.array([0.0, 1.0])),
+        expected=(np.array([0.25, 0.5, 0.25]), np.array([0.25, 0.5, 0.25])),
+        means=np.array([0.5, 0.5]),
+        stds=np.array([0.5, 0.5]),
+    )
+    acc = DriftAccumulator.empty(ref)
+    acc.add(ref, np.array([[0.5, 0.5], [0.5, np.nan], [2.0, np.nan], [0.5, 0.25]]))
+    acc.add(ref, np.array([[0.5, 0.75]]))  # a batch without gaps
+    assert acc.n == 5
+    assert acc.counts[0].tolist() == [0, 4, 1] and acc.counts[1].tolist() == [0, 3, 0]
+    message = drift_message(DriftPartial(MODEL, ref, 0, 1000, acc), threshold=0.25)
+    a, b = message.features
+    assert a.mean == pytest.approx(0.8) and b.mean == pytest.approx(0.5)
+    assert b.mean_shift_sigmas == pytest.approx(0.0)
+    assert message.record_count == 5 and np.isfinite(message.max_psi)
+    # A window where no record had the feature reports no mean for it, and no drift.
+    empty = DriftAccumulator.empty(ref)
+    empty.add(ref, np.array([[0.5, np.nan]]))
+    _, only_gaps = drift_message(DriftPartial(MODEL, ref, 0, 1000, empty), 0.25).features
+    assert only_gaps.mean == 0.0 and only_gaps.psi == 0.0 and list(only_gaps.bin_counts) == [0] * 3
+
+
+def test_stats_accumulator_per_record_times() -> None:
+    acc = StatsAccumulator()
+    acc.add_call(10, 0.001)
+    acc.add_call(1, 0.0005)
+    acc.add_call(0, 1.0)
+    assert acc.count == 11 and acc.total_s == pytest.approx(0.0015)
+    assert acc.min_s == pytest.approx(0.0001) and acc.max_s == pytest.approx(0.0005)
+
+
+def test_monitor_merges_shards_and_emits_each_window_once() -> None:
+    ref = reference()
+    state = MonitorState()
+    for shard_values in ([[0.5]], [[2.0], [2.0]]):
+        stats = StatsAccumulator()
+        stats.add_call(len(shard_values), 0.001)
+        state.add(StatsPartial(MODEL, 0, 1000, stats))
+        drift = DriftAccumulator.empty(ref)
+        drift.add(ref, np.array(shard_values))
+        state.add(DriftPartial(MODEL, ref, 0, 1000, drift))
+    later = StatsAccumulator()
+    later.add_call(4, 0.001)
+    state.add(StatsPartial(MODEL, 1000, 2000, later))
+    assert state.next_close_ms() == 1000
+    first = state.close(1000, threshold=0.25)
+    stats_msgs = [m for m in first if isinstance(m, pb.ServingStats)]
+    drift_msgs = [m for m in first if isinstance(m, pb.DriftMetrics)]
+    assert [(s.window_count, s.usage_count) for s in stats_msgs] == [(3, 7)]
+    assert stats_msgs[0].since_ms == 5
+    assert drift_msgs[0].record_count == 3
+    assert list(drift_msgs[0].features[0].bin_counts) == [0, 1, 2]
+    assert drift_msgs[0].alarm
+    assert state.close(1000, threshold=0.25) == []
+    # The same window with a minimum of 4 records: PSI reported, no alarm.
+    few = MonitorState()
+    few.add(DriftPartial(MODEL, ref, 0, 1000, drift))
+    (quiet,) = few.close(None, threshold=0.25, min_records=4)
+    assert isinstance(quiet, pb.DriftMetrics) and quiet.max_psi > 0.25 and not quiet.alarm
+    rest = state.close(None, threshold=0.25)
+    assert [m.window_count for m in rest] == [4]
+
+
+def test_windows_align_to_the_epoch() -> None:
+    assert window_start(12_345, 1000) == 12_000
+    assert window_start(12_000, 1000) == 12_000
+
+
+def test_monitor_forgets_the_oldest_models_only() -> None:
+    state = MonitorState()
+    models = [ModelIdentity("wine", "m", str(v), f"d{v}", since_ms=v) for v in range(40)]
+    for model in models:
+        stats = StatsAccumulator()
+        stats.add_call(1, 0.001)
+        state.add(StatsPartial(model, 0, 1000, stats))
+        state.close(None, threshold=0.25)
+    assert set(state.totals) == set(models[-16:])
+
+
+def test_drift_bins_are_searchsorted_bins_for_every_value() -> None:
+    rng = np.random.default_rng(7)
+    edges = (np.array([0.0, 1.0, 2.0]), np.array([-5.0]), np.linspace(-1, 1, 9))
+    reference = DriftReference(
+        features=("a", "b", "c"),
+        edges=edges,
+        expected=tuple(np.full(len(e) + 1, 1 / (len(e) + 1)) for e in edges),
+        means=np.zeros(3),
+        stds=np.ones(3),
+    )
+    features = rng.normal(size=(500, 11)) * 3
+    features[rng.random(features.shape) < 0.1] = np.nan  # absent values
+    features[:10, 4] = [0.0, 1.0, 2.0, -0.0, 1e300, -1e300, 0.5, 2.5, np.nan, -1]  # on edges
+    columns = [4, 0, 9]  # where the reference's features are in the record matrix
+    acc = DriftAccumulator.empty(reference)
+    acc.add(reference, features[:200, columns])
+    acc.add(reference, features[200:, columns])
+    for i, (column, e) in enumerate(zip(columns, edges, strict=True)):
+        present = features[:, column][~np.isnan(features[:, column])]  # absent: not counted
+        bins = np.searchsorted(e, present, side="right")
+        np.testing.assert_array_equal(acc.counts[i], np.bincount(bins, minlength=len(e) + 1))
+    # Absent values are left out of the sums (column 4's ±1e300 make its sum order-bound).
+    np.testing.assert_allclose(acc.sums[1:], np.nansum(features[:, [0, 9]], axis=0))
+    assert np.isfinite(acc.sums[0]) and acc.n == 500

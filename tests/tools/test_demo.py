@@ -1,0 +1,659 @@
+"""`waxserve demo`: the plan, the records and the accounting per data type without Kafka,
+and one real run end to end."""
+
+from __future__ import annotations
+
+import io
+import itertools
+import json
+import os
+import re
+import subprocess
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+from dataflows.contracts.codecs import codec_for
+from dataflows.core.config import Config
+from dataflows.core.descriptors import load_catalog, sha256_hex
+from dataflows.tools.demo import (
+    DEMO_PENGUIN_MODELS,
+    DEMO_PLAN_GAP_S,
+    DEMO_SHIFT_DELTA,
+    DEMO_SHIFT_FEATURE,
+    DEMO_TAMPERED,
+    ERROR_CSV,
+    PENGUINS_CSV,
+    WINE_CSV,
+    DemoOptions,
+    DemoOutcome,
+    DemoStats,
+    DemoView,
+    LiveView,
+    ReplayStream,
+    SentCounts,
+    _demo_catalog,
+    dataflow_env,
+    demo_config,
+    demo_contract,
+    interleave,
+    percentile,
+    plan_demo,
+    render_line,
+    render_panel,
+    render_summary,
+    route_records,
+    shift_feature,
+    shuffled_lines,
+    tampered_descriptor,
+)
+from dataflows.tools.replay import CliError
+from protos import waxserve_pb2 as pb
+
+WINE = demo_contract("wine")
+PENGUINS = demo_contract("penguins")
+CSV_COLUMNS = WINE.csv_columns
+
+REPO = Path(__file__).resolve().parents[2]
+RECORDS = "waxserve-records"
+PENGUIN_RECORDS = "waxserve-penguins"
+TOPICS = {RECORDS: "wine", PENGUIN_RECORDS: "penguins"}
+T0_MS = 1_700_000_000_000
+WINE_MODELS = ["wine-lr", "wine-gbt", "wine-pmml-lr"]
+
+
+def parse_csv_line(line: str) -> dict[str, float]:
+    return {name: float(cell) for name, cell in zip(CSV_COLUMNS, line.split(";"), strict=True)}
+
+
+def scored(
+    offset: int,
+    model: str = "wine-lr",
+    version: str = "1",
+    *,
+    topic: str = RECORDS,
+    partition: int = 0,
+    event_ms: int = T0_MS,
+    scored_ms: int = T0_MS + 10,
+) -> pb.ScoredRecord:
+    return pb.ScoredRecord(
+        data_type=TOPICS.get(topic, ""),
+        source_topic=topic,
+        source_partition=partition,
+        source_offset=offset,
+        model_name=model,
+        model_version=version,
+        event_time_ms=event_ms,
+        scored_at_ms=scored_ms,
+    )
+
+
+def dead_letter(
+    offset: int, reason: str, *, topic: str = RECORDS, partition: int = 0
+) -> dict[str, str]:
+    return {
+        "waxserve.stage": "score",
+        "waxserve.error.class": reason,
+        "waxserve.source.topic": topic,
+        "waxserve.source.partition": str(partition),
+        "waxserve.source.offset": str(offset),
+    }
+
+
+def event(
+    kind: str,
+    model: str = "",
+    version: str = "1",
+    *,
+    data_type: str = "wine",
+    at_ms: int = T0_MS,
+    reason: str = "",
+    contract_version: int = 1,
+) -> pb.ModelEvent:
+    return pb.ModelEvent(
+        kind=kind,
+        data_type=data_type,
+        model_name=model,
+        model_version=version if model else "",
+        at_ms=at_ms,
+        reason=reason,
+        contract_version=contract_version,
+    )
+
+
+def drift(
+    max_psi: float, *, start_ms: int = T0_MS, alarm: bool = False, data_type: str = "wine"
+) -> pb.DriftMetrics:
+    return pb.DriftMetrics(
+        data_type=data_type,
+        model_name="wine-lr" if data_type == "wine" else "penguins-species-onnx",
+        model_version="1",
+        window_start_ms=start_ms,
+        window_end_ms=start_ms + 5000,
+        record_count=5000,
+        max_psi=max_psi,
+        alarm=alarm,
+        features=[
+            pb.FeatureDrift(feature="ph", psi=0.01),
+            pb.FeatureDrift(feature="alcohol", psi=max_psi),
+        ],
+    )
+
+
+# --- percentiles --------------------------------------------------------------------------
+
+
+def test_percentile_is_nearest_rank_over_a_histogram() -> None:
+    assert percentile(Counter(), 50) is None
+    uniform = Counter(range(1, 101))
+    assert (percentile(uniform, 50), percentile(uniform, 99), percentile(uniform, 100)) == (
+        50,
+        99,
+        100,
+    )
+    skewed = Counter({5: 98, 1000: 2})  # 2% slow records: p99 sees them, p50 does not
+    assert percentile(skewed, 50) == 5 and percentile(skewed, 99) == 1000
+    assert percentile(Counter({7: 1}), 0) == 7
+
+
+# --- folding the output topics, per data type --------------------------------------------
+
+
+def test_every_data_type_of_the_record_topics_has_a_tally_from_the_start() -> None:
+    stats = DemoStats(record_topics=TOPICS)
+    assert list(stats.tallies) == ["wine", "penguins"]
+    assert stats.unaccounted_by_type({"wine": 3, "penguins": 0}) == {"wine": 3, "penguins": 0}
+
+
+def test_scored_and_dead_letters_account_for_records_sent_per_data_type() -> None:
+    stats = DemoStats(record_topics=TOPICS)
+    for offset in range(6):
+        stats.add_scored(scored(offset, "wine-lr"))
+    for offset in range(6, 10):
+        stats.add_scored(scored(offset, "wine-gbt"))
+    stats.add_dead_letter(dead_letter(10, "missing_feature"))
+    stats.add_dead_letter(dead_letter(0, "bad_csv", partition=1))
+    # The same positions on the penguins topic are other records.
+    for offset in range(3):
+        stats.add_scored(scored(offset, "penguins-species-onnx", topic=PENGUIN_RECORDS))
+    stats.add_scored(scored(3, "penguins-species-pmml", topic=PENGUIN_RECORDS))
+    stats.add_dead_letter(dead_letter(4, "missing_field", topic=PENGUIN_RECORDS))
+    stats.add_dead_letter(dead_letter(5, "missing_feature", topic=PENGUIN_RECORDS))
+    wine, penguins = stats.tallies["wine"], stats.tallies["penguins"]
+    assert wine.scored_by_model == {"wine-lr:1": 6, "wine-gbt:1": 4}
+    assert wine.dead_by_class == {"missing_feature": 1, "bad_csv": 1}
+    assert penguins.scored_by_model == {"penguins-species-onnx:1": 3, "penguins-species-pmml:1": 1}
+    assert penguins.dead_by_class == {"missing_field": 1, "missing_feature": 1}
+    assert (stats.scored, stats.dead, stats.accounted) == (14, 4, 18)
+    assert stats.unaccounted({"wine": 12, "penguins": 6}) == 0
+    # Two wine records lost: the total says 2 and so does wine's line, not penguins'.
+    assert stats.unaccounted_by_type({"wine": 14, "penguins": 6}) == {"wine": 2, "penguins": 0}
+    assert stats.unaccounted({"wine": 14, "penguins": 6}) == 2
+
+
+def test_duplicates_count_once_and_a_record_both_scored_and_dead_is_flagged() -> None:
+    stats = DemoStats(record_topics=TOPICS)
+    stats.add_scored(scored(1))
+    stats.add_scored(scored(1))  # at-least-once redelivery
+    stats.add_scored(scored(1, partition=2))  # same offset, other partition: another record
+    stats.add_scored(scored(1, topic=PENGUIN_RECORDS))  # same position, other topic: too
+    stats.add_dead_letter(dead_letter(5, "missing_feature"))
+    stats.add_dead_letter(dead_letter(5, "missing_feature"))
+    assert stats.scored == 3 and stats.dead == 1 and stats.duplicates == 2
+    assert stats.unaccounted({"wine": 3, "penguins": 1}) == 0
+    stats.add_dead_letter(dead_letter(1, "score_failed"))
+    assert stats.scored_and_dead == 1 and stats.accounted == 4
+    assert stats.tallies["wine"].scored_and_dead == 1
+    assert stats.tallies["penguins"].scored_and_dead == 0
+
+
+def test_rejected_control_messages_are_not_record_dead_letters() -> None:
+    stats = DemoStats(record_topics=TOPICS)
+    stats.add_dead_letter(dead_letter(3, "digest_mismatch", topic="waxserve-control"))
+    assert stats.dead == 0 and stats.unaccounted({"wine": 0}) == 0
+    assert stats.rejected_control == {"digest_mismatch": 1}
+
+
+def test_a_dead_letter_without_a_position_is_counted_anyway() -> None:
+    stats = DemoStats(record_topics=TOPICS)
+    headers = dead_letter(0, "undecodable", topic=PENGUIN_RECORDS)
+    del headers["waxserve.source.offset"]
+    stats.add_dead_letter(headers)
+    stats.add_dead_letter(headers)  # cannot tell a duplicate: both count
+    assert stats.tallies["penguins"].dead_by_class == {"undecodable": 2}
+    assert stats.tallies["penguins"].unplaced_dead == 2
+    assert stats.unaccounted({"penguins": 2}) == 0
+
+
+def test_latency_is_scored_at_minus_event_time_per_data_type() -> None:
+    stats = DemoStats(record_topics=TOPICS)
+    stats.add_scored(scored(0, event_ms=T0_MS, scored_ms=T0_MS + 12))
+    stats.add_scored(scored(1, event_ms=T0_MS, scored_ms=T0_MS + 40))
+    stats.add_scored(scored(2, event_ms=0, scored_ms=T0_MS))  # no event time: no latency
+    stats.add_scored(scored(0, topic=PENGUIN_RECORDS, event_ms=T0_MS, scored_ms=T0_MS + 25))
+    assert stats.tallies["wine"].latency == Counter({12: 1, 40: 1})
+    assert stats.tallies["penguins"].latency == Counter({25: 1})
+    assert stats.latency == Counter({12: 1, 25: 1, 40: 1})
+    count, recent = stats.take_recent()
+    assert count == 4 and recent == Counter({12: 1, 25: 1, 40: 1})
+    assert stats.take_recent() == (0, Counter())  # reset: "last second" only
+    assert stats.latency == Counter({12: 1, 25: 1, 40: 1})  # the whole run stays
+    assert (stats.first_scored_ms, stats.last_scored_ms) == (T0_MS, T0_MS + 40)
+
+
+def test_control_events_track_the_serving_models_and_the_timeline() -> None:
+    stats = DemoStats(record_topics=TOPICS, t0_ms=T0_MS)
+    stats.add_event(event("contract_installed", at_ms=T0_MS - 900))
+    stats.add_event(event("contract_installed", data_type="penguins", at_ms=T0_MS - 900))
+    stats.add_event(event("installed", "wine-lr", at_ms=T0_MS - 700))
+    stats.add_event(
+        event("installed", "penguins-species-onnx", data_type="penguins", at_ms=T0_MS - 700)
+    )
+    # The first event is a contract's: the first *models* are what "ready" waits for.
+    assert stats.settled(["wine-lr:1", "penguins-species-onnx:1"])
+    assert not stats.settled(["wine-lr:1", "wine-gbt:1"])
+    stats.add_event(event("installed", "wine-gbt", at_ms=T0_MS + 13_300))
+    stats.add_event(
+        event("rejected", DEMO_TAMPERED, at_ms=T0_MS + 20_000, reason="digest_mismatch")
+    )
+    stats.add_event(
+        event("installed", "penguins-species-pmml", data_type="penguins", at_ms=T0_MS + 21_000)
+    )
+    # A rejection leaves the model serving; each data type has its own.
+    assert stats.current == {"wine": "wine-gbt:1", "penguins": "penguins-species-pmml:1"}
+    assert stats.settled([f"{DEMO_TAMPERED}:1", "penguins-species-pmml:1"])
+    assert [(e.kind, e.data_type, e.model, stats.clock(e.at_ms)) for e in stats.timeline] == [
+        ("contract_installed", "wine", "contract v1", "-0.9 s"),
+        ("contract_installed", "penguins", "contract v1", "-0.9 s"),
+        ("installed", "wine", "wine-lr:1", "-0.7 s"),
+        ("installed", "penguins", "penguins-species-onnx:1", "-0.7 s"),
+        ("installed", "wine", "wine-gbt:1", "+13.3 s"),
+        ("rejected", "wine", f"{DEMO_TAMPERED}:1", "+20.0 s"),
+        ("installed", "penguins", "penguins-species-pmml:1", "+21.0 s"),
+    ]
+    notes = stats.take_notes()
+    assert notes[0] == "installed the wine contract v1"
+    assert (
+        notes[-2] == f"rejected {DEMO_TAMPERED}:1 (digest_mismatch): wine-gbt:1 keeps serving wine"
+    )
+    assert stats.take_notes() == []
+    stats.add_event(event("contract_rejected", data_type="penguins", reason="bad_contract"))
+    assert stats.take_notes() == ["rejected the penguins contract v1 (bad_contract)"]
+    assert stats.current["penguins"] == "penguins-species-pmml:1"
+
+
+def test_drift_is_kept_per_data_type_and_alarms_are_noted() -> None:
+    stats = DemoStats(record_topics=TOPICS, t0_ms=T0_MS)
+    stats.add_drift(drift(0.02, start_ms=T0_MS))
+    stats.add_drift(drift(1.5, start_ms=T0_MS + 10_000, alarm=True))
+    stats.add_drift(drift(0.03, start_ms=T0_MS + 5000))  # late, older window
+    stats.add_drift(drift(0.04, start_ms=T0_MS + 15_000, data_type="penguins"))
+    wine, penguins = stats.tallies["wine"], stats.tallies["penguins"]
+    assert wine.drift_windows == 3 and len(wine.drift_alarms) == 1
+    assert wine.latest_drift is not None and wine.latest_drift.max_psi == 1.5
+    assert penguins.drift_windows == 1 and not penguins.drift_alarms
+    assert penguins.latest_drift is not None and penguins.latest_drift.max_psi == 0.04
+    assert len(stats.drift_alarms) == 1
+    (note,) = stats.take_notes()
+    assert "DRIFT ALARM" in note and "alcohol" in note and "+10.0 s..+15.0 s" in note
+    assert "for wine" in note
+
+
+def test_add_message_decodes_by_topic_kind() -> None:
+    stats = DemoStats(record_topics=TOPICS)
+    stats.add_message("scored", scored(0).SerializeToString(), [])
+    stats.add_message("scored", scored(0, topic=PENGUIN_RECORDS).SerializeToString(), [])
+    stats.add_message("events", event("installed", "wine-lr").SerializeToString(), [])
+    stats.add_message("drift", drift(0.1).SerializeToString(), [])
+    stats.add_message(
+        "stats",
+        pb.ServingStats(
+            model_name="wine-lr", model_version="1", mean_duration_us=12.5
+        ).SerializeToString(),
+        [],
+    )
+    headers = [(k, v.encode()) for k, v in dead_letter(9, "bad_csv").items()]
+    stats.add_message("dlq", b"7.4;0.7", [*headers, ("content-type", b"text/csv")])
+    stats.add_message("scored", b"\xff not protobuf", [])
+    assert stats.tallies["wine"].scored == 1 and stats.tallies["penguins"].scored == 1
+    assert stats.current == {"wine": "wine-lr:1"}
+    assert stats.tallies["wine"].drift_windows == 1 and stats.model_us == {"wine-lr:1": 12.5}
+    assert stats.tallies["wine"].dead_by_class == {"bad_csv": 1} and stats.undecodable == 1
+
+
+# --- text ---------------------------------------------------------------------------------
+
+
+def _finished_stats() -> DemoStats:
+    stats = DemoStats(record_topics=TOPICS, t0_ms=T0_MS)
+    stats.add_event(event("installed", "wine-lr", at_ms=T0_MS - 500))
+    stats.add_event(
+        event("installed", "penguins-species-onnx", data_type="penguins", at_ms=T0_MS - 500)
+    )
+    stats.add_event(event("contract_installed", at_ms=T0_MS - 900))  # arrives late
+    for offset in range(8):
+        stats.add_scored(scored(offset, scored_ms=T0_MS + 1000 * offset + 10))
+    stats.add_dead_letter(dead_letter(8, "missing_feature"))
+    for offset in range(3):
+        stats.add_scored(scored(offset, "penguins-species-onnx", topic=PENGUIN_RECORDS))
+    stats.add_dead_letter(dead_letter(3, "missing_field", topic=PENGUIN_RECORDS))
+    return stats
+
+
+def _outcome(wine: int, penguins: int, *, interrupted: bool = False) -> DemoOutcome:
+    sent = {
+        "wine": SentCounts(wine, RECORDS, "protobuf", injected=1, shifted=2),
+        "penguins": SentCounts(penguins, PENGUIN_RECORDS, "json"),
+    }
+    return DemoOutcome(
+        sent=sent, failed=0, replay_s=8.0, rate=1.0, workers=1, interrupted=interrupted
+    )
+
+
+def test_summary_accounts_for_each_data_type() -> None:
+    stats = _finished_stats()
+    text = "\n".join(render_summary(stats, _outcome(9, 4)))
+    assert re.search(r"UNACCOUNTED\s+0\s.*OK", text)
+    assert re.search(r"^\s+wine\s+0\s+of 9 sent: 8 scored, 1 dead-lettered$", text, re.M)
+    assert re.search(r"^\s+penguins\s+0\s+of 4 sent: 3 scored, 1 dead-lettered$", text, re.M)
+    assert "records sent              13   wine 9, penguins 4" in text
+    assert "wine-lr:1 8" in text and "penguins-species-onnx:1 3" in text
+    assert "missing_feature 1" in text and "missing_field 1" in text
+    assert "protobuf on waxserve-records, 1 from error_winequality_red.csv, 2 with alcohol" in text
+    assert "json on waxserve-penguins" in text
+    # The timeline in time order, whatever order the events arrived in.
+    timeline = text[text.index("timeline") :]
+    assert timeline.index("installed contract v1 for wine") < timeline.index("wine-lr:1")
+    lost = "\n".join(render_summary(stats, _outcome(11, 4)))
+    assert re.search(r"UNACCOUNTED\s+2\s.*NOT OK", lost)
+    assert re.search(r"^\s+wine\s+2\s+of 11 sent", lost, re.M)
+    assert re.search(r"^\s+penguins\s+0\s+of 4 sent", lost, re.M)
+    interrupted = "\n".join(render_summary(stats, _outcome(11, 4, interrupted=True)))
+    assert "INTERRUPTED" in interrupted and "in flight" in interrupted
+
+
+def test_live_panel_and_line_show_each_data_type() -> None:
+    stats = _finished_stats()
+    view = DemoView(
+        elapsed_s=8.0,
+        duration_s=40,
+        sent={"wine": 10, "penguins": 4},
+        scored_per_s=1.0,
+        recent_latency=Counter({10: 1}),
+    )
+    panel = "\n".join(render_panel(stats, view))
+    assert "sent 14" in panel and "in flight 1" in panel and "p50 10 ms" in panel
+    assert "wine      sent 10  scored 8  dead-lettered 1  serving wine-lr:1" in panel
+    assert "penguins  sent 4  scored 3  dead-lettered 1  serving penguins-species-onnx:1" in panel
+    assert "missing_feature 1" in panel and "missing_field 1" in panel
+    line = render_line(stats, view)
+    assert "\n" not in line and "scored 11" in line
+    assert "wine=wine-lr:1 scored 8" in line and "penguins=penguins-species-onnx:1" in line
+
+
+def test_live_view_redraws_on_a_terminal_and_appends_otherwise() -> None:
+    out = io.StringIO()
+    tty = LiveView(out, quiet=False, tty=True)
+    tty.update(["a", "b"], "line")
+    tty.note("note")
+    tty.update(["c", "d"], "line")
+    assert out.getvalue() == "a\nb\n\x1b[2F\x1b[Jnote\na\nb\n\x1b[2F\x1b[Jc\nd\n"
+    out = io.StringIO()
+    plain = LiveView(out, quiet=False, tty=False)
+    plain.update(["a", "b"], "line 1")
+    plain.note("note")
+    plain.update(["c", "d"], "line 2")
+    assert out.getvalue() == "line 1\nnote\nline 2\n"
+    out = io.StringIO()
+    quiet = LiveView(out, quiet=True, tty=True)
+    quiet.note("note")
+    quiet.update(["a"], "line")
+    assert out.getvalue() == ""
+
+
+# --- the plan -----------------------------------------------------------------------------
+
+
+def test_plan_swaps_both_sequences_and_places_the_drift_burst_under_the_last_wine_model() -> None:
+    plan = plan_demo(40, WINE_MODELS, drift_window_s=5, penguin_models=DEMO_PENGUIN_MODELS)
+    steps = [(s.at_s, s.action, s.model) for s in plan]
+    assert steps[0] == (2.0, "bad_rows", "")
+    assert (13.3, "swap", "wine-gbt") in steps and (26.7, "swap", "wine-pmml-lr") in steps
+    assert (20.0, "tampered", DEMO_TAMPERED) in steps
+    # Halfway, but the tampered model is there: a second later.
+    assert (21.0, "swap", "penguins-species-pmml") in steps
+    (shift,) = [s for s in plan if s.action == "shift"]
+    assert shift.at_s > 26.7 and shift.seconds == 5 and shift.at_s + shift.seconds <= 40 - 5
+    assert [s.at_s for s in plan] == sorted(s.at_s for s in plan)
+    assert plan_demo(40, WINE_MODELS, drift_window_s=5) == [
+        s for s in plan if not s.model.startswith("penguins")
+    ]
+
+
+@pytest.mark.parametrize("duration", [12.0, 20.0, 40.0, 600.0])
+@pytest.mark.parametrize(
+    "penguins", [DEMO_PENGUIN_MODELS, ("penguins-species-onnx",), (*DEMO_PENGUIN_MODELS, "x")]
+)
+def test_penguin_swaps_keep_clear_of_the_other_steps(
+    duration: float, penguins: tuple[str, ...]
+) -> None:
+    plan = plan_demo(duration, WINE_MODELS, drift_window_s=5, penguin_models=penguins)
+    swaps = [s for s in plan if s.model in penguins]
+    assert [s.model for s in swaps] == list(penguins[1:])  # in order, each once
+    others = [s.at_s for s in plan if s not in swaps]
+    for swap in swaps:
+        assert 0 < swap.at_s < duration
+        assert all(abs(swap.at_s - t) >= DEMO_PLAN_GAP_S - 1e-9 for t in others)
+
+
+def test_single_models_still_get_the_tampered_model_and_the_drift_burst() -> None:
+    single = plan_demo(10, ["wine-lr"], drift_window_s=5, penguin_models=["penguins-species-onnx"])
+    assert [s.action for s in single] == ["bad_rows", "tampered", "shift"]
+    assert all(0 < s.at_s < 10 for s in single)
+
+
+def test_options_map_models_to_data_types_and_the_catalog_checks_them() -> None:
+    assert DemoOptions().sequences() == {
+        "wine": ("wine-lr", "wine-gbt", "wine-pmml-lr"),
+        "penguins": ("penguins-species-onnx", "penguins-species-pmml"),
+    }
+    assert DemoOptions(penguin_models=()).sequences() == {"wine": DemoOptions().models}
+    catalog = _demo_catalog(DemoOptions().sequences())
+    assert catalog["penguins-species-pmml"].data_type == "penguins"
+    with pytest.raises(CliError, match="--penguin-models: wine-lr is a wine model"):
+        _demo_catalog({"wine": ("wine-lr",), "penguins": ("wine-lr",)})
+    with pytest.raises(CliError, match="--models: penguins-mass-onnx is a penguins model"):
+        _demo_catalog({"wine": ("penguins-mass-onnx",)})
+    with pytest.raises(CliError, match="unknown model"):
+        _demo_catalog({"wine": ("wine-nope",)})
+
+
+# --- the records --------------------------------------------------------------------------
+
+
+def test_interleave_spreads_each_share_evenly() -> None:
+    assert list(itertools.islice(interleave([4, 1]), 10)) == [0, 0, 1, 0, 0] * 2
+    counts = Counter(itertools.islice(interleave([3, 2, 5]), 1000))
+    assert counts == {0: 300, 1: 200, 2: 500}
+    assert set(itertools.islice(interleave([1]), 5)) == {0}
+    with pytest.raises(ValueError):
+        next(interleave([0, 0]))
+
+
+def test_shift_feature_moves_one_column() -> None:
+    line = b"7.4;0.7;0;1.9;0.076;11;34;0.9978;3.51;0.56;9.4;5"
+    shifted_line = shift_feature(line, DEMO_SHIFT_FEATURE, DEMO_SHIFT_DELTA, CSV_COLUMNS)
+    shifted = parse_csv_line(shifted_line.decode())
+    original = parse_csv_line(line.decode())
+    for name in CSV_COLUMNS:
+        expected = original[name]
+        if name == DEMO_SHIFT_FEATURE:
+            expected = 9.4 + DEMO_SHIFT_DELTA
+        assert shifted[name] == pytest.approx(expected)
+    for malformed in (b"7.4;0.7", b"7.4;0.7;0;1.9;0.076;11;34;0.9978;3.51;0.56;;5"):
+        assert shift_feature(malformed, DEMO_SHIFT_FEATURE, DEMO_SHIFT_DELTA, CSV_COLUMNS) == (
+            malformed
+        )
+    penguin = b"Adelie,Torgersen,39.1,18.7,181,3750,male,2007"
+    assert shift_feature(penguin, DEMO_SHIFT_FEATURE, 3, PENGUINS.csv_columns, ",") == penguin
+    assert shift_feature(penguin, "year", 3, PENGUINS.csv_columns, ",").endswith(b",2010")
+
+
+def test_shuffled_lines_are_permutations_pass_after_pass() -> None:
+    count = len(WINE_CSV.read_text().splitlines())
+    lines = shuffled_lines(WINE_CSV)
+    first = [next(lines) for _ in range(count)]
+    second = [next(lines) for _ in range(count)]
+    assert sorted(line.line_no for line in first) == list(range(1, count + 1))
+    assert sorted(line.line_no for line in second) == list(range(1, count + 1))
+    assert {line.pass_no for line in first} == {0} and {line.pass_no for line in second} == {1}
+    assert [line.line_no for line in first] != sorted(line.line_no for line in first)
+    assert [line.line_no for line in first] != [line.line_no for line in second]
+    raw = WINE_CSV.read_bytes().splitlines()
+    assert all(raw[line.line_no - 1] == line.raw for line in first[:50])
+    once = [line.line_no for line in itertools.islice(shuffled_lines(ERROR_CSV), 14)]
+    again = [line.line_no for line in itertools.islice(shuffled_lines(ERROR_CSV), 14)]
+    assert once == again  # the same order every run
+
+
+def test_shuffled_penguins_skip_the_header_line() -> None:
+    rows = len(PENGUINS_CSV.read_text().splitlines()) - 1
+    lines = [
+        line.line_no for line in itertools.islice(shuffled_lines(PENGUINS_CSV, header=True), rows)
+    ]
+    assert sorted(lines) == list(range(2, rows + 2))
+
+
+def test_a_penguins_stream_sends_json_with_the_data_type_header() -> None:
+    stream = ReplayStream(PENGUINS, PENGUINS_CSV, PENGUIN_RECORDS)
+    key, value, headers = stream.next_message(shift=True, event_time_ms=T0_MS)
+    record = json.loads(value)
+    assert key.decode() == record["penguin_id"] and key.startswith(b"penguins-")
+    assert (
+        record["observed_at_ms"] == T0_MS
+        and record["island"] in PENGUINS.field_named("island").categories
+    )
+    assert "species" in record  # the label rides along: online quality
+    assert headers == [("data-type", b"penguins")]  # its own encoding: no content-type
+    assert stream.shifted == 0  # no alcohol in penguins: the drift burst is wine's
+    keys = [stream.next_message(shift=False, event_time_ms=T0_MS)[0] for _ in range(400)]
+    assert any(k.endswith(b"-pass2") for k in keys)  # 344 rows: the second pass
+    assert stream.produced == 401 and stream.counts().topic == PENGUIN_RECORDS
+    assert stream.counts().encoding == "json"
+
+
+def test_a_wine_stream_shifts_and_injects() -> None:
+    stream = ReplayStream(WINE, WINE_CSV, RECORDS, data_type_header="dt")
+    key, value, headers = stream.next_message(shift=True, event_time_ms=T0_MS)
+    assert key.endswith(b"-shifted") and stream.shifted == 1
+    assert headers == [("dt", b"wine")]
+    line_no = int(key.decode().split("-")[1])
+    original = parse_csv_line(WINE_CSV.read_text().splitlines()[line_no - 1])
+    decoded = codec_for(WINE, WINE.encoding).decode([value])  # protobuf, the contract's own
+    alcohol = decoded.numeric[0][WINE.columns[DEMO_SHIFT_FEATURE].index]
+    assert alcohol == pytest.approx(original[DEMO_SHIFT_FEATURE] + DEMO_SHIFT_DELTA)
+    assert stream.inject(ERROR_CSV) == 14
+    injected = [stream.next_message(shift=True, event_time_ms=T0_MS)[0] for _ in range(14)]
+    assert injected[0] == b"error_winequality_red-1" and stream.injected == 14
+    assert stream.shifted == 1  # injected rows go as they are
+    assert not stream.next_message(shift=False, event_time_ms=T0_MS)[0].endswith(b"-shifted")
+
+
+def test_the_tampered_descriptor_does_not_match_its_bytes() -> None:
+    entry = load_catalog()[DEMO_TAMPERED]
+    desc = tampered_descriptor(entry)
+    assert desc.sha256 != sha256_hex(desc.model_bytes)
+    assert desc.sha256 != entry.descriptor().sha256 and len(desc.sha256) == 64
+
+
+# --- topics and environment ---------------------------------------------------------------
+
+
+def test_each_data_type_gets_a_record_topic_with_its_default() -> None:
+    routed = route_records(Config(), ["wine", "penguins"])
+    assert routed.records_topics == "waxserve-records=wine,waxserve-penguins=penguins"
+    assert routed.records_topic == "waxserve-records"
+    assert route_records(Config(), ["wine"]).records_topics == "waxserve-records=wine"
+    given = Config(records_topics="in,birds=penguins")
+    assert route_records(given, ["wine", "penguins"]).records_topics == "in=wine,birds=penguins"
+    taken = Config(records_topics="birds=penguins")
+    assert (
+        route_records(taken, ["wine", "penguins"]).records_topics
+        == "waxserve-wine=wine,birds=penguins"
+    )
+
+
+def test_dataflow_environment_and_fresh_topics_for_both_record_topics(tmp_path: Path) -> None:
+    routed = route_records(Config(brokers="kafka:9092"), ["wine", "penguins"])
+    config = demo_config(routed, "abc123", fresh_topics=True)
+    assert config.record_topic_defaults == {
+        "waxserve-records-demo-abc123": "wine",
+        "waxserve-penguins-demo-abc123": "penguins",
+    }
+    assert config.control_topic == "waxserve-control-demo-abc123"
+    assert demo_config(routed, "abc123", fresh_topics=False) == routed
+    env = dataflow_env(config, tmp_path, fetch_wait_ms=100)
+    assert env["WAXSERVE_BROKERS"] == "kafka:9092"
+    assert env["WAXSERVE_DLQ_TOPIC"] == "waxserve-dlq-demo-abc123"
+    assert env["WAXSERVE_STATS_INTERVAL_S"] == "2.0" and env["WAXSERVE_DRIFT_WINDOW_S"] == "5.0"
+    assert env["WAXSERVE_FETCH_WAIT_MS"] == "100"
+    assert env["BYTEWAX_DATAFLOW_API_CACHE_PATH"] == str(tmp_path / "bytewax")
+    assert env["WAXSERVE_RECORDS_TOPICS"] == (
+        "waxserve-records-demo-abc123=wine,waxserve-penguins-demo-abc123=penguins"
+    )
+    assert Config.from_env(env).record_topic_defaults == config.record_topic_defaults
+
+
+# --- the real thing -----------------------------------------------------------------------
+
+
+def _number(pattern: str, text: str) -> int:
+    match = re.search(pattern, text, re.MULTILINE)
+    assert match is not None, f"no {pattern!r} in:\n{text}"
+    return int(match.group(1).replace(",", ""))
+
+
+@pytest.mark.integration
+def test_demo_runs_end_to_end_and_accounts_for_every_record_of_both_data_types() -> None:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WAXSERVE_")}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "dataflows.tools.cli",
+            "demo",
+            "--duration",
+            "12",
+            "--rate",
+            "300",
+            "--quiet",
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
+    out = result.stdout
+    assert result.returncode == 0, f"exit {result.returncode}\n{out}\n{result.stderr}"
+    assert "waxserve demo summary" in out and "replaying" not in out  # --quiet: summary only
+    sent = _number(r"records sent\s+([\d,]+)", out)
+    assert sent >= 12 * 300 * 0.9, out
+    assert re.search(r"UNACCOUNTED\s+0\s", out), out
+    for data_type in ("wine", "penguins"):
+        # Accounted for per data type too, and both were scored.
+        assert re.search(rf"^    {data_type}\s+0\s+of [\d,]+ sent", out, re.MULTILINE), out
+        assert _number(rf"^  {data_type}\s+([\d,]+)\s+sent", out) > 0, out
+    assert _number(r"wine-lr:1 ([\d,]+)", out) > 0 and _number(r"wine-gbt:1 ([\d,]+)", out) > 0
+    assert _number(r"penguins-species-onnx:1 ([\d,]+)", out) > 0, out
+    # A model of each swapped mid-stream: the demo waits for each published model's event
+    # before its summary, so these do not depend on how fast the PMML model loads.
+    assert re.search(r"installed wine-gbt:1 for wine", out), out
+    assert re.search(r"installed penguins-species-pmml:1 for penguins", out), out
+    # Malformed wine rows and penguins without sex or measurements are dead letters.
+    assert _number(r"^    dead-lettered\s+([\d,]+)\s+.*bad_csv", out) > 0, out
+    assert re.search(r"^    dead-lettered\s+[\d,]+\s+.*missing_field", out, re.MULTILINE), out
+    # The tampered model was rejected and the previous one kept serving.
+    assert re.search(rf"rejected\s+{DEMO_TAMPERED}:1 for wine\s+digest_mismatch", out), out
