@@ -90,13 +90,13 @@ def source_batch(feed: Feed, topic: str = "records") -> SourceBatch:
 def raw_run(batch: SourceBatch, data_type: str) -> RawRun:
     """The batch as the route step passes it to a shard."""
     return RawRun(
-        data_type,
         batch.topic,
         batch.partition,
         batch.offsets,
         batch.keys,
         batch.values,
         batch.headers,
+        data_type=data_type,
     )
 
 

@@ -287,7 +287,7 @@ def test_essential_loop_writes_what_waxserve_writes() -> None:
     keys: list[bytes | None] = [m[0] for m in messages]
     values: list[bytes | None] = [m[1] for m in messages]
     headers: list[Any] = [list(m[2] or []) for m in messages]
-    run = RawRun("wine", "records", 3, offsets, keys, values, headers)
+    run = RawRun("records", 3, offsets, keys, values, headers, "wine")
     scorer = serving_shard(feed.contract, "wine-lr")
     waxserve = [(key, value) for key, value, _ in scored_batch(scorer.on_values([run])).messages]
 

@@ -90,7 +90,7 @@ class EssentialScorer:
         if decoded.errors:
             raise ValueError(f"records this loop cannot decode: {decoded.errors}")
         run = RawRun(
-            self._contract.data_type, self._topic, partition, offsets, keys, values, headers
+            self._topic, partition, offsets, keys, values, headers, self._contract.data_type
         )
         columns, _ = record_columns(run, self._contract, decoded)
         assert columns is not None

@@ -92,19 +92,10 @@ class DeadLetter:
 
 
 @dataclass
-class RawRun:
+class RawRun(SourceBatch):
     """Undecoded messages of one data type from one source partition, in offset order."""
 
-    data_type: str
-    topic: str
-    partition: int
-    offsets: list[int]
-    keys: list[bytes | None]
-    values: list[bytes | None]
-    headers: list[Headers]
-
-    def __len__(self) -> int:
-        return len(self.offsets)
+    data_type: str = ""
 
     @property
     def size_bytes(self) -> int:
@@ -112,19 +103,10 @@ class RawRun:
         return sum(len(v) for v in self.values if v is not None)
 
     def dead_letter(self, i: int, stage: str, reason: str, message: str) -> DeadLetter:
-        """Dead letter for message `i`, as it arrived."""
-        return DeadLetter(
-            stage=stage,
-            reason=reason,
-            message=message,
-            topic=self.topic,
-            partition=self.partition,
-            offset=self.offsets[i],
-            key=self.keys[i],
-            value=self.values[i],
-            headers=self.headers[i],
-            data_type=self.data_type,
-        )
+        """Dead letter for message `i`, as it arrived, with its data type."""
+        dead = super().dead_letter(i, stage, reason, message)
+        dead.data_type = self.data_type
+        return dead
 
     def dead_letters(self, stage: str, reason: str, message: str) -> list[DeadLetter]:
         """Every message of the run as a dead letter with the same reason."""
@@ -219,13 +201,13 @@ class DataTypeRouter:
         first = data_types[0]
         if first is not None and data_types.count(first) == len(batch) and _valid(first):
             run = RawRun(
-                first,
                 batch.topic,
                 batch.partition,
                 batch.offsets,
                 batch.keys,
                 batch.values,
                 batch.headers,
+                data_type=first,
             )
             return [run], []
         rows: dict[str, list[int]] = {}
@@ -254,13 +236,13 @@ class DataTypeRouter:
                 rows.setdefault(data_type, []).append(i)
         runs = [
             RawRun(
-                data_type,
                 batch.topic,
                 batch.partition,
                 [batch.offsets[i] for i in index],
                 [batch.keys[i] for i in index],
                 [batch.values[i] for i in index],
                 [batch.headers[i] for i in index],
+                data_type=data_type,
             )
             for data_type, index in rows.items()
         ]

@@ -56,10 +56,8 @@ def test_unknown_sources_are_refused() -> None:
 
 
 def _wine_run(values: list[bytes | None]) -> RawRun:
-    return RawRun(
-        "wine", TOPIC, 2, list(range(len(values))), [None] * len(values), values,
-        [[] for _ in values],
-    )  # fmt: skip
+    n = len(values)
+    return RawRun(TOPIC, 2, list(range(n)), [None] * n, values, [[] for _ in values], "wine")
 
 
 def test_record_columns_pull_out_id_event_time_and_label() -> None:
