@@ -158,11 +158,9 @@ class ServeLogic(op.StatefulBatchLogic[Install | RawRun, Any, ShardState]):
     def _keep(self) -> bool:
         # A shard of a data type nobody installed holds nothing once its records are
         # dead-lettered: discarding it keeps a typo in a data type from growing state.
-        return (
-            op.StatefulBatchLogic.RETAIN
-            if self.scorer.holds_anything
-            else (op.StatefulBatchLogic.DISCARD)
-        )
+        if self.scorer.holds_anything:
+            return op.StatefulBatchLogic.RETAIN
+        return op.StatefulBatchLogic.DISCARD
 
     def on_batch(self, values: list[Install | RawRun]) -> tuple[Iterable[Any], bool]:
         out: list[Any] = self.scorer.close_windows()

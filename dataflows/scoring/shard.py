@@ -96,11 +96,6 @@ class ShardState:
         model specs are immutable and shared; every other field is copied, whatever it is."""
         return copy.deepcopy(self)
 
-    @property
-    def held_count(self) -> int:
-        """Records held, over all data types."""
-        return sum(len(run) for dt in self.data_types.values() for run in dt.held)
-
 
 # --- the pieces --------------------------------------------------------------------------
 
