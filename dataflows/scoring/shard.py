@@ -483,9 +483,11 @@ class ShardScorer:
         lags = (now_ms - run.event_time_ms[valid]) / 1000.0
         self._events.publish(BatchScored(spec.identity, scored, len(run), elapsed, lags, quality))
         if self._monitoring:
-            rows = run if scored == len(run) else run.take(valid)
+            numeric, text_rows = run.numeric, run.text
+            if scored < len(run):  # only the scored records' features count
+                numeric, text_rows = numeric[valid], text_rows[valid]
             self._windows.add(
-                self.state, binding, now_ms, scored, elapsed, quality, rows.numeric, rows.text
+                self.state, binding, now_ms, scored, elapsed, quality, numeric, text_rows
             )
         return out
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flowtools import WINE_FEATURES
 from onnx import TensorProto, helper, numpy_helper
 
 import dataflows.runtimes as runtimes
@@ -28,19 +29,6 @@ from dataflows.runtimes.base import _classification, _label_str, _regression, _s
 from protos import waxserve_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[2]
-WINE_FEATURES = (
-    "fixed_acidity",
-    "volatile_acidity",
-    "citric_acid",
-    "residual_sugar",
-    "chlorides",
-    "free_sulfur_dioxide",
-    "total_sulfur_dioxide",
-    "density",
-    "ph",
-    "sulphates",
-    "alcohol",
-)
 
 # y = 2 x + (a: 1 | b: 2); any other word is invalid (the values are declared).
 TEXT_PMML = b"""<?xml version="1.0" encoding="UTF-8"?>

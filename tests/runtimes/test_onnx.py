@@ -10,25 +10,13 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 import pytest
+from flowtools import WINE_FEATURES
 from onnx import TensorProto, helper, numpy_helper
 
 from dataflows.runtimes import ModelError, OnnxRuntime, Prediction, load_runtime
 from protos import waxserve_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[2]
-WINE_FEATURES = (
-    "fixed_acidity",
-    "volatile_acidity",
-    "citric_acid",
-    "residual_sugar",
-    "chlorides",
-    "free_sulfur_dioxide",
-    "total_sulfur_dioxide",
-    "density",
-    "ph",
-    "sulphates",
-    "alcohol",
-)
 SHIPPED = ["wine-lr", "wine-gbt", "wine-rf-classifier", "wine-logreg-zipmap"]
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from flowtools import WINE_FEATURES
 
 from dataflows.runtimes import (
     ModelError,
@@ -23,19 +24,6 @@ REPO = Path(__file__).resolve().parents[2]
 PMML_LR = REPO / "models" / "pmml" / "winequalityLinearRegression.pmml"
 PMML_TREE = REPO / "models" / "pmml" / "winequalityDecisionTreeClassification.pmml"
 ROW1_SCORE = 5.178126058334128
-WINE_FEATURES = (
-    "fixed_acidity",
-    "volatile_acidity",
-    "citric_acid",
-    "residual_sugar",
-    "chlorides",
-    "free_sulfur_dioxide",
-    "total_sulfur_dioxide",
-    "density",
-    "ph",
-    "sulphates",
-    "alcohol",
-)
 
 # y = 1 + 2 x + 10 n + (red 0.5 | green -1 | blue 0) + (flag true: 100). "?" is color's
 # missing value and "bad" an invalid one: neither is a category.
