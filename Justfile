@@ -21,12 +21,14 @@ setup:
 demo *ARGS: setup
     {{bin}}/waxserve demo "$@"
 
-# Debian packages the tests need: a JRE for PMML; Prometheus and promtool for the alert tests.
+# Debian packages the tests need: a JRE (PMML, Kafka), Maven and openssl (Kafka's jars and TLS), Prometheus.
 system-deps:
     #!/usr/bin/env bash
     set -euo pipefail
     missing=()
     command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
+    command -v mvn >/dev/null 2>&1 || missing+=(maven)
+    command -v openssl >/dev/null 2>&1 || missing+=(openssl)
     command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
     [ ${#missing[@]} -eq 0 ] && exit 0
     if [ "$(id -u)" -ne 0 ]; then
@@ -42,8 +44,12 @@ system-deps:
         systemctl disable --now prometheus >/dev/null
     fi
 
-# Run the whole test suite (unit, flow and integration tests against tansu).
-test *ARGS: setup system-deps
+# Fetch the Apache Kafka broker's jars with Maven into ~/.cache/waxserve (once per version).
+kafka-jars: setup
+    {{bin}}/python -m dataflows.tools.kafka_server resolve
+
+# Run the whole test suite (unit, flow, and integration tests on Apache Kafka; smoke tests on tansu).
+test *ARGS: setup system-deps kafka-jars
     {{bin}}/python -m pytest "$@"
 
 # ruff and mypy.
@@ -65,6 +71,10 @@ train: setup
 # Start the embedded Kafka-protocol broker (tansu) in the foreground.
 broker *ARGS: setup
     {{bin}}/waxserve broker "$@"
+
+# Start Apache Kafka (KRaft, one node, data deleted on exit) in the foreground: just kafka --create-topics
+kafka *ARGS: setup kafka-jars
+    {{bin}}/python -m dataflows.tools.kafka_server run "$@"
 
 # Run the dataflow against WAXSERVE_BROKERS (workers: -w N; recovery: -r DIR -s S -b S).
 run *ARGS: setup
@@ -194,6 +204,10 @@ alerts-sync: setup
 # Benchmark waxserve against the Kafka floor, hand-written loops, Bytewax and Quix Streams (bench/README.md).
 bench *ARGS: setup
     {{bin}}/python -m bench "$@"
+
+# Exactly-once under kill -9: 20 random kills of a replay with model swaps, then count every output (bench/exactly_once.py).
+exactly-once *ARGS: setup kafka-jars
+    {{bin}}/python -m bench.exactly_once "$@"
 
 # Soak: waxserve at 5,000 records/s for 10 minutes, its resident set sampled (bench/README.md).
 soak *ARGS: setup

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 from bench import report
-from bench.harness import CONTENDERS, LATENCY_DEFAULT, Settings
+from bench.harness import BROKERS, CONTENDERS, LATENCY_DEFAULT, Settings
 from bench.run import RESULTS, main_args, run_bench, run_soak
 
 
@@ -117,6 +117,12 @@ def main(argv: list[str] | None = None) -> int:
         help=f"contenders of the latency runs (default: {','.join(LATENCY_DEFAULT)})",
     )
     parser.add_argument("--no-quix", action="store_true", help="do not install or run Quix Streams")
+    parser.add_argument(
+        "--broker",
+        choices=BROKERS,
+        default=defaults.broker,
+        help="Apache Kafka (KRaft, one node; default) or tansu, the demo's embedded broker",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS, help="results directory")
     parser.add_argument(
         "--keep-logs",
@@ -140,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
         latency=args.latency,
         swap=args.swaps > 0,
         quix=not args.no_quix,
+        broker=args.broker,
     )
     run_bench(settings, args.out, main_args(), args.keep_logs)
     return 0
@@ -162,7 +169,12 @@ def _soak(argv: list[str]) -> int:
     parser.add_argument("--sample-s", type=float, default=10.0)
     parser.add_argument("--partitions", type=int, default=Settings().live_partitions)
     parser.add_argument("--out", type=Path, default=RESULTS)
-    parser.add_argument("--keep-logs", action="store_true", help="keep waxserve's and tansu's logs")
+    parser.add_argument(
+        "--broker", choices=BROKERS, default=Settings().broker, help="Apache Kafka or tansu"
+    )
+    parser.add_argument(
+        "--keep-logs", action="store_true", help="keep waxserve's and the broker's logs"
+    )
     args = parser.parse_args(argv)
     run_soak(
         args.duration_s,
@@ -172,6 +184,7 @@ def _soak(argv: list[str]) -> int:
         args.out,
         args.partitions,
         keep_logs=args.keep_logs,
+        broker=args.broker,
     )
     return 0
 

@@ -1,4 +1,8 @@
-"""Runs the contenders against one tansu broker and measures them.
+"""Runs the contenders against one broker and measures them.
+
+The broker is Apache Kafka (KRaft, one node: `dataflows.tools.kafka_server`) unless
+`Settings.broker` says tansu, the demo's embedded broker (the bench's broker until issue 12;
+its quirks explain some settings below, kept so that runs on either broker compare).
 
     Bench.throughput_run   one contender over its 200k-record input topic (the peers' JSON
                            wine records, or another input format: bench/inputs.py), from the
@@ -12,7 +16,7 @@
     Bench.soak_run         waxserve at a fixed rate for minutes: resident set over time
 
 Contenders run strictly one at a time (the machine has 2 cores: one for the contender, one
-for tansu and the harness). `bench.run` strings the runs together; `bench/README.md`
+for the broker and the harness). `bench.run` strings the runs together; `bench/README.md`
 describes the method.
 """
 
@@ -54,6 +58,7 @@ from dataflows.tools.broker import (
     kafka_settings,
     log_tail,
 )
+from dataflows.tools.kafka_server import ApacheKafka
 from dataflows.tools.replay import Pacer, header_pairs, send_control
 from protos import waxserve_pb2 as pb
 
@@ -120,6 +125,14 @@ CONTENDERS: dict[str, Contender] = {
         Contender(
             "waxserve-lr-nomon", "waxserve ONNX LR, stats+drift off", "waxserve", monitoring=False
         ),
+        # What exactly-once output costs: Kafka transactions committed at each epoch, with
+        # their markers (README "How it works"); everything else as waxserve-lr.
+        Contender(
+            "waxserve-lr-eos",
+            "waxserve ONNX LR, exactly-once",
+            "waxserve",
+            env=(("WAXSERVE_DELIVERY", "exactly-once"),),
+        ),
         Contender("waxserve-gbt", "waxserve ONNX GBT", "waxserve", model="wine-gbt"),
         Contender("waxserve-pmml", "waxserve PMML LR", "waxserve", model="wine-pmml-lr"),
         Contender(
@@ -177,6 +190,7 @@ class Settings:
     latency: tuple[str, ...] = LATENCY_DEFAULT
     swap: bool = True
     quix: bool = True
+    broker: str = "kafka"  # or "tansu" (BROKERS)
 
 
 SOAK_LINGER_MS = 20
@@ -186,6 +200,29 @@ of record batches in the partition: at 5,000 records/s with 5 ms linger and fetc
 saturates a core within a minute and then stops serving the consumer altogether. Fewer,
 larger batches and fewer fetches keep it going for the soak's 10 minutes; the soak measures
 memory, not latency."""
+
+
+BROKERS = ("kafka", "tansu")
+"""The brokers the bench runs on: Apache Kafka (the default) or tansu."""
+
+Broker = ApacheKafka | EmbeddedBroker
+
+
+def make_broker(kind: str, work_dir: Path) -> Broker:
+    """A broker of `kind` (not started: `with make_broker(...) as broker:` starts it), its
+    log in `work_dir`."""
+    if kind == "kafka":
+        return ApacheKafka(log_path=work_dir / "kafka.log")
+    if kind == "tansu":
+        return EmbeddedBroker(log_path=work_dir / "tansu.log")
+    raise ValueError(f"broker {kind!r}: one of {', '.join(BROKERS)}")
+
+
+def broker_label(broker: Broker) -> str:
+    """How progress lines and the report name the broker."""
+    if isinstance(broker, ApacheKafka):
+        return f"Apache Kafka {broker.version}"
+    return "tansu"
 
 
 class RunFailed(RuntimeError):
@@ -429,7 +466,7 @@ class Bench:
     """One broker, the shared input topic, and the runs against them."""
 
     def __init__(
-        self, broker: EmbeddedBroker, settings: Settings, work_dir: Path, progress: Progress
+        self, broker: Broker, settings: Settings, work_dir: Path, progress: Progress
     ) -> None:
         self.broker = broker
         self.settings = settings
@@ -486,7 +523,7 @@ class Bench:
         return topic
 
     def delete_topics(self, topics: Iterable[str]) -> None:
-        """Drop topics no longer needed (keeps tansu's memory and metadata small)."""
+        """Drop topics no longer needed (keeps the broker's memory and metadata small)."""
         topics = list(topics)
         if not topics:
             return
@@ -497,7 +534,7 @@ class Bench:
 
     def fill_inputs(self, names: Iterable[str]) -> dict[str, str]:
         """Write the input topics of these formats, `settings.records` records each, as fast
-        as tansu takes them; an input that cannot be built or written is left out, with why."""
+        as the broker takes them; an input that cannot be built or written is left out, with why."""
         failed = {}
         for name in dict.fromkeys(names):
             try:
@@ -575,6 +612,7 @@ class Bench:
             drift_topic=f"{prefix}-drift",
             events_topic=f"{prefix}-events",
             dlq_topic=f"{prefix}-dlq",
+            marker_topic=f"{prefix}-markers",
         )
         create_topics(config, partitions)
         return config
@@ -759,7 +797,7 @@ class Bench:
         first_ms = min(o.ts_ms for o in outputs)
         last_ms = max(o.ts_ms for o in outputs)
         cpu = sampler.between(first_ms / 1000, last_ms / 1000)
-        tansu = broker_cpu.between(first_ms / 1000, last_ms / 1000)
+        broker_s = broker_cpu.between(first_ms / 1000, last_ms / 1000)
         figures: dict[str, Any] = {
             "records": distinct,
             "expected": expected,
@@ -768,7 +806,7 @@ class Bench:
             "span_s": (last_ms - first_ms) / 1000,
             "throughput": throughput(distinct, first_ms, last_ms),
             "cpu_s_per_100k": cpu / distinct * 100_000,
-            "broker_cpu_s_per_100k": tansu / distinct * 100_000,
+            "broker_cpu_s_per_100k": broker_s / distinct * 100_000,
             "startup_s": first_ms / 1000 - process.started,
             "last_ms": last_ms,
             **extra,
@@ -858,7 +896,7 @@ class Bench:
         process = self.launch(contender, input_topic, output, stop_after=None, tag=tag)
         sampler = CpuSampler(process.pid, interval_s=0.1).start()
         broker_cpu = CpuSampler(self.broker.pid or 0, interval_s=0.1, tree=False).start()
-        # Few fetches: the reader adds load to tansu, but not latency (timestamps are the
+        # Few fetches: the reader adds load to the broker, but not latency (timestamps are the
         # contender's).
         reader = TopicReader(self.config, read_topics, fetch_wait_ms=100) if read_topics else None
         producer = PacedProducer(self, input_topic, self.settings.rate)
@@ -928,7 +966,7 @@ class Bench:
                 "max_ms": float(max(latencies)),
                 "mean_ms": float(np.mean(latencies)),
                 "ready_s": ready_s,
-                # Shares of one core over the measured span: tansu's tells when the broker,
+                # Shares of one core over the measured span: the broker's tells when it,
                 # not the contender, is the bottleneck.
                 "cpu_share": sampler.between(start_ms / 1000, end_ms / 1000) / span_s,
                 "broker_cpu_share": broker_cpu.between(start_ms / 1000, end_ms / 1000) / span_s,
@@ -1092,7 +1130,7 @@ class Bench:
                         f"  soak {sample['t_s']:6.0f} s  RSS {sample['rss_mb']:7.1f} MB  "
                         f"sent {sample['sent']:,}  scored {scored:,}  "
                         f"p50 {sample['p50_ms']:.0f} ms  p99 {sample['p99_ms']:.0f} ms  "
-                        f"CPU {sample['cpu_share']:.0%}  tansu {sample['broker_cpu_share']:.0%}"
+                        f"CPU {sample['cpu_share']:.0%}  broker {sample['broker_cpu_share']:.0%}"
                     )
                     next_sample += sample_s
                     if now - started >= duration_s:

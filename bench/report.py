@@ -266,18 +266,30 @@ def _table(header: list[str], rows: list[list[str]]) -> list[str]:
     return lines
 
 
+def broker_text(result: dict[str, Any]) -> tuple[str, str]:
+    """The broker a result was measured on: (a description, a short name). Results from
+    before issue 12 name none: they ran on tansu."""
+    broker = result.get("broker") or {"kind": "tansu"}
+    if broker.get("kind") == "kafka":
+        label = broker.get("label", "Apache Kafka")
+        heap = f", {broker['heap']} heap" if broker.get("heap") else ""
+        return f"{label} (KRaft, one node{heap})", label
+    return "an embedded tansu broker (in memory)", "tansu"
+
+
 def markdown(result: dict[str, Any], soak: dict[str, Any] | None, chart: str | None) -> str:
     """The report as markdown: goals, every figure, every ratio to waxserve."""
     s = result["settings"]
     machine = result["machine"]
+    broker, broker_name = broker_text(result)
     lines = [
         f"# waxserve benchmark, {result['date']}",
         "",
         f"`{result['command']}` measured this in {result['wall_s'] / 60:.1f} minutes on "
         f"{machine['cpus']} CPUs ({machine['cpu_model']}), Python {machine['python']}, against "
-        f"an embedded tansu broker (in memory) on the same machine. Contenders ran **one at a "
+        f"{broker} on the same machine. Contenders ran **one at a "
         f"time**: the machine has {machine['cpus']} cores, one for the contender and the rest "
-        f"for tansu and the harness. Every figure is the **median of {s['reps']} "
+        f"for {broker_name} and the harness. Every figure is the **median of {s['reps']} "
         f"repetitions** inside this run (every repetition is in the JSON). Method: "
         f"[bench/README.md](../README.md).",
         "",
@@ -304,7 +316,7 @@ def markdown(result: dict[str, Any], soak: dict[str, Any] | None, chart: str | N
         "",
         "Records/s between the contender's first and last output message (Kafka timestamps: "
         "start-up, model load and Quix's group join are excluded); CPU seconds of the "
-        "contender's process tree over the same span, per 100k records, and of tansu. "
+        f"contender's process tree over the same span, per 100k records, and of {broker_name}. "
         "\"waxserve ÷ this\": waxserve LR's throughput over this one's (PMML rows: waxserve "
         "PMML's); CPU ratio: this one's CPU over waxserve's.",
         "",
@@ -339,7 +351,7 @@ def markdown(result: dict[str, Any], soak: dict[str, Any] | None, chart: str | N
             "waxserve ÷ this",
             "CPU-s/100k",
             "CPU ÷ waxserve",
-            "tansu CPU-s/100k",
+            "broker CPU-s/100k",
             "start-up s",
             "records",
             "notes",
@@ -507,10 +519,11 @@ def _formats(result: dict[str, Any]) -> list[str]:
         "columns, so no record id or event time; Avro: the bench's copy of the contract with "
         "an Avro writer schema, data type wine-avro, no headers), and a categorical model "
         "(penguins-species-onnx: string, int64 and float inputs; JSON records), each from "
-        "its own topic. These rows run on a tansu broker of their own, after everything "
-        "above, with waxserve LR on the JSON records again as their first row, so that the "
-        "extra inputs do not change the broker the rows above were measured on: compare them "
-        f"with that row. Medians of {formats['reps']} repetition(s), interleaved. "
+        f"its own topic. These rows run on a {broker_text(result)[1]} broker of their own, "
+        "after everything above, with waxserve LR on the JSON records again as their first "
+        "row, so that the extra inputs do not change the broker the rows above were "
+        "measured on: compare them with that row. "
+        f"Medians of {formats['reps']} repetition(s), interleaved. "
         'µs/record: wall time per record (1 / rec/s). "JSON ÷ this": the JSON row\'s '
         "records/s over this one's. Decode: `ContractCodecs.decode` of a 1,000-record batch "
         "of the input, in-process (`python -m bench breakdown`).",

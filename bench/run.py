@@ -26,14 +26,17 @@ from bench.harness import (
     CONTENDERS,
     REPO,
     Bench,
+    Broker,
     RunFailed,
     Settings,
+    broker_label,
     ensure_quix_venv,
+    make_broker,
     quix_versions,
 )
 from bench.inputs import SHARED_INPUT
 from bench.measure import median
-from dataflows.tools.broker import EmbeddedBroker
+from dataflows.tools.kafka_server import ApacheKafka
 
 RESULTS = REPO / "bench" / "results"
 VERSIONED = (
@@ -115,7 +118,7 @@ THROUGHPUT_KEYS = (
     ("throughput", "{:,.0f} rec/s"),
     ("cpu_s_per_100k", "{:.2f} CPU-s/100k"),
     ("startup_s", "first output after {:.1f} s"),
-    ("broker_cpu_s_per_100k", "tansu {:.2f} CPU-s/100k"),
+    ("broker_cpu_s_per_100k", "broker {:.2f} CPU-s/100k"),
     ("missing", "{:.0f} missing"),
     ("duplicates", "{:.0f} duplicates"),
     ("max_abs_error", "max |error| {:.1e}"),
@@ -128,7 +131,7 @@ LATENCY_KEYS = (
     ("missing", "{:.0f} missing"),
     ("ready_s", "ready after {:.1f} s"),
     ("cpu_share", "CPU {:.0%}"),
-    ("broker_cpu_share", "tansu CPU {:.0%}"),
+    ("broker_cpu_share", "broker CPU {:.0%}"),
 )
 
 
@@ -175,14 +178,15 @@ def run_bench(
         "settings": {**dataclasses.asdict(settings), "contenders_one_at_a_time": True},
         "machine": machine_info(),
     }
-    with EmbeddedBroker(log_path=work_dir / "tansu.log") as broker:
+    with make_broker(settings.broker, work_dir) as broker:
+        result["broker"] = broker_info(broker)
         bench = Bench(broker, settings, work_dir, say)
         bench.quix_python = quix_python
         if quix_python is not None:
             result["machine"]["quix_venv"] = quix_versions(quix_python)
         say(
-            f"tansu at {broker.bootstrap}; writing {settings.records:,} input records "
-            f"({settings.partitions} partitions)"
+            f"{broker_label(broker)} at {broker.bootstrap}; writing {settings.records:,} "
+            f"input records ({settings.partitions} partitions)"
         )
         bench.fill_input(SHARED_INPUT)
         say("input written")
@@ -281,9 +285,10 @@ def run_bench(
     )
     notes.append(
         "Every contender uses fetch.wait.max.ms = 5 and linger.ms = 5 (waxserve's defaults), "
-        "fetch.queue.backoff.ms = 10 (tansu answers fetches far beyond "
+        "fetch.queue.backoff.ms = 10 (for tansu, which answers fetches far beyond "
         "max.partition.fetch.bytes; librdkafka's default 1 s back-off then stalls a backlog "
-        "read at random: bench/README.md) and one onnxruntime thread; every one but Quix "
+        "read at random: bench/README.md; kept on Kafka, so that both compare) and one "
+        "onnxruntime thread; every one but Quix "
         "Streams is assigned the partitions (no consumer group). waxserve runs as users run "
         "it: `python -m bytewax.run dataflows.serving:flow`, 1 worker, every feature on "
         "(validation/DLQ, tracing fields, stats, drift, queryable state), unless the row says "
@@ -293,7 +298,7 @@ def run_bench(
     notes.append(
         f"Throughput topics have {settings.partitions} partitions; the latency and swap "
         f"topics {settings.live_partitions} (tansu's fetch cost grows with the record batches "
-        "in a partition: bench/README.md)."
+        "in a partition: bench/README.md; kept on Kafka, so that both compare)."
     )
     result["notes"] = notes
     result["wall_s"] = time.time() - started
@@ -323,8 +328,9 @@ broker as the format rows."""
 def _format_runs(
     settings: Settings, names: list[str], work_dir: Path, say: Callable[[str], None]
 ) -> dict[str, Any]:
-    """The input-format rows, on a tansu broker of their own, with waxserve LR's JSON row
-    again as their reference: repetitions interleaved, `settings.format_reps` of them.
+    """The input-format rows, on a broker of their own (of `settings.broker`'s kind), with
+    waxserve LR's JSON row again as their reference: repetitions interleaved,
+    `settings.format_reps` of them.
 
     Their own broker, so that the peers, the latency and the swap runs see the broker they
     saw before issue 11 (one input topic), whatever four more inputs (800,000 records) do
@@ -339,11 +345,11 @@ def _format_runs(
     entries: dict[str, Any] = {
         n: {"label": CONTENDERS[n].label, "input": CONTENDERS[n].input, "reps": []} for n in rows
     }
-    with EmbeddedBroker(log_path=work_dir / "tansu.log") as broker:
+    with make_broker(settings.broker, work_dir) as broker:
         bench = Bench(broker, settings, work_dir, say)
         inputs = list(dict.fromkeys(CONTENDERS[n].input for n in rows))
         say(
-            f"input formats: a tansu of their own at {broker.bootstrap}; writing "
+            f"input formats: {broker_label(broker)} of their own at {broker.bootstrap}; writing "
             f"{settings.records:,} records for each of {', '.join(inputs)}"
         )
         unwritten = bench.fill_inputs(inputs)
@@ -434,22 +440,25 @@ def run_soak(
     results_dir: Path,
     partitions: int,
     keep_logs: bool = False,
+    broker: str = "kafka",
 ) -> Path:
-    """The soak: waxserve at `rate` for `duration_s`; writes soak-<date>.json and redraws
-    that day's markdown report if there is one."""
+    """The soak: waxserve at `rate` for `duration_s` on a `broker` ("kafka" or "tansu");
+    writes soak-<date>.json and redraws that day's markdown report if there is one."""
     say = Clock()
     work_dir = Path(tempfile.mkdtemp(prefix="waxserve-soak-"))
-    settings = Settings(live_partitions=partitions)
-    with EmbeddedBroker(log_path=work_dir / "tansu.log") as broker:
-        bench = Bench(broker, settings, work_dir, say)
+    settings = Settings(live_partitions=partitions, broker=broker)
+    with make_broker(settings.broker, work_dir) as running:
+        bench = Bench(running, settings, work_dir, say)
+        soak_broker = broker_info(running)
         say(
-            f"soak: waxserve LR at {rate:,.0f} rec/s for {duration_s:g} s, RSS every "
-            f"{sample_s:g} s (growth measured from {warmup_s:g} s)"
+            f"soak: waxserve LR at {rate:,.0f} rec/s on {broker_label(running)} for "
+            f"{duration_s:g} s, RSS every {sample_s:g} s (growth measured from {warmup_s:g} s)"
         )
         soak = bench.soak_run(duration_s, rate, warmup_s, sample_s)
     date = datetime.date.today().isoformat()
     soak["date"] = date
     soak["machine"] = machine_info()
+    soak["broker"] = soak_broker
     results_dir.mkdir(parents=True, exist_ok=True)
     path = results_dir / f"soak-{date}.json"
     path.write_text(json.dumps(soak, indent=1) + "\n")
@@ -466,6 +475,19 @@ def run_soak(
     else:
         shutil.rmtree(work_dir, ignore_errors=True)
     return path
+
+
+def broker_info(broker: Broker) -> dict[str, Any]:
+    """What the report says about the broker the figures were measured on."""
+    if isinstance(broker, ApacheKafka):
+        return {
+            "kind": "kafka",
+            "label": broker_label(broker),
+            "version": broker.version,
+            "heap": broker.heap_max,
+            "started_in_s": broker.started_in,
+        }
+    return {"kind": "tansu", "label": broker_label(broker)}
 
 
 def main_args() -> str:

@@ -1,11 +1,18 @@
-"""Shared fixtures: one embedded tansu broker per test session, fresh topics per test.
+"""Shared fixtures: one Apache Kafka broker per test session, fresh topics per test.
 
-Tests that use `broker`, `kafka_config` or `consume` need the tansu binary: mark them
+`broker` is a real Apache Kafka 4.x (KRaft, one node; `dataflows.tools.kafka_server`),
+started once per session (a few seconds; the first run on a machine also fetches its jars
+with Maven). `kafka_config` gives each test topics of its own on it. `tansu_broker` and
+`tansu_config` are the same on tansu, the embedded broker of the demo, for the smoke tests
+that keep it working; `any_config` runs a test on both.
+
+Tests that use any of them need Java and the jars (or tansu): mark them
 `@pytest.mark.integration` (`pytest -m "not integration"` skips them).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import os
@@ -18,6 +25,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Top
 
 from dataflows.core.config import Config
 from dataflows.tools.broker import EmbeddedBroker, create_topics, kafka_settings
+from dataflows.tools.kafka_server import ApacheKafka, resolve_jars
 
 TOPIC_FIELDS = tuple(f.name for f in dataclasses.fields(Config) if f.name.endswith("_topic"))
 """The Config fields that name a topic."""
@@ -30,8 +38,23 @@ ConsumeAll = Callable[..., list[Message]]
 
 
 @pytest.fixture(scope="session")
-def broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
-    """One tansu broker (in memory, free port) for the whole session."""
+def broker(
+    tmp_path_factory: pytest.TempPathFactory, pytestconfig: pytest.Config
+) -> Iterator[ApacheKafka]:
+    """One Apache Kafka broker (KRaft, free ports, data in a temporary directory) for the
+    whole session, with a SASL_SSL listener too (`broker.secure_listener`)."""
+    # The first run on a machine downloads the jars: show its progress, not a silent pause.
+    capture = pytestconfig.pluginmanager.get_plugin("capturemanager")
+    with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
+        resolve_jars()
+    log_path = tmp_path_factory.mktemp("kafka") / "kafka.log"
+    with ApacheKafka(log_path=log_path, secure=True, progress=None) as running:
+        yield running
+
+
+@pytest.fixture(scope="session")
+def tansu_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedBroker]:
+    """One tansu broker (in memory, free port) for the whole session, for the smoke tests."""
     log_path = tmp_path_factory.mktemp("tansu") / "tansu.log"
     with EmbeddedBroker(log_path=log_path) as running:
         yield running
@@ -48,29 +71,57 @@ def unique_topics(config: Config, suffix: str, data_type: str = "wine") -> Confi
 
 
 def config_env(config: Config) -> dict[str, str]:
-    """The WAXSERVE_* variables that make `Config.from_env()` use these brokers and topics."""
+    """The WAXSERVE_* variables that make `Config.from_env()` use these brokers and topics
+    (and the Kafka client settings, for a secured listener)."""
     env = {"WAXSERVE_BROKERS": config.brokers, "WAXSERVE_RECORDS_TOPICS": config.records_topics}
     env.update({f"WAXSERVE_{name.upper()}": getattr(config, name) for name in TOPIC_FIELDS})
+    env.update(
+        {f"WAXSERVE_KAFKA_{k.upper().replace('.', '_')}": str(v) for k, v in config.kafka.items()}
+    )
     return env
 
 
-@pytest.fixture
-def kafka_config(broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch) -> Config:
-    """A Config on the session broker with topics of this test's own, already created.
+def topics_config(bootstrap: str, monkeypatch: pytest.MonkeyPatch, **kafka: str) -> Config:
+    """A Config on `bootstrap` with topics of its own, created, and the environment set to
+    match (WAXSERVE_BROKERS, WAXSERVE_*_TOPIC, other WAXSERVE_* variables removed).
 
-    The records topic has 2 partitions (the outputs too; the control topic 1); its default
-    data type is wine. The process
-    environment is set to match (WAXSERVE_BROKERS, WAXSERVE_*_TOPIC, other WAXSERVE_*
-    variables removed), so `Config.from_env()`, the CLI and subprocesses see the same.
+    `kafka` are librdkafka settings (`security.protocol=...`), in the Config and the
+    environment (WAXSERVE_KAFKA_*).
     """
     suffix = f"{next(_test_ids)}-{uuid.uuid4().hex[:8]}"
-    config = unique_topics(dataclasses.replace(Config(), brokers=broker.bootstrap), suffix)
+    base = dataclasses.replace(Config(), brokers=bootstrap, kafka=kafka)
+    config = unique_topics(base, suffix)
     create_topics(config, RECORDS_PARTITIONS)
     for name in list(os.environ):
         if name.startswith("WAXSERVE_"):
             monkeypatch.delenv(name)
     for name, value in config_env(config).items():
         monkeypatch.setenv(name, value)
+    return config
+
+
+@pytest.fixture
+def kafka_config(broker: ApacheKafka, monkeypatch: pytest.MonkeyPatch) -> Config:
+    """A Config on the session's Kafka broker with topics of this test's own, already created.
+
+    The records topic has 2 partitions (the outputs too; the control topic 1); its default
+    data type is wine. The process environment is set to match (WAXSERVE_BROKERS,
+    WAXSERVE_*_TOPIC, other WAXSERVE_* variables removed), so `Config.from_env()`, the CLI
+    and subprocesses see the same.
+    """
+    return topics_config(broker.bootstrap, monkeypatch)
+
+
+@pytest.fixture
+def tansu_config(tansu_broker: EmbeddedBroker, monkeypatch: pytest.MonkeyPatch) -> Config:
+    """`kafka_config` on the session's tansu broker."""
+    return topics_config(tansu_broker.bootstrap, monkeypatch)
+
+
+@pytest.fixture(params=["kafka", "tansu"])
+def any_config(request: pytest.FixtureRequest) -> Config:
+    """`kafka_config`, then `tansu_config`: the test runs on each broker."""
+    config: Config = request.getfixturevalue(f"{request.param}_config")
     return config
 
 

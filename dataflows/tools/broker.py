@@ -33,15 +33,16 @@ import tempfile
 import time
 import uuid
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 from types import TracebackType
 from typing import Any
 
 from confluent_kafka import KafkaError, KafkaException
-from confluent_kafka.admin import AdminClient, ClusterMetadata, NewTopic
+from confluent_kafka.admin import AdminClient, ClusterMetadata, ConfigResource, NewTopic
 
-from dataflows.core.config import Config
+from dataflows.core.config import Config, ConfigError
+from protos import waxserve_pb2 as pb
 
 DEFAULT_PARTITIONS = 4
 """Partitions of the records and output topics unless told otherwise."""
@@ -130,21 +131,56 @@ def _admin(config: Config) -> AdminClient:
 def fetch_metadata(config: Config, timeout: float = METADATA_TIMEOUT_S) -> ClusterMetadata:
     """Cluster metadata (all topics), or BrokerError naming the brokers if none answers.
 
-    Asking for all topics never auto-creates one (asking for a named topic can).
+    Asking for all topics never auto-creates one (asking for a named topic can). A broker
+    that refuses the client's credentials or TLS handshake is named as such: librdkafka
+    reports those only to its error callback, and the request itself fails as a
+    "transport failure".
     """
     if _all_refuse(config.brokers):
         raise BrokerError(
             f"no Kafka broker at {config.brokers} (connection refused); start one with "
             "`waxserve broker` or set WAXSERVE_BROKERS / --brokers"
         )
-    try:
-        return _admin(config).list_topics(timeout=timeout)
-    except KafkaException as exc:
-        raise BrokerError(
-            f"no Kafka broker answered at {config.brokers} within {timeout:g} s "
-            f"({_kafka_error_text(exc)}); start one with `waxserve broker` "
-            "or set WAXSERVE_BROKERS / --brokers"
-        ) from None
+    refusals: list[KafkaError] = []
+
+    def on_error(error: KafkaError) -> None:
+        if error.code() in _REFUSALS:
+            refusals.append(error)
+
+    admin = AdminClient(kafka_settings(config, error_cb=on_error))
+    deadline = time.monotonic() + timeout
+    while True:
+        # In slices: a refusal is known within a second, not at the end of the timeout.
+        remaining = deadline - time.monotonic()
+        try:
+            return admin.list_topics(timeout=max(0.1, min(1.0, remaining)))
+        except KafkaException as exc:
+            admin.poll(0)  # error callbacks run in poll(), which list_topics does not call
+            if refusals:
+                raise BrokerError(refusal_text(config, refusals[-1])) from None
+            if time.monotonic() >= deadline:
+                raise BrokerError(
+                    f"no Kafka broker answered at {config.brokers} within {timeout:g} s "
+                    f"({_kafka_error_text(exc)}); start one with `waxserve broker` "
+                    "or set WAXSERVE_BROKERS / --brokers"
+                ) from None
+
+
+_REFUSALS = frozenset({KafkaError._AUTHENTICATION, KafkaError._SSL})
+
+
+def refusal_text(config: Config, error: KafkaError) -> str:
+    """What to tell a user whose client the broker refused (credentials or TLS)."""
+    if error.code() == KafkaError._SSL:
+        hint = "check WAXSERVE_KAFKA_SSL_CA_LOCATION and the broker's certificate"
+    else:
+        mechanism = config.kafka.get("sasl.mechanism", "(none set)")
+        hint = (
+            f"check WAXSERVE_KAFKA_SASL_USERNAME / _PASSWORD and the mechanism "
+            f"(WAXSERVE_KAFKA_SASL_MECHANISM={mechanism})"
+        )
+    kind = "TLS handshake" if error.code() == KafkaError._SSL else "authentication"
+    return f"the Kafka broker at {config.brokers} refused the {kind}: {error.str()}; {hint}"
 
 
 def _all_refuse(brokers: str) -> bool:
@@ -179,18 +215,97 @@ def _kafka_error_text(exc: KafkaException) -> str:
     return str(exc)
 
 
+# --- topics --------------------------------------------------------------------------------
+
+COMPACTED_TOPIC_FIELDS = frozenset({"control_topic", "marker_topic"})
+"""Config fields naming topics that are compacted whatever the settings say.
+
+Their readers need the latest message of each key however old it is, and retention would
+delete it: the control topic is read from its start by every fresh dataflow (it keeps the
+latest contract per data type and the latest descriptor per data type and model, see
+`control_message_key`), the marker topic says how far exactly-once output got per stream.
+"""
+
+CONTROL_MAX_MESSAGE_BYTES = 64 << 20
+"""The largest control message (a descriptor with its model) a created control topic takes;
+larger models go by reference (`file://`, `WAXSERVE_MODEL_DIR`)."""
+
+CLEANUP_POLICIES = ("delete", "compact", "compact,delete")
+"""The values `cleanup.policy` (and `Config.output_cleanup_policy`) can take."""
+
+
+def control_message_key(body: pb.ModelDescriptor | pb.DataContract) -> bytes:
+    """The key of a control message on a compacted control topic.
+
+    Compaction keeps the newest message per key, so the key says what a message replaces:
+    a contract replaces the data type's previous contract (`contract/<data type>`), a
+    descriptor the previous version of the same model (`model/<data type>/<model name>`).
+    Keying both by the data type alone would let a descriptor compact its data type's
+    contract away. The dataflow reads no key: only compaction and dead letters see it.
+    """
+    if isinstance(body, pb.DataContract):
+        return f"contract/{body.data_type}".encode()
+    return f"model/{body.data_type}/{body.name}".encode()
+
+
+def topic_fields(config: Config) -> tuple[str, ...]:
+    """Names of the Config fields that name a topic (`control_topic`, `scored_topic`, ...)."""
+    return tuple(f.name for f in fields(config) if f.name.endswith("_topic"))
+
+
 @dataclass(frozen=True)
-class TopicInfo:
-    """A topic after `create_topics`: its partition count and whether this call created it."""
+class TopicSpec:
+    """How `create_topics` creates one topic: partitions and topic-level settings."""
 
     name: str
     partitions: int
-    created: bool
+    settings: Mapping[str, str]
+
+    @property
+    def cleanup_policy(self) -> str:
+        """The topic's `cleanup.policy`."""
+        return self.settings["cleanup.policy"]
 
 
-def _partitions_for(config: Config, partitions: Mapping[str, int] | int) -> dict[str, int]:
+def _normalized_policy(policy: str) -> str:
+    parts = sorted({p.strip() for p in policy.split(",") if p.strip()})
+    normalized = ",".join(parts)
+    if normalized not in CLEANUP_POLICIES:
+        raise ConfigError(
+            f"cleanup policy {policy!r}: one of {', '.join(CLEANUP_POLICIES)} "
+            "(WAXSERVE_OUTPUT_CLEANUP_POLICY)"
+        )
+    return normalized
+
+
+def _topic_settings(config: Config, policy: str) -> dict[str, str]:
+    """Topic-level settings for a topic with cleanup `policy`; retention where it deletes."""
+    settings = {"cleanup.policy": _normalized_policy(policy)}
+    if "delete" in settings["cleanup.policy"]:
+        retention = config.topic_retention_ms
+        if retention != -1 and retention < 1:
+            raise ConfigError(
+                f"topic retention {retention} ms: -1 (forever) or >= 1 "
+                "(WAXSERVE_TOPIC_RETENTION_MS)"
+            )
+        settings["retention.ms"] = str(retention)
+    return settings
+
+
+def topic_specs(
+    config: Config, partitions: Mapping[str, int] | int = DEFAULT_PARTITIONS
+) -> dict[str, TopicSpec]:
+    """Every waxserve topic of `config` and how to create it.
+
+    That is the record topics and the topic of every `*_topic` Config field. The control
+    topic has 1 partition; the others `partitions` (one number for all, or per topic name;
+    absent ones get `DEFAULT_PARTITIONS`). The control and marker topics are compacted
+    (`COMPACTED_TOPIC_FIELDS`), the other outputs get `output_cleanup_policy`, the record
+    topics `delete`; topics that delete keep `topic_retention_ms`.
+    """
+    field_topics = {name: getattr(config, name) for name in topic_fields(config)}
     wanted: dict[str, int] = {}
-    for topic in (*config.record_topic_defaults, *config.output_topics):
+    for topic in (*config.record_topic_defaults, *field_topics.values()):
         if isinstance(partitions, int):
             wanted[topic] = partitions
         else:
@@ -202,11 +317,54 @@ def _partitions_for(config: Config, partitions: Mapping[str, int] | int) -> dict
                 f"the control topic {config.control_topic!r} must have 1 partition "
                 f"(descriptors of a data type must stay ordered), not {asked}"
             )
-        unknown = set(partitions) - set(wanted) - {config.control_topic}
+        unknown = set(partitions) - set(wanted)
         if unknown:
             raise ValueError(f"not waxserve topics: {', '.join(sorted(unknown))}")
     wanted[config.control_topic] = 1
-    return wanted
+    # Exactly-once output writes its markers to partition n from sink partition n, one a shard.
+    wanted[config.marker_topic] = max(wanted[config.marker_topic], config.shards)
+    if any(n < 1 for n in wanted.values()):
+        raise ValueError(f"partition counts must be >= 1: {wanted}")
+
+    policies = {topic: "delete" for topic in config.record_topic_defaults}
+    for name, topic in field_topics.items():
+        compacted = name in COMPACTED_TOPIC_FIELDS
+        policies[topic] = "compact" if compacted else config.output_cleanup_policy
+    specs = {
+        topic: TopicSpec(topic, count, _topic_settings(config, policies[topic]))
+        for topic, count in wanted.items()
+    }
+    # Descriptors carry their model: the control topic takes messages up to the model size
+    # limit, within what a broker's socket.request.max.bytes (100 MB by default) lets in.
+    control = specs[config.control_topic]
+    control_limit = min(config.max_model_bytes + (1 << 20), CONTROL_MAX_MESSAGE_BYTES)
+    settings = {**control.settings, "max.message.bytes": str(control_limit)}
+    specs[config.control_topic] = TopicSpec(control.name, control.partitions, settings)
+    return specs
+
+
+@dataclass(frozen=True)
+class TopicInfo:
+    """A topic after `create_topics`: its partition count and whether this call created it.
+
+    `replication_factor` and `cleanup_policy` are the topic's own, as the broker describes
+    them (`cleanup_policy` is None when the broker does not say).
+    """
+
+    name: str
+    partitions: int
+    created: bool
+    replication_factor: int = 1
+    cleanup_policy: str | None = None
+
+
+def _replication_factor(config: Config) -> int:
+    factor = config.topic_replication_factor
+    if factor < 1:
+        raise ConfigError(
+            f"topic replication factor {factor}: must be >= 1 (WAXSERVE_TOPIC_REPLICATION_FACTOR)"
+        )
+    return factor
 
 
 def create_topics(
@@ -218,82 +376,134 @@ def create_topics(
 ) -> list[TopicInfo]:
     """Create the waxserve topics that do not exist yet and wait until they do.
 
-    The control topic always gets 1 partition. `partitions` is the partition count of the
-    records and output topics: one number for all, or per topic name (absent ones get
-    `DEFAULT_PARTITIONS`). `topics` limits the call to some of the waxserve topics.
-    Topics that exist already are left alone (whatever their partition count). Returns
-    every requested topic with its actual partition count.
+    Which topics, their partitions and cleanup policies: `topic_specs`. Replication factor
+    and retention come from the settings (`topic_replication_factor`,
+    `topic_retention_ms`). `topics` limits the call to some of the waxserve topics. Topics
+    that exist already are left alone (whatever their partitions and settings). Returns
+    every requested topic as the broker describes it, once each partition has a leader.
     """
-    wanted = _partitions_for(config, partitions)
+    specs = topic_specs(config, partitions)
     if topics is not None:
         selected = list(dict.fromkeys(topics))
-        unknown = [t for t in selected if t not in wanted]
+        unknown = [t for t in selected if t not in specs]
         if unknown:
             raise ValueError(f"not waxserve topics: {', '.join(unknown)}")
-        wanted = {t: wanted[t] for t in selected}
-    if any(n < 1 for n in wanted.values()):
-        raise ValueError(f"partition counts must be >= 1: {wanted}")
+        specs = {t: specs[t] for t in selected}
+    created = _create(config, list(specs.values()), timeout)
+    return _describe(config, {t: s.partitions for t, s in specs.items()}, created, timeout)
 
+
+def _create(config: Config, specs: list[TopicSpec], timeout: float) -> set[str]:
+    """Create the topics of `specs` that do not exist; the names of those this call created."""
+    factor = _replication_factor(config)
     existing = fetch_metadata(config).topics
-    missing = [t for t in wanted if t not in existing]
+    missing = [s for s in specs if s.name not in existing]
     created: set[str] = set()
-    if missing:
-        admin = _admin(config)
-        futures = admin.create_topics(
-            [NewTopic(t, num_partitions=wanted[t], replication_factor=1) for t in missing],
-            request_timeout=timeout,
-            operation_timeout=timeout,
-        )
-        for topic, future in futures.items():
-            try:
-                future.result(timeout=timeout)
-                created.add(topic)
-            except KafkaException as exc:
-                err = exc.args[0] if exc.args else None
-                if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
-                    continue  # somebody else created it meanwhile: fine
-                raise BrokerError(
-                    f"cannot create topic {topic!r}: {_kafka_error_text(exc)}"
-                ) from None
-            except Exception as exc:  # a concurrent.futures timeout
-                raise BrokerError(f"cannot create topic {topic!r}: {exc!r}") from None
-    return _describe(config, wanted, created, timeout)
+    if not missing:
+        return created
+    admin = _admin(config)  # referenced until the futures are done: its end cancels them
+    futures = admin.create_topics(
+        [
+            NewTopic(
+                s.name,
+                num_partitions=s.partitions,
+                replication_factor=factor,
+                config=dict(s.settings),
+            )
+            for s in missing
+        ],
+        request_timeout=timeout,
+        operation_timeout=timeout,
+    )
+    for topic, future in futures.items():
+        try:
+            future.result(timeout=timeout)
+            created.add(topic)
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            if isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS:
+                continue  # somebody else created it meanwhile: fine
+            raise BrokerError(f"cannot create topic {topic!r}: {_kafka_error_text(exc)}") from None
+        except Exception as exc:  # a concurrent.futures timeout
+            raise BrokerError(f"cannot create topic {topic!r}: {exc!r}") from None
+    return created
 
 
 def _describe(
     config: Config, wanted: Mapping[str, int], created: set[str], timeout: float
 ) -> list[TopicInfo]:
+    """Wait until every topic of `wanted` has a leader for each partition; describe them.
+
+    A KRaft broker answers CreateTopics before its own metadata has the topic's leaders;
+    producing then fails over to retries, and a consumer's first fetch waits.
+    """
     deadline = time.monotonic() + timeout
     while True:
         topics = fetch_metadata(config).topics
-        if all(t in topics and topics[t].partitions for t in wanted):
-            return [TopicInfo(t, len(topics[t].partitions), t in created) for t in wanted]
+        ready = all(
+            t in topics
+            and topics[t].partitions
+            and all(p.leader >= 0 for p in topics[t].partitions.values())
+            for t in wanted
+        )
+        if ready:
+            break
         if time.monotonic() > deadline:
             absent = [t for t in wanted if t not in topics]
-            raise BrokerError(f"topics not visible in metadata after creation: {absent}")
+            raise BrokerError(
+                f"topics not visible in metadata (or without a leader) after creation: "
+                f"{absent or list(wanted)}"
+            )
         time.sleep(0.05)
+    policies = _cleanup_policies(config, list(wanted), timeout)
+    out = []
+    for t in wanted:
+        parts = topics[t].partitions
+        factor = min((len(p.replicas) for p in parts.values()), default=0)
+        out.append(TopicInfo(t, len(parts), t in created, factor, policies.get(t)))
+    return out
+
+
+def _cleanup_policies(config: Config, topics: list[str], timeout: float) -> dict[str, str]:
+    """Each topic's cleanup.policy as the broker describes it; {} when it does not say."""
+    if not topics:
+        return {}
+    try:
+        admin = _admin(config)  # referenced until the futures are done
+        futures = admin.describe_configs(
+            [ConfigResource(ConfigResource.Type.TOPIC, t) for t in topics],
+            request_timeout=timeout,
+        )
+        out: dict[str, str] = {}
+        for resource, future in futures.items():
+            entries = future.result(timeout=timeout)
+            entry = entries.get("cleanup.policy")
+            if entry is not None and entry.value:
+                out[resource.name] = entry.value
+        return out
+    except Exception as exc:  # KafkaException, a timeout: a description is a nicety
+        KAFKA_LOGGER.debug("describe_configs failed: %r", exc)
+        return {}
 
 
 def ensure_topic(config: Config, topic: str, partitions: int = DEFAULT_PARTITIONS) -> TopicInfo:
     """Make sure `topic` exists before producing to it (the control topic: 1 partition).
 
     Call it instead of relying on auto-creation, which would give every topic 4 partitions
-    on tansu. A topic that exists is left as it is.
+    on tansu and is off on most Kafka clusters. A waxserve topic is created as
+    `create_topics` would; any other topic like a record topic (cleanup policy `delete`,
+    `topic_retention_ms`). A topic that exists is left as it is.
     """
     metadata = fetch_metadata(config)
     if topic in metadata.topics:
-        return TopicInfo(topic, len(metadata.topics[topic].partitions), False)
-    if topic in _partitions_for(config, DEFAULT_PARTITIONS):
+        parts = metadata.topics[topic].partitions
+        factor = min((len(p.replicas) for p in parts.values()), default=0)
+        return TopicInfo(topic, len(parts), False, factor)
+    if topic in topic_specs(config):
         return create_topics(config, partitions, topics=[topic])[0]
-    admin = _admin(config)
-    future = admin.create_topics([NewTopic(topic, num_partitions=partitions)])[topic]
-    try:
-        future.result(timeout=30.0)
-    except KafkaException as exc:
-        err = exc.args[0] if exc.args else None
-        if not (isinstance(err, KafkaError) and err.code() == KafkaError.TOPIC_ALREADY_EXISTS):
-            raise BrokerError(f"cannot create topic {topic!r}: {_kafka_error_text(exc)}") from None
-    return _describe(config, {topic: partitions}, {topic}, 30.0)[0]
+    spec = TopicSpec(topic, partitions, _topic_settings(config, "delete"))
+    created = _create(config, [spec], 30.0)
+    return _describe(config, {topic: partitions}, created, 30.0)[0]
 
 
 def _die_with_parent() -> None:  # pragma: no cover - runs in the child between fork and exec

@@ -70,6 +70,8 @@ from dataflows.core.descriptors import (
 from dataflows.core.records import CONTENT_TYPE_HEADER
 from dataflows.runtimes import jvm_started
 from dataflows.tools.broker import (
+    CLEANUP_POLICIES,
+    COMPACTED_TOPIC_FIELDS,
     DEFAULT_PARTITIONS,
     KAFKA_LOGGER,
     METADATA_TIMEOUT_S,
@@ -183,8 +185,12 @@ def build_parser() -> argparse.ArgumentParser:
         "topics",
         parents=[common],
         help="create the waxserve topics",
-        description="Create the models topic (always 1 partition, so descriptors stay ordered), "
-        "the records topic and the output topics. Existing topics are left as they are.",
+        description="Create the control topic (1 partition, so a data type's contracts and "
+        "descriptors stay ordered; compacted), the record topics and every output topic "
+        "(the marker topic compacted, the others with the output cleanup policy). "
+        "Replication factor, retention and cleanup policy come from the settings "
+        "(WAXSERVE_TOPIC_REPLICATION_FACTOR, WAXSERVE_TOPIC_RETENTION_MS, "
+        "WAXSERVE_OUTPUT_CLEANUP_POLICY) unless given here. Existing topics are left as they are.",
     )
     p.add_argument(
         "--partitions",
@@ -192,6 +198,25 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_PARTITIONS,
         help=f"partitions of the records and output topics (default {DEFAULT_PARTITIONS}); "
         "make it a multiple of the dataflow's total workers",
+    )
+    p.add_argument(
+        "--replication-factor",
+        type=_positive_int,
+        metavar="N",
+        help="replicas of each topic (default: $WAXSERVE_TOPIC_REPLICATION_FACTOR or 1)",
+    )
+    p.add_argument(
+        "--retention-ms",
+        type=_retention_ms,
+        metavar="MS",
+        help="retention.ms of the record and output topics, -1 for ever "
+        "(default: $WAXSERVE_TOPIC_RETENTION_MS or 7 days)",
+    )
+    p.add_argument(
+        "--output-cleanup-policy",
+        choices=CLEANUP_POLICIES,
+        help="cleanup.policy of the output topics but the marker topic "
+        "(default: $WAXSERVE_OUTPUT_CLEANUP_POLICY or delete)",
     )
     p.set_defaults(run=cmd_topics)
 
@@ -546,17 +571,43 @@ def cmd_broker(config: Config, args: argparse.Namespace) -> int:
 
 
 def cmd_topics(config: Config, args: argparse.Namespace) -> int:
-    """Create all waxserve topics."""
+    """Create all waxserve topics, with the settings' (or the options') topic settings."""
+    overrides = {
+        "topic_replication_factor": args.replication_factor,
+        "topic_retention_ms": args.retention_ms,
+        "output_cleanup_policy": args.output_cleanup_policy,
+    }
+    config = dataclasses.replace(config, **{k: v for k, v in overrides.items() if v is not None})
+    compacted = {getattr(config, name) for name in COMPACTED_TOPIC_FIELDS if hasattr(config, name)}
     for info in create_topics(config, args.partitions):
         state = "created" if info.created else "exists"
-        print(f"{info.name}\t{info.partitions} partition(s)\t{state}")
+        policy = info.cleanup_policy or "?"
+        print(
+            f"{info.name}\t{info.partitions} partition(s)\treplication {info.replication_factor}"
+            f"\t{policy}\t{state}"
+        )
         if info.name == config.control_topic and info.partitions != 1:
             print(
                 f"warning: {info.name} has {info.partitions} partitions; descriptors of a "
                 "data type stay ordered only by key",
                 file=sys.stderr,
             )
+        if info.name in compacted and info.cleanup_policy not in (None, "compact"):
+            # Retention would delete the contracts and models a fresh dataflow starts from
+            # (or the markers exactly-once output resumes by).
+            print(
+                f"warning: {info.name} exists with cleanup.policy={info.cleanup_policy}, "
+                "not compact: its oldest messages will be deleted by retention",
+                file=sys.stderr,
+            )
     return 0
+
+
+def _retention_ms(text: str) -> int:
+    value = int(text)
+    if value != -1 and value < 1:
+        raise argparse.ArgumentTypeError(f"-1 (for ever) or >= 1, got {value}")
+    return value
 
 
 # --- publish -----------------------------------------------------------------------------

@@ -24,7 +24,7 @@ from dataflows.contracts.schema import CONTENT_TYPES, Contract, CsvOptions, Enco
 from dataflows.core.config import Config
 from dataflows.core.descriptors import control_message
 from dataflows.core.records import CONTENT_TYPE_HEADER
-from dataflows.tools.broker import ensure_topic, kafka_settings
+from dataflows.tools.broker import control_message_key, ensure_topic, kafka_settings
 from protos import waxserve_pb2 as pb
 
 FLUSH_TIMEOUT_S = 30.0
@@ -253,7 +253,7 @@ def send_control(config: Config, body: pb.ModelDescriptor | pb.DataContract) -> 
         producer.produce(
             config.control_topic,
             value=value,
-            key=body.data_type.encode(),
+            key=control_message_key(body),
             on_delivery=lambda err, msg: outcome.append((err, msg)),
         )
     except (KafkaException, BufferError) as exc:

@@ -135,7 +135,7 @@ def test_publish_catalog_model_and_tail_it(
     assert digest in out and f"{len(model_bytes)} bytes" in out
 
     (msg,) = consume(kafka_config, kafka_config.control_topic, expect=1)
-    assert msg.key() == b"wine"
+    assert msg.key() == b"model/wine/wine-lr"  # compaction keeps the newest per model
     desc = pb.ControlMessage.FromString(msg.value()).model
     assert desc.sha256 == digest
     assert desc.model_bytes == model_bytes
@@ -150,7 +150,7 @@ def test_publish_catalog_model_and_tail_it(
     assert main(["tail", "control", "--from-beginning", "--limit", "1", "--timeout", "10"]) == 0
     (line,) = _json_lines(capsys.readouterr().out)
     assert line["topic"] == kafka_config.control_topic
-    assert (line["partition"], line["offset"], line["key"]) == (0, msg.offset(), "wine")
+    assert (line["partition"], line["offset"], line["key"]) == (0, msg.offset(), "model/wine/wine-lr")
     value = line["value"]["model"]
     assert "model_bytes" not in value
     assert value["model_bytes_size"] == len(model_bytes)
@@ -288,7 +288,7 @@ def test_contract_derive_publish_and_show(
     assert main(["contract", "publish", str(contract_file)]) == 0
     assert "published the readings contract v1" in capsys.readouterr().out
     (msg,) = consume(kafka_config, kafka_config.control_topic, expect=1)
-    assert msg.key() == b"readings"
+    assert msg.key() == b"contract/readings"  # compaction keeps the newest contract
     sent = pb.ControlMessage.FromString(msg.value()).contract
     assert Contract.from_proto(sent).fields == derived.fields
     # `show` prints what the dataflow's events say it installed: here, a stand-in event.
@@ -421,13 +421,13 @@ def test_topics_command_creates_topics(
         monkeypatch.setenv(name, value)
     assert main(["topics", "--partitions", "3"]) == 0
     out = capsys.readouterr().out
-    assert out.count("created") == 7
+    assert out.count("created") == 8  # every *_topic setting and the records topic
     topics = AdminClient({"bootstrap.servers": kafka_config.brokers}).list_topics(timeout=5).topics
     assert len(topics[fresh["WAXSERVE_CONTROL_TOPIC"]].partitions) == 1
     assert len(topics[fresh["WAXSERVE_RECORDS_TOPICS"]].partitions) == 3
     assert len(topics[fresh["WAXSERVE_DLQ_TOPIC"]].partitions) == 3
     assert main(["topics"]) == 0
-    assert capsys.readouterr().out.count("exists") == 7
+    assert capsys.readouterr().out.count("exists") == 8
 
 
 @pytest.mark.integration
