@@ -82,6 +82,11 @@ _ENCODING_VALUES = {v: k for k, v in _ENCODINGS.items()}
 MAX_SAFE_INTEGER = 2**53
 """Integers are float64 columns: exact up to this magnitude; larger ones are refused."""
 
+MAX_FIELDS = 10_000
+"""Most fields a contract may have: each is a column, a struct attribute, a drift feature."""
+MAX_FIELD_NAME_LENGTH = 256
+"""Longest field name: names are in drift messages and error messages."""
+
 
 def canonical_name(name: str) -> str:
     """A field name normalised for matching model inputs to contract fields.
@@ -219,11 +224,21 @@ class Contract:
             raise ContractError("bad_contract", "contract version must be 1 or more")
         if not msg.fields:
             raise ContractError("bad_contract", "contract has no fields")
+        if len(msg.fields) > MAX_FIELDS:
+            raise ContractError(
+                "bad_contract", f"contract has {len(msg.fields)} fields, more than {MAX_FIELDS}"
+            )
         fields = []
         seen: set[str] = set()
         for spec in msg.fields:
             if not spec.name:
                 raise ContractError("bad_contract", "a field has no name")
+            if len(spec.name) > MAX_FIELD_NAME_LENGTH:
+                raise ContractError(
+                    "bad_contract",
+                    f"a field name is {len(spec.name)} characters, more than "
+                    f"{MAX_FIELD_NAME_LENGTH}",
+                )
             if spec.name in seen:
                 raise ContractError("bad_contract", f"field {spec.name!r} appears twice")
             seen.add(spec.name)

@@ -12,8 +12,12 @@ from __future__ import annotations
 import collections
 import functools
 import logging
+import math
+import os
+import stat
 import threading
 import time
+import weakref
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -36,7 +40,13 @@ from dataflows.core.events import (
     ModelInstalled,
 )
 from dataflows.core.reasons import Reason, Stage
-from dataflows.core.records import DeadLetter, SourceBatch
+from dataflows.core.records import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    MAX_DATA_TYPE_LENGTH,
+    DeadLetter,
+    SourceBatch,
+    valid_data_type,
+)
 from dataflows.monitoring.windows import DriftReference, ModelIdentity
 from dataflows.runtimes import ModelError, ModelFeature, ModelRuntime, load_runtime
 from protos import waxserve_pb2 as pb
@@ -45,6 +55,15 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 """Seconds since the epoch; injectable so tests control time."""
+
+MAX_NAME_LENGTH = 256
+"""Longest model name or version: each is in every scored record, stat and event."""
+MAX_DESCRIPTION_LENGTH = 4096
+"""Longest model description: it is in every stats message."""
+MAX_EVENT_TEXT = 2048
+"""Longest message an event carries (the rest of a long error is in the logs)."""
+DEFAULT_MAX_MODEL_BYTES = 256 << 20
+DEFAULT_MAX_DATA_TYPES = 1000
 
 
 # --- what the registry sends to shards ---------------------------------------------------
@@ -148,13 +167,19 @@ def decode_control(batch: SourceBatch) -> list[ControlIn | DeadLetter]:
             )
             continue
         body = message.model if which == "model" else message.contract
-        if not body.data_type:
+        if not valid_data_type(body.data_type):
+            # The data type keys the registry and the events: it must be a usable name.
+            problem = (
+                f"data_type is {len(body.data_type)} characters, more than {MAX_DATA_TYPE_LENGTH}"
+                if body.data_type
+                else "has no data_type"
+            )
             out.append(
                 batch.dead_letter(
                     i,
                     which,
                     Reason.BAD_CONTRACT if which == "contract" else Reason.BAD_DESCRIPTOR,
-                    f"{which} has no data_type",
+                    f"{which} {problem}",
                 )
             )
             continue
@@ -229,12 +254,17 @@ RUNTIMES = RuntimeCache()
 
 
 class CodecCache:
-    """Codecs of this process, one set per contract (data type and version)."""
+    """Codecs of this process, one set per contract (data type and version): the newest
+    `versions_kept` versions of each data type (an older one is built again if needed),
+    so a data type republished a million times does not keep a million codecs."""
 
-    def __init__(self, schema_resolver: Callable[[int], str] | None = None) -> None:
+    def __init__(
+        self, schema_resolver: Callable[[int], str] | None = None, versions_kept: int = 4
+    ) -> None:
         self._codecs: dict[tuple[str, int], ContractCodecs] = {}
         self._lock = threading.Lock()
         self._resolver = schema_resolver
+        self._versions_kept = versions_kept
 
     def use_schema_registry(self, resolver: Callable[[int], str] | None) -> None:
         """Resolve Avro schema ids that no contract names with this (a schema registry)."""
@@ -249,11 +279,75 @@ class CodecCache:
             if codecs is None or codecs.contract != contract:
                 codecs = ContractCodecs(contract, schema_resolver=self._resolver)
                 self._codecs[contract.key] = codecs
+                mine = [key for key in self._codecs if key[0] == contract.data_type]
+                for old in sorted(mine, key=lambda k: k[1])[: -self._versions_kept]:
+                    del self._codecs[old]
             return codecs
 
 
 CODECS = CodecCache()
 """The process-wide codec cache."""
+
+
+class DataTypeTable:
+    """The data types this process holds state for, and who holds each one.
+
+    Bytewax makes a state per key, and every key of the registry and of the shards names a
+    data type, which comes off the wire: without a bound, each new name is state (and
+    metric series) kept forever. A holder (a Registry, a ShardScorer) asks to `admit` a
+    data type before it keeps anything for it, and `release`s it when it keeps nothing
+    more. Holders are weakly referenced, so one that is dropped without a release (an
+    aborted run) does not keep its data types counted. Thread-safe: one table serves every
+    worker of the process.
+    """
+
+    def __init__(self) -> None:
+        self._holders: dict[str, weakref.WeakSet[Any]] = {}
+        self._lock = threading.Lock()
+
+    def admit(self, data_type: str, holder: Any, limit: int | None) -> bool:
+        """Count `holder` as holding `data_type`; False (and nothing counted) when it is a
+        new data type and `limit` data types are held already (None: no limit)."""
+        with self._lock:
+            holders = self._holders.get(data_type)
+            if holders is None or not holders:
+                if limit is not None and self._count() >= limit:
+                    return False
+                holders = self._holders[data_type] = weakref.WeakSet()
+            holders.add(holder)
+            return True
+
+    def release(self, data_type: str, holder: Any) -> None:
+        """`holder` keeps nothing more for `data_type`."""
+        with self._lock:
+            holders = self._holders.get(data_type)
+            if holders is not None:
+                holders.discard(holder)
+                if not holders:
+                    del self._holders[data_type]
+
+    def _count(self) -> int:
+        for data_type in [d for d, holders in self._holders.items() if not holders]:
+            del self._holders[data_type]  # every holder was dropped without a release
+        return len(self._holders)
+
+    def __len__(self) -> int:
+        with self._lock:
+            return self._count()
+
+    def __contains__(self, data_type: object) -> bool:
+        with self._lock:
+            return bool(self._holders.get(data_type))  # type: ignore[call-overload]
+
+
+REGISTRY_DATA_TYPES = DataTypeTable()
+"""Data types whose registry holds something in this process (a contract, a model, a
+control message going through)."""
+
+SHARD_DATA_TYPES = DataTypeTable()
+"""Data types whose shards hold something in this process (a contract or held records).
+Counted apart from the registries: records of made-up data types must not use up the room
+of contracts still to come."""
 
 
 # --- checking a descriptor: a list of checks --------------------------------------------
@@ -273,24 +367,45 @@ class Candidate:
     contract: Contract | None = None
     input_fields: tuple[str, ...] = ()
     reference: DriftReference | None = None
+    max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
 
 Check = Callable[[Candidate], None]
 
 
 def check_identity(c: Candidate) -> None:
-    """The descriptor names its model, version, data type and a known format."""
+    """The descriptor names its model, version, data type and a known format, each short
+    enough for the messages that carry them."""
     for name in ("name", "version", "data_type"):
         if not getattr(c.descriptor, name):
             raise ModelError(Reason.BAD_DESCRIPTOR, f"descriptor has no {name}")
+    for name, limit in (
+        ("name", MAX_NAME_LENGTH),
+        ("version", MAX_NAME_LENGTH),
+        ("description", MAX_DESCRIPTION_LENGTH),
+    ):
+        length = len(getattr(c.descriptor, name))
+        if length > limit:
+            raise ModelError(
+                Reason.BAD_DESCRIPTOR,
+                f"descriptor {name} is {length} characters, more than {limit}",
+            )
     if c.descriptor.format not in FORMAT_NAMES:
         raise ModelError(Reason.UNSUPPORTED_MODEL, f"unknown model format {c.descriptor.format}")
 
 
-def read_model_bytes(descriptor: pb.ModelDescriptor, model_dir: str) -> bytes:
-    """The model bytes of a descriptor: inline, or read from an allowed file:// location."""
+def read_model_bytes(
+    descriptor: pb.ModelDescriptor, model_dir: str, max_bytes: int = DEFAULT_MAX_MODEL_BYTES
+) -> bytes:
+    """The model bytes of a descriptor: inline, or read from an allowed file:// location
+    (no larger than `max_bytes`: ModelError("model_too_large"), and the file unread)."""
     which = descriptor.WhichOneof("source")
     if which == "model_bytes":
+        if len(descriptor.model_bytes) > max_bytes:
+            raise ModelError(
+                Reason.MODEL_TOO_LARGE, _too_large("model", descriptor.model_bytes, max_bytes)
+            )
         return descriptor.model_bytes
     if which != "location":
         raise ModelError(Reason.NO_MODEL, "descriptor has neither model_bytes nor location")
@@ -314,14 +429,35 @@ def read_model_bytes(descriptor: pb.ModelDescriptor, model_dir: str) -> bytes:
             f"location {descriptor.location!r} is outside the allowed model directory {allowed}",
         )
     try:
-        return path.read_bytes()
+        # Non-blocking: opening a FIFO must not hang the loader. The checks are on what was
+        # opened (the name may be swapped meanwhile), and never more than the limit is read.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        with os.fdopen(fd, "rb") as f:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise ModelError(Reason.LOCATION_UNREADABLE, f"{path} is not a regular file")
+            if info.st_size > max_bytes:
+                raise ModelError(
+                    Reason.MODEL_TOO_LARGE,
+                    f"{path} is {info.st_size:,} bytes, more than max_model_bytes ({max_bytes:,})",
+                )
+            data = f.read(max_bytes + 1)
     except OSError as exc:
         raise ModelError(Reason.LOCATION_UNREADABLE, f"{path}: {exc.strerror}") from None
+    if len(data) > max_bytes:  # it grew while being read
+        raise ModelError(
+            Reason.MODEL_TOO_LARGE, f"{path} is more than max_model_bytes ({max_bytes:,})"
+        )
+    return data
+
+
+def _too_large(what: str, data: bytes, limit: int = DEFAULT_MAX_MODEL_BYTES) -> str:
+    return f"{what} is {len(data):,} bytes, more than max_model_bytes ({limit:,})"
 
 
 def check_bytes(c: Candidate) -> None:
     """The model bytes are there and their SHA-256 is the descriptor's."""
-    c.model_bytes = read_model_bytes(c.descriptor, c.model_dir)
+    c.model_bytes = read_model_bytes(c.descriptor, c.model_dir, c.max_model_bytes)
     c.digest = sha256_hex(c.model_bytes)
     if c.digest != c.descriptor.sha256.lower():
         raise ModelError(
@@ -339,6 +475,20 @@ def check_loads(c: Candidate) -> None:
         tuple(c.descriptor.input_features),
         c.onnx_threads,
     )
+
+
+def check_outputs(c: Candidate) -> None:
+    """A scored record of the model fits an output message with room to spare: every
+    scored record carries the class labels (with their probabilities)."""
+    assert c.runtime is not None
+    labels = c.runtime.class_labels
+    size = sum(len(label.encode("utf-8", "replace")) + 16 for label in labels)
+    if size > c.max_message_bytes // 4:
+        raise ModelError(
+            Reason.UNSUPPORTED_MODEL,
+            f"the model's {len(labels)} class labels take {size:,} bytes in every scored "
+            f"record, more than a quarter of max_message_bytes ({c.max_message_bytes:,})",
+        )
 
 
 def check_contract(c: Candidate) -> None:
@@ -394,26 +544,44 @@ def check_profile(c: Candidate) -> None:
     """The reference profile, if any, is usable; its features are contract fields."""
     assert c.contract is not None
     if c.descriptor.HasField("reference_profile"):
-        c.reference = drift_reference(c.descriptor.reference_profile, c.contract)
+        c.reference = drift_reference(
+            c.descriptor.reference_profile, c.contract, c.max_message_bytes
+        )
 
 
-LOAD_CHECKS: tuple[Check, ...] = (check_identity, check_bytes, check_loads)
+LOAD_CHECKS: tuple[Check, ...] = (check_identity, check_bytes, check_loads, check_outputs)
 """Checks that need no contract: they run off the scoring path, in a loader thread."""
 
 BIND_CHECKS: tuple[Check, ...] = (check_contract, check_inputs, check_profile)
 """Checks against the data type's contract as it is at the descriptor's turn."""
 
 
-def drift_reference(profile: pb.ReferenceProfile, contract: Contract) -> DriftReference | None:
+def drift_reference(
+    profile: pb.ReferenceProfile,
+    contract: Contract,
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+) -> DriftReference | None:
     """Drift reference from a profile, over its features that are contract fields of the
-    same kind (numeric bins for numeric fields, categories for string fields)."""
+    same kind (numeric bins for numeric fields, categories for string fields).
+
+    Every number must be finite (a NaN mean would make every drift metric NaN), and the
+    drift message of a window must fit in half of `max_message_bytes`.
+    """
     names, edges, expected, means, stds = [], [], [], [], []
     text_names, categories, text_expected = [], [], []
+    size = 0  # of a drift message over this reference, roughly: bins are varints
     for feature in profile.features:
         found = contract.field_for(feature.name)
         if found is None:
             continue
         fractions = np.asarray(feature.expected_fractions, dtype=np.float64)
+        if not (np.isfinite(fractions).all() and (fractions >= 0).all()):
+            raise ModelError(
+                Reason.BAD_PROFILE,
+                f"reference profile of {feature.name!r}: expected_fractions must be finite "
+                "and >= 0",
+            )
+        size += len(feature.name.encode()) + 64 + 11 * (len(fractions) + 1)
         if feature.categories:
             if found.type.numeric:
                 continue
@@ -430,6 +598,16 @@ def drift_reference(profile: pb.ReferenceProfile, contract: Contract) -> DriftRe
         if not found.type.numeric:
             continue
         edge = np.asarray(feature.bin_edges, dtype=np.float64)
+        if not (np.isfinite(edge).all() and math.isfinite(feature.mean)):
+            raise ModelError(
+                Reason.BAD_PROFILE,
+                f"reference profile of {feature.name!r}: bin_edges and mean must be finite",
+            )
+        if not (math.isfinite(feature.std) and feature.std >= 0):
+            raise ModelError(
+                Reason.BAD_PROFILE,
+                f"reference profile of {feature.name!r}: std must be finite and >= 0",
+            )
         if len(fractions) != len(edge) + 1 or np.any(np.diff(edge) < 0):
             raise ModelError(
                 Reason.BAD_PROFILE,
@@ -441,6 +619,12 @@ def drift_reference(profile: pb.ReferenceProfile, contract: Contract) -> DriftRe
         expected.append(fractions)
         means.append(feature.mean)
         stds.append(feature.std)
+    if size > max_message_bytes // 2:
+        raise ModelError(
+            Reason.BAD_PROFILE,
+            f"reference profile: a drift message over it would take about {size:,} bytes, "
+            f"more than half of max_message_bytes ({max_message_bytes:,})",
+        )
     if not names and not text_names:
         return None
     return DriftReference(
@@ -465,9 +649,14 @@ def model_event(
     message: str = "",
     contract_version: int = 0,
 ) -> pb.ModelEvent:
-    """An events-topic message."""
+    """An events-topic message. Its texts are cut short: a rejected descriptor's name
+    can be anything, and the event must fit in an output message."""
     event = pb.ModelEvent(
-        kind=kind, reason=reason, message=message, at_ms=now_ms, contract_version=contract_version
+        kind=kind,
+        reason=reason,
+        message=_clip(message, MAX_EVENT_TEXT),
+        at_ms=now_ms,
+        contract_version=contract_version,
     )
     if identity is not None:
         event.data_type = identity.data_type
@@ -478,15 +667,19 @@ def model_event(
         event.data_type = source.data_type
         body = source.body
         if isinstance(body, pb.ModelDescriptor):
-            event.model_name = event.model_name or body.name
-            event.model_version = event.model_version or body.version
-            event.model_sha256 = event.model_sha256 or body.sha256
+            event.model_name = event.model_name or _clip(body.name, MAX_NAME_LENGTH)
+            event.model_version = event.model_version or _clip(body.version, MAX_NAME_LENGTH)
+            event.model_sha256 = event.model_sha256 or _clip(body.sha256, MAX_NAME_LENGTH)
         else:
             event.contract_version = event.contract_version or body.version
         event.source_topic = source.topic
         event.source_partition = source.partition
         event.source_offset = source.offset
     return event
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 # --- the registry ------------------------------------------------------------------------
@@ -518,6 +711,11 @@ class Registry:
     Control messages go through in arrival order. Descriptors load in the background (PMML:
     on the worker); the old model serves until the new one is ready. `collect()` returns
     what has gone through.
+
+    Limits: a control message larger than `max_model_bytes` is rejected unread
+    (model_too_large); so is any control message of a new data type while the process's
+    registries hold `max_data_types` others (too_many_data_types, counted in `data_types`).
+    Rejections keep what was installed serving.
     """
 
     def __init__(
@@ -530,6 +728,10 @@ class Registry:
         events: EventBus = NO_EVENTS,
         cache: RuntimeCache = RUNTIMES,
         codecs: CodecCache = CODECS,
+        max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_data_types: int = DEFAULT_MAX_DATA_TYPES,
+        data_types: DataTypeTable = REGISTRY_DATA_TYPES,
     ) -> None:
         state = state if state is not None else RegistryState()
         self.contract = state.contract
@@ -542,11 +744,53 @@ class Registry:
         self._events = events
         self._cache = cache
         self._codecs = codecs
+        self._max_model_bytes = max_model_bytes
+        self._max_message_bytes = max_message_bytes
+        self._max_data_types = max_data_types
+        self._data_types = data_types
+        self._data_type = ""  # the one this registry holds, once admitted
         self._queue: collections.deque[tuple[ControlIn, Future[Candidate] | None]] = (
             collections.deque()
         )
+        if self.resumed:  # what a snapshot holds stays, whatever the limit is now
+            held = state.contract or (state.current and state.current.spec.identity)
+            self._admit(held.data_type if held else state.loading[0].data_type, limit=None)
         for item in state.loading:
             self._enqueue(item)
+
+    @property
+    def holds_anything(self) -> bool:
+        """Whether the registry has a contract, a model or control messages going through;
+        one that holds nothing may be dropped (it is rebuilt empty on the next message)."""
+        return self.contract is not None or self.current is not None or bool(self._queue)
+
+    def _admit(self, data_type: str, limit: int | None) -> bool:
+        if not self._data_type:
+            if not self._data_types.admit(data_type, self, limit):
+                return False
+            self._data_type = data_type
+        return True
+
+    def _release_if_empty(self) -> None:
+        if self._data_type and not self.holds_anything:
+            self._data_types.release(self._data_type, self)
+            self._data_type = ""
+
+    def _refusal(self, item: ControlIn) -> ModelError | ContractError | None:
+        """Why a control message is rejected before any check runs, if it is."""
+        is_model = isinstance(item.body, pb.ModelDescriptor)
+        error = ModelError if is_model else ContractError
+        if len(item.raw) > self._max_model_bytes:
+            what = "descriptor" if is_model else "contract"
+            reason = Reason.MODEL_TOO_LARGE if is_model else Reason.BAD_CONTRACT
+            return error(reason, _too_large(what, item.raw, self._max_model_bytes))
+        if not self._admit(item.data_type, self._max_data_types):
+            return error(
+                Reason.TOO_MANY_DATA_TYPES,
+                f"data type {item.data_type!r} would be one more than max_data_types "
+                f"({self._max_data_types}) held by this process",
+            )
+        return None
 
     @property
     def loading(self) -> bool:
@@ -558,10 +802,23 @@ class Registry:
         return RegistryState(self.contract, self.current, [item for item, _ in self._queue])
 
     def _enqueue(self, item: ControlIn) -> None:
+        refused = self._refusal(item)
+        if refused is not None:  # rejected at its turn, never loaded
+            rejected: Future[Candidate] = Future()
+            rejected.set_exception(refused)
+            self._queue.append((item, rejected))
+            return
         if not isinstance(item.body, pb.ModelDescriptor):
             self._queue.append((item, None))  # a contract: checked at its turn
             return
-        candidate = Candidate(item.body, self._model_dir, self._onnx_threads, self._cache)
+        candidate = Candidate(
+            item.body,
+            self._model_dir,
+            self._onnx_threads,
+            self._cache,
+            max_model_bytes=self._max_model_bytes,
+            max_message_bytes=self._max_message_bytes,
+        )
         load = functools.partial(_run_checks, candidate, LOAD_CHECKS)
         if item.body.format != pb.MODEL_FORMAT_PMML:
             self._queue.append((item, _LOADER.submit(load)))
@@ -598,6 +855,15 @@ class Registry:
                     out.extend(self._model(item, future.result()))
             except (ModelError, ContractError) as exc:
                 out.extend(self._rejected(item, exc.reason, str(exc)))
+            except Exception as exc:
+                # A control message is replayed on every restart: one that trips a bug in
+                # a check must be a rejection, not a crash loop.
+                log.exception("control message at %s/%d failed", item.topic, item.offset)
+                is_model = item.stage == Stage.MODEL
+                reason = Reason.LOAD_FAILED if is_model else Reason.BAD_CONTRACT
+                message = f"{type(exc).__name__}: {exc}"
+                out.extend(self._rejected(item, reason, message))
+        self._release_if_empty()
         return out
 
     def _contract(self, item: ControlIn) -> list[RegistryOut]:
@@ -669,10 +935,9 @@ class Registry:
         what = "model" if item.stage == Stage.MODEL else "contract"
         log.warning("rejected %s for %s: %s: %s", what, item.data_type, reason, message)
         kind = "rejected" if item.stage == Stage.MODEL else "contract_rejected"
-        return [
-            item.dead_letter(reason, message),
-            model_event(kind, None, now_ms, source=item, reason=reason, message=message),
-        ]
+        dead = item.dead_letter(reason, message)
+        dead.max_message_bytes = self._max_message_bytes  # it carries the model's bytes
+        return [dead, model_event(kind, None, now_ms, source=item, reason=reason, message=message)]
 
     def on_resume(self) -> list[RegistryOut]:
         """After a resume: re-send the contract and the model so every shard can rebuild them."""

@@ -37,6 +37,9 @@ class Reason(StrEnum):
     MISSING_FEATURE = "missing_feature"
     SCORE_FAILED = "score_failed"
     INVALID_PREDICTION = "invalid_prediction"
+    BAD_LABEL = "bad_label"  # a label no quality metric can take (e.g. beyond ±1e12)
+    HELD_OVERFLOW = "held_overflow"  # no model yet, and the process holds all it may
+    TOO_MANY_DATA_TYPES = "too_many_data_types"  # a new data type past max_data_types
     # model
     BAD_DESCRIPTOR = "bad_descriptor"
     UNSUPPORTED_MODEL = "unsupported_model"
@@ -46,6 +49,7 @@ class Reason(StrEnum):
     LOAD_FAILED = "load_failed"
     BAD_INPUTS = "bad_inputs"
     BAD_PROFILE = "bad_profile"
+    MODEL_TOO_LARGE = "model_too_large"  # a descriptor or model past max_model_bytes
     # contract
     BAD_CONTRACT = "bad_contract"
     INCOMPATIBLE_CONTRACT = "incompatible_contract"
@@ -70,6 +74,9 @@ STAGE_REASONS: dict[Stage, tuple[Reason, ...]] = {
         Reason.UNKNOWN_CATEGORY,
         Reason.SCORE_FAILED,
         Reason.INVALID_PREDICTION,
+        Reason.BAD_LABEL,
+        Reason.HELD_OVERFLOW,
+        Reason.TOO_MANY_DATA_TYPES,
     ),
     Stage.MODEL: (
         Reason.UNDECODABLE,
@@ -83,11 +90,14 @@ STAGE_REASONS: dict[Stage, tuple[Reason, ...]] = {
         Reason.LOAD_FAILED,
         Reason.BAD_INPUTS,
         Reason.BAD_PROFILE,
+        Reason.MODEL_TOO_LARGE,
+        Reason.TOO_MANY_DATA_TYPES,
     ),
     Stage.CONTRACT: (
         Reason.UNDECODABLE,
         Reason.BAD_CONTRACT,
         Reason.INCOMPATIBLE_CONTRACT,
+        Reason.TOO_MANY_DATA_TYPES,
     ),
 }
 """Every (stage, reason) a dead letter can have."""

@@ -10,6 +10,7 @@ object matrix of the text fields (None for absent), in the contract's column lay
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,27 @@ OutMessage = tuple[bytes | None, bytes | None, Headers | None]
 """A message for a sink: key, value, headers (None: no headers)."""
 
 MAX_DATA_TYPE_LENGTH = 128
+
+MAX_ID_LENGTH = 1024
+"""Longest record id (characters): every scored record carries it, so a longer one would
+make the scored topic refuse the message. A record with a longer id is a dead letter."""
+
+DEFAULT_MAX_MESSAGE_BYTES = 1_000_000
+"""librdkafka's default message.max.bytes: the largest message a producer accepts."""
+
+MIN_MESSAGE_BYTES = 16_384
+"""The smallest usable output limit: a dead letter's own headers, key and some original."""
+
+RECORD_OVERHEAD_BYTES = 512
+"""What a record costs on the wire beyond its key, value and headers. librdkafka counts
+at most ~40 bytes per record (message format v2) against message.max.bytes; the rest is
+margin, so a message sized to the limit here is never refused there."""
+
+_HEADER_OVERHEAD_BYTES = 10  # varint lengths of a header's name and value
+_MAX_ERROR_MESSAGE_BYTES = 2048
+_MAX_HEADER_FIELD_BYTES = 256  # data type, topic: identifiers, long only when hostile
+_MAX_KEPT_KEY_BYTES = 1024
+_MAX_KEPT_HEADER_BYTES = 64 << 10  # the producer's headers kept in a truncated dead letter
 
 
 @dataclass
@@ -73,22 +95,78 @@ class DeadLetter:
     value: bytes | None
     headers: Headers = field(default_factory=list)
     data_type: str = ""
+    # The dead-letter topic's message limit (key + value + headers); the stages that know
+    # the configured max_message_bytes stamp it, the others keep librdkafka's default.
+    max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
 
-    def to_message(self) -> OutMessage:
-        """The dead letter as a Kafka message: original key and bytes, error in headers."""
-        headers: Headers = [
-            ("waxserve.stage", self.stage.encode()),
-            ("waxserve.error.class", self.reason.encode()),
-            ("waxserve.error.message", self.message.encode()),
-            ("waxserve.source.topic", self.topic.encode()),
+    def to_message(self, max_bytes: int | None = None) -> OutMessage:
+        """The dead letter as a Kafka message: original key and bytes, error in headers.
+
+        The message never exceeds `max_bytes` (default: `max_message_bytes`) with its
+        record overhead: a producer would refuse it, and the input it stands for would stop
+        the dataflow on every restart. Past the limit it keeps as much of the original as
+        fits (the key up to 1 KiB, the producer's headers up to 64 KiB, then the value)
+        and says so: `waxserve.truncated=true`, with `waxserve.original.size` and
+        `waxserve.original.sha256` of the whole value (and of the key, when cut).
+        """
+        limit = self.max_message_bytes if max_bytes is None else max_bytes
+        ours: Headers = [
+            ("waxserve.stage", _clip(self.stage, _MAX_HEADER_FIELD_BYTES)),
+            ("waxserve.error.class", _clip(self.reason, _MAX_HEADER_FIELD_BYTES)),
+            ("waxserve.error.message", _clip(self.message, _MAX_ERROR_MESSAGE_BYTES)),
+            ("waxserve.source.topic", _clip(self.topic, _MAX_HEADER_FIELD_BYTES)),
             ("waxserve.source.partition", str(self.partition).encode()),
             ("waxserve.source.offset", str(self.offset).encode()),
         ]
         if self.data_type:
-            headers.append(("waxserve.data_type", self.data_type.encode()))
+            ours.append(("waxserve.data_type", _clip(self.data_type, _MAX_HEADER_FIELD_BYTES)))
         # Keep the producer's own headers too, after ours.
-        headers.extend(h for h in self.headers if not h[0].startswith("waxserve."))
-        return (self.key, self.value, headers)
+        theirs = [
+            (_header_name(name), _header_value(value))
+            for name, value in self.headers
+            if not str(name).startswith("waxserve.")
+        ]
+        key, value = self.key, self.value
+        if _message_size(key, value, ours + theirs) <= limit:
+            return (key, value, ours + theirs)
+        return fit_message((key, value, theirs), limit, ours)
+
+
+def fit_message(message: OutMessage, limit: int, ours: Headers | None = None) -> OutMessage:
+    """`message` cut to fit `limit` bytes with its record overhead, headers `ours` first.
+
+    It keeps the key up to 1 KiB, the message's headers up to 64 KiB, then as much of the
+    value as fits, and says so: `waxserve.truncated=true`, `waxserve.original.size` and
+    `waxserve.original.sha256` of the whole value (and of the key, when cut),
+    `waxserve.headers.dropped`. A message is never dropped for its size.
+    """
+    key, original, headers = message
+    theirs = headers or []
+    value = original or b""
+    marks: Headers = [
+        *(ours or []),
+        ("waxserve.truncated", b"true"),
+        ("waxserve.original.size", str(len(value)).encode()),
+        ("waxserve.original.sha256", hashlib.sha256(value).hexdigest().encode()),
+    ]
+    if key is not None and len(key) > _MAX_KEPT_KEY_BYTES:
+        marks.append(("waxserve.original.key.size", str(len(key)).encode()))
+        marks.append(("waxserve.original.key.sha256", hashlib.sha256(key).hexdigest().encode()))
+        key = key[:_MAX_KEPT_KEY_BYTES]
+    room = limit - RECORD_OVERHEAD_BYTES - _headers_size(marks) - 64  # 64: the count below
+    room -= len(key) if key is not None else 0
+    kept: Headers = []
+    header_room = min(room, _MAX_KEPT_HEADER_BYTES)
+    for header in theirs:
+        size = _headers_size([header])
+        if size <= header_room:
+            kept.append(header)
+            header_room -= size
+            room -= size
+    if len(kept) < len(theirs):
+        marks.append(("waxserve.headers.dropped", str(len(theirs) - len(kept)).encode()))
+    kept_value = None if original is None else value[: max(0, room)]
+    return (key, kept_value, marks + kept)
 
 
 @dataclass
@@ -99,8 +177,12 @@ class RawRun(SourceBatch):
 
     @property
     def size_bytes(self) -> int:
-        """The bytes of its values (what holding it costs, roughly)."""
-        return sum(len(v) for v in self.values if v is not None)
+        """The bytes of its values, keys and headers (what holding it costs, roughly)."""
+        size = sum(len(v) for v in self.values if v is not None)
+        size += sum(len(k) for k in self.keys if k is not None)
+        if self.headers and self.headers.count(self.headers[0]) == len(self.headers):
+            return size + len(self.headers) * _headers_size(self.headers[0])  # the usual case
+        return size + sum(map(_headers_size, self.headers))
 
     def dead_letter(self, i: int, stage: str, reason: str, message: str) -> DeadLetter:
         """Dead letter for message `i`, as it arrived, with its data type."""
@@ -253,6 +335,57 @@ def _valid(data_type: str) -> bool:
     return 0 < len(data_type) <= MAX_DATA_TYPE_LENGTH
 
 
+def valid_data_type(data_type: str) -> bool:
+    """Whether a name can be a data type: 1 to MAX_DATA_TYPE_LENGTH characters, UTF-8."""
+    if not _valid(data_type):
+        return False
+    try:
+        data_type.encode()
+    except UnicodeEncodeError:  # a lone surrogate: no Kafka key or Bytewax key can hold it
+        return False
+    return True
+
+
+# --- sizes of outgoing messages ----------------------------------------------------------
+
+
+def _clip(text: str, limit: int) -> bytes:
+    """`text` as UTF-8 (unencodable characters replaced), cut to `limit` bytes."""
+    data = text.encode("utf-8", "replace")
+    if len(data) <= limit:
+        return data
+    return data[: limit - 3].decode("utf-8", "ignore").encode() + b"..."
+
+
+def _header_name(name: object) -> str:
+    """A header name the producer can encode (it encodes names as UTF-8)."""
+    text = name.decode("utf-8", "replace") if isinstance(name, bytes) else str(name)
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        text = text.encode("utf-8", "replace").decode()
+    return text
+
+
+def _header_value(value: object) -> bytes | None:
+    if value is None or isinstance(value, bytes):
+        return value
+    return str(value).encode("utf-8", "replace")
+
+
+def _headers_size(headers: Sequence[tuple[str, bytes | None]]) -> int:
+    return sum(
+        len(name.encode("utf-8", "replace")) + len(value or b"") + _HEADER_OVERHEAD_BYTES
+        for name, value in headers
+    )
+
+
+def _message_size(key: bytes | None, value: bytes | None, headers: Headers) -> int:
+    """What a message counts against the producer's message.max.bytes, with margin."""
+    size = RECORD_OVERHEAD_BYTES + _headers_size(headers)
+    return size + (len(key) if key is not None else 0) + (len(value) if value is not None else 0)
+
+
 # --- decoded columns ---------------------------------------------------------------------
 
 
@@ -353,24 +486,37 @@ def record_columns(
         labels = (numeric if where.numeric else text)[:, where.index]
     else:
         labels = np.full(len(offsets), np.nan)
-    return (
-        RecordColumns(
-            data_type=run.data_type,
-            contract_version=contract.version,
-            topic=run.topic,
-            partition=run.partition,
-            offsets=offsets,
-            record_ids=record_ids,
-            event_time_ms=event_times,
-            numeric=numeric,
-            text=text,
-            labels=labels,
-            keys=keys,
-            raw=raw,
-            headers=headers,
-        ),
-        dead,
+    out = RecordColumns(
+        data_type=run.data_type,
+        contract_version=contract.version,
+        topic=run.topic,
+        partition=run.partition,
+        offsets=offsets,
+        record_ids=record_ids,
+        event_time_ms=event_times,
+        numeric=numeric,
+        text=text,
+        labels=labels,
+        keys=keys,
+        raw=raw,
+        headers=headers,
     )
+    if record_ids and max(map(len, record_ids)) > MAX_ID_LENGTH:  # one C pass; rare
+        too_long = np.fromiter((len(i) > MAX_ID_LENGTH for i in record_ids), bool, len(out))
+        dead.extend(
+            out.dead_letter(
+                row,
+                "decode",
+                Reason.OUT_OF_RANGE,
+                f"id field {contract.id_field!r} is {len(record_ids[row])} characters, "
+                f"more than {MAX_ID_LENGTH}",
+            )
+            for row in np.flatnonzero(too_long).tolist()
+        )
+        if too_long.all():
+            return None, dead
+        out = out.take(~too_long)
+    return out, dead
 
 
 def _record_ids(

@@ -17,6 +17,11 @@ from protos import waxserve_pb2 as pb
 PSI_EPSILON = 1e-4
 """Floor for bin fractions in PSI, so an empty bin costs a finite amount."""
 
+MAX_SUMMED = 1e150
+"""Feature values are summed (for the window's mean) no larger than this in magnitude:
+two records of 1e308 (finite, accepted) would make the sum, and so every later mean of the
+window, infinite. No real feature comes near it; the bins still see the true value."""
+
 
 @dataclass(frozen=True)
 class DriftReference:
@@ -91,7 +96,11 @@ class DriftAccumulator:
                 column = column[~absent[i]]
             bins = np.searchsorted(edges, column, side="right")
             self.counts[i] += np.bincount(bins, minlength=len(edges) + 1)
-        self.sums += np.where(absent, 0.0, values).sum(axis=1) if any(lacking) else values.sum(1)
+        with np.errstate(over="ignore"):  # an overflow is caught just below
+            sums = np.where(absent, 0.0, values).sum(axis=1) if any(lacking) else values.sum(1)
+        if not (np.abs(sums) <= MAX_SUMMED).all():  # absurd values only: else nothing to pay
+            sums = np.clip(np.where(absent, 0.0, values), -MAX_SUMMED, MAX_SUMMED).sum(axis=1)
+        self.sums += sums
         if text is not None:
             for j, categories in enumerate(reference.categories):
                 index = {c: k for k, c in enumerate(categories)}

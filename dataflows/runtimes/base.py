@@ -36,7 +36,8 @@ class ModelError(Exception):
 
     Reasons: "load_failed" (unreadable bytes, runtime refused the model), "bad_inputs" (the
     descriptor's input_features do not fit the model), "unsupported_model" (loads, but is not
-    a shape of model waxserve can score, or refers to data outside its bytes).
+    a shape of model waxserve can score, or refers to data outside its bytes). The registry
+    raises it with its own reasons too (`dataflows.core.reasons.Reason`, e.g. model_too_large).
     """
 
     def __init__(self, reason: str, message: str) -> None:
@@ -188,11 +189,17 @@ def _label_str(label: object) -> str:
     return str(label)
 
 
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+"""A label that is a number: ASCII decimal or scientific notation only. Python's float()
+also takes "7_4", "nan", full-width digits and surrounding spaces, which are not."""
+
+
 def _label_number(label: str) -> float:
-    try:
-        return float(label)
-    except ValueError:
+    """A class label's value as a number, NaN when the label is not a (finite) number."""
+    if not _DECIMAL.fullmatch(label):
         return math.nan
+    number = float(label)
+    return number if math.isfinite(number) else math.nan
 
 
 def _sorted_labels(labels: Iterable[str]) -> tuple[str, ...]:

@@ -101,6 +101,8 @@ class OnnxRuntime(ModelRuntime):
         import onnxruntime as ort
 
         self.format = "onnx"
+        if model_bytes[4:8] == b"ORTM":  # onnxruntime's own flatbuffer format
+            raise ModelError("unsupported_model", "ORT-format models are not accepted: ONNX only")
         try:
             model = onnx.load_model_from_string(model_bytes)
         except Exception as exc:
@@ -113,6 +115,10 @@ class OnnxRuntime(ModelRuntime):
                 "unsupported_model",
                 "ONNX model refers to external tensor data (refused): " + "; ".join(external[:5]),
             )
+        # onnxruntime gets the model that was checked, and only it: fields this onnx does
+        # not know (a newer IR's) are dropped rather than passed on unchecked.
+        model.DiscardUnknownFields()
+        model_bytes = model.SerializeToString()
         graph = model.graph
 
         options = ort.SessionOptions()

@@ -41,6 +41,107 @@ _jvm_ready = False
 _NUMERIC_PMML_TYPES = {"double", "float", "integer", "boolean"}
 _TEXT_PMML_TYPES = {"string"}
 
+# XML encodings a PMML document may be in (Python codec names): the Unicode ones an XML
+# parser must know, and the ASCII-compatible single-byte ones. Anything else (UTF-7,
+# EBCDIC, ...) could spell "<!DOCTYPE" in bytes no check here would recognise: refused.
+_BOMS = (
+    (b"\x00\x00\xfe\xff", "utf-32-be"),
+    (b"\xff\xfe\x00\x00", "utf-32-le"),
+    (b"\xef\xbb\xbf", "utf-8"),
+    (b"\xfe\xff", "utf-16-be"),
+    (b"\xff\xfe", "utf-16-le"),
+)
+_UNMARKED = (  # XML 1.0 appendix F: a first "<" in a UTF-16/32 document without a BOM
+    (b"\x00\x00\x00<", "utf-32-be"),
+    (b"<\x00\x00\x00", "utf-32-le"),
+    (b"\x00<", "utf-16-be"),
+    (b"<\x00", "utf-16-le"),
+)
+_UNICODE_FAMILIES = {"utf-8": "utf-8", "utf8": "utf-8", "utf-16": "utf-16", "utf-32": "utf-32"}
+_SINGLE_BYTE_ENCODINGS = {
+    "us-ascii": "ascii",
+    "ascii": "ascii",
+    **{f"iso-8859-{n}": f"iso8859-{n}" for n in (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 13, 14, 15, 16)},
+    "latin1": "latin-1",
+    "latin-1": "latin-1",
+    **{f"windows-{n}": f"cp{n}" for n in range(1250, 1259)},
+}
+_XML_DECLARATION = re.compile(r"<\?xml\b[^>]*?\?>")
+_DECLARED_ENCODING = re.compile(r"""\bencoding\s*=\s*(["'])([A-Za-z0-9._\-]+)\1""")
+# "<!" but a comment or CDATA section (a DTD, an entity), or a second XML declaration.
+_REFUSED_MARKUP = re.compile(r"<!(?!--|\[CDATA\[)|<\?xml\b", re.IGNORECASE)
+
+
+def utf8_document(document: bytes) -> bytes:
+    """A PMML document as plain UTF-8 (no BOM, no encoding declaration), once checked to
+    hold no DTD; ModelError("load_failed") otherwise.
+
+    PMML4S resolves XML entities, so a DOCTYPE must never reach it, in whatever encoding
+    the document is written: the document is decoded the way an XML parser would (a BOM,
+    the first bytes of a UTF-16/32 document, the encoding declaration), checked as text,
+    and handed on as the UTF-8 that was checked. No PMML needs a DTD; any "<!" but a
+    comment or CDATA section is refused.
+    """
+    encoding, start = _xml_encoding(document)
+    try:
+        text = document[start:].decode(encoding)
+    except (UnicodeDecodeError, LookupError) as exc:
+        raise ModelError("load_failed", f"PMML document is not valid {encoding}: {exc}") from None
+    declaration = _XML_DECLARATION.match(text)
+    if declaration is not None:
+        declared = _DECLARED_ENCODING.search(declaration.group())
+        if declared is not None:
+            _check_declared(declared.group(2), encoding)
+        text = text[declaration.end() :]  # it names the encoding no longer used
+    if "\x00" in text:  # no XML holds NUL; refusing it keeps the output from looking UTF-16
+        raise ModelError("load_failed", "PMML document holds NUL characters")
+    if _REFUSED_MARKUP.search(text):
+        raise ModelError(
+            "load_failed",
+            "PMML documents with a DOCTYPE (or any other markup declaration) are not accepted",
+        )
+    return text.encode()
+
+
+def _xml_encoding(document: bytes) -> tuple[str, int]:
+    """(Python codec, where the text starts) of an XML document, before its declaration
+    is read: a BOM, the byte pattern of "<?" in UTF-16/32, else the declared one (UTF-8
+    when none is declared)."""
+    for bom, encoding in _BOMS:
+        if document.startswith(bom):
+            return encoding, len(bom)
+    for pattern, encoding in _UNMARKED:
+        if document.startswith(pattern):
+            return encoding, 0
+    head = document[:200].decode("latin-1")  # the declaration is ASCII, if there is one
+    declaration = _XML_DECLARATION.match(head)
+    declared = _DECLARED_ENCODING.search(declaration.group()) if declaration else None
+    if declared is None:
+        return "utf-8", 0
+    name = declared.group(2).lower()
+    if name in _UNICODE_FAMILIES:
+        if _UNICODE_FAMILIES[name] != "utf-8":  # UTF-16/32 has no ASCII declaration
+            raise ModelError("load_failed", f"PMML document declares {name} but is not")
+        return "utf-8", 0
+    codec = _SINGLE_BYTE_ENCODINGS.get(name)
+    if codec is None:
+        raise ModelError("load_failed", f"PMML document encoding {name!r} is not accepted")
+    return codec, 0
+
+
+def _check_declared(declared: str, detected: str) -> None:
+    """The declared encoding agrees with the bytes (UTF-16 and UTF-32 in their family)."""
+    name = declared.lower()
+    family = _UNICODE_FAMILIES.get(name.replace("le", "").replace("be", "").rstrip("-"))
+    if family is not None:
+        if not detected.startswith(family):
+            raise ModelError("load_failed", f"PMML document declares {declared} but is {detected}")
+        return
+    if detected.startswith("utf-") and detected != "utf-8":
+        raise ModelError("load_failed", f"PMML document declares {declared} but is {detected}")
+    if name not in _SINGLE_BYTE_ENCODINGS and name not in _UNICODE_FAMILIES:
+        raise ModelError("load_failed", f"PMML document encoding {declared!r} is not accepted")
+
 
 def jvm_started() -> bool:
     """Whether this process has started pypmml's in-process JVM."""
@@ -122,8 +223,8 @@ class PmmlRuntime(ModelRuntime):
     def __init__(self, model_bytes: bytes, input_features: Sequence[str] = ()) -> None:
         self.format = "pmml"
         # PMML never needs a DTD; refusing one rules out XML entity tricks on our files.
-        if re.search(rb"<!(DOCTYPE|ENTITY)", model_bytes, re.IGNORECASE):
-            raise ModelError("load_failed", "PMML documents with a DOCTYPE are not accepted")
+        # PMML4S reads exactly the UTF-8 that was checked.
+        document = utf8_document(bytes(model_bytes))
         try:
             start_jvm()
         except Exception as exc:
@@ -131,7 +232,7 @@ class PmmlRuntime(ModelRuntime):
         from pypmml import Model
 
         try:
-            model = Model.fromBytes(bytes(model_bytes))
+            model = Model.fromBytes(document)
             function = str(model.functionName)
             fields = [(f, str(f.name), str(f.dataType)) for f in model.inputFields]
         except Exception as exc:

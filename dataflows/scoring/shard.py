@@ -15,7 +15,9 @@ import copy
 import logging
 import os
 import socket
+import threading
 import time
+import weakref
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -24,9 +26,12 @@ import numpy as np
 from dataflows.contracts.schema import Contract
 from dataflows.control.registry import (
     CODECS,
+    DEFAULT_MAX_DATA_TYPES,
     RUNTIMES,
+    SHARD_DATA_TYPES,
     CodecCache,
     ContractInstall,
+    DataTypeTable,
     Install,
     ModelInstall,
     ModelSpec,
@@ -41,7 +46,14 @@ from dataflows.core.events import (
     RecordsReceived,
 )
 from dataflows.core.reasons import Reason, Stage
-from dataflows.core.records import DeadLetter, OutMessage, RawRun, RecordColumns, record_columns
+from dataflows.core.records import (
+    DEFAULT_MAX_MESSAGE_BYTES,
+    DeadLetter,
+    OutMessage,
+    RawRun,
+    RecordColumns,
+    record_columns,
+)
 from dataflows.monitoring.windows import (
     DriftAccumulator,
     DriftPartial,
@@ -57,6 +69,12 @@ log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
 
+MAX_LABEL_MAGNITUDE = 1e12
+"""Largest label (in magnitude) a record may carry into online quality. Labels are for
+RMSE and accuracy only; one of 1e300 would make the squared-error sum infinite for good.
+A larger label (or a non-finite one) makes its record a dead letter (bad_label); a
+prediction beyond it is scored but left out of RMSE."""
+
 
 @dataclass
 class ScoredBatch:
@@ -64,6 +82,9 @@ class ScoredBatch:
 
     route: str  # "<topic>/<partition>" of the input: output of a partition stays together
     messages: list[OutMessage]
+    # The input offset of each message, ascending: what exactly-once output fences on.
+    offsets: list[int]
+    data_type: str
 
 
 ShardOut = ScoredBatch | DeadLetter | StatsPartial | DriftPartial
@@ -135,37 +156,105 @@ class Binding:
         return cls(spec, runtime, numeric, text, names, categories, reference, reference_text)
 
 
+class HeldBudget:
+    """What every shard of the process holds for a contract or model, by records and bytes.
+
+    Shard keys multiply with data types, so a bound per shard bounds nothing: the bound is
+    per process. Each `HeldRecords` keeps its own counts; the budget adds up the live ones
+    (weakly referenced: a shard dropped without releasing its records stops counting).
+    """
+
+    def __init__(self) -> None:
+        self._holders: weakref.WeakSet[HeldRecords] = weakref.WeakSet()
+        self._lock = threading.Lock()
+
+    def update(self, held: HeldRecords) -> None:
+        """`held` changed what it holds."""
+        with self._lock:
+            if held.records:
+                self._holders.add(held)
+            else:
+                self._holders.discard(held)
+
+    def total(self) -> tuple[int, int]:
+        """Records and bytes held in the process."""
+        with self._lock:
+            holders = list(self._holders)
+        return sum(h.records for h in holders), sum(h.bytes for h in holders)
+
+
+HELD = HeldBudget()
+"""The process's held records budget."""
+
+
 class HeldRecords:
     """Runs that wait for their data type's contract or model, within bounds: past the wait
-    or the size limits they are dead letters (no_contract or no_model), not lost."""
+    they are dead letters (no_contract or no_model); past the process's limits (records or
+    bytes, `HeldBudget`) the newest are dead letters at once (held_overflow). None is lost."""
 
-    def __init__(self, wait_ms: int, max_records: int, max_bytes: int, clock: Clock) -> None:
+    def __init__(
+        self,
+        wait_ms: int,
+        max_records: int,
+        max_bytes: int,
+        clock: Clock,
+        budget: HeldBudget | None = None,
+    ) -> None:
         self._wait_ms = wait_ms
         self._max_records = max_records
         self._max_bytes = max_bytes
         self._clock = clock
+        self._budget = budget if budget is not None else HELD
+        self.records = 0  # what this shard holds
+        self.bytes = 0
 
-    def hold(self, state: ShardState, dt: DataTypeState, run: RawRun) -> list[DeadLetter]:
-        """Hold a run; dead letters when the shard holds too much."""
+    def restored(self, state: ShardState) -> None:
+        """Count what a restored snapshot holds (it stays, whatever the limits are now)."""
+        runs = [run for dt in state.data_types.values() for run in dt.held]
+        self.records = sum(map(len, runs))
+        self.bytes = sum(run.size_bytes for run in runs)
+        self._budget.update(self)
+
+    def hold(self, dt: DataTypeState, run: RawRun) -> list[DeadLetter]:
+        """Hold a run; dead letters instead when the process holds too much already."""
+        size = run.size_bytes
+        records, nbytes = self._budget.total()
+        if records + len(run) > self._max_records or nbytes + size > self._max_bytes:
+            what = "contract" if dt.contract is None else "model"
+            return run.dead_letters(
+                Stage.SCORE,
+                Reason.HELD_OVERFLOW,
+                f"no {what} for data type {run.data_type!r} yet, and this process "
+                f"already holds {records:,} records ({nbytes:,} bytes) waiting for one "
+                f"(max_held_records {self._max_records:,}, max_held_bytes "
+                f"{self._max_bytes:,})",
+            )
         if not dt.held:
             dt.held_since_ms = int(self._clock() * 1000)
         dt.held.append(run)
-        held = [r for d in state.data_types.values() for r in d.held]
-        if (
-            sum(map(len, held)) > self._max_records
-            or sum(r.size_bytes for r in held) > self._max_bytes
-        ):
-            return self.release(dt, force=True)
+        self.records += len(run)
+        self.bytes += size
+        self._budget.update(self)
         return []
 
+    def take(self, dt: DataTypeState) -> list[RawRun]:
+        """The data type's held runs, no longer held."""
+        held, dt.held = dt.held, []
+        if held:
+            self.records -= sum(map(len, held))
+            self.bytes -= sum(run.size_bytes for run in held)
+            self._budget.update(self)
+        return held
+
     def release(self, dt: DataTypeState, *, force: bool = False) -> list[DeadLetter]:
-        """Dead-letter the data type's held runs once they have waited too long."""
+        """Dead-letter the data type's held runs once they have waited too long (`force`:
+        now, as when the input ended)."""
         if not dt.held:
             return []
         waited = int(self._clock() * 1000) - dt.held_since_ms
         if not force and waited < self._wait_ms:
             return []
-        held, dt.held = dt.held, []
+        held = self.take(dt)
         data_type = held[0].data_type
         if dt.contract is None:
             reason = Reason.NO_CONTRACT
@@ -173,7 +262,7 @@ class HeldRecords:
         else:
             reason = Reason.NO_MODEL
             message = f"no model installed for data type {data_type!r}"
-        how = "held past the limits" if force else f"waited {waited / 1000:.1f} s"
+        how = f"waited {waited / 1000:.1f} s" + (" until the input ended" if force else "")
         return [
             d for run in held for d in run.dead_letters(Stage.SCORE, reason, f"{message} ({how})")
         ]
@@ -268,7 +357,9 @@ def labelled_quality(prediction: Prediction, labels: np.ndarray) -> Quality | No
         return None
     values, truth = prediction.values[labelled], labels[labelled]
     # A classifier's value is its label as a number, NaN when the label is not numeric.
-    numeric = ~np.isnan(values)
+    # Predictions beyond ±MAX_LABEL_MAGNITUDE are left out of the squared error: with the
+    # labels bounded too, no sum of squares can overflow (4e24 each, at most).
+    numeric = (np.abs(values) <= MAX_LABEL_MAGNITUDE) & (np.abs(truth) <= MAX_LABEL_MAGNITUDE)
     squared_error = float(np.square(values[numeric] - truth[numeric]).sum())
     correct = int((values == truth).sum()) if prediction.labels is not None else None
     return Quality(n, squared_error, int(numeric.sum()), correct)
@@ -288,7 +379,13 @@ def _missing_message(names: list[str], row_missing: np.ndarray) -> str:
 
 
 class ShardScorer:
-    """Decodes and scores the records of one shard with each data type's installed model."""
+    """Decodes and scores the records of one shard with each data type's installed model.
+
+    Limits: records of a data type with no contract or model yet are held within the
+    process's `max_held_records`/`max_held_bytes` (`HeldBudget`); a data type this
+    process's shards do not hold yet is refused (too_many_data_types) while they hold
+    `max_data_types` others (`data_types`); dead letters fit in `max_message_bytes`.
+    """
 
     def __init__(
         self,
@@ -299,12 +396,16 @@ class ShardScorer:
         no_model_wait_s: float = 30.0,
         max_held_records: int = 100_000,
         max_held_bytes: int = 64 << 20,
+        max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
+        max_data_types: int = DEFAULT_MAX_DATA_TYPES,
         clock: Clock = time.time,
         onnx_threads: int = 1,
         monitoring: bool = True,
         events: EventBus = NO_EVENTS,
         cache: RuntimeCache = RUNTIMES,
         codecs: CodecCache = CODECS,
+        data_types: DataTypeTable = SHARD_DATA_TYPES,
+        held_budget: HeldBudget | None = None,
     ) -> None:
         self.state = state if state is not None else ShardState()
         self._monitoring = monitoring
@@ -314,9 +415,15 @@ class ShardScorer:
         self._events = events
         self._cache = cache
         self._codecs = codecs
+        self._max_message_bytes = max_message_bytes
+        self._max_data_types = max_data_types
+        self._data_types = data_types
+        for name in self.state.data_types:  # a snapshot's data types stay, whatever the limit
+            data_types.admit(name, self, None)
         self._held = HeldRecords(
-            int(no_model_wait_s * 1000), max_held_records, max_held_bytes, clock
+            int(no_model_wait_s * 1000), max_held_records, max_held_bytes, clock, held_budget
         )
+        self._held.restored(self.state)
         self._windows = ShardWindows(
             int(stats_interval_s * 1000), int(drift_window_s * 1000), clock
         )
@@ -340,11 +447,20 @@ class ShardScorer:
                 out.extend(self._install_model(value))
             else:
                 out.extend(self._install_contract(value))
+        return self._stamped(out)
+
+    def _stamped(self, out: list[ShardOut]) -> list[ShardOut]:
+        # Dead letters carry their records' bytes: they must fit the dead-letter topic.
+        for item in out:
+            if isinstance(item, DeadLetter):
+                item.max_message_bytes = self._max_message_bytes
         return out
 
     def _data_type(self, name: str) -> DataTypeState:
+        """A data type's state; installs always get one (the registry bounds those)."""
         dt = self.state.data_types.get(name)
         if dt is None:
+            self._data_types.admit(name, self, None)
             dt = self.state.data_types[name] = DataTypeState()
         return dt
 
@@ -397,22 +513,40 @@ class ShardScorer:
     def _release_ready(self, dt: DataTypeState) -> list[ShardOut]:
         if not dt.held or dt.contract is None or dt.spec is None:
             return []
-        held, dt.held = dt.held, []
         out: list[ShardOut] = []
-        for run in held:
+        for run in self._held.take(dt):
             out.extend(self._score_or_hold(run))
         return out
 
     def _score_or_hold(self, run: RawRun) -> list[ShardOut]:
-        dt = self._data_type(run.data_type)
+        dt = self.state.data_types.get(run.data_type)
+        if dt is None:
+            # A data type off the wire: the shard keeps nothing for it past the limit.
+            if not self._data_types.admit(run.data_type, self, self._max_data_types):
+                return list(
+                    run.dead_letters(
+                        Stage.SCORE,
+                        Reason.TOO_MANY_DATA_TYPES,
+                        f"data type {run.data_type!r} has no contract here, and this "
+                        f"process's shards hold max_data_types ({self._max_data_types}) "
+                        "others",
+                    )
+                )
+            dt = self.state.data_types[run.data_type] = DataTypeState()
         binding = self._bindings.get(run.data_type)
         if dt.contract is None or binding is None or dt.held:
             # No contract or model yet: on a fresh start records can outrun the control
             # topic, and after a resume the registry re-sends a moment later.
-            return list(self._held.hold(self.state, dt, run))
-        codecs = self._codecs.get(dt.contract)
-        decoded = codecs.decode(run.values, run.headers)
-        columns, dead = record_columns(run, dt.contract, decoded)
+            return list(self._held.hold(dt, run))
+        try:
+            decoded = self._codecs.get(dt.contract).decode(run.values, run.headers)
+            columns, dead = record_columns(run, dt.contract, decoded)
+        except Exception as exc:
+            # Codecs report bad bytes per record; anything else is a bug a record tripped,
+            # and the record would trip it again on every restart: dead letters, not a crash.
+            log.exception("decoding %d %s records failed", len(run), run.data_type)
+            message = f"decoding failed: {type(exc).__name__}: {exc}"
+            return list(run.dead_letters(Stage.DECODE, Reason.UNDECODABLE, message))
         out: list[ShardOut] = list(dead)
         if columns is not None:
             self._events.publish(RecordsReceived(run.data_type, len(columns)))
@@ -426,7 +560,8 @@ class ShardScorer:
             out.extend(self._held.release(dt, force=force))
             if dt.contract is None and dt.spec is None and not dt.held:
                 del self.state.data_types[name]  # a data type nobody installed: forget it
-        return out
+                self._data_types.release(name, self)
+        return self._stamped(out)
 
     def _score(self, run: RecordColumns, binding: Binding) -> list[ShardOut]:
         spec, runtime = binding.spec, binding.runtime
@@ -451,6 +586,21 @@ class ShardScorer:
                     out.append(self._unknown_category(run, binding, text, int(i)))
                 keep = ~unknown
                 run, x, text = run.take(keep), x[keep], text[keep]
+        if run.labels.dtype != object:  # a numeric label (or none: all NaN)
+            bad_label = ~np.isnan(run.labels) & ~(np.abs(run.labels) <= MAX_LABEL_MAGNITUDE)
+            if bad_label.any():
+                for row in np.flatnonzero(bad_label).tolist():
+                    out.append(
+                        run.dead_letter(
+                            row,
+                            Stage.SCORE,
+                            Reason.BAD_LABEL,
+                            f"label {float(run.labels[row])!r} is beyond ±{MAX_LABEL_MAGNITUDE:g}",
+                        )
+                    )
+                keep = ~bad_label
+                run, x = run.take(keep), x[keep]
+                text = text[keep] if text is not None else None
         if len(run) == 0:
             return out
         started = time.perf_counter()
@@ -477,7 +627,8 @@ class ShardScorer:
                     )
                 )
         messages = scored_messages(run, spec.identity, prediction, elapsed, now_ms, self._scored_by)
-        out.append(ScoredBatch(f"{run.topic}/{run.partition}", messages))
+        offsets = (run.offsets if valid.all() else run.offsets[valid]).tolist()
+        out.append(ScoredBatch(f"{run.topic}/{run.partition}", messages, offsets, run.data_type))
         scored = int(valid.sum())
         quality = labelled_quality(prediction, run.labels)
         lags = (now_ms - run.event_time_ms[valid]) / 1000.0

@@ -11,7 +11,13 @@ import pytest
 from dataflows.contracts.codecs import codec_for
 from dataflows.contracts.codecs.base import Decoded
 from dataflows.contracts.decode import ContractCodecs, _Checks
-from dataflows.contracts.schema import Contract, ContractError, Encoding
+from dataflows.contracts.schema import (
+    MAX_FIELD_NAME_LENGTH,
+    MAX_FIELDS,
+    Contract,
+    ContractError,
+    Encoding,
+)
 from protos import waxserve_pb2 as pb
 
 JSON_TYPE = [("content-type", b"application/json")]
@@ -249,3 +255,35 @@ def test_an_empty_batch() -> None:
     assert decoded.numeric.shape == (0, 4)
     assert decoded.text.shape == (0, 2)
     assert decoded.errors == {}
+
+
+def test_a_contract_too_big_to_be_a_column_layout_is_refused() -> None:
+    msg = pb.DataContract(data_type="wide", version=1, encoding=pb.ENCODING_JSON)
+    for i in range(MAX_FIELDS + 1):
+        msg.fields.add(name=f"f{i}", type=pb.FIELD_TYPE_FLOAT)
+    with pytest.raises(ContractError, match="more than 10000") as err:
+        Contract.from_proto(msg)
+    assert err.value.reason == "bad_contract"
+    del msg.fields[1:]
+    msg.fields[0].name = "n" * (MAX_FIELD_NAME_LENGTH + 1)
+    with pytest.raises(ContractError, match="field name is 257 characters"):
+        Contract.from_proto(msg)
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        [("content-type", None)],  # a null value
+        [("content-type", b"\xff\xfe\x00")],  # not text
+        [("content-type", b"")],
+        [("content-type", b"application/json"), ("content-type", b"text/csv")],  # two
+        [("content-type", None), ("content-type", b"application/json")],
+    ],
+)
+def test_any_content_type_header_is_a_reason_never_an_exception(
+    headers: list[tuple[str, bytes | None]],
+) -> None:
+    good = encoded(Encoding.JSON)
+    for batch_headers in ([headers] * 3, [JSON_TYPE, headers, JSON_TYPE]):
+        decoded = ContractCodecs(contract()).decode(good, batch_headers)
+        assert 1 in decoded.errors and decoded.errors[1][0] == "undecodable"

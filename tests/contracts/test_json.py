@@ -86,6 +86,12 @@ BAD = [
     (b'{"fixed acidity": NaN}', "non_finite", "nan"),
     (b'{"fixed acidity": -Infinity}', "non_finite", "inf"),
     (b'{"fixed acidity": 1e400}', "non_finite", "inf"),
+    # An integer literal past float64's range overflows like 1e400 (Python's int would not).
+    (b'{"fixed acidity": ' + b"9" * 400 + b"}", "non_finite", "'fixed acidity'"),
+    # Python's float() takes these; JSON (and so waxserve) does not.
+    (b'{"fixed acidity": 7_4}', "undecodable", "not JSON"),
+    ('{"fixed acidity": \uff17\uff14}'.encode(), "undecodable", "not JSON"),
+    (b'{"fixed acidity": 0x1F}', "undecodable", "not JSON"),
     (b'{"fixed acidity": 7.4', "undecodable", "not JSON"),
     (b'{"fixed acidity": 7.4} trailing', "undecodable", "not JSON"),
     (b"\xff\xfe\x00garbage", "undecodable", "not JSON"),

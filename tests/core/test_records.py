@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import hashlib
+
 import numpy as np
 import pytest
 from flowtools import WINE_CONTRACT, batch, parse_csv_line, wine_lines, wine_record
 
 from dataflows.contracts.decode import ContractCodecs
-from dataflows.core.records import DataTypeRouter, RawRun, record_columns
+from dataflows.core.records import (
+    MAX_ID_LENGTH,
+    MIN_MESSAGE_BYTES,
+    RECORD_OVERHEAD_BYTES,
+    DataTypeRouter,
+    DeadLetter,
+    Headers,
+    RawRun,
+    record_columns,
+    valid_data_type,
+)
 
 TOPIC = "records"
 
@@ -90,3 +102,106 @@ def test_a_run_that_decodes_to_nothing_gives_only_dead_letters() -> None:
     decoded = ContractCodecs(WINE_CONTRACT).decode(run.values, run.headers)
     columns, dead = record_columns(run, WINE_CONTRACT, decoded)
     assert columns is None and [d.reason for d in dead] == ["undecodable", "undecodable"]
+
+
+# --- dead letters as messages: never larger than the output limit ------------------------
+
+LIMIT = 20_000
+
+
+def _dead(value: bytes | None, *, key: bytes | None = None, headers: Headers = ()) -> DeadLetter:
+    return DeadLetter(
+        stage="decode",
+        reason="undecodable",
+        message="not a record " * 1000,  # a long error: cut in its header
+        topic=TOPIC,
+        partition=1,
+        offset=42,
+        key=key,
+        value=value,
+        headers=list(headers),
+        data_type="wine",
+        max_message_bytes=LIMIT,
+    )
+
+
+def _size(message: tuple[bytes | None, bytes | None, Headers | None]) -> int:
+    key, value, headers = message
+    size = len(key or b"") + len(value or b"")
+    return size + sum(len(n.encode()) + len(v or b"") for n, v in headers or [])
+
+
+def test_a_dead_letter_that_fits_is_kept_whole_with_its_headers() -> None:
+    key, value, headers = _dead(b"x" * 1000, key=b"k", headers=[("trace", b"t")]).to_message()
+    assert key == b"k" and value == b"x" * 1000
+    named = dict(headers or [])
+    assert named["waxserve.error.class"] == b"undecodable" and named["trace"] == b"t"
+    assert "waxserve.truncated" not in named
+    assert len(named["waxserve.error.message"]) <= 2048  # the long error, cut
+
+
+@pytest.mark.parametrize("size", [LIMIT - 3000, LIMIT, LIMIT + 1, 10 * LIMIT, 2_000_000])
+def test_a_value_past_the_limit_keeps_its_head_and_says_how_it_was(size: int) -> None:
+    value = bytes(range(256)) * (size // 256) + b"z" * (size % 256)
+    message = _dead(value).to_message()
+    assert _size(message) + RECORD_OVERHEAD_BYTES <= LIMIT
+    _, kept, headers = message
+    named = dict(headers or [])
+    if kept == value:  # small enough after all
+        assert "waxserve.truncated" not in named
+        return
+    assert kept is not None and value.startswith(kept) and len(kept) > LIMIT // 2
+    assert named["waxserve.truncated"] == b"true"
+    assert named["waxserve.original.size"] == str(size).encode()
+    assert named["waxserve.original.sha256"] == hashlib.sha256(value).hexdigest().encode()
+
+
+def test_a_huge_key_or_huge_headers_are_cut_too() -> None:
+    key = b"k" * (5 * LIMIT)
+    message = _dead(b"v", key=key, headers=[("big", b"h" * LIMIT), ("small", b"s")]).to_message()
+    assert _size(message) + RECORD_OVERHEAD_BYTES <= LIMIT
+    kept_key, value, headers = message
+    named = dict(headers or [])
+    assert value == b"v" and kept_key is not None and key.startswith(kept_key)
+    assert named["waxserve.original.key.size"] == str(len(key)).encode()
+    assert named["waxserve.original.key.sha256"] == hashlib.sha256(key).hexdigest().encode()
+    assert named["small"] == b"s" and "big" not in named
+    assert named["waxserve.headers.dropped"] == b"1"
+    # The configured limit, or one given by the caller.
+    assert _size(_dead(b"x" * 50_000).to_message(max_bytes=MIN_MESSAGE_BYTES)) <= MIN_MESSAGE_BYTES
+
+
+def test_odd_headers_tombstones_and_names_never_raise() -> None:
+    dead = _dead(None, headers=[("content-type", None), ("\udcff", b"\xff"), ("data-type", b"")])
+    dead.data_type = "t\udcfft"  # a lone surrogate, as from a careless decode
+    key, value, headers = dead.to_message()
+    assert value is None and key is None
+    names = [name for name, _ in headers or []]
+    assert all(name.encode() for name in names)  # every name encodes as UTF-8
+    assert ("content-type", None) in (headers or [])
+    assert dict(headers or [])["waxserve.data_type"] == b"t?t"
+
+
+def test_a_tombstone_with_a_huge_key_stays_a_tombstone() -> None:
+    _, value, headers = _dead(None, key=b"k" * (2 * LIMIT)).to_message()
+    assert value is None and dict(headers or [])["waxserve.original.size"] == b"0"
+
+
+def test_a_record_with_a_longer_id_than_the_outputs_can_carry_is_a_dead_letter() -> None:
+    lines = wine_lines(0, 2)
+    values: list[bytes | None] = [
+        wine_record(parse_csv_line(lines[0]), record_id="i" * (MAX_ID_LENGTH + 1)),
+        wine_record(parse_csv_line(lines[1]), record_id="i" * MAX_ID_LENGTH),
+    ]
+    run = _wine_run(values)
+    decoded = ContractCodecs(WINE_CONTRACT).decode(run.values, run.headers)
+    columns, dead = record_columns(run, WINE_CONTRACT, decoded)
+    assert columns is not None and columns.offsets.tolist() == [1]
+    assert [(d.offset, d.reason) for d in dead] == [(0, "out_of_range")]
+    assert f"more than {MAX_ID_LENGTH}" in dead[0].message
+
+
+def test_a_held_run_costs_its_keys_values_and_headers() -> None:
+    run = RawRun(TOPIC, 0, [0, 1], [b"kk", None], [b"vvv", None], [[("h", b"12")], []], "t")
+    assert run.size_bytes == 2 + 3 + (1 + 2 + 10)
+    assert valid_data_type("wine") and not valid_data_type("") and not valid_data_type("x\ud800")

@@ -158,3 +158,17 @@ def test_drift_bins_are_searchsorted_bins_for_every_value() -> None:
     # Absent values are left out of the sums (column 4's ±1e300 make its sum order-bound).
     np.testing.assert_allclose(acc.sums[1:], np.nansum(features[:, [0, 9]], axis=0))
     assert np.isfinite(acc.sums[0]) and acc.n == 500
+
+
+def test_absurd_feature_values_never_make_the_drift_mean_infinite() -> None:
+    """1e308 is a finite float every codec accepts; two of them overflow a plain sum, and
+    the window's mean (and mean shift) would be infinite until it closed."""
+    ref = reference()
+    acc = DriftAccumulator.empty(ref)
+    for _ in range(3):
+        acc.add(ref, np.array([[1e308], [1e308], [0.5]]))
+    assert np.isfinite(acc.sums).all()
+    assert acc.counts[0].tolist() == [0, 3, 6]  # the bins see the true values
+    message = drift_message(DriftPartial(MODEL, ref, 0, 10, acc), threshold=0.25)
+    assert np.isfinite(message.features[0].mean)
+    assert np.isfinite(message.features[0].mean_shift_sigmas)

@@ -32,6 +32,8 @@ from dataflows.monitoring.windows import (
 from dataflows.observability.metrics import (
     DEAD_LETTER_CLASSES,
     LAG_BUCKETS,
+    RETIRED_MODELS_WITH_SERIES,
+    UNKNOWN_DATA_TYPE,
     BatchHistogram,
     on_event,
 )
@@ -232,3 +234,53 @@ def test_metrics_follow_events_without_a_dataflow() -> None:
     seen: list[object] = []
     EventBus(lambda e: 1 / 0, seen.append).publish(DeadLettered("x", "decode", "undecodable"))
     assert len(seen) == 1
+
+
+def _series(name: str, data_type: str) -> list[dict[str, str]]:
+    return [
+        s.labels
+        for m in REGISTRY.collect()
+        if m.name == name
+        for s in m.samples
+        if s.labels.get("data_type") == data_type and not s.name.endswith("_created")
+    ]
+
+
+def test_retired_models_lose_their_series_and_unknown_data_types_make_none() -> None:
+    from dataflows.core.events import BatchScored, ControlRejected, DriftClosed, ModelServing
+    from protos import waxserve_pb2 as pb
+
+    bus = EventBus(on_event)
+    models = [ModelIdentity("series-unit", "m", str(v), "a" * 64) for v in range(1, 5)]
+    previous = None
+    for model in models:  # each model serves in turn, scores and closes a drift window
+        bus.publish(ModelServing(model, previous))
+        bus.publish(BatchScored(model, 3, 3, 0.01, np.zeros(3), Quality(3, 1.0, 3, None)))
+        drift = pb.DriftMetrics(
+            data_type="series-unit", model_name="m", model_version=model.version
+        )
+        drift.features.add(feature="f", psi=0.1)
+        bus.publish(DriftClosed(drift))
+        previous = model
+    # The serving model and the RETIRED_MODELS_WITH_SERIES before it keep their series.
+    kept = {str(v) for v in range(5 - 1 - RETIRED_MODELS_WITH_SERIES, 5)}
+    for name in (
+        "waxserve_records_scored",
+        "waxserve_labelled_records",
+        "waxserve_prediction_squared_error",
+    ):
+        assert {s["version"] for s in _series(name, "series-unit")} == kept, name
+    assert {s["model"] for s in _series("waxserve_drift_alarm", "series-unit")} == {
+        f"m:{v}" for v in kept
+    }
+    assert {s["model"] for s in _series("waxserve_drift", "series-unit")} == {
+        f"m:{v}" for v in kept
+    }
+    assert _series("waxserve_scoring_latency_seconds", "series-unit")  # "m" still serves
+    # A rejection for a data type with no contract here: counted, under one label for all.
+    before = value("waxserve_model_rejections_total", data_type=UNKNOWN_DATA_TYPE, reason="x")
+    for i in range(5):
+        bus.publish(ControlRejected(f"made-up-{i}", "model", "x"))
+    after = value("waxserve_model_rejections_total", data_type=UNKNOWN_DATA_TYPE, reason="x")
+    assert after - before == 5
+    assert _series("waxserve_model_rejections", "made-up-0") == []

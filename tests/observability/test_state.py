@@ -177,3 +177,20 @@ def test_status_command_prints_every_process(
     assert json.loads(capsys.readouterr().out)[0]["models"][0]["usage_count"] == 1234
     assert main(["status", "--url", f"http://127.0.0.1:{free_port()}"]) == 1
     assert "waxserve status: error: cannot read" in capsys.readouterr().err
+
+
+def test_drift_summaries_of_models_this_process_never_served_are_bounded() -> None:
+    """The monitor of a data type may run where none of its shards do: its drift windows
+    must not pile up one per model version ever published."""
+    state = ProcessState(clock=lambda: 10.0)
+    for version in range(3 * RETIRED_MODELS_KEPT):
+        state.drift_closed(
+            pb.DriftMetrics(
+                data_type="wine",
+                model_name="m",
+                model_version=str(version),
+                window_end_ms=version,
+            )
+        )
+    kept = sorted(int(key[2]) for key in state._drift)
+    assert kept == list(range(2 * RETIRED_MODELS_KEPT - 1, 3 * RETIRED_MODELS_KEPT))

@@ -4,6 +4,7 @@ shapes skl2onnx does not emit, and the wine models shipped in models/."""
 from __future__ import annotations
 
 import os
+import threading
 import warnings
 from pathlib import Path
 
@@ -708,6 +709,10 @@ def _external(name: str) -> TensorProto:
     return tensor
 
 
+def _opset(domain: str, version: int) -> object:
+    return helper.make_opsetid(domain, version)
+
+
 def _leaking_model(where: str) -> bytes:
     """y = x + c, where c comes from secret.bin by way of `where`."""
     x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])
@@ -734,6 +739,18 @@ def _leaking_model(where: str) -> bytes:
         model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
         model.ir_version = 8
         return model.SerializeToString()
+    if where == "function":  # a Constant in the body of a model-local function
+        body = [
+            helper.make_node("Constant", [], ["k"], value=_external("v"), name="in_function"),
+            helper.make_node("Add", ["a", "k"], ["b"]),
+        ]
+        leak = helper.make_function("local", "Leak", ["a"], ["b"], body, [_opset("", 17)])
+        call = helper.make_node("Leak", ["x"], ["y"], domain="local")
+        graph = helper.make_graph([call], "g", [x], [y])
+        opsets = [_opset("", 17), _opset("local", 1)]
+        model = helper.make_model(graph, opset_imports=opsets, functions=[leak])
+        model.ir_version = 8
+        return model.SerializeToString()
     assert where == "if_branch"  # a Constant inside a subgraph
     cond = numpy_helper.from_array(np.array(True), "cond")
     branch_out = helper.make_tensor_value_info("c", TensorProto.FLOAT, [4])
@@ -754,7 +771,8 @@ def _leaking_model(where: str) -> bytes:
 
 
 @pytest.mark.parametrize(
-    "where", ["initializer", "constant", "constant_of_shape", "sparse_initializer", "if_branch"]
+    "where",
+    ["initializer", "constant", "constant_of_shape", "sparse_initializer", "if_branch", "function"],
 )
 def test_models_referring_to_external_data_are_refused(where, tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
@@ -778,6 +796,46 @@ def test_models_referring_to_external_data_are_refused(where, tmp_path, monkeypa
         assert "node" in str(err.value)
     assert "secret.bin" in str(err.value)
     assert secret.stat().st_atime_ns == 0
+
+
+@pytest.mark.parametrize("where", ["constant", "if_branch", "function", "constant_of_shape"])
+def test_the_file_an_external_reference_names_is_never_opened(where, tmp_path, monkeypatch) -> None:
+    """The file is a FIFO: opening it for reading blocks until a writer comes, so a load
+    that opened it would never return (the thread is let go and the test fails)."""
+    monkeypatch.chdir(tmp_path)
+    os.mkfifo(tmp_path / "secret.bin")
+    outcome: list[BaseException] = []
+
+    def load() -> None:
+        try:
+            OnnxRuntime(_leaking_model(where), ["a", "b", "c", "d"])
+        except ModelError as exc:
+            outcome.append(exc)
+
+    loader = threading.Thread(target=load, daemon=True)
+    loader.start()
+    loader.join(60)  # only a regression waits this long
+    if loader.is_alive():
+        writer = os.open(tmp_path / "secret.bin", os.O_WRONLY | os.O_NONBLOCK)
+        os.close(writer)  # the reader sees end of file and the load goes on
+        pytest.fail(f"the model's external file was opened ({where})")
+    (error,) = outcome
+    assert error.reason == "unsupported_model" and "secret.bin" in str(error)  # type: ignore[attr-defined]
+
+
+def test_ort_format_bytes_are_refused_before_onnxruntime_sees_them() -> None:
+    with pytest.raises(ModelError, match="ORT-format") as err:
+        OnnxRuntime(b"\x00\x00\x00\x00ORTM" + b"\x00" * 64, ["a"])
+    assert err.value.reason == "unsupported_model"
+
+
+def test_onnxruntime_gets_the_model_as_checked_without_unknown_fields() -> None:
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 1])
+    y = helper.make_tensor_value_info("y", TensorProto.FLOAT, [None, 1])
+    blob = make_model([helper.make_node("Identity", ["x"], ["y"])], [x], [y])
+    # Field 999 is not in this onnx's ModelProto: an unknown field, dropped unread.
+    runtime = OnnxRuntime(blob + b"\xba\x3e\x03abc", ["a"])
+    assert runtime.predict(np.array([[2.5]])).values.tolist() == [2.5]
 
 
 def test_close_then_predict_is_a_caller_error(wine_models) -> None:

@@ -18,6 +18,7 @@ from dataflows.runtimes import (
     load_runtime,
     start_jvm,
 )
+from dataflows.runtimes.pmml import utf8_document
 from protos import waxserve_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[2]
@@ -328,6 +329,78 @@ def test_an_external_entity_is_refused(tmp_path) -> None:
         PmmlRuntime(doc.encode())
     assert err.value.reason == "load_failed"
     assert "do-not-read" not in str(err.value)
+
+
+# Every way an XML parser could be told a document's encoding: a BOM, the byte pattern of
+# UTF-16/32 without one, the declaration. (codec, declared encoding or None).
+ENCODINGS = [
+    ("utf-8", None),
+    ("utf-8", "UTF-8"),
+    ("utf-8-sig", None),  # a BOM
+    ("utf-16", "UTF-16"),  # BOM, little-endian here
+    ("utf-16-le", "UTF-16"),  # no BOM
+    ("utf-16-be", None),
+    ("utf-32", "UTF-32"),
+    ("utf-32-be", "UTF-32"),
+    ("iso-8859-1", "ISO-8859-1"),
+    ("cp1252", "windows-1252"),
+]
+DOCTYPES = [
+    '<!DOCTYPE PMML [<!ENTITY x SYSTEM "file://{secret}">]>\n',
+    '<!DOCTYPE PMML SYSTEM "file://{secret}">\n',
+    '<!-- a comment first --><!doctype PMML [<!ENTITY x SYSTEM "file://{secret}">]>\n',
+]
+
+
+def _document(codec: str, declared: str | None, prologue: str = "") -> bytes:
+    body = PMML_LR.read_text()
+    declaration = f'<?xml version="1.0" encoding="{declared}"?>\n' if declared else ""
+    return (declaration + prologue + body).encode(codec)
+
+
+@pytest.mark.parametrize(("codec", "declared"), ENCODINGS)
+@pytest.mark.parametrize("doctype", DOCTYPES)
+def test_a_dtd_is_refused_in_every_encoding_before_pmml4s_sees_it(
+    codec: str, declared: str | None, doctype: str, tmp_path: Path, monkeypatch
+) -> None:
+    import pypmml
+
+    secret = tmp_path / "secret.txt"
+    secret.write_text("do-not-read")
+
+    def parse(_: bytes) -> None:
+        raise AssertionError("the document reached PMML4S")
+
+    monkeypatch.setattr(pypmml.Model, "fromBytes", parse)
+    with pytest.raises(ModelError, match="DOCTYPE") as err:
+        PmmlRuntime(_document(codec, declared, doctype.format(secret=secret)))
+    assert err.value.reason == "load_failed"
+
+
+@pytest.mark.parametrize(("codec", "declared"), ENCODINGS)
+def test_a_pmml_document_loads_in_every_accepted_encoding(codec: str, declared: str | None) -> None:
+    expected = PmmlRuntime(PMML_LR.read_bytes()).predict(np.ones((1, 6))).values
+    runtime = PmmlRuntime(_document(codec, declared))
+    assert runtime.predict(np.ones((1, 6))).values.tolist() == expected.tolist()
+
+
+@pytest.mark.parametrize(
+    "document",
+    [
+        # UTF-7 can spell "<!DOCTYPE" as "+ADwAIQ-DOCTYPE": no check of bytes would see it.
+        b'<?xml version="1.0" encoding="UTF-7"?>\n+ADwAIQ-DOCTYPE PMML+AD4-<PMML/>',
+        '<?xml version="1.0" encoding="IBM037"?><PMML/>'.encode("cp037"),  # EBCDIC
+        b'<?xml version="1.0" encoding="UTF-16"?><PMML/>',  # says UTF-16, is not
+        b'\xef\xbb\xbf<?xml version="1.0" encoding="UTF-16"?><PMML/>',  # BOM says UTF-8
+        b"\xff\xfe<\x00\x00\xd8",  # a lone surrogate in UTF-16
+        b"<PMML>\x00</PMML>",
+        b'<PMML/><?xml version="1.0" encoding="UTF-7"?>',  # a second declaration
+    ],
+)
+def test_documents_whose_text_cannot_be_checked_are_refused(document: bytes) -> None:
+    with pytest.raises(ModelError) as err:
+        utf8_document(document)
+    assert err.value.reason == "load_failed"
 
 
 # --- string (categorical) fields ---------------------------------------------------------------

@@ -27,6 +27,9 @@ import numpy as np
 from dataflows.contracts.schema import MAX_SAFE_INTEGER, Contract, Encoding, Field, FieldType
 from dataflows.core.reasons import Reason
 
+_MAX_FLOAT_INTEGER = int(np.finfo(np.float64).max)
+"""Integers larger than this overflow float64 (to infinity)."""
+
 Errors = dict[int, tuple[str, str]]
 """Message index -> (reason, human-readable message)."""
 
@@ -148,8 +151,10 @@ def type_error(f: Field, value: object) -> MessageError:
 
 
 def non_finite_error(f: Field, value: object) -> MessageError:
-    """The non_finite error of an explicit NaN or infinity."""
-    return MessageError(Reason.NON_FINITE, f"field {f.name!r}: value {value!r} is not finite")
+    """The non_finite error of an explicit NaN or infinity (or a number past float64's range)."""
+    return MessageError(
+        Reason.NON_FINITE, f"field {f.name!r}: value {describe(value)} is not finite"
+    )
 
 
 def out_of_range_error(f: Field, value: object) -> MessageError:
@@ -166,13 +171,16 @@ def check_value(f: Field, value: object) -> None:
 
     The slow, explaining path of codecs whose values arrive as Python objects (JSON,
     Avro, Record): a bool is not a number, a float is not an integer, NaN and infinities
-    are refused, integers beyond ±2**53 are out of range.
+    are refused (so is an integer literal that overflows float64, as 1e400 does), integers
+    beyond ±2**53 are out of range.
     """
     kind = type(value)
     if f.type is FieldType.FLOAT:
         if kind is bool or not isinstance(value, int | float):
             raise type_error(f, value)
         if isinstance(value, float) and not math.isfinite(value):
+            raise non_finite_error(f, value)
+        if isinstance(value, int) and abs(value) > _MAX_FLOAT_INTEGER:
             raise non_finite_error(f, value)
     elif f.type is FieldType.INTEGER:
         if kind is bool or not isinstance(value, int):
