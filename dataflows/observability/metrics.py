@@ -8,7 +8,9 @@ microseconds per batch.
 
 from __future__ import annotations
 
+import contextlib
 import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Sequence
 
 import numpy as np
@@ -26,6 +28,7 @@ from dataflows.core.events import (
     DriftClosed,
     Event,
     ModelInstalled,
+    ModelServing,
     RecordsReceived,
 )
 from dataflows.core.reasons import STAGE_REASONS
@@ -214,11 +217,71 @@ CONTRACT_INSTALLS = Counter(
 )
 
 
+RETIRED_MODELS_WITH_SERIES = 2
+"""Models per data type that keep their series after newer ones took over: a scrape right
+after a swap still sees the old model's last counts. Older ones' series are removed, so
+a data type that swaps models every hour does not grow /metrics for good."""
+
+UNKNOWN_DATA_TYPE = "(other)"
+"""The data_type label of a rejection for a data type with no contract here: names off the
+wire must not each make a series (the events and dead-letter topics name them)."""
+
+
+class _SeriesBook:
+    """Which models of each data type have series, most recently used last; thread-safe."""
+
+    def __init__(self, kept: int) -> None:
+        self._kept = kept
+        self._models: dict[str, OrderedDict[tuple[str, str], None]] = {}
+        self.data_types: set[str] = set()  # data types with a contract or model here
+        self._lock = threading.Lock()
+
+    def touch(self, data_type: str, name: str, version: str) -> None:
+        """A model of `data_type` serves or scored; retire the series of the oldest others."""
+        with self._lock:
+            self.data_types.add(data_type)
+            models = self._models.setdefault(data_type, OrderedDict())
+            models[(name, version)] = None
+            models.move_to_end((name, version))
+            evicted = []
+            while len(models) > 1 + self._kept:
+                evicted.append(models.popitem(last=False)[0])
+            names = {n for n, _ in models}
+        for old_name, old_version in evicted:
+            _remove_model_series(data_type, old_name, old_version, old_name in names)
+
+
+SERIES = _SeriesBook(RETIRED_MODELS_WITH_SERIES)
+"""The models and data types this process's metrics have series for."""
+
+
+def _remove_model_series(data_type: str, name: str, version: str, name_in_use: bool) -> None:
+    """Remove every series of one model of a data type."""
+    for counter in (RECORDS_SCORED, LABELLED_RECORDS, SQUARED_ERROR, CORRECT_PREDICTIONS):
+        _remove(counter, data_type, name, version)
+    if not name_in_use:  # labelled by name only: shared with the other versions
+        _remove(SCORING_LATENCY, data_type, name)
+    model = f"{name}:{version}"
+    _remove(DRIFT_ALARM, data_type, model)
+    for labels in list(DRIFT._metrics):
+        if labels[0] == data_type and labels[1] == model:
+            _remove(DRIFT, *labels)
+    for labels in list(MODEL_INFO._metrics):
+        if labels[:3] == (data_type, name, version):
+            _remove(MODEL_INFO, *labels)
+
+
+def _remove(metric: Counter | Gauge | Histogram, *labels: str) -> None:
+    with contextlib.suppress(KeyError):  # never had that series
+        metric.remove(*labels)
+
+
 def on_event(event: Event) -> None:
     """Update the metrics an event concerns: the event bus's Prometheus subscriber."""
     match event:
         case BatchScored(identity=identity, scored=scored, rows=rows, seconds=seconds):
             labels = (identity.data_type, identity.name, identity.version)
+            SERIES.touch(*labels)
             RECORDS_SCORED.labels(*labels).inc(scored)
             SCORING_LATENCY.labels(identity.data_type, identity.name).observe(seconds / rows)
             BATCH_SIZE.labels(identity.data_type).observe(rows)
@@ -231,7 +294,10 @@ def on_event(event: Event) -> None:
                     CORRECT_PREDICTIONS.labels(*labels).inc(quality.correct)
         case RecordsReceived(data_type=data_type, count=count):
             RECORDS_RECEIVED.labels(data_type).inc(count)
+        case ModelServing(identity=identity):
+            SERIES.touch(identity.data_type, identity.name, identity.version)
         case ModelInstalled(identity=identity, restored=restored):
+            SERIES.touch(identity.data_type, identity.name, identity.version)
             if not restored:
                 MODEL_INSTALLS.labels(identity.data_type).inc()
             model_installed(
@@ -242,12 +308,59 @@ def on_event(event: Event) -> None:
                 identity.format,
             )
         case ControlRejected(data_type=data_type, reason=reason):
-            MODEL_REJECTIONS.labels(data_type, reason).inc()
+            known = data_type in SERIES.data_types
+            MODEL_REJECTIONS.labels(data_type if known else UNKNOWN_DATA_TYPE, reason).inc()
         case ContractInstalled(data_type=data_type):
+            SERIES.data_types.add(data_type)
             CONTRACT_INSTALLS.labels(data_type).inc()
         case DeadLettered(stage=stage, reason=reason):
             DEAD_LETTERS.labels(stage, reason).inc()
         case DriftClosed(message=message):
+            SERIES.touch(message.data_type, message.model_name, message.model_version)
             drift_window_closed(message)
         case _:
             pass
+
+
+# --- broker health: called by the Kafka I/O code (dataflows/io/kafka.py) ----------------------
+
+KAFKA_CLIENTS = ("producer", "consumer")
+"""The `client` label values of waxserve_kafka_unreachable."""
+
+KAFKA_UNREACHABLE = Gauge(
+    "waxserve_kafka_unreachable",
+    "1 while a Kafka producer or consumer of this process cannot reach any broker, else 0.",
+    ["client"],
+)
+INPUT_TOPIC_RESETS = Counter(
+    "waxserve_input_topic_resets",
+    "Times an input topic was deleted or re-created, or its offsets went backwards, under "
+    "the dataflow.",
+    ["topic"],
+)
+# Exported at 0 from the start: "reachable" is a value the alert compares with, not a gap.
+for _client in KAFKA_CLIENTS:
+    KAFKA_UNREACHABLE.labels(_client).set(0)
+
+_unreachable_lock = threading.Lock()
+_unreachable_count = dict.fromkeys(KAFKA_CLIENTS, 0)
+
+
+def kafka_unreachable(client: str, down: bool) -> None:
+    """A producer or consumer ("producer" or "consumer") lost every broker (`down`), or
+    reaches one again.
+
+    A process has several consumers (one per source topic) and flushes from several
+    workers: calls are transitions of one client instance (each `down=True` is followed by
+    one `down=False` of the same instance), counted, so the gauge is 1 while any is down.
+    """
+    with _unreachable_lock:
+        count = max(0, _unreachable_count.get(client, 0) + (1 if down else -1))
+        _unreachable_count[client] = count
+        KAFKA_UNREACHABLE.labels(client).set(1 if count else 0)
+
+
+def input_topic_reset(topic: str) -> None:
+    """An input topic was deleted or re-created, or its offsets went backwards under us:
+    records may have been skipped or will be read again."""
+    INPUT_TOPIC_RESETS.labels(topic).inc()

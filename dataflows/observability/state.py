@@ -17,9 +17,12 @@ Numbers here are per process; the stats topic carries the cluster-wide totals.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
+import queue
+import selectors
 import socket
 import sys
 import threading
@@ -130,6 +133,12 @@ class ProcessState:
         key = (message.data_type, message.model_name, message.model_version)
         with self._lock:
             self._drift[key] = summary
+            # The monitor of a data type may run where none of its shards do: keep the
+            # newest windows of a few models per data type, not one per model ever seen.
+            mine = [k for k in self._drift if k[0] == message.data_type]
+            mine.sort(key=lambda k: self._drift[k]["window_end_ms"])
+            for old in mine[: max(0, len(mine) - RETIRED_MODELS_KEPT - 1)]:
+                del self._drift[old]
 
     def _forget_retired(self, data_type: str) -> None:
         retired = sorted(
@@ -225,31 +234,245 @@ def split_address(address: str) -> tuple[str, int]:
 
 # --- the HTTP server ----------------------------------------------------------------------
 
+CONNECTION_TIMEOUT_S = 5.0
+"""A connection that has sent no request for this long, or sends or reads it more slowly,
+is closed: an idle or slow client cannot hold the server's resources for good."""
+
+MAX_HANDLERS = 8
+"""Requests served at once, a thread each; beyond, a request is refused at once with 503
+(and `Retry-After`). The endpoints answer in milliseconds (`/processes`: a peer's
+PEER_TIMEOUT_S at worst)."""
+
+MAX_WAITING = 256
+"""Connections waiting for their request, in one thread; a newcomer beyond that closes
+the one that has waited longest, so that idle connections cannot lock others out."""
+
+POLL_INTERVAL_S = 0.1
+"""How often the accept loop looks for a stop: `stop()` takes at most this long."""
+
+_BUSY = json.dumps({"error": "busy: too many requests at once, retry shortly"}).encode()
+_BUSY_RESPONSE = (
+    b"HTTP/1.0 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+    b"Retry-After: 1\r\nConnection: close\r\n"
+    + f"Content-Length: {len(_BUSY)}\r\n\r\n".encode()
+    + _BUSY
+)
+
+
+class _StateHTTPServer(ThreadingHTTPServer):
+    """A ThreadingHTTPServer whose threads are bounded, whatever its clients do.
+
+    The stdlib's starts a thread per connection at once and lets it wait for the request
+    without a timeout: 200 idle connections held 200 threads. Here a connection waits for
+    its first bytes without a thread (`_WaitingRoom`); only a connection with a request to
+    read gets a handler thread, at most `max_handlers` at once, each with a socket timeout.
+    """
+
+    daemon_threads = True  # never joined: a stuck client cannot hold up the process's exit
+    block_on_close = False
+    request_queue_size = 128  # a burst of connections is accepted, not reset
+
+    def __init__(
+        self,
+        address: tuple[str, int],
+        handler: type[BaseHTTPRequestHandler],
+        *,
+        max_handlers: int,
+        timeout_s: float,
+        max_waiting: int,
+    ) -> None:
+        self._slots = threading.BoundedSemaphore(max_handlers)
+        self._waiting = _WaitingRoom(self._dispatch, timeout_s, max_waiting)
+        super().__init__(address, handler)  # a failed bind calls server_close()
+
+    def process_request(self, request: Any, client_address: Any) -> None:
+        # On the accept loop: never waits for the client.
+        self._waiting.add(request, client_address)
+
+    def _dispatch(self, request: socket.socket, client_address: Any) -> None:
+        """A request arrived on `request`: a handler thread for it, or 503 when all are busy."""
+        if not self._slots.acquire(blocking=False):
+            _refuse_busy(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            self.shutdown_request(request)
+            raise
+
+    def process_request_thread(self, request: Any, client_address: Any) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def server_close(self) -> None:
+        super().server_close()
+        self._waiting.close()
+
+
+def _refuse_busy(request: socket.socket) -> None:
+    """503 on a connection no handler can take, without waiting for anything."""
+    with contextlib.suppress(OSError):
+        request.setblocking(False)
+        with contextlib.suppress(BlockingIOError):
+            request.recv(65536)  # what arrived: unread bytes make close() reset the reply
+        request.settimeout(0.5)
+        request.sendall(_BUSY_RESPONSE)
+        request.shutdown(socket.SHUT_WR)
+    request.close()
+
+
+class _WaitingRoom:
+    """Accepted connections waiting for their request, watched by one thread.
+
+    A connection whose first bytes arrive goes to `dispatch`; one that sends nothing for
+    `timeout_s` is closed; beyond `max_waiting`, the longest waiting is closed.
+    """
+
+    def __init__(
+        self,
+        dispatch: Any,
+        timeout_s: float,
+        max_waiting: int,
+    ) -> None:
+        self._dispatch = dispatch
+        self._timeout_s = timeout_s
+        self._max_waiting = max_waiting
+        self._arrivals: queue.SimpleQueue[tuple[socket.socket, Any] | None] = queue.SimpleQueue()
+        self._wake_read, self._wake_write = socket.socketpair()
+        self._wake_read.setblocking(False)
+        self._wake_write.setblocking(False)
+        self._thread = threading.Thread(target=self._run, name="waxserve-state-wait", daemon=True)
+        self._thread.start()
+
+    def add(self, request: socket.socket, client_address: Any) -> None:
+        """Watch `request` until its first bytes arrive (from the accept loop)."""
+        self._arrivals.put((request, client_address))
+        self._wake()
+
+    def close(self) -> None:
+        """Close every waiting connection and stop watching."""
+        self._arrivals.put(None)
+        self._wake()
+        self._thread.join(timeout=1.0)
+
+    def _wake(self) -> None:
+        with contextlib.suppress(OSError):  # full: the thread is awake anyway
+            self._wake_write.send(b"\0")
+
+    def _run(self) -> None:
+        selector = selectors.DefaultSelector()
+        selector.register(self._wake_read, selectors.EVENT_READ)
+        # Insertion order is arrival order: the first entry has waited longest.
+        waiting: dict[socket.socket, tuple[Any, float]] = {}
+        try:
+            while True:
+                timeout = None
+                if waiting:
+                    oldest = next(iter(waiting.values()))[1]
+                    timeout = max(0.0, oldest - time.monotonic())
+                for key, _ in selector.select(timeout):
+                    if key.fileobj is self._wake_read:
+                        with contextlib.suppress(BlockingIOError):
+                            self._wake_read.recv(4096)
+                        if not self._take_arrivals(selector, waiting):
+                            return
+                        continue
+                    request = key.fileobj
+                    assert isinstance(request, socket.socket)
+                    selector.unregister(request)
+                    address, _ = waiting.pop(request)
+                    self._hand_over(request, address)
+                now = time.monotonic()
+                while waiting and next(iter(waiting.values()))[1] <= now:
+                    request = next(iter(waiting))
+                    _close(selector, waiting, request)
+        finally:
+            for request in list(waiting):
+                _close(selector, waiting, request)
+            selector.close()
+            self._wake_read.close()
+            self._wake_write.close()
+
+    def _take_arrivals(
+        self, selector: selectors.BaseSelector, waiting: dict[socket.socket, tuple[Any, float]]
+    ) -> bool:
+        """Watch the connections accepted since; False once asked to close."""
+        while True:
+            try:
+                arrival = self._arrivals.get_nowait()
+            except queue.Empty:
+                return True
+            if arrival is None:
+                return False
+            request, address = arrival
+            if len(waiting) >= self._max_waiting:
+                _close(selector, waiting, next(iter(waiting)))
+            selector.register(request, selectors.EVENT_READ)
+            waiting[request] = (address, time.monotonic() + self._timeout_s)
+
+    def _hand_over(self, request: socket.socket, address: Any) -> None:
+        try:
+            self._dispatch(request, address)
+        except Exception:  # one bad connection must not end the waiting room
+            log.debug("state: could not serve %s", address, exc_info=True)
+            with contextlib.suppress(OSError):
+                request.close()
+
+
+def _close(
+    selector: selectors.BaseSelector,
+    waiting: dict[socket.socket, tuple[Any, float]],
+    request: socket.socket,
+) -> None:
+    selector.unregister(request)
+    waiting.pop(request, None)
+    with contextlib.suppress(OSError):
+        request.close()
+
 
 @dataclass
 class StateServer:
-    """The read-only HTTP server of one process's queryable state."""
+    """The read-only HTTP server of one process's queryable state.
+
+    Bounded whatever its clients do: idle connections wait without a thread and are closed
+    after `timeout_s`; at most `max_handlers` requests are served at once (503 beyond);
+    every thread is a daemon, so the server never holds up the process's exit.
+    """
 
     state: ProcessState
     bind: str
     peers: Sequence[str] = ()
     process_id: int = 0
-    _server: ThreadingHTTPServer | None = None
+    timeout_s: float = CONNECTION_TIMEOUT_S
+    max_handlers: int = MAX_HANDLERS
+    max_waiting: int = MAX_WAITING
+    _server: _StateHTTPServer | None = None
     _instance: str = field(default_factory=lambda: uuid.uuid4().hex)
 
     def start(self) -> str:
         """Bind and serve in a daemon thread; returns the base URL."""
         host, port = split_address(self.bind)
         try:
-            self._server = ThreadingHTTPServer((host, port), _handler(self))
+            self._server = _StateHTTPServer(
+                (host, port),
+                _handler(self),
+                max_handlers=self.max_handlers,
+                timeout_s=self.timeout_s,
+                max_waiting=self.max_waiting,
+            )
         except OSError as exc:
             raise RuntimeError(
                 f"queryable state cannot listen on {self.bind}: {exc} "
                 "(set WAXSERVE_STATE_ADDR to a free host:port, or empty to turn it off)"
             ) from exc
-        self._server.daemon_threads = True
         threading.Thread(
-            target=self._server.serve_forever, name="waxserve-state", daemon=True
+            target=self._server.serve_forever,
+            args=(POLL_INTERVAL_S,),
+            name="waxserve-state",
+            daemon=True,
         ).start()
         return self.url
 
@@ -263,10 +486,12 @@ class StateServer:
         return f"http://{host}:{self._server.server_address[1]}"
 
     def stop(self) -> None:
-        """Stop serving and release the port."""
-        if self._server is not None:
-            self._server.shutdown()
-            self._server.server_close()
+        """Stop serving and release the port (within POLL_INTERVAL_S; requests being
+        served are not waited for)."""
+        server, self._server = self._server, None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
 
     def process(self) -> dict[str, Any]:
         """This process, JSON-ready."""
@@ -298,6 +523,10 @@ class StateServer:
 
 def _handler(server: StateServer) -> type[BaseHTTPRequestHandler]:
     class Handler(BaseHTTPRequestHandler):
+        # A socket timeout on every read and write: a client that sends its request or
+        # reads the answer too slowly loses the connection instead of holding the thread.
+        timeout = server.timeout_s
+
         def do_GET(self) -> None:
             path = self.path.split("?", 1)[0].rstrip("/")
             if path == "/models":

@@ -59,6 +59,7 @@ from dataflows.core.descriptors import (
     load_catalog,
     sha256_hex,
 )
+from dataflows.core.lifecycle import STOP_DEADLINE_S
 from dataflows.tools.broker import (
     DEFAULT_PARTITIONS,
     METADATA_TIMEOUT_S,
@@ -118,6 +119,8 @@ longer the log is: with the default 5 ms (~200 fetches/s per partition), tansu s
 two cores about 15 s into a replay at 1,000 rec/s; 100 ms keeps it to a fraction of that
 for the whole demo, for ~25 ms more latency."""
 DEMO_INTERRUPT_DRAIN_S = 3.0
+DEMO_STOP_MARGIN_S = 1.5
+"""How much longer than the dataflow's own stop deadline the demo waits before SIGKILL."""
 _OUTPUT_KINDS = ("scored", "events", "dlq", "drift", "stats")
 
 
@@ -1665,19 +1668,17 @@ class Demo:
         return log_tail(self.dataflow_log, lines)
 
     def _stop_dataflow(self) -> None:
-        """SIGINT (Bytewax stops cleanly), then SIGTERM, then SIGKILL."""
+        """SIGTERM, as Kubernetes stops it: the dataflow flushes its output and exits within
+        STOP_DEADLINE_S whatever holds it (dataflows/core/lifecycle.py). SIGKILL if it is
+        still there a little later, or at once on another Ctrl-C; a second SIGTERM would
+        change nothing."""
         process = self.dataflow
         if process is None or process.poll() is not None:
             return
-        for sig, wait in ((signal.SIGINT, 10.0), (signal.SIGTERM, 5.0)):
-            try:
-                process.send_signal(sig)
-                process.wait(wait)
-                return
-            except subprocess.TimeoutExpired:
-                continue
-            except KeyboardInterrupt:
-                break
+        with contextlib.suppress(subprocess.TimeoutExpired, KeyboardInterrupt):
+            process.send_signal(signal.SIGTERM)
+            process.wait(STOP_DEADLINE_S + DEMO_STOP_MARGIN_S)
+            return
         process.kill()
         process.wait()
 
@@ -1685,7 +1686,12 @@ class Demo:
         from confluent_kafka.admin import AdminClient
 
         config = self.config
-        topics = [config.control_topic, *config.record_topic_defaults, *config.output_topics]
+        topics = [
+            config.control_topic,
+            config.marker_topic,
+            *config.record_topic_defaults,
+            *config.output_topics,
+        ]
         admin = AdminClient(kafka_settings(config))  # alive until every future is done
         futures = admin.delete_topics(topics, operation_timeout=10)
         for topic, future in futures.items():
