@@ -46,10 +46,19 @@ from dataflows.control.registry import (
     RegistryState,
     decode_control,
 )
+from dataflows.core import lifecycle
 from dataflows.core.config import Config
 from dataflows.core.events import NO_EVENTS, DeadLettered, DriftClosed, EventBus
-from dataflows.core.records import DataTypeRouter, DeadLetter, Headers, RawRun, SourceBatch
-from dataflows.io.kafka import SinkItem, kafka_sinks, kafka_sources
+from dataflows.core.output import OutBatch, SinkItem
+from dataflows.core.records import (
+    DataTypeRouter,
+    DeadLetter,
+    Headers,
+    OutMessage,
+    RawRun,
+    SourceBatch,
+)
+from dataflows.io.kafka import kafka_sinks, kafka_sources
 from dataflows.monitoring.windows import DriftPartial, MonitorState, StatsPartial
 from dataflows.observability import metrics
 from dataflows.observability.state import PROCESS_STATE, start_state_server
@@ -120,6 +129,14 @@ class RegistryLogic(op.StatefulBatchLogic[ControlIn, Any, RegistryState]):
     def __init__(self, registry: Registry) -> None:
         self.registry = registry
 
+    def _keep(self) -> bool:
+        # A data type whose control messages were all refused holds nothing: dropping its
+        # registry keeps names off the wire from growing state.
+        registry = self.registry
+        if registry.holds_anything or registry.loading or registry.resumed:
+            return op.StatefulBatchLogic.RETAIN
+        return op.StatefulBatchLogic.DISCARD
+
     def _restored(self) -> list[Any]:
         # The first activation after a resume re-sends the current model to every shard.
         return list(self.registry.on_resume()) if self.registry.resumed else []
@@ -127,7 +144,7 @@ class RegistryLogic(op.StatefulBatchLogic[ControlIn, Any, RegistryState]):
     def on_batch(self, values: list[ControlIn]) -> tuple[Iterable[Any], bool]:
         out = self._restored()
         out.extend(self.registry.on_control(values))
-        return out, op.StatefulBatchLogic.RETAIN
+        return out, self._keep()
 
     def notify_at(self) -> datetime | None:
         if self.registry.resumed:
@@ -137,13 +154,13 @@ class RegistryLogic(op.StatefulBatchLogic[ControlIn, Any, RegistryState]):
     def on_notify(self) -> tuple[Iterable[Any], bool]:
         out = self._restored()
         out.extend(self.registry.collect())
-        return out, op.StatefulBatchLogic.RETAIN
+        return out, self._keep()
 
     def on_eof(self) -> tuple[Iterable[Any], bool]:
         # The input ended (a bounded run): every model read must still be installed.
         out = self._restored()
         out.extend(self.registry.collect(wait=True))
-        return out, op.StatefulBatchLogic.RETAIN
+        return out, self._keep()
 
     def snapshot(self) -> RegistryState:
         return self.registry.snapshot()
@@ -238,13 +255,21 @@ PROTOBUF_HEADERS: Headers = [("content-type", b"application/x-protobuf")]
 
 
 def _protobuf_items(
-    step_id: str, up: Stream[Any], key_of: Callable[[Any], str]
+    step_id: str,
+    up: Stream[Any],
+    key_of: Callable[[Any], str],
+    position_of: Callable[[Any], int | None],
 ) -> Stream[SinkItem]:
-    """Protobuf messages as sink items, keyed (and routed) by `key_of(message)`."""
+    """Protobuf messages as sink items, keyed (and routed) by `key_of(message)`: the
+    stream of one key, fenced at `position_of(message)` (None: not fenced)."""
 
     def item(message: Any) -> SinkItem:
         key = key_of(message)
-        return key, [(key.encode(), message.SerializeToString(), PROTOBUF_HEADERS)]
+        out: list[OutMessage] = [(key.encode(), message.SerializeToString(), PROTOBUF_HEADERS)]
+        position = position_of(message)
+        if position is None:
+            return key, OutBatch(out)
+        return key, OutBatch(out, key, [position])
 
     return op.map(step_id, up, item)
 
@@ -270,9 +295,9 @@ def build_flow(
     """The waxserve dataflow over the given sources and sinks.
 
     `sources` has "control" and "records", each emitting `SourceBatch` items. `sinks` has
-    "scored", "stats", "drift", "events" and "dlq"; each receives `(route_key, messages)`
-    pairs where messages are (key, value, headers) tuples ready for Kafka. Metrics and the
-    queryable state subscribe to `events`.
+    "scored", "stats", "drift", "events" and "dlq"; each receives `(route, OutBatch)` pairs:
+    (key, value, headers) messages ready for Kafka, with the inputs they cover (what
+    exactly-once output fences on). Metrics and the queryable state subscribe to `events`.
     """
     missing = [n for n in SOURCE_NAMES if n not in sources]
     missing += [n for n in SINK_NAMES if n not in sinks]
@@ -295,6 +320,9 @@ def build_flow(
                 clock=clock,
                 onnx_threads=config.onnx_threads,
                 events=events,
+                max_model_bytes=config.max_model_bytes,
+                max_message_bytes=config.max_message_bytes,
+                max_data_types=config.max_data_types,
             )
         ),
     )
@@ -327,6 +355,10 @@ def build_flow(
                 stats_interval_s=config.stats_interval_s,
                 drift_window_s=config.drift_window_s,
                 no_model_wait_s=config.no_model_wait_s,
+                max_held_records=config.max_held_records,
+                max_held_bytes=config.max_held_bytes,
+                max_message_bytes=config.max_message_bytes,
+                max_data_types=config.max_data_types,
                 clock=clock,
                 onnx_threads=config.onnx_threads,
                 monitoring=config.monitoring,
@@ -340,7 +372,7 @@ def build_flow(
     )
     op.output(
         "scored_out",
-        op.map("scored_items", scored, lambda b: (b.route, b.messages)),
+        op.map("scored_items", scored, _scored_item),
         sinks["scored"],
     )
 
@@ -362,18 +394,30 @@ def build_flow(
         return f"{m.data_type}/{m.model_name}/{m.model_version}"
 
     stats, drift = split("monitor_split", monitor_values, pb.ServingStats, pb.DriftMetrics)
-    op.output("stats_out", _protobuf_items("stats_items", stats, model_key), sinks["stats"])
-    op.output("drift_out", _protobuf_items("drift_items", drift, model_key), sinks["drift"])
+
+    def window_start(m: pb.ServingStats | pb.DriftMetrics) -> int:
+        return m.window_start_ms
+
+    stats_items = _protobuf_items("stats_items", stats, model_key, window_start)
+    drift_items = _protobuf_items("drift_items", drift, model_key, window_start)
+    op.output("stats_out", stats_items, sinks["stats"])
+    op.output("drift_out", drift_items, sinks["drift"])
     op.output(
         "events_out",
-        _protobuf_items("event_items", model_events, lambda e: e.data_type),
+        _protobuf_items("event_items", model_events, lambda e: e.data_type, _event_position),
         sinks["events"],
     )
 
-    dead = op.merge("dead_letters", dead_control, dead_registry, dead_records, dead_serve)
-    op.output(
-        "dlq_out", op.map("dlq_items", dead, lambda d: _dead_letter_item(d, events)), sinks["dlq"]
+    # Each origin's dead letters are a stream of their own: each is in input order.
+    limit = config.max_message_bytes
+    dead = op.merge(
+        "dead_letters",
+        _dead_letter_items("dlq_control_items", dead_control, "control", events, limit),
+        _dead_letter_items("dlq_registry_items", dead_registry, "registry", events, limit),
+        _dead_letter_items("dlq_route_items", dead_records, "route", events, limit),
+        _dead_letter_items("dlq_items", dead_serve, "serve", events, limit),
     )
+    op.output("dlq_out", dead, sinks["dlq"])
     return flow
 
 
@@ -388,9 +432,32 @@ def _routed(router: DataTypeRouter, batch: SourceBatch) -> list[RawRun | DeadLet
     return [*runs, *dead]
 
 
-def _dead_letter_item(dead: DeadLetter, events: EventBus) -> SinkItem:
-    events.publish(DeadLettered(dead.data_type, dead.stage, dead.reason))
-    return f"{dead.topic}/{dead.partition}", [dead.to_message()]
+def _scored_item(batch: ScoredBatch) -> SinkItem:
+    # Shares its stream name with the same shard's dead letters (another sink).
+    stream = f"serve:{batch.route}/{batch.data_type}"
+    return batch.route, OutBatch(batch.messages, stream, batch.offsets)
+
+
+def _event_position(event: pb.ModelEvent) -> int | None:
+    # A "restored" event reports this run's resume, not an input: never fenced.
+    if event.kind == "restored" or not event.source_topic:
+        return None
+    return event.source_offset
+
+
+def _dead_letter_items(
+    step_id: str, up: Stream[DeadLetter], origin: str, events: EventBus, max_bytes: int
+) -> Stream[SinkItem]:
+    """Dead letters as sink items, routed by source partition; one stream per origin,
+    source partition and data type, fenced at the source offset."""
+
+    def item(dead: DeadLetter) -> SinkItem:
+        events.publish(DeadLettered(dead.data_type, dead.stage, dead.reason))
+        route = f"{dead.topic}/{dead.partition}"
+        stream = f"{origin}:{route}/{dead.data_type}"
+        return route, OutBatch([dead.to_message(max_bytes)], stream, [dead.offset])
+
+    return op.map(step_id, up, item)
 
 
 def process_events() -> EventBus:
@@ -403,11 +470,16 @@ def _flow_from_env() -> Dataflow:
         level=os.environ.get("WAXSERVE_LOG_LEVEL", "INFO").upper(),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    # First: SIGINT and SIGTERM stop the dataflow cleanly from here on, and the JVM (not
+    # started yet) leaves them to Python (dataflows/core/lifecycle.py).
+    lifecycle.install()
     config = Config.from_env()
     if config.schema_registry_url:
         CODECS.use_schema_registry(schema_registry_resolver(config.schema_registry_url))
     flow = build_flow(config, kafka_sources(config), kafka_sinks(config), events=process_events())
-    start_state_server(config.state_addr, config.state_peers)
+    state_server = start_state_server(config.state_addr, config.state_peers)
+    if state_server is not None:
+        lifecycle.on_stop("the queryable state server", lambda _left: state_server.stop())
     _tune_gc()
     _skip_finalization_after_the_jvm()
     return flow
@@ -421,7 +493,8 @@ def _skip_finalization_after_the_jvm() -> None:
     ("FATAL: exception not rethrown", SIGABRT; seen in 1 of 17 bounded PMML runs even
     with JPype's exit hook on). Everything worth keeping is done by then: the sinks have
     flushed and the atexit handlers before this one have run. A run that ended with an
-    uncaught exception finalizes as usual, so its exit status stays non-zero.
+    uncaught exception finalizes as usual, so its exit status stays non-zero. A stop by
+    SIGINT or SIGTERM ends earlier, in `lifecycle.finish()`, the same way.
     """
     failed = False
     previous_hook = sys.excepthook
@@ -432,6 +505,8 @@ def _skip_finalization_after_the_jvm() -> None:
         previous_hook(*exc_info)
 
     def leave() -> None:
+        if lifecycle.stopping():  # a signal came as the dataflow ended on its own
+            lifecycle.LIFECYCLE.finish(clean=not failed)
         if failed or not jvm_started():
             return
         logging.shutdown()

@@ -134,7 +134,7 @@ class Outputs:
 
     def messages(self, sink: str) -> list[OutMessage]:
         """Every message written to a sink, in order."""
-        return [m for _route, messages in self.items[sink] for m in messages]
+        return [m for _route, batch in self.items[sink] for m in batch.messages]
 
     def scored(self) -> list[pb.ScoredRecord]:
         """Scored-topic messages, decoded."""

@@ -7,6 +7,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+DELIVERY_MODES = ("at-least-once", "exactly-once")
+"""The output delivery guarantees `Config.delivery` can ask for."""
+
 
 class ConfigError(ValueError):
     """A setting has a value that cannot be used."""
@@ -40,6 +43,15 @@ class Config:
     drift_topic: str = "waxserve-drift"
     events_topic: str = "waxserve-events"
     dlq_topic: str = "waxserve-dlq"
+    # How `waxserve topics` creates the topics that do not exist yet (existing ones are left
+    # alone). Replication factor: 3 on a production cluster, 1 on a single broker.
+    topic_replication_factor: int = 1
+    # retention.ms of the record and output topics (Kafka's own default: 7 days); -1 keeps
+    # them forever. Compacted topics keep the latest message per key whatever its age.
+    topic_retention_ms: int = 604_800_000
+    # cleanup.policy of the output topics: "delete" (by retention), "compact" or
+    # "compact,delete". The control and marker topics are always compacted.
+    output_cleanup_policy: str = "delete"
     # Records are keyed "<data_type>#<shard>"; shard = source partition % shards.
     # More shards than workers spreads the scoring over all of them.
     shards: int = 8
@@ -58,8 +70,29 @@ class Config:
     # Records that arrive before any model for their data type wait this long for one,
     # then go to the dead-letter topic.
     no_model_wait_s: float = 30.0
+    # --- Limits: what one message, model or data type may cost (README "Limits") ---
+    # Largest message the dataflow writes (key + value + headers): librdkafka's default
+    # message.max.bytes. A dead letter past it keeps as much of the original as fits.
+    max_message_bytes: int = 1_000_000
+    # Largest control message (a descriptor with its model, a contract) and largest model
+    # file at a file:// location; larger ones are rejected (model_too_large).
+    max_model_bytes: int = 256 << 20
+    # Data types a process holds state for (registries, and shards, each counted apart);
+    # control messages and records of a new data type past it are refused (too_many_data_types).
+    max_data_types: int = 1000
+    # Records held for a contract or model, over all the shards of a process, by count and
+    # by bytes (keys, values, headers); past either the newest are dead letters (held_overflow).
+    max_held_records: int = 100_000
+    max_held_bytes: int = 64 << 20
     # Directory that `file://` model locations must resolve into; empty refuses all locations.
     model_dir: str = ""
+    # Output delivery: "at-least-once" (after a crash, output since the last snapshot is
+    # written again) or "exactly-once" (Kafka transactions fenced by marker_topic; needs
+    # recovery, README "Exactly-once output").
+    delivery: str = "at-least-once"
+    # Compacted topic where exactly-once output records what each transaction covered. It
+    # also names the transactional producers, so each dataflow needs its own.
+    marker_topic: str = "waxserve-markers"
     # Stop at the end of the input topics instead of tailing (tests, backfills).
     stop_at_end: bool = False
     # Serving stats and drift windows (stats and drift topics); off only to measure their cost.
@@ -91,8 +124,30 @@ class Config:
             raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
         if self.stats_interval_s <= 0 or self.drift_window_s <= 0:
             raise ConfigError("stats_interval_s and drift_window_s must be > 0")
+        if self.delivery not in DELIVERY_MODES:
+            raise ConfigError(f"delivery={self.delivery!r}: one of {', '.join(DELIVERY_MODES)}")
         if self.model_dir and not Path(self.model_dir).is_dir():
             raise ConfigError(f"model_dir {self.model_dir!r} is not a directory")
+        # Limits: each usable, and the output limit within the producer's.
+        from dataflows.core.records import MIN_MESSAGE_BYTES
+
+        if self.max_message_bytes < MIN_MESSAGE_BYTES:
+            raise ConfigError(
+                f"max_message_bytes must be >= {MIN_MESSAGE_BYTES}, got {self.max_message_bytes}"
+            )
+        # A message librdkafka refuses would stop the dataflow: never ask for more.
+        producer = str(self.kafka.get("message.max.bytes", ""))
+        if producer.isascii() and producer.isdigit() and self.max_message_bytes > int(producer):
+            raise ConfigError(
+                f"max_message_bytes={self.max_message_bytes} is above the producer's "
+                f"message.max.bytes={producer}"
+            )
+        if self.max_model_bytes < 1024:
+            raise ConfigError(f"max_model_bytes must be >= 1024, got {self.max_model_bytes}")
+        if self.max_data_types < 1:
+            raise ConfigError(f"max_data_types must be >= 1, got {self.max_data_types}")
+        if self.max_held_records < 0 or self.max_held_bytes < 0:
+            raise ConfigError("max_held_records and max_held_bytes must be >= 0")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:

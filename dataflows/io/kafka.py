@@ -3,9 +3,17 @@
 Why not bytewax's own KafkaSource/KafkaSink: the source emits one item per message, and
 per-item overhead dominates at our rates, so ours emits one `SourceBatch` per consume();
 bytewax's sink calls `flush()` after every batch, which costs a third of the throughput,
-so ours produces without waiting and flushes in `snapshot()`: everything written in an
-epoch is delivered before the epoch's snapshot completes, which keeps output
-at-least-once across a kill -9 without a round trip per batch.
+so ours produces without waiting and settles at each snapshot:
+
+- at least once (`delivery=at-least-once`): `snapshot()` flushes, so everything written
+  in an epoch is delivered before the epoch's snapshot completes, and a kill -9 repeats at
+  most the output since the last snapshot;
+- exactly once (`delivery=exactly-once`): output goes in Kafka transactions committed at
+  each snapshot, which also record in a marker topic how far each input stream got, so a
+  restart drops what committed transactions already hold (`_Transactions`).
+
+A broker that is away holds the output back; it does not fail it: flushes and commits wait
+(with a log line and `waxserve_kafka_unreachable`) until it answers again.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ import collections
 import json
 import logging
 import threading
+import time
 import zlib
 from datetime import UTC, datetime, timedelta
 from typing import Any, ClassVar, cast
@@ -32,13 +41,13 @@ from confluent_kafka import (
 from confluent_kafka import TopicPartition as KafkaTopicPartition
 from confluent_kafka.admin import AdminClient
 
+from dataflows.core import lifecycle
 from dataflows.core.config import Config
-from dataflows.core.records import Headers, OutMessage, SourceBatch
+from dataflows.core.output import OutBatch
+from dataflows.core.records import Headers, OutMessage, SourceBatch, fit_message
+from dataflows.observability import metrics
 
 log = logging.getLogger(__name__)
-
-SinkItem = tuple[str, list[OutMessage]]
-"""What sinks receive: a routing key (spreads writing over sink partitions) and messages."""
 
 _IDLE_BACKOFF = timedelta(milliseconds=2)
 
@@ -83,6 +92,10 @@ class _SharedConsumer:
         self._buffers: dict[int, collections.deque[Message]] = {}
         self._offsets: dict[int, int] = {}  # next offset each partition will return
         self._paused: set[int] = set()
+        self._unreachable = False
+        self._topic_gone = False
+        self._next_error_log = 0.0
+        self._closed = threading.Event()
         self._consumer = Consumer(
             {
                 # A broker that overfills a fetch (tansu sends ~5 MB per partition) makes
@@ -94,6 +107,10 @@ class _SharedConsumer:
                 "group.id": "waxserve",
                 "enable.auto.commit": "false",
                 "enable.partition.eof": str(config.stop_at_end).lower(),
+                # A resume offset the partition no longer has (the topic was deleted and
+                # created again, the broker lost its data, retention passed it) is reported,
+                # not silently skipped to the end: see `restart`.
+                "auto.offset.reset": "error",
                 "fetch.wait.max.ms": str(config.fetch_wait_ms),
                 "statistics.interval.ms": "1000",
                 "stats_cb": self._on_stats,
@@ -102,6 +119,12 @@ class _SharedConsumer:
         # Knowing the partition leaders before assign saves librdkafka a 500 ms retry on
         # the first fetch (seen on tansu).
         self._consumer.list_topics(topic, timeout=10)
+        threading.Thread(
+            target=self._watch_topic,
+            args=(config.client_config(),),
+            name=f"waxserve-watch-{topic}",
+            daemon=True,
+        ).start()
 
     @classmethod
     def join(
@@ -135,6 +158,7 @@ class _SharedConsumer:
             if self._buffers:
                 self._consumer.incremental_unassign([KafkaTopicPartition(self._topic, partition)])
                 return
+            self._closed.set()
             self._consumer.close()
             self._shared.pop(self._key, None)
 
@@ -165,14 +189,91 @@ class _SharedConsumer:
                 buffer.append(msg)
                 continue
             error = msg.error()
-            if error is not None and error.fatal():
-                raise KafkaException(error)
             if error is not None:
-                log.warning("consuming %s: %s", self._topic, error)
+                self._client_error(error)
+        if messages and self._unreachable and not messages[-1].error():
+            self._unreachable = False
+            metrics.kafka_unreachable("consumer", False)
+            log.warning("consuming %s: the broker answers again", self._topic)
         for partition, buffer in self._buffers.items():
             if len(buffer) > limit and partition not in self._paused:
                 self._paused.add(partition)
                 self._consumer.pause([KafkaTopicPartition(self._topic, partition)])
+
+    _UNREACHABLE = frozenset(
+        {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE}
+    )
+    _TOPIC_GONE = frozenset({KafkaError.UNKNOWN_TOPIC_OR_PART, KafkaError._UNKNOWN_TOPIC})
+
+    def _client_error(self, error: KafkaError) -> None:
+        """An error that concerns the consumer, not one partition's messages."""
+        if error.fatal():
+            raise KafkaException(error)
+        code = error.code()
+        now = time.monotonic()
+        if code in self._UNREACHABLE:
+            if not self._unreachable:
+                self._unreachable = True
+                metrics.kafka_unreachable("consumer", True)
+        elif code in self._TOPIC_GONE:
+            self._note_topic_gone(str(error))
+            return
+        # librdkafka retries by itself; say so now and then, not on every poll.
+        if now >= self._next_error_log:
+            self._next_error_log = now + 30.0
+            log.warning("consuming %s: %s (retrying)", self._topic, error)
+
+    def _note_topic_gone(self, detail: str) -> None:
+        if self._topic_gone:
+            return
+        self._topic_gone = True
+        metrics.input_topic_reset(self._topic)
+        log.error(
+            "input topic %s is gone from the broker (deleted?): nothing to read until it is "
+            "back (%s)",
+            self._topic,
+            detail,
+        )
+
+    TOPIC_CHECK_S = 10.0
+
+    def _watch_topic(self, settings: dict[str, str | int | float | bool]) -> None:
+        """librdkafka says nothing when an assigned topic is deleted: ask the broker now
+        and then (its own client: the consumer may close meanwhile)."""
+        admin = AdminClient(settings)
+        while not self._closed.wait(self.TOPIC_CHECK_S):
+            try:
+                info = admin.list_topics(self._topic, timeout=5).topics.get(self._topic)
+            except KafkaException:
+                continue  # the broker is away: the consumer's own errors say so
+            gone = info is None or (
+                info.error is not None and info.error.code() in self._TOPIC_GONE
+            )
+            if gone:
+                self._note_topic_gone(str(info.error) if info is not None else "no metadata")
+            elif self._topic_gone:
+                self._topic_gone = False
+                log.warning("input topic %s is back", self._topic)
+
+    def restart(self, partition: int, error: KafkaError) -> None:
+        """Read `partition` again from its beginning: its resume offset is out of range."""
+        metrics.input_topic_reset(self._topic)
+        low, high = self._consumer.get_watermark_offsets(
+            KafkaTopicPartition(self._topic, partition), timeout=10
+        )
+        log.error(
+            "input %s[%d]: resume offset %d is not in the partition (offsets %d to %d now; "
+            "the topic was re-created, the broker lost its data, or retention deleted it): "
+            "reading it from the beginning (%s)",
+            self._topic,
+            partition,
+            self._offsets.get(partition, -1),
+            low,
+            high,
+            error,
+        )
+        self._topic_gone = False
+        self._assign(partition, OFFSET_BEGINNING)
 
     def advanced(self, partition: int, offset: int) -> None:
         """`partition` has returned everything before `offset` (for the lag gauge)."""
@@ -228,6 +329,9 @@ class _BatchPartition(StatefulSourcePartition[SourceBatch, int]):
                 kept.append(msg)
             elif error.code() == KafkaError._PARTITION_EOF:
                 self._eof = True
+            elif error.code() == KafkaError._AUTO_OFFSET_RESET:
+                self._consumer.restart(self._partition, error)
+                return []
             elif error.fatal():
                 raise KafkaException(error)
             else:
@@ -268,14 +372,120 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, int]):
         return _BatchPartition(self._config, topic, int(partition), offset, step_id)
 
 
+# --- output ------------------------------------------------------------------------------
+
+# librdkafka's own default message.max.bytes; a message over it fails in produce().
+DEFAULT_MAX_MESSAGE_BYTES = 1_000_000
+
+
+def _too_large(exc: KafkaException) -> bool:
+    error = exc.args[0] if exc.args else None
+    return isinstance(error, KafkaError) and error.code() == KafkaError.MSG_SIZE_TOO_LARGE
+
+
+class _Waiting:
+    """Says, once a while and in a metric, that the broker has not taken our output yet.
+
+    A context manager: the metric goes back down however the wait ends."""
+
+    LOG_EVERY_S = 30.0
+    DOWN_AFTER_S = 10.0
+
+    def __init__(self, what: str) -> None:
+        self._what = what
+        self._started = time.monotonic()
+        self._next_log = self.DOWN_AFTER_S
+        self._down = False
+
+    def still(self, detail: str) -> None:
+        waited = time.monotonic() - self._started
+        if waited < self._next_log:
+            return
+        if not self._down:
+            self._down = True
+            metrics.kafka_unreachable("producer", True)
+        self._next_log = waited + self.LOG_EVERY_S
+        log.warning("%s: waiting %.0f s for the broker (%s)", self._what, waited, detail)
+
+    def __enter__(self) -> _Waiting:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        if self._down:
+            metrics.kafka_unreachable("producer", False)
+            waited = time.monotonic() - self._started
+            log.warning("%s: the broker answered after %.0f s", self._what, waited)
+
+
+def _out_of_time() -> bool:
+    """Stopping, and the stop's deadline leaves no time to wait for a broker."""
+    return lifecycle.stopping() and lifecycle.flush_timeout(1.0) <= 0
+
+
+def _produce_all(producer: Producer, topic: str, messages: list[OutMessage], limit: int) -> None:
+    """Produce `messages` in order; a full local queue waits for room, a message too large
+    is cut to fit (`fit_message`)."""
+    produce = producer.produce
+    pending = messages
+    while pending:
+        done = 0
+        try:
+            for key, value, headers in pending:
+                # Passing headers at all, even empty, costs librdkafka a headers object.
+                if headers:
+                    produce(topic, value, key, headers=cast(Any, headers))
+                else:
+                    produce(topic, value, key)
+                done += 1
+        except BufferError:
+            # Local queue full: let librdkafka drain it, then go on where it stopped.
+            if _out_of_time():
+                log.error("stopping: %d messages for %s not produced", len(pending), topic)
+                return
+            producer.poll(0.05)
+        except KafkaException as exc:
+            if not _too_large(exc):
+                raise
+            key, value, headers = fit_message(pending[done], limit)
+            log.warning(
+                "a message for %s is over %d bytes: written cut to fit (%s)", topic, limit, exc
+            )
+            produce(topic, value, key, headers=cast(Any, headers))
+            done += 1
+        pending = pending[done:]
+    producer.poll(0)
+
+
+def _producer_settings(config: Config) -> dict[str, str | int | float | bool]:
+    return {
+        # The Java client's partitioner, so that keys land where Java producers and
+        # Kafka Streams put them; it also hashes a key faster than librdkafka's
+        # default CRC32 (2% of the worker's time). Yours wins (WAXSERVE_KAFKA_*).
+        "partitioner": "murmur2_random",
+        # A broker that is away for minutes holds the output, it does not fail it: the
+        # flush at the snapshot waits (and says so) until the broker is back.
+        "message.timeout.ms": "0",
+        **config.client_config(),
+        "linger.ms": str(config.linger_ms),
+        # Kafka's idempotent producer keeps retries from duplicating or reordering.
+        "enable.idempotence": "true",
+    }
+
+
+def _max_message_bytes(config: Config) -> int:
+    return int(config.kafka.get("message.max.bytes", DEFAULT_MAX_MESSAGE_BYTES))
+
+
 class _SharedProducer:
-    """One producer per process and client config, shared by every sink partition."""
+    """At-least-once output: one producer per process and client config, shared by every
+    sink partition; delivery is confirmed at each snapshot."""
 
     _lock = threading.Lock()
     _producers: ClassVar[dict[str, _SharedProducer]] = {}
 
-    def __init__(self, settings: dict[str, str | int | float | bool]) -> None:
+    def __init__(self, settings: dict[str, str | int | float | bool], limit: int) -> None:
         self.errors: list[str] = []
+        self.limit = limit
         self.producer = Producer(
             {
                 **settings,
@@ -288,21 +498,12 @@ class _SharedProducer:
 
     @classmethod
     def get(cls, config: Config) -> _SharedProducer:
-        settings = {
-            # The Java client's partitioner, so that keys land where Java producers and
-            # Kafka Streams put them; it also hashes a key faster than librdkafka's
-            # default CRC32 (2% of the worker's time). Yours wins (WAXSERVE_KAFKA_*).
-            "partitioner": "murmur2_random",
-            **config.client_config(),
-            "linger.ms": str(config.linger_ms),
-            # Kafka's idempotent producer keeps retries from duplicating or reordering.
-            "enable.idempotence": "true",
-        }
+        settings = _producer_settings(config)
         key = repr(sorted(settings.items()))
         with cls._lock:
             shared = cls._producers.get(key)
             if shared is None:
-                shared = cls._producers[key] = cls(settings)
+                shared = cls._producers[key] = cls(settings, _max_message_bytes(config))
             return shared
 
     def on_delivery(self, err: KafkaError | None, _msg: object) -> None:
@@ -310,54 +511,306 @@ class _SharedProducer:
             self.errors.append(str(err))
 
     def produce(self, topic: str, messages: list[OutMessage]) -> None:
-        produce = self.producer.produce
-        pending = messages
-        while pending:
-            done = 0
-            try:
-                for key, value, headers in pending:
-                    # Passing headers at all, even empty, costs librdkafka a headers object.
-                    if headers:
-                        produce(topic, value, key, headers=cast(Any, headers))
-                    else:
-                        produce(topic, value, key)
-                    done += 1
-            except BufferError:
-                # Local queue full: let librdkafka drain it, then go on where it stopped.
-                self.producer.poll(0.05)
-            pending = pending[done:]
-        self.producer.poll(0)
+        _produce_all(self.producer, topic, messages, self.limit)
 
     def flush(self) -> None:
-        """Wait until everything produced so far is delivered; raise if anything failed."""
-        remaining = self.producer.flush(60)
-        if remaining:
-            raise RuntimeError(f"{remaining} messages not delivered within 60 s")
+        """Wait until everything produced so far is delivered, however long the broker is
+        away; raise if anything failed. While stopping, only until the stop's deadline:
+        then say what was not delivered, and never raise (Bytewax is unwinding)."""
+        with _Waiting("output") as waiting:
+            while remaining := self.producer.flush(lifecycle.flush_timeout(1.0)):
+                if _out_of_time():
+                    log.error("stopping: %d messages not delivered in time", remaining)
+                    break
+                waiting.still(f"{remaining} messages not delivered yet")
         if self.errors:
             errors, self.errors = self.errors, []
+            message = f"{len(errors)} messages failed delivery: {errors[:3]}"
+            if lifecycle.stopping():
+                log.error("stopping: %s", message)
+                return
             # Raising fails the epoch, so recovery re-sends from the last snapshot.
-            raise RuntimeError(f"{len(errors)} messages failed delivery: {errors[:3]}")
+            raise RuntimeError(message)
 
 
-class _SinkPartition(StatefulSinkPartition[list[OutMessage], None]):
+class _SinkPartition(StatefulSinkPartition[OutBatch, None]):
     def __init__(self, producer: _SharedProducer, topic: str) -> None:
         self._producer = producer
         self._topic = topic
 
-    def write_batch(self, values: list[list[OutMessage]]) -> None:
-        for messages in values:
-            self._producer.produce(self._topic, messages)
+    def write_batch(self, values: list[OutBatch]) -> None:
+        for batch in values:
+            self._producer.produce(self._topic, batch.messages)
 
     def snapshot(self) -> None:
         self._producer.flush()
 
     def close(self) -> None:
-        self._producer.flush()
+        # Bytewax closes partitions while it unwinds: an exception here aborts the process.
+        try:
+            self._producer.flush()
+        except Exception:
+            log.exception("output to %s not flushed at close", self._topic)
 
 
-class KafkaBatchSink(FixedPartitionedSink[list[OutMessage], None]):
-    """Writes `(route_key, [messages])` items to one topic; delivery is confirmed at each
-    snapshot. Messages keep their own keys, so Kafka partitions by message key."""
+_PROBE_KEY = b"waxserve.probe"
+"""The key of the aborted record each transactional producer writes at start."""
+
+
+class _Transactions:
+    """Exactly-once output of sink partition number `part` of every sink.
+
+    Bytewax assigns a partition to a worker from the list of partitions alone, and every
+    sink lists the same ones, so partition n of each sink lives on the same worker: they
+    share one transactional producer. Each transaction also writes, per (topic, stream),
+    the last position it covered to the marker topic (partition n, compacted). A restart
+    fences the previous producer, reads its committed markers, and drops what they cover:
+    Bytewax resumes from its own snapshot, which can be older than a committed transaction
+    when the process died between the two commits.
+
+    Bytewax builds a sink partition when its first item arrives, and fencing plus reading
+    the markers takes a second or more: that runs in a thread of its own while the batches
+    written meanwhile wait, in order, in memory; a snapshot waits for it.
+    """
+
+    _registry_lock = threading.Lock()
+    _shared: ClassVar[dict[tuple[str, int], _Transactions]] = {}
+
+    COMMIT_TIMEOUT_S = 10.0
+
+    def __init__(self, config: Config, part: int) -> None:
+        self._config = config
+        self._part = part
+        self._lock = threading.Lock()
+        self.limit = _max_message_bytes(config)
+        settings = _producer_settings(config)
+        timeout_ms = str(config.kafka.get("transaction.timeout.ms", "600000"))
+        self._producer = Producer(
+            {
+                **settings,
+                # An open transaction holds back every read_committed reader: a crashed
+                # producer's is aborted when its successor starts (same id), or after this.
+                "transaction.timeout.ms": timeout_ms,
+                "message.timeout.ms": timeout_ms,
+                "transactional.id": f"{config.marker_topic}.{part}",
+            }
+        )
+        markers = len(topic_partitions(config, config.marker_topic))
+        if markers <= part:
+            # Shared marker partitions would make a restart wait for another producer's
+            # open transaction there, on this same worker: up to transaction.timeout.ms.
+            raise RuntimeError(
+                f"marker topic {config.marker_topic!r} has {markers} partitions; exactly-once "
+                f"output needs one per shard ({config.shards}): create it with "
+                "`waxserve topics`, or add partitions"
+            )
+        self._marker_partition = part
+        self._committed: dict[tuple[str, str], int] = {}
+        self._covered: dict[tuple[str, str], int] = {}
+        self._dirty: set[str] = set()
+        self._pending: list[tuple[str, OutBatch]] = []
+        self._ready = threading.Event()
+        self._failure: BaseException | None = None
+        threading.Thread(target=self._start, name=f"waxserve-eos-{part}", daemon=True).start()
+
+    def _start(self) -> None:
+        try:
+            with _Waiting(f"transactional producer {self._part}") as waiting:
+                while True:
+                    try:
+                        # Fences the previous run's producer and aborts its open transaction.
+                        self._producer.init_transactions(self.COMMIT_TIMEOUT_S)
+                        break
+                    except KafkaException as exc:
+                        if not exc.args[0].retriable():
+                            raise
+                        waiting.still(str(exc))
+            # An aborted record no read_committed reader may see: `_read_markers` checks.
+            self._producer.begin_transaction()
+            self._producer.produce(
+                self._config.marker_topic, b"", _PROBE_KEY, partition=self._marker_partition
+            )
+            self._producer.flush(self.COMMIT_TIMEOUT_S)  # abort would drop it unsent
+            self._producer.abort_transaction(self.COMMIT_TIMEOUT_S)
+            markers = self._read_markers()
+            with self._lock:
+                self._committed = markers
+            log.info(
+                "exactly-once output %d: %d streams fenced by committed markers",
+                self._part,
+                len(markers),
+            )
+        except BaseException as exc:  # raised on the worker, at its next write or snapshot
+            self._failure = exc
+        finally:
+            self._ready.set()
+
+    def _check_started(self) -> None:
+        if self._failure is not None:
+            raise RuntimeError(
+                f"exactly-once output {self._part} could not start: {self._failure}"
+            ) from self._failure
+
+    @classmethod
+    def get(cls, config: Config, part: int) -> _Transactions:
+        key = (repr(sorted(_producer_settings(config).items())) + config.marker_topic, part)
+        with cls._registry_lock:
+            shared = cls._shared.get(key)
+            if shared is None:
+                shared = cls._shared[key] = cls(config, part)
+            return shared
+
+    def _read_markers(self) -> dict[tuple[str, str], int]:
+        """The last position of each (topic, stream) that committed output covers."""
+        consumer = Consumer(
+            {
+                **self._config.client_config(),
+                "group.id": "waxserve-markers",
+                "enable.auto.commit": "false",
+                "enable.partition.eof": "true",
+                "isolation.level": "read_committed",
+                "fetch.wait.max.ms": "10",
+            }
+        )
+        markers: dict[tuple[str, str], int] = {}
+        partition = KafkaTopicPartition(self._config.marker_topic, self._marker_partition)
+        try:
+            partition.offset = OFFSET_BEGINNING
+            consumer.assign([partition])
+            with _Waiting("reading the markers") as waiting:
+                while True:
+                    msg = consumer.poll(0.2)
+                    if msg is None:
+                        waiting.still("no end of the marker partition yet")
+                        continue
+                    error = msg.error()
+                    if error is not None:
+                        if error.code() == KafkaError._PARTITION_EOF:
+                            break
+                        if error.fatal():
+                            raise KafkaException(error)
+                        waiting.still(str(error))
+                        continue
+                    if msg.key() == _PROBE_KEY:
+                        raise RuntimeError(
+                            f"the broker at {self._config.brokers} shows an aborted transaction's "
+                            "record to a read_committed reader: it does not implement Kafka "
+                            "transactions (tansu does not), so exactly-once output is impossible "
+                            "on it; use WAXSERVE_DELIVERY=at-least-once"
+                        )
+                    topic, _, stream = (msg.key() or b"").decode().partition(" ")
+                    value = msg.value()
+                    if value is None:
+                        markers.pop((topic, stream), None)
+                    else:
+                        markers[(topic, stream)] = int(value)
+        finally:
+            consumer.close()
+        return markers
+
+    def write(self, topic: str, batch: OutBatch) -> None:
+        """Produce `batch` into the open transaction, without what committed output covers
+        (kept in order until the producer has started)."""
+        with self._lock:
+            if not self._ready.is_set():
+                self._pending.append((topic, batch))
+                return
+            self._drain()
+            self._write(topic, batch)
+
+    def _drain(self) -> None:
+        self._check_started()
+        pending, self._pending = self._pending, []
+        for topic, batch in pending:
+            self._write(topic, batch)
+
+    def _write(self, topic: str, batch: OutBatch) -> None:
+        if self._committed and batch.stream:
+            mark = self._committed.get((topic, batch.stream))
+            if mark is not None:
+                if batch.positions and batch.positions[0] > mark:
+                    del self._committed[(topic, batch.stream)]  # the stream is past it
+                else:
+                    batch = batch.after(mark)
+        if not batch.messages:
+            return
+        if not self._dirty:
+            self._producer.begin_transaction()
+        self._dirty.add(topic)
+        _produce_all(self._producer, topic, batch.messages, self.limit)
+        if batch.stream and batch.positions:
+            self._covered[(topic, batch.stream)] = batch.positions[-1]
+
+    def commit(self, topic: str) -> None:
+        """Commit the open transaction if it holds anything `topic`'s partition wrote: a
+        sink partition's snapshot returns only once its output is committed. While
+        stopping, only until the stop's deadline: what is not committed then is aborted by
+        the next start (which scores it again), and nothing raises."""
+        while not self._ready.wait(0.1):
+            if _out_of_time():
+                log.error("stopping: exactly-once output %d never started", self._part)
+                return
+        with self._lock:
+            self._drain()
+            if topic not in self._dirty:
+                return
+            marker_topic = self._config.marker_topic
+            for (out_topic, stream), position in self._covered.items():
+                self._producer.produce(
+                    marker_topic,
+                    str(position).encode(),
+                    f"{out_topic} {stream}".encode(),
+                    partition=self._marker_partition,
+                )
+            with _Waiting(f"committing output {self._part}") as waiting:
+                while True:
+                    timeout = lifecycle.flush_timeout(self.COMMIT_TIMEOUT_S)
+                    if timeout <= 0:
+                        log.error("stopping: output %d left uncommitted", self._part)
+                        return
+                    try:
+                        self._producer.commit_transaction(timeout)
+                        break
+                    except KafkaException as exc:
+                        error = exc.args[0]
+                        if error.retriable():
+                            waiting.still(str(error))
+                            continue
+                        if error.txn_requires_abort():
+                            self._producer.abort_transaction(self.COMMIT_TIMEOUT_S)
+                            self._dirty.clear()
+                            self._covered.clear()
+                        # Failing the epoch makes Bytewax resume from its last snapshot;
+                        # the markers fence what earlier transactions committed.
+                        raise
+            self._dirty.clear()
+            self._covered.clear()
+
+
+class _TransactionalPartition(StatefulSinkPartition[OutBatch, None]):
+    def __init__(self, transactions: _Transactions, topic: str) -> None:
+        self._transactions = transactions
+        self._topic = topic
+
+    def write_batch(self, values: list[OutBatch]) -> None:
+        for batch in values:
+            self._transactions.write(self._topic, batch)
+
+    def snapshot(self) -> None:
+        self._transactions.commit(self._topic)
+
+    def close(self) -> None:
+        # Bytewax closes partitions while it unwinds: an exception here aborts the process.
+        try:
+            self._transactions.commit(self._topic)
+        except Exception:
+            log.exception("output to %s not committed at close", self._topic)
+
+
+class KafkaBatchSink(FixedPartitionedSink[OutBatch, None]):
+    """Writes `OutBatch` items to one topic, at least once (delivery confirmed at each
+    snapshot) or exactly once (a transaction committed at each snapshot), as
+    `config.delivery` says. Messages keep their own keys, so Kafka partitions by key."""
 
     def __init__(self, config: Config, topic: str, parts: int) -> None:
         self._config = config
@@ -370,7 +823,13 @@ class KafkaBatchSink(FixedPartitionedSink[list[OutMessage], None]):
     def part_fn(self, item_key: str) -> int:
         return zlib.crc32(item_key.encode())
 
-    def build_part(self, step_id: str, for_part: str, resume_state: None) -> _SinkPartition:
+    def build_part(
+        self, step_id: str, for_part: str, resume_state: None
+    ) -> _SinkPartition | _TransactionalPartition:
+        if self._config.delivery == "exactly-once":
+            return _TransactionalPartition(
+                _Transactions.get(self._config, int(for_part)), self._topic
+            )
         return _SinkPartition(_SharedProducer.get(self._config), self._topic)
 
 
