@@ -150,7 +150,8 @@ def test_publish_catalog_model_and_tail_it(
     assert main(["tail", "control", "--from-beginning", "--limit", "1", "--timeout", "10"]) == 0
     (line,) = _json_lines(capsys.readouterr().out)
     assert line["topic"] == kafka_config.control_topic
-    assert (line["partition"], line["offset"], line["key"]) == (0, msg.offset(), "model/wine/wine-lr")
+    expected = (0, msg.offset(), "model/wine/wine-lr")
+    assert (line["partition"], line["offset"], line["key"]) == expected
     value = line["value"]["model"]
     assert "model_bytes" not in value
     assert value["model_bytes_size"] == len(model_bytes)
