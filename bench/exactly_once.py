@@ -244,9 +244,9 @@ def count_outcomes(
     stats = Counter(window_key(pb.ServingStats.FromString(v)) for v, _ in seen[config.stats_topic])
     drift = Counter(window_key(pb.DriftMetrics.FromString(v)) for v, _ in seen[config.drift_topic])
     events = Counter(
-        (e.kind, e.data_type, e.model_version, e.source_offset)
+        (e.data_type, e.sequence)
         for e in (pb.ModelEvent.FromString(v) for v, _ in seen[config.events_topic])
-        if e.kind != "restored"
+        if e.sequence  # "restored" (0) reports a resume: one per restart
     )
 
     def extra(counts: Counter[Any]) -> int:

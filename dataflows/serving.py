@@ -439,10 +439,9 @@ def _scored_item(batch: ScoredBatch) -> SinkItem:
 
 
 def _event_position(event: pb.ModelEvent) -> int | None:
-    # A "restored" event reports this run's resume, not an input: never fenced.
-    if event.kind == "restored" or not event.source_topic:
-        return None
-    return event.source_offset
+    # Numbered by the registry, so a replay numbers them alike; a "restored" event
+    # reports this run's resume (0): never fenced.
+    return event.sequence or None
 
 
 def _dead_letter_items(

@@ -325,7 +325,7 @@ class DriftMetrics(_message.Message):
     def __init__(self, data_type: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., window_start_ms: _Optional[int] = ..., window_end_ms: _Optional[int] = ..., record_count: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ..., max_psi: _Optional[float] = ..., alarm: _Optional[bool] = ...) -> None: ...
 
 class ModelEvent(_message.Message):
-    __slots__ = ("kind", "data_type", "model_name", "model_version", "model_sha256", "reason", "message", "at_ms", "source_topic", "source_partition", "source_offset", "contract_version")
+    __slots__ = ("kind", "data_type", "model_name", "model_version", "model_sha256", "reason", "message", "at_ms", "source_topic", "source_partition", "source_offset", "contract_version", "sequence")
     KIND_FIELD_NUMBER: _ClassVar[int]
     DATA_TYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -338,6 +338,7 @@ class ModelEvent(_message.Message):
     SOURCE_PARTITION_FIELD_NUMBER: _ClassVar[int]
     SOURCE_OFFSET_FIELD_NUMBER: _ClassVar[int]
     CONTRACT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SEQUENCE_FIELD_NUMBER: _ClassVar[int]
     kind: str
     data_type: str
     model_name: str
@@ -350,4 +351,5 @@ class ModelEvent(_message.Message):
     source_partition: int
     source_offset: int
     contract_version: int
-    def __init__(self, kind: _Optional[str] = ..., data_type: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., at_ms: _Optional[int] = ..., source_topic: _Optional[str] = ..., source_partition: _Optional[int] = ..., source_offset: _Optional[int] = ..., contract_version: _Optional[int] = ...) -> None: ...
+    sequence: int
+    def __init__(self, kind: _Optional[str] = ..., data_type: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., at_ms: _Optional[int] = ..., source_topic: _Optional[str] = ..., source_partition: _Optional[int] = ..., source_offset: _Optional[int] = ..., contract_version: _Optional[int] = ..., sequence: _Optional[int] = ...) -> None: ...

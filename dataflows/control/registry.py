@@ -690,12 +690,15 @@ RegistryOut = Install | pb.ModelEvent | DeadLetter
 
 @dataclass
 class RegistryState:
-    """What the registry snapshots: the contract, the serving model (with its bytes), and
-    control messages read but not yet through, which a resume takes up again."""
+    """What the registry snapshots: the contract, the serving model (with its bytes),
+    control messages read but not yet through, which a resume takes up again, a descriptor
+    waiting for a contract that can feed it, and how many events it numbered."""
 
     contract: Contract | None = None
     current: ModelInstall | None = None
     loading: list[ControlIn] = field(default_factory=list)
+    awaiting: ControlIn | None = None
+    events: int = 0
 
 
 _LOADER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="waxserve-model-load")
@@ -737,7 +740,11 @@ class Registry:
         self.contract = state.contract
         self.current = state.current
         self.resumed = state.contract is not None or state.current is not None
-        self.resumed = self.resumed or bool(state.loading)
+        self.resumed = self.resumed or bool(state.loading) or state.awaiting is not None
+        self._event_count = state.events
+        # A descriptor that came before a contract that can feed it: on a compacted control
+        # topic a model can precede the newer contract it needs. Installed when one comes.
+        self._awaiting: tuple[ControlIn, Candidate] | None = None
         self._model_dir = model_dir
         self._clock = clock
         self._onnx_threads = onnx_threads
@@ -753,8 +760,12 @@ class Registry:
             collections.deque()
         )
         if self.resumed:  # what a snapshot holds stays, whatever the limit is now
+            pending = [state.awaiting] if state.awaiting is not None else []
+            pending += state.loading
             held = state.contract or (state.current and state.current.spec.identity)
-            self._admit(held.data_type if held else state.loading[0].data_type, limit=None)
+            self._admit(held.data_type if held else pending[0].data_type, limit=None)
+        if state.awaiting is not None:  # loads again, and waits again if it must
+            self._enqueue(state.awaiting)
         for item in state.loading:
             self._enqueue(item)
 
@@ -762,7 +773,8 @@ class Registry:
     def holds_anything(self) -> bool:
         """Whether the registry has a contract, a model or control messages going through;
         one that holds nothing may be dropped (it is rebuilt empty on the next message)."""
-        return self.contract is not None or self.current is not None or bool(self._queue)
+        held = self.contract is not None or self.current is not None
+        return held or bool(self._queue) or self._awaiting is not None
 
     def _admit(self, data_type: str, limit: int | None) -> bool:
         if not self._data_type:
@@ -799,7 +811,15 @@ class Registry:
 
     def snapshot(self) -> RegistryState:
         """The registry's state for Bytewax's snapshots (immutable parts only)."""
-        return RegistryState(self.contract, self.current, [item for item, _ in self._queue])
+        awaiting = self._awaiting[0] if self._awaiting is not None else None
+        loading = [item for item, _ in self._queue]
+        return RegistryState(self.contract, self.current, loading, awaiting, self._event_count)
+
+    def _numbered(self, event: pb.ModelEvent) -> pb.ModelEvent:
+        """`event` with the next sequence number of this data type's events."""
+        self._event_count += 1
+        event.sequence = self._event_count
+        return event
 
     def _enqueue(self, item: ControlIn) -> None:
         refused = self._refusal(item)
@@ -884,9 +904,22 @@ class Registry:
         event = model_event(
             "contract_installed", None, now_ms, source=item, contract_version=contract.version
         )
-        return [ContractInstall(contract), event]
+        out: list[RegistryOut] = [ContractInstall(contract), self._numbered(event)]
+        if self._awaiting is not None and self._awaiting[1].descriptor.contract_version <= (
+            contract.version
+        ):
+            waiting_item, candidate = self._awaiting
+            self._awaiting = None
+            try:
+                out.extend(self._model(waiting_item, candidate))
+            except ModelError as exc:
+                out.extend(self._rejected(waiting_item, exc.reason, str(exc)))
+        return out
 
     def _model(self, item: ControlIn, candidate: Candidate) -> list[RegistryOut]:
+        wanted = candidate.descriptor.contract_version
+        if self.contract is None or wanted > self.contract.version:
+            return self._await_contract(item, candidate)
         candidate.contract = self.contract
         _run_checks(candidate, BIND_CHECKS)
         assert candidate.runtime is not None and self.contract is not None
@@ -927,7 +960,29 @@ class Registry:
             source=item,
             contract_version=self.contract.version,
         )
-        return [install, event]
+        return [install, self._numbered(event)]
+
+    def _await_contract(self, item: ControlIn, candidate: Candidate) -> list[RegistryOut]:
+        """Keep a loaded model until a contract that can feed it arrives; an older one that
+        was waiting gives way (rejected as it would have been)."""
+        out: list[RegistryOut] = []
+        if self._awaiting is not None:
+            older, _ = self._awaiting
+            message = "a newer descriptor came while it waited for a contract"
+            out.extend(self._rejected(older, Reason.NO_CONTRACT, message))
+        self._awaiting = (item, candidate)
+        wanted = candidate.descriptor.contract_version
+        have = f"v{self.contract.version}" if self.contract is not None else "none"
+        message = (
+            f"waits for contract v{max(wanted, 1)} or later of {item.data_type!r} "
+            f"(installed: {have}); publish it (waxserve contract publish)"
+        )
+        log.warning(
+            "model %s:%s %s", candidate.descriptor.name, candidate.descriptor.version, message
+        )
+        now_ms = int(self._clock() * 1000)
+        event = model_event("awaiting_contract", None, now_ms, source=item, message=message)
+        return [*out, self._numbered(event)]
 
     def _rejected(self, item: ControlIn, reason: str, message: str) -> list[RegistryOut]:
         now_ms = int(self._clock() * 1000)
@@ -937,7 +992,8 @@ class Registry:
         kind = "rejected" if item.stage == Stage.MODEL else "contract_rejected"
         dead = item.dead_letter(reason, message)
         dead.max_message_bytes = self._max_message_bytes  # it carries the model's bytes
-        return [dead, model_event(kind, None, now_ms, source=item, reason=reason, message=message)]
+        event = model_event(kind, None, now_ms, source=item, reason=reason, message=message)
+        return [dead, self._numbered(event)]
 
     def on_resume(self) -> list[RegistryOut]:
         """After a resume: re-send the contract and the model so every shard can rebuild them."""

@@ -220,3 +220,36 @@ def test_the_codec_cache_keeps_a_few_versions_of_each_data_type() -> None:
     assert sorted(cache._codecs) == [("other", 1), ("wine", 4), ("wine", 5)]
     old = dataclasses.replace(WINE_CONTRACT, version=1)
     assert isinstance(cache.get(old).contract, Contract)  # built again when asked for
+
+
+def _kinds(out: list[Any]) -> list[str]:
+    return [e.kind for e in out if isinstance(e, pb.ModelEvent)]
+
+
+def test_a_model_before_its_contract_waits_for_it_across_a_snapshot() -> None:
+    # A compacted control topic keeps a model and the newest contract, in that order.
+    reg = registry()
+    assert _kinds(run(reg, descriptor("wine-lr"))) == ["awaiting_contract"]
+    assert reg.holds_anything and reg.current is None
+    state = reg.snapshot()
+    assert state.awaiting is not None and state.events == 1
+
+    resumed = Registry(state, model_dir="", data_types=DataTypeTable(), max_message_bytes=LIMIT)
+    out = resumed.on_resume() + resumed.collect(wait=True)
+    assert _kinds(out) == ["awaiting_contract"]  # loaded again, still waiting
+    out = run(resumed, WINE_CONTRACT.to_proto())
+    assert _kinds(out) == ["contract_installed", "installed"]
+    assert resumed.current is not None and resumed.current.spec.identity.name == "wine-lr"
+    # Numbered on from the snapshot: a replay numbers its events as the first run did.
+    assert [e.sequence for e in out if isinstance(e, pb.ModelEvent)] == [3, 4]
+
+
+def test_a_newer_model_takes_the_place_of_the_one_waiting() -> None:
+    reg = registry()
+    run(reg, descriptor("wine-lr"))
+    out = run(reg, descriptor("wine-gbt"))
+    assert rejections(out) == [("rejected", "no_contract")]
+    assert [d.value for d in out if isinstance(d, DeadLetter)]  # the older one, whole
+    out = run(reg, WINE_CONTRACT.to_proto())
+    assert _kinds(out) == ["contract_installed", "installed"]
+    assert reg.current is not None and reg.current.spec.identity.name == "wine-gbt"
