@@ -35,8 +35,8 @@ import uuid
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from types import TracebackType
-from typing import Any
+from types import FrameType, TracebackType
+from typing import Any, Self
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient, ClusterMetadata, ConfigResource, NewTopic
@@ -529,7 +529,105 @@ def log_tail(path: Path | None, lines: int = 20) -> str:
     return "\n".join(text.splitlines()[-lines:]) or "(log is empty)"
 
 
-class EmbeddedBroker:
+def local_port(brokers: str) -> int | None:
+    """The port of the first bootstrap address when it is this machine's, else None."""
+    host, _, port = brokers.split(",")[0].strip().rpartition(":")
+    if host in ("127.0.0.1", "localhost") and port.isdigit():
+        return int(port)
+    return None
+
+
+class Terminated(Exception):
+    """SIGTERM, raised in the main thread of a foreground broker command."""
+
+
+def raise_terminated(signum: int, frame: FrameType | None) -> None:
+    """A SIGTERM handler that raises `Terminated`, so a foreground broker stops cleanly."""
+    raise Terminated()
+
+
+class BrokerProcess:
+    """A broker in a child process: what `EmbeddedBroker` (tansu) and `ApacheKafka` share.
+
+    Subclasses set `host`, `port`, `_log_path` and `_process`, and implement `start()` and
+    `stop()`; `_terminate()` ends the process (SIGTERM, SIGKILL after `STOP_TIMEOUT_S`).
+    """
+
+    STOP_TIMEOUT_S = 5.0
+
+    host: str
+    port: int | None
+    _log_path: Path | None
+    _process: subprocess.Popen[bytes] | None
+
+    def start(self, port: int | None = None) -> Self:
+        """Start the broker and wait until it answers."""
+        raise NotImplementedError
+
+    def stop(self, timeout: float | None = None) -> None:
+        """Stop the broker and remove what it left. Idempotent."""
+        raise NotImplementedError
+
+    def _terminate(self, timeout: float | None = None) -> None:
+        process, self._process = self._process, None
+        if process is None or process.poll() is not None:
+            return
+        process.terminate()
+        try:
+            process.wait(self.STOP_TIMEOUT_S if timeout is None else timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+    def wait(self, timeout: float | None = None) -> int | None:
+        """Wait for the broker process to exit; its exit code, or None on timeout."""
+        if self._process is None:
+            return None
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            return self._process.wait(timeout)
+        return None
+
+    def __enter__(self) -> Self:
+        if self._process is None:
+            self.start()
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.stop()
+
+    @property
+    def running(self) -> bool:
+        """Whether the broker process is alive."""
+        return self._process is not None and self._process.poll() is None
+
+    @property
+    def pid(self) -> int | None:
+        """Process id of the broker, when started."""
+        return self._process.pid if self._process is not None else None
+
+    @property
+    def bootstrap(self) -> str:
+        """The `host:port` clients connect to (`bootstrap.servers`, `WAXSERVE_BROKERS`)."""
+        if self.port is None:
+            raise BrokerError("broker not started: no port yet")
+        return f"{self.host}:{self.port}"
+
+    @property
+    def log_path(self) -> Path | None:
+        """The file the broker writes its output to (None before the first start)."""
+        return self._log_path
+
+    def log_tail(self, lines: int = 20) -> str:
+        """The last lines of the broker's output."""
+        return log_tail(self._log_path, lines)
+
+
+class EmbeddedBroker(BrokerProcess):
     """A tansu broker in a child process, with in-memory storage, on 127.0.0.1.
 
     ```python
@@ -569,7 +667,7 @@ class EmbeddedBroker:
 
     # --- lifecycle -------------------------------------------------------------------
 
-    def start(self, port: int | None = None) -> EmbeddedBroker:
+    def start(self, port: int | None = None) -> Self:
         """Start the broker (on `port`, else the constructor's, else a free one) and wait for it."""
         if self._process is not None:
             raise BrokerError(f"broker already running at {self.bootstrap}")
@@ -682,73 +780,13 @@ class EmbeddedBroker:
             f"tansu exited with code {code} during start-up; log: {self.log_path}\n{tail}"
         )
 
-    def stop(self, timeout: float = 5.0) -> None:
+    def stop(self, timeout: float | None = None) -> None:
         """Stop the broker: SIGTERM, then SIGKILL after `timeout` seconds. Idempotent."""
         self._terminate(timeout)
         if self._tmpdir is not None:
             shutil.rmtree(self._tmpdir, ignore_errors=True)
             self._tmpdir = None
             self._log_path = None
-
-    def _terminate(self, timeout: float = 5.0) -> None:
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    def wait(self, timeout: float | None = None) -> int | None:
-        """Wait for the broker process to exit; its exit code, or None on timeout."""
-        if self._process is None:
-            return None
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            return self._process.wait(timeout)
-        return None
-
-    def __enter__(self) -> EmbeddedBroker:
-        if self._process is None:
-            self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
-    # --- state -----------------------------------------------------------------------
-
-    @property
-    def running(self) -> bool:
-        """Whether the broker process is alive."""
-        return self._process is not None and self._process.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        """Process id of the broker, when started."""
-        return self._process.pid if self._process is not None else None
-
-    @property
-    def bootstrap(self) -> str:
-        """The `host:port` clients connect to (`bootstrap.servers`, `WAXSERVE_BROKERS`)."""
-        if self.port is None:
-            raise BrokerError("broker not started: no port yet")
-        return f"{self.host}:{self.port}"
-
-    @property
-    def log_path(self) -> Path | None:
-        """The file the broker writes its output to (None before the first start)."""
-        return self._log_path
-
-    def log_tail(self, lines: int = 20) -> str:
-        """The last lines of the broker's output."""
-        return log_tail(self._log_path, lines)
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"

@@ -33,7 +33,6 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any
 from urllib.request import urlopen
 
@@ -77,10 +76,13 @@ from dataflows.tools.broker import (
     METADATA_TIMEOUT_S,
     BrokerError,
     EmbeddedBroker,
+    Terminated,
     create_topics,
     ensure_topic,
     fetch_metadata,
     kafka_settings,
+    local_port,
+    raise_terminated,
 )
 from dataflows.tools.demo import DEMO_MODELS, DEMO_PENGUIN_MODELS, DemoOptions, run_demo
 from dataflows.tools.replay import (
@@ -517,32 +519,17 @@ def _configure_logging(verbose: bool) -> None:
 # --- broker ------------------------------------------------------------------------------
 
 
-def _local_port(brokers: str) -> int | None:
-    host, _, port = brokers.split(",")[0].strip().rpartition(":")
-    if host in ("127.0.0.1", "localhost") and port.isdigit():
-        return int(port)
-    return None
-
-
-class _Terminated(Exception):
-    pass
-
-
-def _raise_terminated(signum: int, frame: FrameType | None) -> None:
-    raise _Terminated()
-
-
 def cmd_broker(config: Config, args: argparse.Namespace) -> int:
     """Run the embedded broker in the foreground."""
     port = args.port
     if port is None:
-        port = _local_port(config.brokers) or DEFAULT_BROKER_PORT
+        port = local_port(config.brokers) or DEFAULT_BROKER_PORT
     broker = EmbeddedBroker(port or None, log_path=args.log)  # 0: any free port
     broker.start()
     previous = signal.getsignal(signal.SIGTERM)
     on_main_thread = in_main_thread()
     if on_main_thread:
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        signal.signal(signal.SIGTERM, raise_terminated)
     try:
         print(f"tansu broker listening on {broker.bootstrap} (in memory: data is lost on exit)")
         print(f"  log: {broker.log_path}")
@@ -558,7 +545,7 @@ def cmd_broker(config: Config, args: argparse.Namespace) -> int:
         code = broker.wait()
         tail = broker.log_tail()
         raise CliError(f"tansu exited unexpectedly with code {code}; its log ends:\n{tail}")
-    except (KeyboardInterrupt, _Terminated):
+    except (KeyboardInterrupt, Terminated):
         print("stopping the broker", file=sys.stderr)
         return 0
     finally:

@@ -48,8 +48,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from types import FrameType, TracebackType
-from typing import Any
+from typing import Any, Self
 
 from confluent_kafka import KafkaError, KafkaException
 from confluent_kafka.admin import AdminClient
@@ -59,11 +58,15 @@ from dataflows.tools.broker import (
     DEFAULT_PARTITIONS,
     KAFKA_LOGGER,
     BrokerError,
+    BrokerProcess,
+    Terminated,
     _die_with_parent,
     create_topics,
     free_port,
+    local_port,
     log_tail,
     port_is_free,
+    raise_terminated,
 )
 
 RESOURCES = Path(__file__).with_name("kafka_server")
@@ -368,7 +371,7 @@ def new_cluster_id() -> str:
             return text
 
 
-class ApacheKafka:
+class ApacheKafka(BrokerProcess):
     """An Apache Kafka broker (KRaft, broker and controller in one JVM) on 127.0.0.1.
 
     ```python
@@ -391,6 +394,8 @@ class ApacheKafka:
     broker properties over `BROKER_SETTINGS`; `progress` gets the lines of a first jar
     download (None: quiet).
     """
+
+    STOP_TIMEOUT_S = 20.0  # a clean JVM shutdown takes longer than tansu's
 
     def __init__(
         self,
@@ -438,7 +443,7 @@ class ApacheKafka:
 
     # --- lifecycle -------------------------------------------------------------------
 
-    def start(self, port: int | None = None) -> ApacheKafka:
+    def start(self, port: int | None = None) -> Self:
         """Start the broker (on `port`, else the constructor's, else a free one) and wait."""
         if self._process is not None:
             raise BrokerError(f"Kafka already running at {self.bootstrap}")
@@ -663,7 +668,7 @@ class ApacheKafka:
         except OSError:
             return ""
 
-    def stop(self, timeout: float = 20.0) -> None:
+    def stop(self, timeout: float | None = None) -> None:
         """Stop the broker (SIGTERM: a clean shutdown; SIGKILL after `timeout` s) and remove
         its directory. Idempotent."""
         self._terminate(timeout)
@@ -674,70 +679,12 @@ class ApacheKafka:
                 self._log_path = None
         self.secure_listener = None
 
-    def _terminate(self, timeout: float = 20.0) -> None:
-        process, self._process = self._process, None
-        if process is None or process.poll() is not None:
-            return
-        process.terminate()
-        try:
-            process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
-
-    def wait(self, timeout: float | None = None) -> int | None:
-        """Wait for the broker process to exit; its exit code, or None on timeout."""
-        if self._process is None:
-            return None
-        with contextlib.suppress(subprocess.TimeoutExpired):
-            return self._process.wait(timeout)
-        return None
-
-    def __enter__(self) -> ApacheKafka:
-        if self._process is None:
-            self.start()
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
-        self.stop()
-
     # --- state -----------------------------------------------------------------------
-
-    @property
-    def running(self) -> bool:
-        """Whether the broker process is alive."""
-        return self._process is not None and self._process.poll() is None
-
-    @property
-    def pid(self) -> int | None:
-        """Process id of the broker's JVM, when started."""
-        return self._process.pid if self._process is not None else None
-
-    @property
-    def bootstrap(self) -> str:
-        """The PLAINTEXT `host:port` clients connect to (`WAXSERVE_BROKERS`)."""
-        if self.port is None:
-            raise BrokerError("broker not started: no port yet")
-        return f"{self.host}:{self.port}"
-
-    @property
-    def log_path(self) -> Path | None:
-        """The file the broker writes its log to (None before the first start)."""
-        return self._log_path
 
     @property
     def data_dir(self) -> Path | None:
         """The broker's log directory (its topics' data), while it runs."""
         return self._workdir / "data" if self._workdir is not None else None
-
-    def log_tail(self, lines: int = 20) -> str:
-        """The last lines of the broker's log."""
-        return log_tail(self._log_path, lines)
 
     def __repr__(self) -> str:
         state = "running" if self.running else "stopped"
@@ -788,26 +735,11 @@ def _sweep_stale_workdirs() -> None:
 # --- command line --------------------------------------------------------------------------
 
 
-def _local_port(brokers: str) -> int | None:
-    host, _, port = brokers.split(",")[0].strip().rpartition(":")
-    if host in ("127.0.0.1", "localhost") and port.isdigit():
-        return int(port)
-    return None
-
-
-class _Terminated(Exception):
-    pass
-
-
-def _raise_terminated(signum: int, frame: FrameType | None) -> None:
-    raise _Terminated()
-
-
 def _run(args: argparse.Namespace) -> int:
     config = Config.from_env()
     port = args.port
     if port is None:
-        port = _local_port(config.brokers) or 19092
+        port = local_port(config.brokers) or 19092
     kafka = ApacheKafka(
         port or None,
         secure=args.secure or args.secure_port is not None,
@@ -821,7 +753,7 @@ def _run(args: argparse.Namespace) -> int:
     started = time.monotonic()
     kafka.start()
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _raise_terminated)
+        signal.signal(signal.SIGTERM, raise_terminated)
     try:
         print(
             f"Apache Kafka {kafka.version} listening on {kafka.bootstrap} "
@@ -842,7 +774,7 @@ def _run(args: argparse.Namespace) -> int:
         code = kafka.wait()
         print(f"Kafka exited with code {code}:\n{kafka.log_tail()}", file=sys.stderr)
         return 1
-    except (KeyboardInterrupt, _Terminated):
+    except (KeyboardInterrupt, Terminated):
         print("stopping Kafka", file=sys.stderr)
         return 0
     finally:
