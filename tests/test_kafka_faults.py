@@ -3,6 +3,7 @@ minute, and an input topic deleted and created again underneath it."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import signal
 import threading
@@ -108,3 +109,37 @@ def test_an_input_topic_deleted_and_created_again_is_reported_and_read_again(
         flow.stop()
         reader.close()
     assert "is not in the partition" in flow.log.read_text(), flow.tail()
+
+
+def test_records_at_the_brokers_limit_are_dead_lettered_cut_to_fit_and_the_flow_goes_on(
+    kafka_config: Config, tmp_path: Path
+) -> None:
+    # The broker takes messages up to 1,048,588 bytes; their dead-letter copies, with the
+    # error headers, are over the 1,000,000 the dataflow writes: a poison pill once.
+    config = kafka_config
+    publish(config, descriptor("wine-lr"))
+    reader = Reader(config, config.scored_topic, config.dlq_topic)
+    flow = Dataflow(config, tmp_path)
+    big = [b"\xff" * 1_040_000, b"7" * 1_040_000 + b";1"]
+    try:
+        producer = Producer(kafka_settings(config, **{"message.max.bytes": 1_048_000}))
+        for i, value in enumerate(big):
+            headers = [("content-type", b"text/csv")] if i else None
+            producer.produce(config.records_topic, value, partition=0, headers=headers)
+        assert producer.flush(30) == 0
+        produce(config, config.records_topic, record_bytes(wine_lines(0, 20)), partitions=2)
+        reader.wait_for(
+            "the big records dead-lettered and the rest scored",
+            lambda: len(reader.seen[config.dlq_topic]) >= 2 and len(reader.scored(config)) >= 20,
+            flow,
+        )
+        flow.check_alive()
+    finally:
+        flow.stop()
+        reader.close()
+    assert len(reader.scored(config)) == 20
+    for (value, headers), original in zip(reader.seen[config.dlq_topic], big, strict=True):
+        assert headers["waxserve.truncated"] == "true"
+        assert headers["waxserve.original.size"] == str(len(original))
+        assert headers["waxserve.original.sha256"] == hashlib.sha256(original).hexdigest()
+        assert original.startswith(value) and 900_000 < len(value) < len(original)
