@@ -3,6 +3,7 @@ minute, and an input topic deleted and created again underneath it."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import signal
@@ -18,7 +19,7 @@ from flowtools import descriptor, record_bytes, wine_lines
 from test_integration import Dataflow, Reader, produce, publish
 
 from dataflows.core.config import Config
-from dataflows.tools.broker import kafka_settings
+from dataflows.tools.broker import free_port, kafka_settings
 
 pytestmark = pytest.mark.integration
 
@@ -138,8 +139,28 @@ def test_records_at_the_brokers_limit_are_dead_lettered_cut_to_fit_and_the_flow_
         flow.stop()
         reader.close()
     assert len(reader.scored(config)) == 20
-    for (value, headers), original in zip(reader.seen[config.dlq_topic], big, strict=True):
+    dead = sorted(reader.seen[config.dlq_topic], key=lambda d: d[1]["waxserve.source.offset"])
+    for (value, headers), original in zip(dead, big, strict=True):
         assert headers["waxserve.truncated"] == "true"
         assert headers["waxserve.original.size"] == str(len(original))
         assert headers["waxserve.original.sha256"] == hashlib.sha256(original).hexdigest()
         assert original.startswith(value) and 900_000 < len(value) < len(original)
+
+
+def test_a_typo_in_a_topic_or_no_broker_stops_the_dataflow_in_one_line(
+    kafka_config: Config, tmp_path: Path
+) -> None:
+    typo = dataclasses.replace(kafka_config, records_topics=kafka_config.records_topic + "x")
+    down = dataclasses.replace(kafka_config, brokers=f"127.0.0.1:{free_port()}")
+    for config, message in (
+        (typo, f"waxserve: no topic '{typo.records_topic}' on {typo.brokers}: create"),
+        (down, f"waxserve: WAXSERVE_BROKERS='{down.brokers}': no Kafka broker answered"),
+    ):
+        flow = Dataflow(config, tmp_path)
+        assert flow.proc.wait(60) == 2
+        flow.stop()
+        output = flow.log.read_text()
+        assert output.startswith(message) and output.count("\n") == 1, output
+    # Nothing made the typo'd topic meanwhile.
+    topics = AdminClient(kafka_settings(kafka_config)).list_topics(timeout=10).topics
+    assert typo.records_topic not in topics
