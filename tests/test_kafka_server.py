@@ -132,9 +132,8 @@ def test_control_keys_keep_a_contract_per_data_type_and_a_descriptor_per_model()
 
 
 def test_a_replication_factor_below_one_is_refused_before_asking_a_broker() -> None:
-    config = dataclasses.replace(Config(brokers="127.0.0.1:1"), topic_replication_factor=0)
-    with pytest.raises(ConfigError, match="WAXSERVE_TOPIC_REPLICATION_FACTOR"):
-        create_topics(config)
+    with pytest.raises(ConfigError, match="WAXSERVE_TOPIC_REPLICATION_FACTOR=0"):
+        Config.from_env({"WAXSERVE_TOPIC_REPLICATION_FACTOR": "0"})
 
 
 # --- on the session's broker --------------------------------------------------------------

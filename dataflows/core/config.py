@@ -2,13 +2,49 @@
 
 from __future__ import annotations
 
+import difflib
+import logging
+import math
 import os
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 DELIVERY_MODES = ("at-least-once", "exactly-once")
 """The output delivery guarantees `Config.delivery` can ask for."""
+
+
+OTHER_VARIABLES = {
+    "WAXSERVE_LOG_LEVEL": "the dataflow's log level (DEBUG, INFO, WARNING, ERROR)",
+    "WAXSERVE_CACHE_DIR": "where the Apache Kafka jars are kept (dataflows/tools/kafka_server)",
+}
+"""WAXSERVE_* variables that are not Config fields, read where they are used."""
+
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?")
+
+# What each number may be: (lowest, highest or None, what to say). Checked at start-up, so
+# a bad value stops the process in one line instead of misbehaving later.
+_BOUNDS: dict[str, tuple[float, float | None, str]] = {
+    "shards": (1, None, "an integer >= 1"),
+    "batch_size": (1, None, "an integer >= 1"),
+    "fetch_wait_ms": (0, None, "milliseconds >= 0"),
+    "linger_ms": (0, None, "milliseconds >= 0"),
+    "stats_interval_s": (1e-3, None, "seconds > 0"),
+    "drift_window_s": (1e-3, None, "seconds > 0"),
+    "drift_psi_threshold": (1e-9, None, "a PSI > 0"),
+    "drift_min_records": (0, None, "a record count >= 0"),
+    "no_model_wait_s": (0, None, "seconds >= 0"),
+    "onnx_threads": (1, 1024, "an integer from 1 to 1024"),
+    "max_data_types": (1, None, "an integer >= 1"),
+    "max_held_records": (0, None, "an integer >= 0"),
+    "max_held_bytes": (0, None, "bytes >= 0"),
+    "max_model_bytes": (1024, None, "bytes >= 1024"),
+    "topic_replication_factor": (1, None, "an integer >= 1"),
+}
 
 
 class ConfigError(ValueError):
@@ -109,50 +145,57 @@ class Config:
     def __post_init__(self) -> None:
         from dataflows.core.records import DATA_TYPE_SOURCES
 
+        if not self.brokers.strip():
+            raise ConfigError("WAXSERVE_BROKERS='': name at least one host:port")
+        for name, (lowest, highest, allowed) in _BOUNDS.items():
+            value = getattr(self, name)
+            in_range = math.isfinite(value) and value >= lowest
+            if not in_range or (highest is not None and value > highest):
+                raise ConfigError(f"WAXSERVE_{name.upper()}={value!r}: must be {allowed}")
+        if self.topic_retention_ms != -1 and self.topic_retention_ms < 1:
+            raise ConfigError(
+                f"WAXSERVE_TOPIC_RETENTION_MS={self.topic_retention_ms!r}: must be -1 "
+                "(forever) or milliseconds >= 1"
+            )
         if not self.record_topic_defaults:
-            raise ConfigError("records_topics names no topic")
+            raise ConfigError(
+                f"WAXSERVE_RECORDS_TOPICS={self.records_topics!r}: name at least one topic "
+                "(topic or topic=data_type, comma-separated)"
+            )
         sources = self.data_type_sources
         unknown = [s for s in sources if s not in DATA_TYPE_SOURCES]
         if unknown or not sources:
             raise ConfigError(
-                f"data_type_from={self.data_type_from!r}: each of "
+                f"WAXSERVE_DATA_TYPE_FROM={self.data_type_from!r}: each of "
                 f"{', '.join(DATA_TYPE_SOURCES)}, comma-separated"
             )
-        if self.shards < 1:
-            raise ConfigError(f"shards must be >= 1, got {self.shards}")
-        if self.batch_size < 1:
-            raise ConfigError(f"batch_size must be >= 1, got {self.batch_size}")
-        if self.stats_interval_s <= 0 or self.drift_window_s <= 0:
-            raise ConfigError("stats_interval_s and drift_window_s must be > 0")
         if self.delivery not in DELIVERY_MODES:
-            raise ConfigError(f"delivery={self.delivery!r}: one of {', '.join(DELIVERY_MODES)}")
+            raise ConfigError(
+                f"WAXSERVE_DELIVERY={self.delivery!r}: one of {', '.join(DELIVERY_MODES)}"
+            )
         if self.model_dir and not Path(self.model_dir).is_dir():
-            raise ConfigError(f"model_dir {self.model_dir!r} is not a directory")
+            raise ConfigError(f"WAXSERVE_MODEL_DIR={self.model_dir!r}: not a directory")
         # Limits: each usable, and the output limit within the producer's.
         from dataflows.core.records import MIN_MESSAGE_BYTES
 
         if self.max_message_bytes < MIN_MESSAGE_BYTES:
             raise ConfigError(
-                f"max_message_bytes must be >= {MIN_MESSAGE_BYTES}, got {self.max_message_bytes}"
+                f"WAXSERVE_MAX_MESSAGE_BYTES={self.max_message_bytes!r}: must be bytes >= "
+                f"{MIN_MESSAGE_BYTES}"
             )
         # A message librdkafka refuses would stop the dataflow: never ask for more.
         producer = str(self.kafka.get("message.max.bytes", ""))
         if producer.isascii() and producer.isdigit() and self.max_message_bytes > int(producer):
             raise ConfigError(
-                f"max_message_bytes={self.max_message_bytes} is above the producer's "
-                f"message.max.bytes={producer}"
+                f"WAXSERVE_MAX_MESSAGE_BYTES={self.max_message_bytes!r}: must not be above "
+                f"the producer's message.max.bytes ({producer}, WAXSERVE_KAFKA_MESSAGE_MAX_BYTES)"
             )
-        if self.max_model_bytes < 1024:
-            raise ConfigError(f"max_model_bytes must be >= 1024, got {self.max_model_bytes}")
-        if self.max_data_types < 1:
-            raise ConfigError(f"max_data_types must be >= 1, got {self.max_data_types}")
-        if self.max_held_records < 0 or self.max_held_bytes < 0:
-            raise ConfigError("max_held_records and max_held_bytes must be >= 0")
 
     @classmethod
     def from_env(cls, env: Mapping[str, str] | None = None) -> Config:
         """Settings from `WAXSERVE_*` variables in `env` (default: the process environment)."""
         env = os.environ if env is None else env
+        _check_names(env)
         values: dict[str, object] = {}
         for f in fields(cls):
             if f.name == "kafka":
@@ -205,12 +248,48 @@ class Config:
         )
 
 
+def _check_names(env: Mapping[str, str]) -> None:
+    """A WAXSERVE_* variable that no setting reads is a typo: say which one was meant."""
+    known = {f"WAXSERVE_{f.name.upper()}" for f in fields(Config) if f.name != "kafka"}
+    known |= set(OTHER_VARIABLES)
+    for name in sorted(env):
+        if not name.startswith("WAXSERVE_") or name in known:
+            continue
+        if name.startswith("WAXSERVE_KAFKA_") and len(name) > len("WAXSERVE_KAFKA_"):
+            continue
+        close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
+        hint = f"; did you mean {close[0]}?" if close else ""
+        raise ConfigError(
+            f'{name} is not a waxserve setting{hint} (README "Configuration"; librdkafka '
+            "settings go in WAXSERVE_KAFKA_<key with _ for .>)"
+        )
+
+
+def log_level(env: Mapping[str, str] | None = None) -> str:
+    """WAXSERVE_LOG_LEVEL, in any case, as a logging level name (default INFO)."""
+    env = os.environ if env is None else env
+    raw = env.get("WAXSERVE_LOG_LEVEL", "INFO")
+    level = raw.strip().upper()
+    if level == "WARN":
+        level = "WARNING"
+    if level not in LOG_LEVELS:
+        raise ConfigError(f"WAXSERVE_LOG_LEVEL={raw!r}: one of {', '.join(LOG_LEVELS)}")
+    return logging.getLevelName(logging.getLevelName(level))
+
+
 def _parse(name: str, type_name: str, raw: str) -> object:
+    # Python's int() and float() also take "7_4", full-width digits, "nan" and "inf": a
+    # setting takes plain ASCII numbers only.
+    text = raw.strip()
     try:
         if type_name == "int":
-            return int(raw)
+            if not _INTEGER.fullmatch(text):
+                raise ValueError(raw)
+            return int(text)
         if type_name == "float":
-            return float(raw)
+            if not _DECIMAL.fullmatch(text):
+                raise ValueError(raw)
+            return float(text)
         if type_name == "bool":
             lowered = raw.strip().lower()
             if lowered in ("1", "true", "yes", "on"):
@@ -219,5 +298,6 @@ def _parse(name: str, type_name: str, raw: str) -> object:
                 return False
             raise ValueError(raw)
     except ValueError:
-        raise ConfigError(f"WAXSERVE_{name.upper()}={raw!r}: expected {type_name}") from None
+        what = {"int": "an integer", "float": "a number", "bool": "true or false"}[type_name]
+        raise ConfigError(f"WAXSERVE_{name.upper()}={raw!r}: expected {what}") from None
     return raw

@@ -25,6 +25,7 @@ import argparse
 import base64
 import contextlib
 import dataclasses
+import importlib.metadata
 import json
 import logging
 import os
@@ -124,7 +125,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     _configure_logging(args.verbose)
     try:
         config = Config.from_env()
-        if args.brokers:
+        if args.brokers is not None:
+            if not args.brokers.strip():  # an error, not the default
+                raise CliError("--brokers '': name at least one host:port")
             config = dataclasses.replace(config, brokers=args.brokers)
         code: int = args.run(config, args)
         return code
@@ -140,6 +143,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             devnull = os.open(os.devnull, os.O_WRONLY)
             os.dup2(devnull, sys.stdout.fileno())
         return 0
+
+
+def _version() -> str:
+    try:
+        return importlib.metadata.version("waxserve")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree, not installed
+        return "(not installed)"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -159,6 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Streaming model serving on Bytewax: local broker, topics, models, data.",
         epilog="Settings come from WAXSERVE_* environment variables (dataflows/core/config.py).",
     )
+    parser.add_argument("--version", action="version", version=f"{PROG} {_version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
 
     p = sub.add_parser(

@@ -82,6 +82,22 @@ def test_unreachable_broker_is_one_clear_line(capsys: pytest.CaptureFixture[str]
     assert err.startswith("waxserve tail: error:") and brokers in err
 
 
+def test_version_and_bad_settings_are_one_line(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    assert main(["--version"]) == 0
+    assert capsys.readouterr().out.startswith("waxserve 0.")
+    assert main(["topics", "--brokers", ""]) == 1
+    assert (
+        capsys.readouterr().err
+        == "waxserve topics: error: --brokers '': name at least one host:port\n"
+    )
+    monkeypatch.setenv("WAXSERVE_SHARDZ", "3")
+    assert main(["topics"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "did you mean WAXSERVE_SHARDS?" in err
+
+
 def test_publish_unknown_model_lists_the_catalog(capsys: pytest.CaptureFixture[str]) -> None:
     try:
         names = sorted(load_catalog())
