@@ -47,7 +47,7 @@ from dataflows.control.registry import (
     decode_control,
 )
 from dataflows.core import lifecycle
-from dataflows.core.config import Config
+from dataflows.core.config import Config, ConfigError, log_level
 from dataflows.core.events import NO_EVENTS, DeadLettered, DriftClosed, EventBus
 from dataflows.core.output import OutBatch, SinkItem
 from dataflows.core.records import (
@@ -58,7 +58,7 @@ from dataflows.core.records import (
     RawRun,
     SourceBatch,
 )
-from dataflows.io.kafka import kafka_sinks, kafka_sources
+from dataflows.io.kafka import check_topics, kafka_sinks, kafka_sources
 from dataflows.monitoring.windows import DriftPartial, MonitorState, StatsPartial
 from dataflows.observability import metrics
 from dataflows.observability.state import PROCESS_STATE, start_state_server
@@ -465,14 +465,18 @@ def process_events() -> EventBus:
 
 
 def _flow_from_env() -> Dataflow:
-    logging.basicConfig(
-        level=os.environ.get("WAXSERVE_LOG_LEVEL", "INFO").upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    try:
+        level = log_level()
+        config = Config.from_env()
+        check_topics(config)
+    except ConfigError as exc:
+        # A bad setting: one line that names it, not a traceback.
+        print(f"waxserve: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     # First: SIGINT and SIGTERM stop the dataflow cleanly from here on, and the JVM (not
     # started yet) leaves them to Python (dataflows/core/lifecycle.py).
     lifecycle.install()
-    config = Config.from_env()
     if config.schema_registry_url:
         CODECS.use_schema_registry(schema_registry_resolver(config.schema_registry_url))
     flow = build_flow(config, kafka_sources(config), kafka_sinks(config), events=process_events())

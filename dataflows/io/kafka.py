@@ -42,7 +42,7 @@ from confluent_kafka import TopicPartition as KafkaTopicPartition
 from confluent_kafka.admin import AdminClient
 
 from dataflows.core import lifecycle
-from dataflows.core.config import Config
+from dataflows.core.config import Config, ConfigError
 from dataflows.core.output import OutBatch
 from dataflows.core.records import Headers, OutMessage, SourceBatch, fit_message
 from dataflows.observability import metrics
@@ -52,10 +52,26 @@ log = logging.getLogger(__name__)
 _IDLE_BACKOFF = timedelta(milliseconds=2)
 
 
+_CLIENT_LOG = logging.getLogger("waxserve.kafka")
+"""librdkafka's own log lines, through Python logging (not straight to stderr)."""
+
+
+_QUIET_LOG = logging.getLogger("waxserve.kafka.startup")
+"""The start-up check's client: its error says what is wrong in one line."""
+_QUIET_LOG.addHandler(logging.NullHandler())
+_QUIET_LOG.propagate = False
+
+
+def _admin_settings(config: Config, logger: logging.Logger = _CLIENT_LOG) -> dict[str, Any]:
+    return {**config.client_config(), "logger": logger}
+
+
 def topic_partitions(config: Config, topic: str, timeout: float = 10.0) -> list[int]:
     """Partition ids of a topic; a clear error when the topic does not exist."""
-    admin = AdminClient(config.client_config())
-    metadata = admin.list_topics(topic, timeout=timeout)
+    admin = AdminClient(_admin_settings(config))
+    # All topics: a metadata request that names one may create it on brokers that allow
+    # auto-creation, so a typo'd name would make an empty topic to wait on.
+    metadata = admin.list_topics(timeout=timeout)
     info = metadata.topics.get(topic)
     if info is None or info.error is not None or not info.partitions:
         reason = info.error if info is not None else "not in metadata"
@@ -831,6 +847,31 @@ class KafkaBatchSink(FixedPartitionedSink[OutBatch, None]):
                 _Transactions.get(self._config, int(for_part)), self._topic
             )
         return _SinkPartition(_SharedProducer.get(self._config), self._topic)
+
+
+def check_topics(config: Config, timeout: float = 10.0) -> None:
+    """Before the dataflow starts: a broker answers and every topic it reads and writes
+    exists. ConfigError, in one line, otherwise: a typo in a topic setting must not make
+    an empty topic for the dataflow to idle on."""
+    admin = AdminClient(_admin_settings(config, _QUIET_LOG))
+    try:
+        metadata = admin.list_topics(timeout=timeout)
+    except KafkaException as exc:
+        error = exc.args[0] if exc.args else exc
+        detail = error.str() if isinstance(error, KafkaError) else str(error)
+        raise ConfigError(
+            f"WAXSERVE_BROKERS={config.brokers!r}: no Kafka broker answered within "
+            f"{timeout:g} s ({detail}); check it and the WAXSERVE_KAFKA_* settings"
+        ) from None
+    wanted = [config.control_topic, *config.record_topic_defaults, *config.output_topics]
+    if config.delivery == "exactly-once":
+        wanted.append(config.marker_topic)
+    missing = [topic for topic in wanted if topic not in metadata.topics]
+    if missing:
+        raise ConfigError(
+            f"no topic {', '.join(repr(t) for t in missing)} on {config.brokers}: create "
+            "the topics with `waxserve topics`, or fix the WAXSERVE_*_TOPIC(S) setting"
+        )
 
 
 def kafka_sources(config: Config) -> dict[str, KafkaBatchSource]:
