@@ -688,17 +688,20 @@ def _clip(text: str, limit: int) -> str:
 RegistryOut = Install | pb.ModelEvent | DeadLetter
 
 
+EVENTS_PER_CONTROL_MESSAGE = 16
+"""Room in an event's sequence number for the events of one control message (at most 3)."""
+
+
 @dataclass
 class RegistryState:
     """What the registry snapshots: the contract, the serving model (with its bytes),
-    control messages read but not yet through, which a resume takes up again, a descriptor
-    waiting for a contract that can feed it, and how many events it numbered."""
+    control messages read but not yet through, which a resume takes up again, and a
+    descriptor waiting for a contract that can feed it."""
 
     contract: Contract | None = None
     current: ModelInstall | None = None
     loading: list[ControlIn] = field(default_factory=list)
     awaiting: ControlIn | None = None
-    events: int = 0
 
 
 _LOADER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="waxserve-model-load")
@@ -741,7 +744,8 @@ class Registry:
         self.current = state.current
         self.resumed = state.contract is not None or state.current is not None
         self.resumed = self.resumed or bool(state.loading) or state.awaiting is not None
-        self._event_count = state.events
+        # The control message being gone through, and how many events it made so far.
+        self._trigger: tuple[int, int] = (0, 0)
         # A descriptor that came before a contract that can feed it: on a compacted control
         # topic a model can precede the newer contract it needs. Installed when one comes.
         self._awaiting: tuple[ControlIn, Candidate] | None = None
@@ -813,12 +817,15 @@ class Registry:
         """The registry's state for Bytewax's snapshots (immutable parts only)."""
         awaiting = self._awaiting[0] if self._awaiting is not None else None
         loading = [item for item, _ in self._queue]
-        return RegistryState(self.contract, self.current, loading, awaiting, self._event_count)
+        return RegistryState(self.contract, self.current, loading, awaiting)
 
     def _numbered(self, event: pb.ModelEvent) -> pb.ModelEvent:
-        """`event` with the next sequence number of this data type's events."""
-        self._event_count += 1
-        event.sequence = self._event_count
+        """`event` numbered by the control message that made it: (offset + 1) * 16 + its
+        rank among that message's events. Control messages go through in offset order, so
+        the numbers rise, and a replay numbers alike, whatever state was dropped."""
+        offset, made = self._trigger
+        self._trigger = (offset, made + 1)
+        event.sequence = (offset + 1) * EVENTS_PER_CONTROL_MESSAGE + made
         return event
 
     def _enqueue(self, item: ControlIn) -> None:
@@ -868,6 +875,7 @@ class Registry:
             if future is not None and not (wait or future.done()):
                 break
             self._queue.popleft()
+            self._trigger = (item.offset, 0)
             try:
                 if future is None:
                     out.extend(self._contract(item))
