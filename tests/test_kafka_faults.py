@@ -34,7 +34,9 @@ def test_a_broker_away_for_over_a_minute_holds_output_back_and_loses_nothing(
     values = record_bytes(wine_lines(0, 1500) * 2)
     publish(config, descriptor("wine-lr"))
     reader = Reader(config, config.scored_topic)
-    flow = Dataflow(config, tmp_path)
+    # Output lingers 5 s in the producer, so some is always undelivered when the broker
+    # stops: the snapshot's flush then has to wait for it (and say so), whatever the timing.
+    flow = Dataflow(config, tmp_path, WAXSERVE_LINGER_MS="5000")
     # The feed goes on through the outage: librdkafka holds it until the broker is back.
     # Idempotent: its own retries after the outage must not duplicate the input.
     feeder_producer = Producer(

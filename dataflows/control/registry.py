@@ -491,22 +491,10 @@ def check_outputs(c: Candidate) -> None:
         )
 
 
-def check_contract(c: Candidate) -> None:
-    """The data type has a contract, of the version the model was trained against or a
-    later (compatible) one."""
-    wanted = c.descriptor.contract_version
-    if c.contract is None:
-        raise ModelError(
-            Reason.NO_CONTRACT,
-            f"data type {c.descriptor.data_type!r} has no contract: publish one first "
-            "(waxserve contract publish)",
-        )
-    if wanted > c.contract.version:
-        raise ModelError(
-            Reason.NO_CONTRACT,
-            f"the model was trained against contract v{wanted} of {c.descriptor.data_type!r}, "
-            f"but v{c.contract.version} is installed",
-        )
+def contract_feeds(descriptor: pb.ModelDescriptor, contract: Contract | None) -> bool:
+    """Whether `contract` is the version the model was trained against or a later
+    (compatible) one; a model that has none waits for one (`awaiting_contract`)."""
+    return contract is not None and descriptor.contract_version <= contract.version
 
 
 def bind_inputs(
@@ -552,7 +540,7 @@ def check_profile(c: Candidate) -> None:
 LOAD_CHECKS: tuple[Check, ...] = (check_identity, check_bytes, check_loads, check_outputs)
 """Checks that need no contract: they run off the scoring path, in a loader thread."""
 
-BIND_CHECKS: tuple[Check, ...] = (check_contract, check_inputs, check_profile)
+BIND_CHECKS: tuple[Check, ...] = (check_inputs, check_profile)
 """Checks against the data type's contract as it is at the descriptor's turn."""
 
 
@@ -913,9 +901,7 @@ class Registry:
             "contract_installed", None, now_ms, source=item, contract_version=contract.version
         )
         out: list[RegistryOut] = [ContractInstall(contract), self._numbered(event)]
-        if self._awaiting is not None and self._awaiting[1].descriptor.contract_version <= (
-            contract.version
-        ):
+        if self._awaiting is not None and contract_feeds(self._awaiting[1].descriptor, contract):
             waiting_item, candidate = self._awaiting
             self._awaiting = None
             try:
@@ -925,8 +911,7 @@ class Registry:
         return out
 
     def _model(self, item: ControlIn, candidate: Candidate) -> list[RegistryOut]:
-        wanted = candidate.descriptor.contract_version
-        if self.contract is None or wanted > self.contract.version:
+        if not contract_feeds(candidate.descriptor, self.contract):
             return self._await_contract(item, candidate)
         candidate.contract = self.contract
         _run_checks(candidate, BIND_CHECKS)

@@ -282,13 +282,7 @@ def _topic_settings(config: Config, policy: str) -> dict[str, str]:
     """Topic-level settings for a topic with cleanup `policy`; retention where it deletes."""
     settings = {"cleanup.policy": _normalized_policy(policy)}
     if "delete" in settings["cleanup.policy"]:
-        retention = config.topic_retention_ms
-        if retention != -1 and retention < 1:
-            raise ConfigError(
-                f"topic retention {retention} ms: -1 (forever) or >= 1 "
-                "(WAXSERVE_TOPIC_RETENTION_MS)"
-            )
-        settings["retention.ms"] = str(retention)
+        settings["retention.ms"] = str(config.topic_retention_ms)  # checked by Config
     return settings
 
 
@@ -358,15 +352,6 @@ class TopicInfo:
     cleanup_policy: str | None = None
 
 
-def _replication_factor(config: Config) -> int:
-    factor = config.topic_replication_factor
-    if factor < 1:
-        raise ConfigError(
-            f"topic replication factor {factor}: must be >= 1 (WAXSERVE_TOPIC_REPLICATION_FACTOR)"
-        )
-    return factor
-
-
 def create_topics(
     config: Config,
     partitions: Mapping[str, int] | int = DEFAULT_PARTITIONS,
@@ -395,7 +380,7 @@ def create_topics(
 
 def _create(config: Config, specs: list[TopicSpec], timeout: float) -> set[str]:
     """Create the topics of `specs` that do not exist; the names of those this call created."""
-    factor = _replication_factor(config)
+    factor = config.topic_replication_factor  # >= 1: Config checks its settings
     existing = fetch_metadata(config).topics
     missing = [s for s in specs if s.name not in existing]
     created: set[str] = set()
