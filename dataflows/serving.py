@@ -59,6 +59,17 @@ from dataflows.core.records import (
     SourceBatch,
 )
 from dataflows.io.kafka import check_topics, kafka_sinks, kafka_sources
+from dataflows.monitoring.feedback import (
+    FEEDBACK_CODECS,
+    Feedback,
+    FeedbackJoin,
+    FeedbackRun,
+    FeedbackState,
+    JoinedPairs,
+    LabelBatch,
+    PredictionBatch,
+    per_key_bound,
+)
 from dataflows.monitoring.windows import DriftPartial, MonitorState, StatsPartial
 from dataflows.observability import metrics
 from dataflows.observability.state import PROCESS_STATE, start_state_server
@@ -71,6 +82,7 @@ log = logging.getLogger(__name__)
 Clock = Callable[[], float]
 
 SOURCE_NAMES = ("control", "records")
+FEEDBACK_SOURCE = "feedback"  # optional: labels that arrive later
 SINK_NAMES = ("scored", "stats", "drift", "events", "dlq")
 
 
@@ -204,21 +216,22 @@ class ServeLogic(op.StatefulBatchLogic[Install | RawRun, Any, ShardState]):
 class MonitorLogic(op.StatefulBatchLogic[StatsPartial | DriftPartial, Any, MonitorState]):
     """Adds up the shards' partials per window and emits stats and drift messages.
 
-    A window is emitted `grace_s` after it ends, giving every shard time to report.
+    A window is emitted `grace_s` after it ends, giving every shard time to report. Drift
+    windows of at least `min_records` records are judged at family-wise rate `alpha`.
     """
 
     def __init__(
         self,
         state: MonitorState | None,
         *,
-        threshold: float,
+        alpha: float,
         min_records: int,
         grace_s: float,
         clock: Clock = time.time,
         events: EventBus = NO_EVENTS,
     ) -> None:
         self.state = state if state is not None else MonitorState()
-        self._threshold = threshold
+        self._alpha = alpha
         self._min_records = min_records
         self._grace_ms = int(grace_s * 1000)
         self._clock = clock
@@ -226,7 +239,7 @@ class MonitorLogic(op.StatefulBatchLogic[StatsPartial | DriftPartial, Any, Monit
 
     def _close(self, everything: bool = False) -> list[Any]:
         until = None if everything else int(self._clock() * 1000) - self._grace_ms
-        closed = self.state.close(until, self._threshold, self._min_records)
+        closed = self.state.close(until, self._alpha, self._min_records)
         for message in closed:
             if isinstance(message, pb.DriftMetrics):
                 self._events.publish(DriftClosed(message))
@@ -249,6 +262,40 @@ class MonitorLogic(op.StatefulBatchLogic[StatsPartial | DriftPartial, Any, Monit
 
     def snapshot(self) -> MonitorState:
         return copy.deepcopy(self.state)
+
+
+class FeedbackLogic(op.StatefulBatchLogic[PredictionBatch | LabelBatch, Any, FeedbackState]):
+    """Bytewax wrapper of `FeedbackJoin`: closes quality windows and lets labels that
+    waited for a prediction in vain go, on time."""
+
+    def __init__(self, join: FeedbackJoin) -> None:
+        self.join = join
+
+    def _keep(self) -> bool:
+        if self.join.holds_anything:
+            return op.StatefulBatchLogic.RETAIN
+        return op.StatefulBatchLogic.DISCARD
+
+    def on_batch(self, values: list[PredictionBatch | LabelBatch]) -> tuple[Iterable[Any], bool]:
+        out: list[Any] = self.join.close_windows()
+        out.extend(self.join.on_values(values))
+        self.join.release_pending()
+        return out, self._keep()
+
+    def notify_at(self) -> datetime | None:
+        return _at(self.join.next_wakeup_s())
+
+    def on_notify(self) -> tuple[Iterable[Any], bool]:
+        self.join.release_pending()
+        return self.join.close_windows(), self._keep()
+
+    def on_eof(self) -> tuple[Iterable[Any], bool]:
+        # Input is over for this execution: no prediction will come for waiting labels.
+        self.join.release_pending(force=True)
+        return self.join.close_windows(everything=True), self._keep()
+
+    def snapshot(self) -> FeedbackState:
+        return self.join.state.snapshot()
 
 
 PROTOBUF_HEADERS: Headers = [("content-type", b"application/x-protobuf")]
@@ -345,10 +392,37 @@ def build_flow(
     keyed_runs = op.map(
         "key_records", runs, lambda r: (shard_key(r.data_type, shard_of(r.topic, r.partition)), r)
     )
+    serve_inputs = [fanned, keyed_runs]
+
+    # Labels that arrive later: routed like records, decoded by their shard's contract.
+    with_feedback = FEEDBACK_SOURCE in sources
+    dead_feedback = None
+    if with_feedback:
+        feedback_router = DataTypeRouter(
+            config.data_type_sources,
+            header_name=config.data_type_header,
+            field_name=config.data_type_field,
+            topic_defaults={t: d for t, d in config.feedback_topic_defaults.items() if d},
+        )
+        feedback_batches = op.input("feedback_in", flow, sources[FEEDBACK_SOURCE])
+        feedback_routed = op.flat_map(
+            "route_feedback", feedback_batches, lambda b: _feedback_routed(feedback_router, b)
+        )
+        feedback_runs, dead_feedback = split(
+            "route_feedback_split", feedback_routed, FeedbackRun, DeadLetter
+        )
+        serve_inputs.append(
+            op.map(
+                "key_feedback",
+                feedback_runs,
+                lambda r: (shard_key(r.data_type, shard_of(r.topic, r.partition)), r),
+            )
+        )
+    feedback = Feedback(config.feedback_on if with_feedback else (), shards)
 
     served = op.stateful_batch(
         "serve",
-        cast(KeyedStream[Install | RawRun], op.merge("serve_in", fanned, keyed_runs)),
+        cast(KeyedStream[Install | RawRun], op.merge("serve_in", *serve_inputs)),
         lambda state: ServeLogic(
             ShardScorer(
                 state,
@@ -363,13 +437,50 @@ def build_flow(
                 onnx_threads=config.onnx_threads,
                 monitoring=config.monitoring,
                 events=events,
+                feedback=feedback,
             )
         ),
     )
     served_values = op.map("served_values", served, lambda kv: kv[1])
-    scored, partials, dead_serve = split(
-        "serve_split", served_values, ScoredBatch, StatsPartial | DriftPartial, DeadLetter
-    )
+    if not with_feedback:
+        scored, partials, dead_serve = split(
+            "serve_split", served_values, ScoredBatch, StatsPartial | DriftPartial, DeadLetter
+        )
+    else:
+        scored, partials, dead_serve, feedback_items = split(
+            "serve_split",
+            served_values,
+            ScoredBatch,
+            StatsPartial | DriftPartial,
+            DeadLetter,
+            PredictionBatch | LabelBatch,
+        )
+        # One owner per record id: "<data_type>#<hash(id) % shards>" holds its prediction.
+        joined_out = op.stateful_batch(
+            "feedback",
+            op.key_on("key_feedback_items", feedback_items, lambda b: b.key),
+            lambda state: FeedbackLogic(
+                FeedbackJoin(
+                    state,
+                    horizon_s=config.feedback_horizon_s,
+                    label_wait_s=config.feedback_label_wait_s,
+                    max_rows=per_key_bound(config.feedback_max_predictions, shards),
+                    max_bytes=per_key_bound(config.feedback_max_bytes, shards),
+                    stats_interval_s=config.stats_interval_s,
+                    clock=clock,
+                    events=events,
+                    keeps=feedback.listed,
+                )
+            ),
+        )
+        feedback_values = op.map("feedback_values", joined_out, lambda kv: kv[1])
+        # `_joined`: the (model, prediction, label) pairs, for consumers of online reward
+        # (canary promotion, bandits); metrics and the queryable state hear of them as
+        # `LabelsJoined` events.
+        feedback_partials, _joined = split(
+            "feedback_split", feedback_values, StatsPartial, JoinedPairs
+        )
+        partials = op.merge("partials_in", partials, feedback_partials)
     op.output(
         "scored_out",
         op.map("scored_items", scored, _scored_item),
@@ -381,7 +492,7 @@ def build_flow(
         op.key_on("key_partials", partials, lambda p: p.model.data_type),
         lambda state: MonitorLogic(
             state,
-            threshold=config.drift_psi_threshold,
+            alpha=config.drift_alpha,
             min_records=config.drift_min_records,
             grace_s=min(2.0, config.stats_interval_s / 2),
             clock=clock,
@@ -410,13 +521,17 @@ def build_flow(
 
     # Each origin's dead letters are a stream of their own: each is in input order.
     limit = config.max_message_bytes
-    dead = op.merge(
-        "dead_letters",
+    dead_streams = [
         _dead_letter_items("dlq_control_items", dead_control, "control", events, limit),
         _dead_letter_items("dlq_registry_items", dead_registry, "registry", events, limit),
         _dead_letter_items("dlq_route_items", dead_records, "route", events, limit),
         _dead_letter_items("dlq_items", dead_serve, "serve", events, limit),
-    )
+    ]
+    if dead_feedback is not None:
+        dead_streams.append(
+            _dead_letter_items("dlq_feedback_items", dead_feedback, "route", events, limit)
+        )
+    dead = op.merge("dead_letters", *dead_streams)
     op.output("dlq_out", dead, sinks["dlq"])
     return flow
 
@@ -430,6 +545,17 @@ def _data_type_of(install: Install) -> str:
 def _routed(router: DataTypeRouter, batch: SourceBatch) -> list[RawRun | DeadLetter]:
     runs, dead = router.split(batch)
     return [*runs, *dead]
+
+
+def _feedback_routed(router: DataTypeRouter, batch: SourceBatch) -> list[RawRun | DeadLetter]:
+    runs, dead = router.split(batch)
+    labels: list[RawRun | DeadLetter] = [
+        FeedbackRun(
+            r.topic, r.partition, r.offsets, r.keys, r.values, r.headers, data_type=r.data_type
+        )
+        for r in runs
+    ]
+    return [*labels, *dead]
 
 
 def _scored_item(batch: ScoredBatch) -> SinkItem:
@@ -479,6 +605,7 @@ def _flow_from_env() -> Dataflow:
     lifecycle.install()
     if config.schema_registry_url:
         CODECS.use_schema_registry(schema_registry_resolver(config.schema_registry_url))
+        FEEDBACK_CODECS.use_schema_registry(schema_registry_resolver(config.schema_registry_url))
     flow = build_flow(config, kafka_sources(config), kafka_sinks(config), events=process_events())
     state_server = start_state_server(config.state_addr, config.state_peers)
     if state_server is not None:

@@ -61,15 +61,19 @@ class FeatureProfile(_message.Message):
     def __init__(self, name: _Optional[str] = ..., bin_edges: _Optional[_Iterable[float]] = ..., expected_fractions: _Optional[_Iterable[float]] = ..., mean: _Optional[float] = ..., std: _Optional[float] = ..., categories: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class ReferenceProfile(_message.Message):
-    __slots__ = ("features", "row_count")
+    __slots__ = ("features", "row_count", "prediction", "label")
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     ROW_COUNT_FIELD_NUMBER: _ClassVar[int]
+    PREDICTION_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
     features: _containers.RepeatedCompositeFieldContainer[FeatureProfile]
     row_count: int
-    def __init__(self, features: _Optional[_Iterable[_Union[FeatureProfile, _Mapping]]] = ..., row_count: _Optional[int] = ...) -> None: ...
+    prediction: FeatureProfile
+    label: FeatureProfile
+    def __init__(self, features: _Optional[_Iterable[_Union[FeatureProfile, _Mapping]]] = ..., row_count: _Optional[int] = ..., prediction: _Optional[_Union[FeatureProfile, _Mapping]] = ..., label: _Optional[_Union[FeatureProfile, _Mapping]] = ...) -> None: ...
 
 class ModelDescriptor(_message.Message):
-    __slots__ = ("name", "version", "description", "data_type", "format", "model_bytes", "location", "sha256", "created_at_ms", "input_features", "reference_profile", "contract_version")
+    __slots__ = ("name", "version", "description", "data_type", "format", "model_bytes", "location", "sha256", "created_at_ms", "input_features", "reference_profile", "contract_version", "signature", "golden_set")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -82,6 +86,8 @@ class ModelDescriptor(_message.Message):
     INPUT_FEATURES_FIELD_NUMBER: _ClassVar[int]
     REFERENCE_PROFILE_FIELD_NUMBER: _ClassVar[int]
     CONTRACT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    GOLDEN_SET_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     description: str
@@ -94,7 +100,50 @@ class ModelDescriptor(_message.Message):
     input_features: _containers.RepeatedScalarFieldContainer[str]
     reference_profile: ReferenceProfile
     contract_version: int
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., description: _Optional[str] = ..., data_type: _Optional[str] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., model_bytes: _Optional[bytes] = ..., location: _Optional[str] = ..., sha256: _Optional[str] = ..., created_at_ms: _Optional[int] = ..., input_features: _Optional[_Iterable[str]] = ..., reference_profile: _Optional[_Union[ReferenceProfile, _Mapping]] = ..., contract_version: _Optional[int] = ...) -> None: ...
+    signature: DescriptorSignature
+    golden_set: GoldenSet
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., description: _Optional[str] = ..., data_type: _Optional[str] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., model_bytes: _Optional[bytes] = ..., location: _Optional[str] = ..., sha256: _Optional[str] = ..., created_at_ms: _Optional[int] = ..., input_features: _Optional[_Iterable[str]] = ..., reference_profile: _Optional[_Union[ReferenceProfile, _Mapping]] = ..., contract_version: _Optional[int] = ..., signature: _Optional[_Union[DescriptorSignature, _Mapping]] = ..., golden_set: _Optional[_Union[GoldenSet, _Mapping]] = ...) -> None: ...
+
+class GoldenSet(_message.Message):
+    __slots__ = ("inputs", "expected", "tolerance", "max_latency_us", "evaluator")
+    INPUTS_FIELD_NUMBER: _ClassVar[int]
+    EXPECTED_FIELD_NUMBER: _ClassVar[int]
+    TOLERANCE_FIELD_NUMBER: _ClassVar[int]
+    MAX_LATENCY_US_FIELD_NUMBER: _ClassVar[int]
+    EVALUATOR_FIELD_NUMBER: _ClassVar[int]
+    inputs: _containers.RepeatedCompositeFieldContainer[Record]
+    expected: _containers.RepeatedCompositeFieldContainer[GoldenOutput]
+    tolerance: float
+    max_latency_us: float
+    evaluator: str
+    def __init__(self, inputs: _Optional[_Iterable[_Union[Record, _Mapping]]] = ..., expected: _Optional[_Iterable[_Union[GoldenOutput, _Mapping]]] = ..., tolerance: _Optional[float] = ..., max_latency_us: _Optional[float] = ..., evaluator: _Optional[str] = ...) -> None: ...
+
+class GoldenOutput(_message.Message):
+    __slots__ = ("value", "label", "probabilities")
+    class ProbabilitiesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    value: float
+    label: str
+    probabilities: _containers.ScalarMap[str, float]
+    def __init__(self, value: _Optional[float] = ..., label: _Optional[str] = ..., probabilities: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class DescriptorSignature(_message.Message):
+    __slots__ = ("key_id", "signature", "algorithm")
+    KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_FIELD_NUMBER: _ClassVar[int]
+    ALGORITHM_FIELD_NUMBER: _ClassVar[int]
+    key_id: str
+    signature: bytes
+    algorithm: str
+    def __init__(self, key_id: _Optional[str] = ..., signature: _Optional[bytes] = ..., algorithm: _Optional[str] = ...) -> None: ...
 
 class FieldSpec(_message.Message):
     __slots__ = ("name", "type", "required", "categories", "description")
@@ -245,7 +294,7 @@ class ScoredRecord(_message.Message):
     def __init__(self, output_key: _Optional[str] = ..., record_id: _Optional[str] = ..., data_type: _Optional[str] = ..., source_topic: _Optional[str] = ..., source_partition: _Optional[int] = ..., source_offset: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., value: _Optional[float] = ..., label: _Optional[str] = ..., probabilities: _Optional[_Mapping[str, float]] = ..., scoring_latency_us: _Optional[float] = ..., event_time_ms: _Optional[int] = ..., scored_at_ms: _Optional[int] = ..., batch_size: _Optional[int] = ..., scored_by: _Optional[str] = ...) -> None: ...
 
 class ServingStats(_message.Message):
-    __slots__ = ("data_type", "model_name", "model_version", "model_sha256", "description", "format", "since_ms", "usage_count", "total_duration_ms", "min_duration_us", "max_duration_us", "mean_duration_us", "window_start_ms", "window_end_ms", "window_count", "window_labelled_count", "window_rmse", "window_accuracy")
+    __slots__ = ("data_type", "model_name", "model_version", "model_sha256", "description", "format", "since_ms", "usage_count", "total_duration_ms", "min_duration_us", "max_duration_us", "mean_duration_us", "window_start_ms", "window_end_ms", "window_count", "window_labelled_count", "window_rmse", "window_accuracy", "feedback_window", "feedback_total")
     DATA_TYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -264,6 +313,8 @@ class ServingStats(_message.Message):
     WINDOW_LABELLED_COUNT_FIELD_NUMBER: _ClassVar[int]
     WINDOW_RMSE_FIELD_NUMBER: _ClassVar[int]
     WINDOW_ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_WINDOW_FIELD_NUMBER: _ClassVar[int]
+    FEEDBACK_TOTAL_FIELD_NUMBER: _ClassVar[int]
     data_type: str
     model_name: str
     model_version: str
@@ -282,10 +333,64 @@ class ServingStats(_message.Message):
     window_labelled_count: int
     window_rmse: float
     window_accuracy: float
-    def __init__(self, data_type: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., description: _Optional[str] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., since_ms: _Optional[int] = ..., usage_count: _Optional[int] = ..., total_duration_ms: _Optional[float] = ..., min_duration_us: _Optional[float] = ..., max_duration_us: _Optional[float] = ..., mean_duration_us: _Optional[float] = ..., window_start_ms: _Optional[int] = ..., window_end_ms: _Optional[int] = ..., window_count: _Optional[int] = ..., window_labelled_count: _Optional[int] = ..., window_rmse: _Optional[float] = ..., window_accuracy: _Optional[float] = ...) -> None: ...
+    feedback_window: OnlineQuality
+    feedback_total: OnlineQuality
+    def __init__(self, data_type: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., description: _Optional[str] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., since_ms: _Optional[int] = ..., usage_count: _Optional[int] = ..., total_duration_ms: _Optional[float] = ..., min_duration_us: _Optional[float] = ..., max_duration_us: _Optional[float] = ..., mean_duration_us: _Optional[float] = ..., window_start_ms: _Optional[int] = ..., window_end_ms: _Optional[int] = ..., window_count: _Optional[int] = ..., window_labelled_count: _Optional[int] = ..., window_rmse: _Optional[float] = ..., window_accuracy: _Optional[float] = ..., feedback_window: _Optional[_Union[OnlineQuality, _Mapping]] = ..., feedback_total: _Optional[_Union[OnlineQuality, _Mapping]] = ...) -> None: ...
+
+class OnlineQuality(_message.Message):
+    __slots__ = ("labelled_count", "rmse", "mae", "accuracy", "log_loss", "confusion", "error_count", "squared_error_sum", "absolute_error_sum", "correct_count", "log_loss_sum", "log_loss_count", "labels")
+    LABELLED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    RMSE_FIELD_NUMBER: _ClassVar[int]
+    MAE_FIELD_NUMBER: _ClassVar[int]
+    ACCURACY_FIELD_NUMBER: _ClassVar[int]
+    LOG_LOSS_FIELD_NUMBER: _ClassVar[int]
+    CONFUSION_FIELD_NUMBER: _ClassVar[int]
+    ERROR_COUNT_FIELD_NUMBER: _ClassVar[int]
+    SQUARED_ERROR_SUM_FIELD_NUMBER: _ClassVar[int]
+    ABSOLUTE_ERROR_SUM_FIELD_NUMBER: _ClassVar[int]
+    CORRECT_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LOG_LOSS_SUM_FIELD_NUMBER: _ClassVar[int]
+    LOG_LOSS_COUNT_FIELD_NUMBER: _ClassVar[int]
+    LABELS_FIELD_NUMBER: _ClassVar[int]
+    labelled_count: int
+    rmse: float
+    mae: float
+    accuracy: float
+    log_loss: float
+    confusion: ConfusionMatrix
+    error_count: int
+    squared_error_sum: float
+    absolute_error_sum: float
+    correct_count: int
+    log_loss_sum: float
+    log_loss_count: int
+    labels: LabelOutcomes
+    def __init__(self, labelled_count: _Optional[int] = ..., rmse: _Optional[float] = ..., mae: _Optional[float] = ..., accuracy: _Optional[float] = ..., log_loss: _Optional[float] = ..., confusion: _Optional[_Union[ConfusionMatrix, _Mapping]] = ..., error_count: _Optional[int] = ..., squared_error_sum: _Optional[float] = ..., absolute_error_sum: _Optional[float] = ..., correct_count: _Optional[int] = ..., log_loss_sum: _Optional[float] = ..., log_loss_count: _Optional[int] = ..., labels: _Optional[_Union[LabelOutcomes, _Mapping]] = ...) -> None: ...
+
+class ConfusionMatrix(_message.Message):
+    __slots__ = ("classes", "counts")
+    CLASSES_FIELD_NUMBER: _ClassVar[int]
+    COUNTS_FIELD_NUMBER: _ClassVar[int]
+    classes: _containers.RepeatedScalarFieldContainer[str]
+    counts: _containers.RepeatedScalarFieldContainer[int]
+    def __init__(self, classes: _Optional[_Iterable[str]] = ..., counts: _Optional[_Iterable[int]] = ...) -> None: ...
+
+class LabelOutcomes(_message.Message):
+    __slots__ = ("matched", "unknown", "expired", "evicted", "duplicate")
+    MATCHED_FIELD_NUMBER: _ClassVar[int]
+    UNKNOWN_FIELD_NUMBER: _ClassVar[int]
+    EXPIRED_FIELD_NUMBER: _ClassVar[int]
+    EVICTED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_FIELD_NUMBER: _ClassVar[int]
+    matched: int
+    unknown: int
+    expired: int
+    evicted: int
+    duplicate: int
+    def __init__(self, matched: _Optional[int] = ..., unknown: _Optional[int] = ..., expired: _Optional[int] = ..., evicted: _Optional[int] = ..., duplicate: _Optional[int] = ...) -> None: ...
 
 class FeatureDrift(_message.Message):
-    __slots__ = ("feature", "psi", "mean", "mean_shift_sigmas", "bin_counts", "unseen_count", "categorical")
+    __slots__ = ("feature", "psi", "mean", "mean_shift_sigmas", "bin_counts", "unseen_count", "categorical", "quantity", "record_count", "p_value", "drifted", "distance")
     FEATURE_FIELD_NUMBER: _ClassVar[int]
     PSI_FIELD_NUMBER: _ClassVar[int]
     MEAN_FIELD_NUMBER: _ClassVar[int]
@@ -293,6 +398,11 @@ class FeatureDrift(_message.Message):
     BIN_COUNTS_FIELD_NUMBER: _ClassVar[int]
     UNSEEN_COUNT_FIELD_NUMBER: _ClassVar[int]
     CATEGORICAL_FIELD_NUMBER: _ClassVar[int]
+    QUANTITY_FIELD_NUMBER: _ClassVar[int]
+    RECORD_COUNT_FIELD_NUMBER: _ClassVar[int]
+    P_VALUE_FIELD_NUMBER: _ClassVar[int]
+    DRIFTED_FIELD_NUMBER: _ClassVar[int]
+    DISTANCE_FIELD_NUMBER: _ClassVar[int]
     feature: str
     psi: float
     mean: float
@@ -300,10 +410,15 @@ class FeatureDrift(_message.Message):
     bin_counts: _containers.RepeatedScalarFieldContainer[int]
     unseen_count: int
     categorical: bool
-    def __init__(self, feature: _Optional[str] = ..., psi: _Optional[float] = ..., mean: _Optional[float] = ..., mean_shift_sigmas: _Optional[float] = ..., bin_counts: _Optional[_Iterable[int]] = ..., unseen_count: _Optional[int] = ..., categorical: _Optional[bool] = ...) -> None: ...
+    quantity: str
+    record_count: int
+    p_value: float
+    drifted: bool
+    distance: float
+    def __init__(self, feature: _Optional[str] = ..., psi: _Optional[float] = ..., mean: _Optional[float] = ..., mean_shift_sigmas: _Optional[float] = ..., bin_counts: _Optional[_Iterable[int]] = ..., unseen_count: _Optional[int] = ..., categorical: _Optional[bool] = ..., quantity: _Optional[str] = ..., record_count: _Optional[int] = ..., p_value: _Optional[float] = ..., drifted: _Optional[bool] = ..., distance: _Optional[float] = ...) -> None: ...
 
 class DriftMetrics(_message.Message):
-    __slots__ = ("data_type", "model_name", "model_version", "window_start_ms", "window_end_ms", "record_count", "features", "max_psi", "alarm")
+    __slots__ = ("data_type", "model_name", "model_version", "window_start_ms", "window_end_ms", "record_count", "features", "max_psi", "alarm", "judged", "alpha")
     DATA_TYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -313,6 +428,8 @@ class DriftMetrics(_message.Message):
     FEATURES_FIELD_NUMBER: _ClassVar[int]
     MAX_PSI_FIELD_NUMBER: _ClassVar[int]
     ALARM_FIELD_NUMBER: _ClassVar[int]
+    JUDGED_FIELD_NUMBER: _ClassVar[int]
+    ALPHA_FIELD_NUMBER: _ClassVar[int]
     data_type: str
     model_name: str
     model_version: str
@@ -322,7 +439,9 @@ class DriftMetrics(_message.Message):
     features: _containers.RepeatedCompositeFieldContainer[FeatureDrift]
     max_psi: float
     alarm: bool
-    def __init__(self, data_type: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., window_start_ms: _Optional[int] = ..., window_end_ms: _Optional[int] = ..., record_count: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ..., max_psi: _Optional[float] = ..., alarm: _Optional[bool] = ...) -> None: ...
+    judged: bool
+    alpha: float
+    def __init__(self, data_type: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., window_start_ms: _Optional[int] = ..., window_end_ms: _Optional[int] = ..., record_count: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ..., max_psi: _Optional[float] = ..., alarm: _Optional[bool] = ..., judged: _Optional[bool] = ..., alpha: _Optional[float] = ...) -> None: ...
 
 class ModelEvent(_message.Message):
     __slots__ = ("kind", "data_type", "model_name", "model_version", "model_sha256", "reason", "message", "at_ms", "source_topic", "source_partition", "source_offset", "contract_version", "sequence")

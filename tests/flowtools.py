@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import timedelta
 from pathlib import Path
@@ -155,7 +155,7 @@ class Outputs:
     def dead_letters(self) -> list[tuple[dict[str, str], bytes | None]]:
         """DLQ messages as (headers, original value)."""
         return [
-            ({k: h.decode() for k, h in headers}, value)
+            ({k: (h or b"").decode() for k, h in headers or []}, value)
             for _key, value, headers in self.messages("dlq")
         ]
 
@@ -220,18 +220,26 @@ def run_flow(
     crash: CrashOnce | None = None,
     crash_sink: str = "scored",
     events: EventBus | None = None,
+    feedback: list[Any] | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> Outputs:
-    """Run the flow to completion over scripted inputs; return what the sinks got."""
+    """Run the flow to completion over scripted inputs; return what the sinks got.
+
+    `feedback`: the feedback topic's items (labels that arrive later), when given.
+    """
     outputs = outputs or Outputs()
     sinks: dict[str, Any] = {name: TestingSink(outputs.items[name]) for name in SINK_NAMES}
     if crash is not None:
         sinks[crash_sink] = CrashingSink(outputs.items[crash_sink], crash)
-    flow = build_flow(
-        config,
-        {"control": TestingSource(models), "records": TestingSource(records)},
-        sinks,
-        **({"events": events} if events is not None else {}),
-    )
+    sources: dict[str, Any] = {"control": TestingSource(models), "records": TestingSource(records)}
+    if feedback is not None:
+        sources["feedback"] = TestingSource(feedback)
+    options: dict[str, Any] = {}
+    if events is not None:
+        options["events"] = events
+    if clock is not None:
+        options["clock"] = clock
+    flow = build_flow(config, sources, sinks, **options)
     recovery_config = RecoveryConfig(str(recovery)) if recovery is not None else None
     epoch = timedelta(0)
     if workers == 1:

@@ -36,7 +36,13 @@ from flowtools import (
     wine_lines,
 )
 
-from dataflows.control.registry import RUNTIMES, ControlIn, Registry
+from dataflows.control.registry import (
+    RUNTIMES,
+    ContractInstall,
+    ControlIn,
+    ModelInstall,
+    Registry,
+)
 from protos import waxserve_pb2 as pb
 
 WORKERS = [1, 2]
@@ -106,7 +112,11 @@ def test_every_record_is_scored_once_with_traceable_output(workers: int) -> None
     assert not any(s.HasField("window_accuracy") for s in stats)
     drift = out.drift()
     assert sum(d.record_count for d in drift) == 200
-    assert {f.feature for f in drift[0].features} == set(WINE_FEATURES)
+    features = {f.feature for f in drift[0].features if f.quantity == "feature"}
+    assert features == set(WINE_FEATURES)
+    # Beside the features: the model's predictions and the records' label ("quality").
+    others = {(f.quantity, f.feature) for f in drift[0].features if f.quantity != "feature"}
+    assert others == {("prediction", "prediction"), ("label", "quality")}
     assert [e.kind for e in out.events()] == ["contract_installed", "installed"]
 
 
@@ -333,7 +343,6 @@ def control_in(body: pb.ModelDescriptor | pb.DataContract, offset: int) -> Contr
 
 
 def test_snapshots_do_not_carry_model_bytes() -> None:
-    from dataflows.control.registry import ModelInstall
     from dataflows.scoring.shard import ShardScorer
     from dataflows.serving import ServeLogic
 
@@ -344,7 +353,7 @@ def test_snapshots_do_not_carry_model_bytes() -> None:
     installs += registry.collect(wait=True)
     install = next(i for i in installs if isinstance(i, ModelInstall))
     logic = ServeLogic(ShardScorer(None, stats_interval_s=10, drift_window_s=60))
-    logic.on_batch([i for i in installs if not isinstance(i, pb.ModelEvent)])
+    logic.on_batch([i for i in installs if isinstance(i, ContractInstall | ModelInstall)])
     size = len(pickle.dumps(logic.snapshot()))
     assert len(install.model_bytes) > 100_000
     assert size < 10_000, f"shard snapshot is {size} bytes"
@@ -388,12 +397,23 @@ def test_drift_shows_when_the_input_shifts() -> None:
         [model_batch(descriptor("wine-lr"))],
         [batch(RECORDS_TOPIC, record_bytes(shifted))],
     ).drift()
-    psi = {f.feature: f.psi for f in normal[0].features}
-    psi_shifted = {f.feature: f.psi for f in drifted[0].features}
-    assert psi["alcohol"] < 0.25 and not normal[0].alarm
-    assert psi_shifted["alcohol"] > 1.0 and drifted[0].alarm
-    assert psi_shifted["ph"] == pytest.approx(psi["ph"])
-    assert pb.DriftMetrics  # the message type is what the drift topic carries
+    # Judged (400 records), every quantity tested: the features, wine-lr's predictions
+    # and the quality labels the records carry.
+    assert normal[0].judged and not normal[0].alarm and normal[0].alpha == 0.005
+    quiet = {f.feature: f for f in normal[0].features}
+    assert {f.quantity for f in quiet.values()} == {"feature", "prediction", "label"}
+    assert all(f.HasField("p_value") and not f.drifted for f in quiet.values())
+    assert drifted[0].alarm
+    shifted_by = {f.feature: f for f in drifted[0].features}
+    assert shifted_by["alcohol"].drifted and shifted_by["alcohol"].p_value < 1e-9
+    assert shifted_by["prediction"].drifted  # wine-lr rates alcoholic wines higher
+    assert not shifted_by["ph"].drifted and not shifted_by["quality"].drifted
+    assert shifted_by["ph"].psi == pytest.approx(quiet["ph"].psi)
+    # The drift topic's message says which model, over which records, and the worst PSI.
+    (window,) = drifted
+    assert (window.data_type, window.model_name, window.model_version) == ("wine", "wine-lr", "1")
+    assert window.record_count == len(shifted) == shifted_by["alcohol"].record_count
+    assert window.max_psi == max(f.psi for f in window.features if f.quantity == "feature")
 
 
 def test_records_keep_the_old_model_while_a_new_one_loads(

@@ -47,7 +47,7 @@ from dataflows.core.records import (
     SourceBatch,
     valid_data_type,
 )
-from dataflows.monitoring.windows import DriftReference, ModelIdentity
+from dataflows.monitoring.windows import DriftReference, ModelIdentity, OutputReference
 from dataflows.runtimes import ModelError, ModelFeature, ModelRuntime, load_runtime
 from protos import waxserve_pb2 as pb
 
@@ -550,7 +550,8 @@ def drift_reference(
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
 ) -> DriftReference | None:
     """Drift reference from a profile, over its features that are contract fields of the
-    same kind (numeric bins for numeric fields, categories for string fields).
+    same kind (numeric bins for numeric fields, categories for string fields), its
+    prediction profile, and its label profile when that is the contract's label field.
 
     Every number must be finite (a NaN mean would make every drift metric NaN), and the
     drift message of a window must fit in half of `max_message_bytes`.
@@ -607,13 +608,26 @@ def drift_reference(
         expected.append(fractions)
         means.append(feature.mean)
         stds.append(feature.std)
+    prediction = label = None
+    if profile.HasField("prediction"):
+        prediction = _output_reference(profile.prediction)
+    # The label's profile counts while the contract's label field has its name and kind.
+    if profile.HasField("label") and profile.label.name == contract.label_field:
+        numeric = contract.columns[contract.label_field].numeric
+        if numeric != (not profile.label.categories):
+            label = None
+        else:
+            label = _output_reference(profile.label, contract.label_field)
+    for output in (prediction, label):
+        if output is not None:
+            size += len(output.name.encode()) + 96 + 11 * (output.bins + 1)
     if size > max_message_bytes // 2:
         raise ModelError(
             Reason.BAD_PROFILE,
             f"reference profile: a drift message over it would take about {size:,} bytes, "
             f"more than half of max_message_bytes ({max_message_bytes:,})",
         )
-    if not names and not text_names:
+    if not names and not text_names and prediction is None and label is None:
         return None
     return DriftReference(
         features=tuple(names),
@@ -624,6 +638,44 @@ def drift_reference(
         text_features=tuple(text_names),
         categories=tuple(categories),
         text_expected=tuple(text_expected),
+        rows=int(profile.row_count),
+        prediction=prediction,
+        label=label,
+    )
+
+
+def _output_reference(feature: pb.FeatureProfile, name: str = "") -> OutputReference:
+    """The drift reference of a prediction or label profile; ModelError when unusable."""
+    what = f"reference profile of the {'label' if name else 'prediction'}"
+    fractions = np.asarray(feature.expected_fractions, dtype=np.float64)
+    if not (len(fractions) and np.isfinite(fractions).all() and (fractions >= 0).all()):
+        raise ModelError(Reason.BAD_PROFILE, f"{what}: expected_fractions must be finite and >= 0")
+    if feature.categories:
+        if len(fractions) != len(feature.categories):
+            raise ModelError(
+                Reason.BAD_PROFILE,
+                f"{what}: {len(feature.categories)} categories but {len(fractions)} "
+                "expected_fractions",
+            )
+        return OutputReference(
+            name or feature.name, np.append(fractions, 0.0), categories=tuple(feature.categories)
+        )
+    edges = np.asarray(feature.bin_edges, dtype=np.float64)
+    finite = np.isfinite(edges).all() and math.isfinite(feature.mean)
+    if not (finite and math.isfinite(feature.std) and feature.std >= 0):
+        raise ModelError(Reason.BAD_PROFILE, f"{what}: bin_edges, mean and std must be finite")
+    if len(fractions) != len(edges) + 1 or np.any(np.diff(edges) < 0):
+        raise ModelError(
+            Reason.BAD_PROFILE,
+            f"{what}: needs ascending bin_edges and len(bin_edges) + 1 expected_fractions, "
+            f"got {len(edges)} and {len(fractions)}",
+        )
+    return OutputReference(
+        name or feature.name or "prediction",
+        fractions,
+        edges=edges,
+        mean=feature.mean,
+        std=feature.std,
     )
 
 

@@ -21,6 +21,13 @@ OTHER_VARIABLES = {
 }
 """WAXSERVE_* variables that are not Config fields, read where they are used."""
 
+REMOVED_VARIABLES = {
+    "WAXSERVE_DRIFT_PSI_THRESHOLD": "drift alarms come from calibrated tests now: set the "
+    "family-wise false-alarm rate with WAXSERVE_DRIFT_ALPHA instead",
+}
+"""Settings that are gone, and what replaces them: setting one fails at start-up, so
+nobody believes it still does something."""
+
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
 
 _INTEGER = re.compile(r"[+-]?[0-9]+")
@@ -35,7 +42,7 @@ _BOUNDS: dict[str, tuple[float, float | None, str]] = {
     "linger_ms": (0, None, "milliseconds >= 0"),
     "stats_interval_s": (1e-3, None, "seconds > 0"),
     "drift_window_s": (1e-3, None, "seconds > 0"),
-    "drift_psi_threshold": (1e-9, None, "a PSI > 0"),
+    "drift_alpha": (1e-6, 0.5, "a probability from 1e-06 to 0.5"),
     "drift_min_records": (0, None, "a record count >= 0"),
     "no_model_wait_s": (0, None, "seconds >= 0"),
     "onnx_threads": (1, 1024, "an integer from 1 to 1024"),
@@ -44,6 +51,10 @@ _BOUNDS: dict[str, tuple[float, float | None, str]] = {
     "max_held_bytes": (0, None, "bytes >= 0"),
     "max_model_bytes": (1024, None, "bytes >= 1024"),
     "topic_replication_factor": (1, None, "an integer >= 1"),
+    "feedback_horizon_s": (1e-3, None, "seconds > 0"),
+    "feedback_label_wait_s": (0, None, "seconds >= 0"),
+    "feedback_max_predictions": (1, None, "an integer >= 1"),
+    "feedback_max_bytes": (1024, None, "bytes >= 1024"),
 }
 
 
@@ -79,6 +90,23 @@ class Config:
     drift_topic: str = "waxserve-drift"
     events_topic: str = "waxserve-events"
     dlq_topic: str = "waxserve-dlq"
+    # Delayed labels (README "Labels that arrive later"): messages carrying a record's id
+    # and label, in its data type's encoding, read when feedback_data_types names any.
+    feedback_topic: str = "waxserve-feedback"
+    # Data types whose predictions are kept to join later labels to, comma-separated, or
+    # "*" for every data type whose contract names an id and a label field; empty: none
+    # (scoring then pays nothing for it). With exactly one, it is also the default data
+    # type of the feedback topic's messages (the `topic` of data_type_from).
+    feedback_data_types: str = ""
+    # How long a prediction waits for its label (processing time); later labels are
+    # counted as expired.
+    feedback_horizon_s: float = 3600.0
+    # How long a label with no prediction (yet) waits for one, then counts as unknown.
+    feedback_label_wait_s: float = 30.0
+    # Predictions kept per data type over the cluster, by count and bytes (each of the
+    # `shards` feedback keys keeps its share); past either the oldest are evicted.
+    feedback_max_predictions: int = 1_000_000
+    feedback_max_bytes: int = 256 << 20
     # How `waxserve topics` creates the topics that do not exist yet (existing ones are left
     # alone). Replication factor: 3 on a production cluster, 1 on a single broker.
     topic_replication_factor: int = 1
@@ -100,8 +128,10 @@ class Config:
     # Serving stats are emitted once per interval; drift once per tumbling window.
     stats_interval_s: float = 10.0
     drift_window_s: float = 60.0
-    drift_psi_threshold: float = 0.25
-    # Windows with fewer records report PSI but never raise the drift alarm.
+    # Family-wise false-alarm rate of a drift window: the chance that a window with no
+    # drift raises the alarm, over all its features, prediction and label (README "Drift").
+    drift_alpha: float = 0.005
+    # Windows with fewer records are too small to judge: counts and PSI, no test, no alarm.
     drift_min_records: int = 100
     # Records that arrive before any model for their data type wait this long for one,
     # then go to the dead-letter topic.
@@ -237,6 +267,17 @@ class Config:
         return tuple(s.strip() for s in self.data_type_from.split(",") if s.strip())
 
     @property
+    def feedback_on(self) -> tuple[str, ...]:
+        """feedback_data_types as a tuple ("*" for all); empty when feedback is off."""
+        return tuple(s.strip() for s in self.feedback_data_types.split(",") if s.strip())
+
+    @property
+    def feedback_topic_defaults(self) -> dict[str, str]:
+        """The feedback topic with its default data type (the one feedback data type)."""
+        on = self.feedback_on
+        return {self.feedback_topic: on[0] if len(on) == 1 and on[0] != "*" else ""}
+
+    @property
     def output_topics(self) -> tuple[str, ...]:
         """Every topic the dataflow writes."""
         return (
@@ -257,6 +298,8 @@ def _check_names(env: Mapping[str, str]) -> None:
             continue
         if name.startswith("WAXSERVE_KAFKA_") and len(name) > len("WAXSERVE_KAFKA_"):
             continue
+        if name in REMOVED_VARIABLES:
+            raise ConfigError(f"{name} is no longer a waxserve setting: {REMOVED_VARIABLES[name]}")
         close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.75)
         hint = f"; did you mean {close[0]}?" if close else ""
         raise ConfigError(

@@ -12,11 +12,16 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from dataflows.monitoring.quality import LabelCounts
 from dataflows.monitoring.windows import ModelIdentity, StatsAccumulator
 from protos import waxserve_pb2 as pb
+
+if TYPE_CHECKING:
+    from dataflows.monitoring.feedback import JoinedPairs
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +109,26 @@ class DriftClosed:
     message: pb.DriftMetrics
 
 
+@dataclass(frozen=True)
+class LabelsJoined:
+    """A feedback key joined labels to predictions: the pairs, per model, and what became
+    of every label it counted (matched, unknown, expired, evicted, duplicate)."""
+
+    data_type: str
+    pairs: tuple[JoinedPairs, ...]
+    counts: LabelCounts
+
+
+@dataclass(frozen=True)
+class FeedbackHeld:
+    """What a feedback key holds now: predictions waiting for their labels, and bytes."""
+
+    data_type: str
+    key: str  # "<data_type>#<n>"
+    predictions: int
+    nbytes: int
+
+
 Event = (
     RecordsReceived
     | BatchScored
@@ -113,6 +138,8 @@ Event = (
     | ContractInstalled
     | DeadLettered
     | DriftClosed
+    | LabelsJoined
+    | FeedbackHeld
 )
 Handler = Callable[[Event], None]
 

@@ -378,6 +378,9 @@ class KafkaBatchSource(FixedPartitionedSource[SourceBatch, int]):
         self._topics = [topics] if isinstance(topics, str) else list(topics)
 
     def list_parts(self) -> list[str]:
+        # Bytewax lists partitions on its workers, which exist only once every process of
+        # the cluster is connected: from here on the dataflow runs (`/healthz`).
+        lifecycle.mark_running()
         return [
             f"{topic}/{p}" for topic in self._topics for p in topic_partitions(self._config, topic)
         ]
@@ -864,6 +867,8 @@ def check_topics(config: Config, timeout: float = 10.0) -> None:
             f"{timeout:g} s ({detail}); check it and the WAXSERVE_KAFKA_* settings"
         ) from None
     wanted = [config.control_topic, *config.record_topic_defaults, *config.output_topics]
+    if config.feedback_on:
+        wanted.append(config.feedback_topic)
     if config.delivery == "exactly-once":
         wanted.append(config.marker_topic)
     missing = [topic for topic in wanted if topic not in metadata.topics]
@@ -875,11 +880,15 @@ def check_topics(config: Config, timeout: float = 10.0) -> None:
 
 
 def kafka_sources(config: Config) -> dict[str, KafkaBatchSource]:
-    """The dataflow's inputs on Kafka."""
-    return {
+    """The dataflow's inputs on Kafka; the feedback topic only when feedback is on for some
+    data type (an idle consumer is not free)."""
+    sources = {
         "control": KafkaBatchSource(config, config.control_topic),
         "records": KafkaBatchSource(config, list(config.record_topic_defaults)),
     }
+    if config.feedback_on:
+        sources["feedback"] = KafkaBatchSource(config, config.feedback_topic)
+    return sources
 
 
 def kafka_sinks(config: Config) -> dict[str, KafkaBatchSink]:

@@ -1,21 +1,36 @@
-"""Serving stats and drift: accumulation per shard, merging per data type, PSI.
+"""Serving stats and drift: accumulation per shard, merging per data type, the decision.
 
 Shards accumulate per window and send partial results; the `monitor` step adds the
-partials of all shards for a window and emits one message per model and window. All of
-it is plain numpy, testable without Bytewax.
+partials of all shards for a window and emits one message per model and window. Drift is
+judged per quantity (feature, prediction, label) by a calibrated test at the window's size
+(`dataflows.monitoring.drift_tests`), the window's family of tests by Holm's procedure.
+All of it is plain numpy, testable without Bytewax.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 
+from dataflows.monitoring.drift_tests import (
+    TestResult,
+    categorical_test,
+    draws_for,
+    holm,
+    numeric_test,
+    psi,
+)
+from dataflows.monitoring.quality import QualityAccumulator
 from protos import waxserve_pb2 as pb
 
-PSI_EPSILON = 1e-4
-"""Floor for bin fractions in PSI, so an empty bin costs a finite amount."""
+DEFAULT_ALPHA = 0.005
+"""Family-wise false-alarm rate per window (WAXSERVE_DRIFT_ALPHA's default)."""
+
+FEATURE, PREDICTION, LABEL = "feature", "prediction", "label"
+"""What a drift quantity is (`FeatureDrift.quantity`)."""
 
 MAX_SUMMED = 1e150
 """Feature values are summed (for the window's mean) no larger than this in magnitude:
@@ -24,9 +39,51 @@ window, infinite. No real feature comes near it; the bins still see the true val
 
 
 @dataclass(frozen=True)
+class OutputReference:
+    """Reference of the model's predictions or of the label over the training rows: bins
+    of a numeric one, or category frequencies (then 0 for "unseen") of a categorical one."""
+
+    name: str
+    expected: np.ndarray
+    edges: np.ndarray | None = None  # numeric: inner bin edges
+    categories: tuple[str, ...] | None = None  # categorical
+    mean: float = 0.0
+    std: float = 0.0
+
+    @property
+    def categorical(self) -> bool:
+        """Whether it is category frequencies."""
+        return self.categories is not None
+
+    @property
+    def bins(self) -> int:
+        """Number of bins (categorical: categories and unseen)."""
+        return len(self.expected)
+
+    def count(self, values: np.ndarray | Sequence[object]) -> tuple[np.ndarray, float]:
+        """Bin counts of values (NaN, None: absent, not counted) and their sum (numeric)."""
+        if self.categories is not None:
+            index = {c: k for k, c in enumerate(self.categories)}
+            unseen = len(self.categories)
+            bins = [index.get(str(v), unseen) for v in values if v is not None]
+            return np.bincount(bins, minlength=unseen + 1).astype(np.int64), 0.0
+        assert self.edges is not None
+        column = np.asarray(values, dtype=np.float64)
+        column = column[~np.isnan(column)]
+        found = np.searchsorted(self.edges, column, side="right")
+        total = float(np.clip(column, -MAX_SUMMED, MAX_SUMMED).sum())
+        return np.bincount(found, minlength=len(self.edges) + 1).astype(np.int64), total
+
+    def __deepcopy__(self, memo: dict[int, object]) -> OutputReference:
+        return self  # immutable
+
+
+@dataclass(frozen=True)
 class DriftReference:
-    """Reference of the features a model's training data had (from its descriptor): bins
-    of the numeric features, category frequencies of the categorical ones."""
+    """Reference of what a model's training data looked like (from its descriptor): bins
+    of the numeric features, category frequencies of the categorical ones, and, when the
+    profile has them, of the model's predictions and of the label. `rows` is how many
+    training rows the profile came from (0: unknown)."""
 
     features: tuple[str, ...]  # numeric contract fields
     edges: tuple[np.ndarray, ...]  # inner bin edges per feature
@@ -37,6 +94,9 @@ class DriftReference:
     categories: tuple[tuple[str, ...], ...] = ()  # per text feature, as profiled
     # Per text feature: expected fraction per category, then 0 for "unseen".
     text_expected: tuple[np.ndarray, ...] = ()
+    rows: int = 0
+    prediction: OutputReference | None = None
+    label: OutputReference | None = None
 
     @property
     def bin_counts(self) -> tuple[int, ...]:
@@ -47,33 +107,57 @@ class DriftReference:
         return self  # immutable
 
 
-def psi(expected: np.ndarray, counts: np.ndarray) -> float:
-    """Population stability index of observed bin counts against expected fractions."""
-    total = counts.sum()
-    if total == 0:
-        return 0.0
-    actual = np.maximum(counts / total, PSI_EPSILON)
-    exp = np.maximum(expected, PSI_EPSILON)
-    return float(np.sum((actual - exp) * np.log(actual / exp)))
-
-
 @dataclass
 class DriftAccumulator:
-    """Bin counts and sums of the features of the records one model scored in a window."""
+    """Bin counts and sums of the features of the records one model scored in a window,
+    and of its predictions and their labels when the reference has them."""
 
     counts: list[np.ndarray]  # per numeric feature, int64 (bins,)
     sums: np.ndarray  # per numeric feature
     n: int = 0
     text_counts: list[np.ndarray] = field(default_factory=list)  # per category, then unseen
+    prediction_counts: np.ndarray | None = None
+    prediction_sum: float = 0.0
+    label_counts: np.ndarray | None = None
+    label_sum: float = 0.0
 
     @classmethod
     def empty(cls, reference: DriftReference) -> DriftAccumulator:
         """An accumulator with no records."""
+        prediction, label = reference.prediction, reference.label
         return cls(
             counts=[np.zeros(b, dtype=np.int64) for b in reference.bin_counts],
             sums=np.zeros(len(reference.features)),
             text_counts=[np.zeros(len(c) + 1, dtype=np.int64) for c in reference.categories],
+            prediction_counts=None if prediction is None else np.zeros(prediction.bins, np.int64),
+            label_counts=None if label is None else np.zeros(label.bins, np.int64),
         )
+
+    def add_outputs(
+        self,
+        reference: DriftReference,
+        prediction: np.ndarray | Sequence[object] | None,
+        labels: np.ndarray | None,
+    ) -> None:
+        """Count the scored records' predictions (values for a numeric reference, class
+        labels for a categorical one) and the labels of those that carry one (NaN, None:
+        no label). None, or values of the wrong kind for the reference: not counted."""
+        ref = reference.prediction
+        counted = self.prediction_counts
+        fits = ref is not None and (ref.categorical or _numeric(prediction))
+        if fits and ref is not None and prediction is not None and counted is not None:
+            counts, total = ref.count(prediction)
+            counted += counts
+            self.prediction_sum += total
+        ref, counted = reference.label, self.label_counts
+        # A label column is object (text) or float (numeric), as its contract field is.
+        fits = (
+            ref is not None and labels is not None and ref.categorical == (labels.dtype == object)
+        )
+        if fits and ref is not None and labels is not None and counted is not None:
+            counts, total = ref.count(labels)
+            counted += counts
+            self.label_sum += total
 
     def add(
         self, reference: DriftReference, features: np.ndarray, text: np.ndarray | None = None
@@ -117,6 +201,16 @@ class DriftAccumulator:
             mine += theirs
         self.sums += other.sums
         self.n += other.n
+        if self.prediction_counts is not None and other.prediction_counts is not None:
+            self.prediction_counts += other.prediction_counts
+            self.prediction_sum += other.prediction_sum
+        if self.label_counts is not None and other.label_counts is not None:
+            self.label_counts += other.label_counts
+            self.label_sum += other.label_sum
+
+
+def _numeric(values: np.ndarray | Sequence[object] | None) -> bool:
+    return isinstance(values, np.ndarray) and values.dtype.kind == "f"
 
 
 @dataclass
@@ -133,6 +227,9 @@ class StatsAccumulator:
     squared_count: int = 0  # labelled records with a numeric label and prediction
     correct: int = 0
     classifier: bool = False
+    # Quality against labels that came later (the feedback join); None: no pairs or
+    # label outcomes. The fields above are the labels inside records only.
+    feedback: QualityAccumulator | None = None
 
     def add_call(self, n: int, seconds: float) -> None:
         """One model call that scored n records in `seconds`."""
@@ -180,6 +277,10 @@ class StatsAccumulator:
             other.correct if other.classifier else None,
             other.squared_count,
         )
+        if other.feedback is not None:
+            if self.feedback is None:
+                self.feedback = QualityAccumulator()
+            self.feedback.merge(other.feedback)
 
 
 @dataclass(frozen=True)
@@ -221,40 +322,128 @@ def window_start(now_ms: int, length_ms: int) -> int:
     return now_ms - now_ms % length_ms
 
 
-def drift_message(partial: DriftPartial, threshold: float, min_records: int = 0) -> pb.DriftMetrics:
+@dataclass
+class _Quantity:
+    """One tested quantity of a window, while its message is built."""
+
+    message: pb.FeatureDrift
+    expected: np.ndarray
+    counts: np.ndarray
+
+
+def _numeric_quantity(
+    name: str,
+    kind: str,
+    expected: np.ndarray,
+    counts: np.ndarray,
+    total: float,
+    mean: float,
+    std: float,
+    rows: int,
+) -> _Quantity:
+    had_it = int(counts.sum())  # the records of the window that had it
+    window_mean = total / had_it if had_it else 0.0
+    shift = (window_mean - mean) / std if std > 0 and had_it else 0.0
+    message = pb.FeatureDrift(
+        feature=name,
+        quantity=kind,
+        record_count=had_it,
+        psi=psi(expected, counts, rows),
+        mean=window_mean,
+        mean_shift_sigmas=shift,
+        bin_counts=[int(c) for c in counts],
+    )
+    return _Quantity(message, expected, counts)
+
+
+def _categorical_quantity(
+    name: str, kind: str, expected: np.ndarray, counts: np.ndarray, rows: int
+) -> _Quantity:
+    message = pb.FeatureDrift(
+        feature=name,
+        quantity=kind,
+        record_count=int(counts.sum()),
+        psi=psi(expected, counts, rows),
+        bin_counts=[int(c) for c in counts],
+        unseen_count=int(counts[-1]),
+        categorical=True,
+    )
+    return _Quantity(message, expected, counts)
+
+
+def _quantities(ref: DriftReference, acc: DriftAccumulator) -> list[_Quantity]:
+    rows = ref.rows
+    out = [
+        _numeric_quantity(
+            name,
+            FEATURE,
+            ref.expected[i],
+            acc.counts[i],
+            float(acc.sums[i]),
+            float(ref.means[i]),
+            float(ref.stds[i]),
+            rows,
+        )
+        for i, name in enumerate(ref.features)
+    ]
+    out += [
+        _categorical_quantity(name, FEATURE, ref.text_expected[j], acc.text_counts[j], rows)
+        for j, name in enumerate(ref.text_features)
+    ]
+    outputs = (
+        (PREDICTION, ref.prediction, acc.prediction_counts, acc.prediction_sum),
+        (LABEL, ref.label, acc.label_counts, acc.label_sum),
+    )
+    for kind, output, counts, total in outputs:
+        if output is None or counts is None:
+            continue
+        if output.categorical:
+            out.append(_categorical_quantity(output.name, kind, output.expected, counts, rows))
+        else:
+            out.append(
+                _numeric_quantity(
+                    output.name,
+                    kind,
+                    output.expected,
+                    counts,
+                    total,
+                    output.mean,
+                    output.std,
+                    rows,
+                )
+            )
+    return out
+
+
+def drift_message(
+    partial: DriftPartial, alpha: float = DEFAULT_ALPHA, min_records: int = 0
+) -> pb.DriftMetrics:
     """The drift topic message for a (merged) window.
 
-    PSI over a handful of records is noise (a window cut short by a model swap can show
-    PSI > 5), so only windows of at least `min_records` can raise the alarm.
+    A window of at least `min_records` records is judged: each quantity with at least
+    `min_records` records of its own (the label: records that carry one) gets a calibrated
+    p-value, and Holm's procedure over them at family-wise rate `alpha` says which drifted;
+    the window alarms when any did. A smaller window is too small to judge: it reports its
+    counts and PSI, no p-value, and no alarm. PSI is descriptive only.
     """
     ref, acc = partial.reference, partial.drift
-    features = []
-    for i, name in enumerate(ref.features):
-        had_it = int(acc.counts[i].sum())  # the records of the window that had this feature
-        mean = float(acc.sums[i] / had_it) if had_it else 0.0
-        std = float(ref.stds[i])
-        shift = (mean - float(ref.means[i])) / std if std > 0 and had_it else 0.0
-        features.append(
-            pb.FeatureDrift(
-                feature=name,
-                psi=psi(ref.expected[i], acc.counts[i]),
-                mean=mean,
-                mean_shift_sigmas=shift,
-                bin_counts=[int(c) for c in acc.counts[i]],
-            )
-        )
-    for j, name in enumerate(ref.text_features):
-        counts = acc.text_counts[j]
-        features.append(
-            pb.FeatureDrift(
-                feature=name,
-                psi=psi(ref.text_expected[j], counts),
-                bin_counts=[int(c) for c in counts],
-                unseen_count=int(counts[-1]),
-                categorical=True,
-            )
-        )
-    max_psi = max((f.psi for f in features), default=0.0)
+    quantities = _quantities(ref, acc)
+    judged = acc.n >= min_records
+    tested = [q for q in quantities if judged and q.message.record_count >= max(min_records, 1)]
+    draws = draws_for(alpha, len(tested))
+    results: list[TestResult] = []
+    for q in tested:
+        if q.message.categorical:
+            results.append(categorical_test(q.expected, q.counts, ref.rows, draws))
+        else:
+            results.append(numeric_test(q.expected, q.counts, ref.rows, draws))
+    for q, result, drifted in zip(
+        tested, results, holm([r.p_value for r in results], alpha), strict=True
+    ):
+        q.message.p_value = result.p_value
+        q.message.distance = result.distance
+        q.message.drifted = drifted
+    features = [q.message for q in quantities]
     return pb.DriftMetrics(
         data_type=partial.model.data_type,
         model_name=partial.model.name,
@@ -263,8 +452,10 @@ def drift_message(partial: DriftPartial, threshold: float, min_records: int = 0)
         window_end_ms=partial.window_end_ms,
         record_count=acc.n,
         features=features,
-        max_psi=max_psi,
-        alarm=max_psi > threshold and acc.n >= min_records,
+        max_psi=max((f.psi for f in features if f.quantity == FEATURE), default=0.0),
+        alarm=any(f.drifted for f in features),
+        judged=judged,
+        alpha=alpha,
     )
 
 
@@ -296,6 +487,10 @@ def stats_message(
         message.window_rmse = window_stats.rmse
     if window_stats.accuracy is not None:
         message.window_accuracy = window_stats.accuracy
+    if window_stats.feedback is not None:
+        message.feedback_window.CopyFrom(window_stats.feedback.to_proto())
+    if total.feedback is not None:
+        message.feedback_total.CopyFrom(total.feedback.to_proto())
     return message
 
 
@@ -341,7 +536,7 @@ class MonitorState:
             open_drift.drift.merge(partial.drift)
 
     def close(
-        self, until_ms: int | None, threshold: float, min_records: int = 0
+        self, until_ms: int | None, alpha: float = DEFAULT_ALPHA, min_records: int = 0
     ) -> list[pb.ServingStats | pb.DriftMetrics]:
         """Messages for every window that ended at or before until_ms (None: all of them)."""
         out: list[pb.ServingStats | pb.DriftMetrics] = []
@@ -352,7 +547,7 @@ class MonitorState:
         for key, drift in sorted(self.drift_windows.items(), key=lambda kv: kv[0][1]):
             if until_ms is None or drift.window_end_ms <= until_ms:
                 del self.drift_windows[key]
-                out.append(drift_message(drift, threshold, min_records))
+                out.append(drift_message(drift, alpha, min_records))
         self._forget_old_models()
         return out
 

@@ -27,6 +27,8 @@ from dataflows.core.events import (
     DeadLettered,
     DriftClosed,
     Event,
+    FeedbackHeld,
+    LabelsJoined,
     ModelInstalled,
     ModelServing,
     RecordsReceived,
@@ -114,7 +116,7 @@ RECORDS_SCORED = Counter(
 SCORING_LATENCY = Histogram(
     "waxserve_scoring_latency_seconds",
     "Model time per record: each model call observes its duration divided by its records.",
-    ["data_type", "model"],
+    ["data_type", "model", "version"],
     buckets=LATENCY_BUCKETS,
 )
 BATCH_SIZE = Histogram(
@@ -167,28 +169,135 @@ MODEL_INFO = Gauge(
 )
 DEAD_LETTERS = Counter(
     "waxserve_dead_letters",
-    "Inputs sent to the dead-letter topic, by stage and error class.",
-    ["stage", "reason"],
+    "Inputs sent to the dead-letter topic, by data type, stage and error class (data_type "
+    '"(other)": a data type with no contract or model on this process).',
+    ["data_type", "stage", "reason"],
 )
 DEAD_LETTER_CLASSES: tuple[tuple[str, str], ...] = tuple(
     (str(stage), str(reason)) for stage, reasons in STAGE_REASONS.items() for reason in reasons
 )
 """Every (stage, reason) a dead letter can have."""
-# Exported at 0 from the start: rate() and increase() cannot see a counter's first event
-# when the series appears with it.
-for _stage, _reason in DEAD_LETTER_CLASSES:
-    DEAD_LETTERS.labels(_stage, _reason)
 
-DRIFT = Gauge(
-    "waxserve_drift",
-    "Drift of each feature in the last closed window: metric is psi or mean_shift_sigmas.",
-    ["data_type", "model", "feature", "metric"],
+
+def _dead_letter_series(data_type: str) -> None:
+    """Export every (stage, reason) of a data type at 0: rate() and increase() cannot see
+    a counter's first event when the series appears with it."""
+    for stage, reason in DEAD_LETTER_CLASSES:
+        DEAD_LETTERS.labels(data_type, stage, reason)
+
+
+# Drift (README "Drift"). Per quantity (feature, prediction, label) of a model version,
+# the values of the last window that was judged: a window too small to judge leaves them.
+_DRIFT_LABELS = ["data_type", "model", "version", "quantity", "feature"]
+DRIFT_P_VALUE = Gauge(
+    "waxserve_drift_p_value",
+    "Calibrated p-value of no drift, in the last judged window (feature: the quantity's name).",
+    _DRIFT_LABELS,
+)
+DRIFT_PSI = Gauge(
+    "waxserve_drift_psi",
+    "Population stability index in the last judged window: descriptive, never alarms.",
+    _DRIFT_LABELS,
+)
+DRIFT_DRIFTED = Gauge(
+    "waxserve_drift_drifted",
+    "1 when the quantity drifted in the last judged window (Holm at WAXSERVE_DRIFT_ALPHA).",
+    _DRIFT_LABELS,
+)
+DRIFT_MEAN_SHIFT = Gauge(
+    "waxserve_drift_mean_shift_sigmas",
+    "(window mean - reference mean) / reference std of a numeric quantity, last judged window.",
+    _DRIFT_LABELS,
+)
+DRIFT_QUANTITY_GAUGES = (DRIFT_P_VALUE, DRIFT_DRIFTED, DRIFT_PSI, DRIFT_MEAN_SHIFT)
+# Per model version, every closed window.
+DRIFT_WINDOW_RECORDS = Gauge(
+    "waxserve_drift_window_records",
+    "Records in the last closed drift window of a model version.",
+    ["data_type", "model", "version"],
+)
+DRIFT_JUDGED = Gauge(
+    "waxserve_drift_judged",
+    "1 when the last closed drift window had WAXSERVE_DRIFT_MIN_RECORDS records (was tested).",
+    ["data_type", "model", "version"],
 )
 DRIFT_ALARM = Gauge(
     "waxserve_drift_alarm",
-    "1 when the last closed drift window of a model raised the alarm.",
-    ["data_type", "model"],
+    "1 when the last closed drift window raised the alarm: a quantity drifted at the "
+    "family-wise WAXSERVE_DRIFT_ALPHA (0 for a window too small to judge).",
+    ["data_type", "model", "version"],
 )
+DRIFT_WINDOW_GAUGES = (DRIFT_WINDOW_RECORDS, DRIFT_JUDGED, DRIFT_ALARM)
+
+# --- labels that arrive later (the feedback join): counters of the sums behind every
+# online figure, so Prometheus computes the figures the stats topic carries ---------------
+FEEDBACK_LABELS = Counter(
+    "waxserve_feedback_labels",
+    "Labels from the feedback topic by outcome: matched, unknown, expired, evicted, duplicate.",
+    ["data_type", "outcome"],
+)
+FEEDBACK_OUTCOMES = ("matched", "unknown", "expired", "evicted", "duplicate")
+FEEDBACK_PAIRS = Counter(
+    "waxserve_feedback_pairs",
+    "(prediction, label) pairs joined, by model.",
+    ["data_type", "model", "version"],
+)
+FEEDBACK_SQUARED_ERROR = Counter(
+    "waxserve_feedback_squared_error",
+    "Regressors: sum of (prediction - label)^2 over joined pairs; RMSE = sqrt(this / pairs).",
+    ["data_type", "model", "version"],
+)
+FEEDBACK_ABSOLUTE_ERROR = Counter(
+    "waxserve_feedback_absolute_error",
+    "Regressors: sum of |prediction - label| over joined pairs; MAE = this / pairs.",
+    ["data_type", "model", "version"],
+)
+FEEDBACK_CORRECT = Counter(
+    "waxserve_feedback_correct",
+    "Classifiers: joined pairs predicted right; accuracy = this / pairs.",
+    ["data_type", "model", "version"],
+)
+FEEDBACK_LOG_LOSS = Counter(
+    "waxserve_feedback_log_loss",
+    "Classifiers: sum of -ln p(true class), p clipped to [1e-15, 1]; log loss = this / pairs.",
+    ["data_type", "model", "version"],
+)
+FEEDBACK_HELD = Gauge(
+    "waxserve_feedback_held_predictions",
+    "Predictions a feedback key of this process holds for labels to come.",
+    ["data_type", "key"],
+)
+FEEDBACK_HELD_BYTES = Gauge(
+    "waxserve_feedback_held_bytes",
+    "Bytes of the predictions a feedback key of this process holds.",
+    ["data_type", "key"],
+)
+FEEDBACK_MODEL_COUNTERS = (
+    FEEDBACK_PAIRS,
+    FEEDBACK_SQUARED_ERROR,
+    FEEDBACK_ABSOLUTE_ERROR,
+    FEEDBACK_CORRECT,
+    FEEDBACK_LOG_LOSS,
+)
+
+
+def labels_joined(event: LabelsJoined) -> None:
+    """Count a feedback key's label outcomes and the sums of its joined pairs."""
+    counts = vars(event.counts)
+    for outcome in FEEDBACK_OUTCOMES:
+        # Every outcome's series exists from the first label on (rate() sees the first).
+        FEEDBACK_LABELS.labels(event.data_type, outcome).inc(counts[outcome])
+    for pairs in event.pairs:
+        quality = pairs.quality()
+        labels = (pairs.identity.data_type, pairs.identity.name, pairs.identity.version)
+        FEEDBACK_PAIRS.labels(*labels).inc(quality.pairs)
+        if quality.classifier:
+            FEEDBACK_CORRECT.labels(*labels).inc(quality.correct)
+            if quality.log_loss_count:
+                FEEDBACK_LOG_LOSS.labels(*labels).inc(quality.log_loss)
+        else:
+            FEEDBACK_SQUARED_ERROR.labels(*labels).inc(quality.squared_error)
+            FEEDBACK_ABSOLUTE_ERROR.labels(*labels).inc(quality.absolute_error)
 
 
 def model_installed(data_type: str, name: str, version: str, sha256: str, fmt: int) -> None:
@@ -200,14 +309,21 @@ def model_installed(data_type: str, name: str, version: str, sha256: str, fmt: i
 
 
 def drift_window_closed(message: pb.DriftMetrics) -> None:
-    """Publish a closed drift window's per-feature PSI and mean shift, and its alarm."""
-    model = f"{message.model_name}:{message.model_version}"
+    """Publish a closed drift window: its records, whether it was judged and alarmed, and,
+    when judged, each tested quantity's p-value, PSI and mean shift."""
+    model = (message.data_type, message.model_name, message.model_version)
+    DRIFT_WINDOW_RECORDS.labels(*model).set(message.record_count)
+    DRIFT_JUDGED.labels(*model).set(1 if message.judged else 0)
+    DRIFT_ALARM.labels(*model).set(1 if message.alarm else 0)
     for feature in message.features:
-        DRIFT.labels(message.data_type, model, feature.feature, "psi").set(feature.psi)
-        DRIFT.labels(message.data_type, model, feature.feature, "mean_shift_sigmas").set(
-            feature.mean_shift_sigmas
-        )
-    DRIFT_ALARM.labels(message.data_type, model).set(1 if message.alarm else 0)
+        if not feature.HasField("p_value"):  # not tested: its last tested values stand
+            continue
+        labels = (*model, feature.quantity or "feature", feature.feature)
+        DRIFT_P_VALUE.labels(*labels).set(feature.p_value)
+        DRIFT_DRIFTED.labels(*labels).set(1 if feature.drifted else 0)
+        DRIFT_PSI.labels(*labels).set(feature.psi)
+        if not feature.categorical:
+            DRIFT_MEAN_SHIFT.labels(*labels).set(feature.mean_shift_sigmas)
 
 
 CONTRACT_INSTALLS = Counter(
@@ -223,8 +339,10 @@ after a swap still sees the old model's last counts. Older ones' series are remo
 a data type that swaps models every hour does not grow /metrics for good."""
 
 UNKNOWN_DATA_TYPE = "(other)"
-"""The data_type label of a rejection for a data type with no contract here: names off the
-wire must not each make a series (the events and dead-letter topics name them)."""
+"""The data_type label of a rejection or dead letter of a data type with no contract or
+model here: names off the wire must not each make a series (the events and dead-letter
+topics name them). Series per data type are bounded by the registry's max_data_types."""
+_dead_letter_series(UNKNOWN_DATA_TYPE)
 
 
 class _SeriesBook:
@@ -236,36 +354,45 @@ class _SeriesBook:
         self.data_types: set[str] = set()  # data types with a contract or model here
         self._lock = threading.Lock()
 
+    def add_data_type(self, data_type: str) -> None:
+        """A data type has a contract or a model here: it gets series of its own."""
+        with self._lock:
+            new = data_type not in self.data_types
+            self.data_types.add(data_type)
+        if new:
+            _dead_letter_series(data_type)
+
     def touch(self, data_type: str, name: str, version: str) -> None:
         """A model of `data_type` serves or scored; retire the series of the oldest others."""
+        self.add_data_type(data_type)
         with self._lock:
-            self.data_types.add(data_type)
             models = self._models.setdefault(data_type, OrderedDict())
             models[(name, version)] = None
             models.move_to_end((name, version))
             evicted = []
             while len(models) > 1 + self._kept:
                 evicted.append(models.popitem(last=False)[0])
-            names = {n for n, _ in models}
         for old_name, old_version in evicted:
-            _remove_model_series(data_type, old_name, old_version, old_name in names)
+            _remove_model_series(data_type, old_name, old_version)
 
 
 SERIES = _SeriesBook(RETIRED_MODELS_WITH_SERIES)
 """The models and data types this process's metrics have series for."""
 
 
-def _remove_model_series(data_type: str, name: str, version: str, name_in_use: bool) -> None:
+def _remove_model_series(data_type: str, name: str, version: str) -> None:
     """Remove every series of one model of a data type."""
     for counter in (RECORDS_SCORED, LABELLED_RECORDS, SQUARED_ERROR, CORRECT_PREDICTIONS):
         _remove(counter, data_type, name, version)
-    if not name_in_use:  # labelled by name only: shared with the other versions
-        _remove(SCORING_LATENCY, data_type, name)
-    model = f"{name}:{version}"
-    _remove(DRIFT_ALARM, data_type, model)
-    for labels in list(DRIFT._metrics):
-        if labels[0] == data_type and labels[1] == model:
-            _remove(DRIFT, *labels)
+    for counter in FEEDBACK_MODEL_COUNTERS:
+        _remove(counter, data_type, name, version)
+    _remove(SCORING_LATENCY, data_type, name, version)
+    for gauge in DRIFT_WINDOW_GAUGES:
+        _remove(gauge, data_type, name, version)
+    for gauge in DRIFT_QUANTITY_GAUGES:
+        for labels in list(gauge._metrics):
+            if labels[:3] == (data_type, name, version):
+                _remove(gauge, *labels)
     for labels in list(MODEL_INFO._metrics):
         if labels[:3] == (data_type, name, version):
             _remove(MODEL_INFO, *labels)
@@ -283,7 +410,7 @@ def on_event(event: Event) -> None:
             labels = (identity.data_type, identity.name, identity.version)
             SERIES.touch(*labels)
             RECORDS_SCORED.labels(*labels).inc(scored)
-            SCORING_LATENCY.labels(identity.data_type, identity.name).observe(seconds / rows)
+            SCORING_LATENCY.labels(*labels).observe(seconds / rows)
             BATCH_SIZE.labels(identity.data_type).observe(rows)
             END_TO_END_LAG.observe_many((identity.data_type,), event.lags_s)
             quality = event.quality
@@ -311,13 +438,19 @@ def on_event(event: Event) -> None:
             known = data_type in SERIES.data_types
             MODEL_REJECTIONS.labels(data_type if known else UNKNOWN_DATA_TYPE, reason).inc()
         case ContractInstalled(data_type=data_type):
-            SERIES.data_types.add(data_type)
+            SERIES.add_data_type(data_type)
             CONTRACT_INSTALLS.labels(data_type).inc()
-        case DeadLettered(stage=stage, reason=reason):
-            DEAD_LETTERS.labels(stage, reason).inc()
+        case DeadLettered(data_type=data_type, stage=stage, reason=reason):
+            known = data_type in SERIES.data_types
+            DEAD_LETTERS.labels(data_type if known else UNKNOWN_DATA_TYPE, stage, reason).inc()
         case DriftClosed(message=message):
             SERIES.touch(message.data_type, message.model_name, message.model_version)
             drift_window_closed(message)
+        case LabelsJoined():
+            labels_joined(event)
+        case FeedbackHeld(data_type=data_type, key=key):
+            FEEDBACK_HELD.labels(data_type, key).set(event.predictions)
+            FEEDBACK_HELD_BYTES.labels(data_type, key).set(event.nbytes)
         case _:
             pass
 
@@ -358,6 +491,13 @@ def kafka_unreachable(client: str, down: bool) -> None:
         count = max(0, _unreachable_count.get(client, 0) + (1 if down else -1))
         _unreachable_count[client] = count
         KAFKA_UNREACHABLE.labels(client).set(1 if count else 0)
+
+
+def unreachable_clients() -> list[str]:
+    """The Kafka clients ("producer", "consumer") of this process that reach no broker now
+    (what waxserve_kafka_unreachable shows): the health endpoint's readiness asks."""
+    with _unreachable_lock:
+        return [client for client, count in _unreachable_count.items() if count]
 
 
 def input_topic_reset(topic: str) -> None:

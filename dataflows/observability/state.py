@@ -10,7 +10,9 @@ a few additions) and serves it read-only:
 - `GET /process`: who this process is (Bytewax process id, host, pid, state address) and
   its models;
 - `GET /processes`: every process of the cluster: this one plus each peer's `/process`,
-  so one request (through one port-forward) shows the whole cluster.
+  so one request (through one port-forward) shows the whole cluster;
+- `GET /healthz` (liveness) and `GET /readyz` (readiness): 200 or 503, with the checks as
+  JSON (see `StateServer.liveness` and `StateServer.readiness` for what they mean).
 
 Numbers here are per process; the stats topic carries the cluster-wide totals.
 """
@@ -28,7 +30,7 @@ import sys
 import threading
 import time
 import uuid
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -38,8 +40,20 @@ from urllib.parse import unquote
 from urllib.request import urlopen
 
 from dataflows.core.descriptors import FORMAT_NAMES
-from dataflows.core.events import BatchScored, DriftClosed, Event, ModelServing, Quality
+from dataflows.core.events import (
+    BatchScored,
+    DeadLettered,
+    DriftClosed,
+    Event,
+    LabelsJoined,
+    ModelServing,
+    Quality,
+)
+from dataflows.core.lifecycle import LIFECYCLE, Lifecycle
+from dataflows.core.reasons import Reason, Stage
+from dataflows.monitoring.quality import LabelCounts, QualityAccumulator
 from dataflows.monitoring.windows import ModelIdentity, StatsAccumulator
+from dataflows.observability.metrics import unreachable_clients
 from protos import waxserve_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -69,6 +83,14 @@ class ProcessState:
         self._lock = threading.Lock()
         self._models: dict[ModelIdentity, HeldModel] = {}
         self._drift: dict[tuple[str, str, str], dict[str, Any]] = {}
+        # Labels that came later, joined by this process's feedback keys: quality per
+        # model, and what became of the labels per data type.
+        self._feedback: dict[tuple[str, str, str], QualityAccumulator] = {}
+        self._labels: dict[str, LabelCounts] = {}
+        # Data types whose records this process dead-lettered for want of a model since a
+        # shard here last started serving one: records of theirs arrive, and none serves.
+        # (no_model means a contract here: as many as max_data_types at most)
+        self._waiting: dict[str, int] = {}
 
     def installed(self, identity: ModelIdentity, previous: ModelIdentity | None) -> None:
         """A shard now serves `identity` instead of `previous`."""
@@ -76,6 +98,7 @@ class ProcessState:
             return
         now_ms = int(self._clock() * 1000)
         with self._lock:
+            self._waiting.pop(identity.data_type, None)
             held = self._models.get(identity)
             if held is None:
                 held = self._models[identity] = HeldModel(identity, now_ms)
@@ -113,20 +136,66 @@ class ProcessState:
                 self.scored(identity, scored, seconds, quality)
             case DriftClosed(message=message):
                 self.drift_closed(message)
+            case LabelsJoined():
+                self.labels_joined(event)
+            case DeadLettered(data_type=data_type, stage=stage, reason=reason):
+                # Records of a data type with a contract here waited for a model in vain.
+                if stage == Stage.SCORE and reason == Reason.NO_MODEL:
+                    self.no_model(data_type)
             case _:
                 pass
 
+    def no_model(self, data_type: str) -> None:
+        """A record of `data_type` was dead-lettered here because no model serves it."""
+        with self._lock:
+            self._waiting[data_type] = self._waiting.get(data_type, 0) + 1
+
+    def waiting_for_a_model(self) -> dict[str, int]:
+        """Data types waiting for a model here, with their records dead-lettered since."""
+        with self._lock:
+            return dict(self._waiting)
+
+    def labels_joined(self, event: LabelsJoined) -> None:
+        """A feedback key here joined labels: add up their quality per model."""
+        qualities = [(_drift_key(p.identity), p.quality()) for p in event.pairs]
+        with self._lock:
+            self._labels.setdefault(event.data_type, LabelCounts()).merge(event.counts)
+            for key, quality in qualities:
+                held = self._feedback.get(key)
+                if held is None:
+                    held = self._feedback[key] = QualityAccumulator()
+                held.merge(quality)
+            # Models a data type no longer has here leave, as drift summaries do.
+            mine = [k for k in self._feedback if k[0] == event.data_type]
+            for old in mine[: max(0, len(mine) - RETIRED_MODELS_KEPT - 1)]:
+                del self._feedback[old]
+
     def drift_closed(self, message: pb.DriftMetrics) -> None:
-        """The last closed drift window of a model, merged over the cluster's shards."""
-        worst = sorted(message.features, key=lambda f: f.psi, reverse=True)[:3]
+        """The last closed drift window of a model, merged over the cluster's shards: its
+        three most drifted quantities (smallest p-value; by PSI in a window too small to
+        judge, which has none)."""
+        worst = sorted(
+            message.features,
+            key=lambda f: (f.p_value, -f.psi) if f.HasField("p_value") else (2.0, -f.psi),
+        )[:3]
         summary = {
             "window_start_ms": message.window_start_ms,
             "window_end_ms": message.window_end_ms,
             "record_count": message.record_count,
+            "judged": message.judged,
+            "alpha": message.alpha,
             "max_psi": message.max_psi,
             "alarm": message.alarm,
             "top_features": [
-                {"feature": f.feature, "psi": f.psi, "mean_shift_sigmas": f.mean_shift_sigmas}
+                {
+                    "feature": f.feature,
+                    "quantity": f.quantity or "feature",
+                    "p_value": f.p_value if f.HasField("p_value") else None,
+                    "drifted": f.drifted,
+                    "psi": f.psi,
+                    "mean_shift_sigmas": f.mean_shift_sigmas,
+                    "record_count": f.record_count,
+                }
                 for f in worst
             ],
         }
@@ -163,6 +232,11 @@ class ProcessState:
                 if data_type is None or m.identity.data_type == data_type
             ]
             rows = [_model_json(m, self._drift.get(_drift_key(m.identity))) for m in held]
+            for m, row in zip(held, rows, strict=True):
+                quality = self._feedback.get(_drift_key(m.identity))
+                labels = self._labels.get(m.identity.data_type)
+                row["feedback"] = quality.to_json() if quality is not None else None
+                row["feedback_labels"] = vars(labels).copy() if labels is not None else None
         rows.sort(key=lambda r: (r["data_type"], not r["serving"], -r["loaded_at_ms"]))
         return rows
 
@@ -449,6 +523,8 @@ class StateServer:
     timeout_s: float = CONNECTION_TIMEOUT_S
     max_handlers: int = MAX_HANDLERS
     max_waiting: int = MAX_WAITING
+    lifecycle: Lifecycle = LIFECYCLE
+    unreachable: Callable[[], list[str]] = unreachable_clients
     _server: _StateHTTPServer | None = None
     _instance: str = field(default_factory=lambda: uuid.uuid4().hex)
 
@@ -505,6 +581,46 @@ class StateServer:
             "models": self.state.models(),
         }
 
+    def liveness(self) -> tuple[bool, dict[str, Any]]:
+        """`/healthz`: live while the dataflow runs and is not stopping.
+
+        Running: Bytewax has started running the dataflow's steps, which it does once every
+        process of the cluster is connected (`lifecycle.running`); stopping: SIGTERM or
+        SIGINT arrived (the process ends within a few seconds). An answer at all also says
+        the interpreter is not wedged: this runs Python code.
+        """
+        running, stopping = self.lifecycle.running(), self.lifecycle.stopping()
+        body: dict[str, Any] = {
+            "live": running and not stopping,
+            "running": running,
+            "stopping": stopping,
+        }
+        if stopping:
+            body["reason"] = self.lifecycle.reason
+        return body["live"], body
+
+    def readiness(self) -> tuple[bool, dict[str, Any]]:
+        """`/readyz`: ready when live, every Kafka client of this process reaches a broker,
+        and no data type waits for a model here.
+
+        Kafka: no producer or consumer has lost every broker (`waxserve_kafka_unreachable`
+        is 0). A data type waits for a model from the moment this process dead-letters one
+        of its records as `no_model` (it has a contract, and its records waited
+        WAXSERVE_NO_MODEL_WAIT_S for a model in vain) until a shard here serves a model of
+        it. A data type with a contract whose records do not arrive expects no model, and
+        one whose model is loading is not waited for while its records are held.
+        """
+        live, _ = self.liveness()
+        unreachable = self.unreachable()
+        waiting = self.state.waiting_for_a_model()
+        checks: dict[str, dict[str, Any]] = {
+            "live": {"ok": live},
+            "kafka": {"ok": not unreachable, "unreachable": unreachable},
+            "models": {"ok": not waiting, "waiting": waiting},
+        }
+        ready = all(check["ok"] for check in checks.values())
+        return ready, {"ready": ready, "checks": checks}
+
     def processes(self) -> list[dict[str, Any]]:
         """This process and every peer's `/process` (or why it could not be reached)."""
         out = [self.process()]
@@ -543,8 +659,18 @@ def _handler(server: StateServer) -> type[BaseHTTPRequestHandler]:
                 self._json(HTTPStatus.OK, server.process())
             elif path == "/processes":
                 self._json(HTTPStatus.OK, server.processes())
+            elif path in ("/healthz", "/readyz"):
+                ok, body = server.liveness() if path == "/healthz" else server.readiness()
+                self._json(HTTPStatus.OK if ok else HTTPStatus.SERVICE_UNAVAILABLE, body)
             else:
-                endpoints = ["/models", "/state/<data_type>", "/process", "/processes"]
+                endpoints = [
+                    "/models",
+                    "/state/<data_type>",
+                    "/process",
+                    "/processes",
+                    "/healthz",
+                    "/readyz",
+                ]
                 self._json(
                     HTTPStatus.NOT_FOUND, {"error": "no such endpoint", "endpoints": endpoints}
                 )
@@ -571,11 +697,15 @@ def _handler(server: StateServer) -> type[BaseHTTPRequestHandler]:
 
 
 def cluster_hosts(argv: Sequence[str] = sys.argv, env: Mapping[str, str] = os.environ) -> list[str]:
-    """Hosts of the Bytewax cluster's processes (`-a` / BYTEWAX_ADDRESSES), if any."""
+    """Hosts of the Bytewax cluster's processes, if any: where bytewax.run finds them
+    (`-a`, BYTEWAX_ADDRESSES, else the file BYTEWAX_HOSTFILE_PATH names, one a line)."""
     addresses = env.get("BYTEWAX_ADDRESSES", "")
     for i, arg in enumerate(argv):
         if arg in ("-a", "--addresses") and i + 1 < len(argv):
             addresses = argv[i + 1]
+    if not addresses and env.get("BYTEWAX_HOSTFILE_PATH"):
+        with open(env["BYTEWAX_HOSTFILE_PATH"]) as hostfile:
+            addresses = ";".join(line.strip() for line in hostfile)
     return [split_address(a.strip())[0] for a in addresses.split(";") if a.strip()]
 
 
@@ -593,5 +723,8 @@ def start_state_server(bind: str, peers: str) -> StateServer | None:
         port = split_address(bind)[1]
         peer_list = [f"{host}:{port}" for host in dict.fromkeys(cluster_hosts())]
     server = StateServer(PROCESS_STATE, bind, peers=peer_list, process_id=bytewax_process_id())
-    log.info("queryable state on %s (GET /models, /state/<data_type>, /processes)", server.start())
+    log.info(
+        "queryable state on %s (GET /models, /state/<data_type>, /processes, /healthz, /readyz)",
+        server.start(),
+    )
     return server

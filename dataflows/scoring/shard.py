@@ -54,6 +54,7 @@ from dataflows.core.records import (
     RecordColumns,
     record_columns,
 )
+from dataflows.monitoring.feedback import Feedback, FeedbackRun, LabelBatch, PredictionBatch
 from dataflows.monitoring.windows import (
     DriftAccumulator,
     DriftPartial,
@@ -87,7 +88,7 @@ class ScoredBatch:
     data_type: str
 
 
-ShardOut = ScoredBatch | DeadLetter | StatsPartial | DriftPartial
+ShardOut = ScoredBatch | DeadLetter | StatsPartial | DriftPartial | PredictionBatch | LabelBatch
 
 
 # --- state -------------------------------------------------------------------------------
@@ -321,6 +322,33 @@ class ShardWindows:
             categorical = text[:, binding.reference_text_columns]
         drift.drift.add(reference, numeric[:, binding.reference_columns], categorical)
 
+    def add_outputs(
+        self,
+        state: ShardState,
+        binding: Binding,
+        now_ms: int,
+        prediction: Prediction,
+        labels: np.ndarray,
+    ) -> None:
+        """Count one model call's valid predictions, and the labels of those records, in
+        the drift window `add` opened for it (when the reference profiles them)."""
+        reference = binding.spec.reference
+        if reference is None or (reference.prediction is None and reference.label is None):
+            return
+        drift = state.drift.get((binding.spec.identity, window_start(now_ms, self._drift_ms)))
+        if drift is None:
+            return
+        valid = prediction.valid
+        everything = bool(valid.all())
+        outputs: np.ndarray | list[str] | None = prediction.values
+        reference_prediction = reference.prediction
+        if reference_prediction is not None and reference_prediction.categorical:
+            outputs = prediction.labels  # a classifier's classes
+        if outputs is not None and not everything:
+            outputs = np.asarray(outputs, dtype=object if isinstance(outputs, list) else None)
+            outputs = outputs[valid]
+        drift.drift.add_outputs(reference, outputs, labels if everything else labels[valid])
+
     def close(self, state: ShardState, *, everything: bool = False) -> list[ShardOut]:
         """Partials for windows that have ended (all open windows when `everything`)."""
         now_ms = int(self._clock() * 1000)
@@ -406,9 +434,12 @@ class ShardScorer:
         codecs: CodecCache = CODECS,
         data_types: DataTypeTable = SHARD_DATA_TYPES,
         held_budget: HeldBudget | None = None,
+        feedback: Feedback | None = None,
     ) -> None:
         self.state = state if state is not None else ShardState()
         self._monitoring = monitoring
+        # Delayed labels: which data types keep predictions, and how labels are keyed.
+        self._feedback = feedback if feedback is not None else Feedback((), 1)
         self._scored_by = f"{socket.gethostname()}/{os.getpid()}"
         self._clock = clock
         self._onnx_threads = onnx_threads
@@ -538,6 +569,8 @@ class ShardScorer:
             # No contract or model yet: on a fresh start records can outrun the control
             # topic, and after a resume the registry re-sends a moment later.
             return list(self._held.hold(dt, run))
+        if isinstance(run, FeedbackRun):  # labels: decoded by the contract's id and label
+            return list(self._feedback.labels(run, dt.contract, int(self._clock() * 1000)))
         try:
             decoded = self._codecs.get(dt.contract).decode(run.values, run.headers)
             columns, dead = record_columns(run, dt.contract, decoded)
@@ -629,6 +662,8 @@ class ShardScorer:
         messages = scored_messages(run, spec.identity, prediction, elapsed, now_ms, self._scored_by)
         offsets = (run.offsets if valid.all() else run.offsets[valid]).tolist()
         out.append(ScoredBatch(f"{run.topic}/{run.partition}", messages, offsets, run.data_type))
+        if self._feedback.keeps(self.state.data_types[run.data_type].contract):
+            out.extend(self._feedback.predictions(run, spec.identity, prediction, now_ms))
         scored = int(valid.sum())
         quality = labelled_quality(prediction, run.labels)
         lags = (now_ms - run.event_time_ms[valid]) / 1000.0
@@ -640,6 +675,7 @@ class ShardScorer:
             self._windows.add(
                 self.state, binding, now_ms, scored, elapsed, quality, numeric, text_rows
             )
+            self._windows.add_outputs(self.state, binding, now_ms, prediction, run.labels)
         return out
 
     @staticmethod

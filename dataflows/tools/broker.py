@@ -324,6 +324,7 @@ def topic_specs(
     for name, topic in field_topics.items():
         compacted = name in COMPACTED_TOPIC_FIELDS
         policies[topic] = "compact" if compacted else config.output_cleanup_policy
+    policies[config.feedback_topic] = "delete"  # an input, like the record topics
     specs = {
         topic: TopicSpec(topic, count, _topic_settings(config, policies[topic]))
         for topic, count in wanted.items()

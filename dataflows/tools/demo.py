@@ -106,6 +106,10 @@ DEMO_SHIFT_FEATURE = "alcohol"
 DEMO_SHIFT_DELTA = 3.0
 DEMO_STATS_INTERVAL_S = 2.0
 DEMO_DRIFT_WINDOW_S = 5.0
+DEMO_LABEL_DELAY_S = 5.0
+"""The demo sends each wine record's label this long after the record, on the feedback
+topic, as labels that arrive later: the dashboard's online quality per version."""
+DEMO_FEEDBACK_DATA_TYPES = (WINE,)
 DEMO_READY_TIMEOUT_S = 120.0
 """How long the dataflow may take to start and install the first models."""
 DEMO_CATCH_UP_TIMEOUT_S = 15.0
@@ -370,6 +374,7 @@ class ReplayStream:
         *,
         share: int = 1,
         data_type_header: str = "data-type",
+        feedback_topic: str = "",
     ) -> None:
         self.contract = contract
         self.csv = csv
@@ -377,6 +382,15 @@ class ReplayStream:
         self.share = share
         self._lines = shuffled_lines(csv, header=contract.csv.header)
         self._encoder = RecordEncoder(contract, data_type_header=data_type_header)
+        # Labels that arrive later: each record's label, due DEMO_LABEL_DELAY_S after it.
+        self.feedback_topic = feedback_topic
+        self._labeller = (
+            RecordEncoder(contract, data_type_header=data_type_header, feedback=True)
+            if feedback_topic
+            else None
+        )
+        self.labels: collections.deque[tuple[float, bytes, bytes, OutHeaders]] = collections.deque()
+        self.label_report = DeliveryReport()
         self._extra: collections.deque[tuple[str, bytes]] = collections.deque()
         self.report = DeliveryReport()
         self.produced = 0
@@ -424,7 +438,22 @@ class ReplayStream:
             raw, record_id=record_id, event_time_ms=event_time_ms
         )
         self.produced += 1
+        if self._labeller is not None:
+            label, label_headers, ok = self._labeller.encode(
+                raw, record_id=record_id, event_time_ms=event_time_ms
+            )
+            if ok:  # a line that does not read has no label to send
+                due = time.monotonic() + DEMO_LABEL_DELAY_S
+                self.labels.append((due, record_id.encode(), label, label_headers))
         return record_id.encode(), value, headers
+
+    def due_labels(self, now: float) -> list[tuple[bytes, bytes, OutHeaders]]:
+        """The labels whose delay has passed, as key, value and headers."""
+        out = []
+        while self.labels and self.labels[0][0] <= now:
+            _, key, value, headers = self.labels.popleft()
+            out.append((key, value, headers))
+        return out
 
     def counts(self) -> SentCounts:
         """What was sent so far."""
@@ -538,6 +567,9 @@ class DemoReplay:
             self.produced += 1
             if self.produced % 1000 == 0:
                 producer.poll(0)
+            if stream.feedback_topic:
+                for label in stream.due_labels(time.monotonic()):
+                    produce(producer, stream.feedback_topic, *label, stream.label_report)
 
 
 # --- what came out -----------------------------------------------------------------------
@@ -701,6 +733,9 @@ class DemoStats:
     recent_scored: int = 0
     first_scored_ms: int = 0
     last_scored_ms: int = 0
+    shifted_scored_ms: tuple[int, int] | None = None
+    """When the first and the last record of the drift burst were scored: the drift windows
+    (processing time) that hold them."""
     notes: list[str] = dataclasses.field(default_factory=list)
     """Noteworthy things seen (model events, drift alarms), for the caller to print."""
 
@@ -758,6 +793,12 @@ class DemoStats:
             if not self.first_scored_ms or rec.scored_at_ms < self.first_scored_ms:
                 self.first_scored_ms = rec.scored_at_ms
             self.last_scored_ms = max(self.last_scored_ms, rec.scored_at_ms)
+            if rec.record_id.endswith("-shifted"):
+                span = self.shifted_scored_ms or (rec.scored_at_ms, rec.scored_at_ms)
+                self.shifted_scored_ms = (
+                    min(span[0], rec.scored_at_ms),
+                    max(span[1], rec.scored_at_ms),
+                )
 
     def add_dead_letter(self, headers: Mapping[str, str]) -> None:
         """A dead letter, by its `waxserve.*` headers."""
@@ -894,9 +935,33 @@ class DemoStats:
 
 
 def top_feature(drift: pb.DriftMetrics) -> tuple[str, float]:
-    """The feature with the largest PSI in a drift window, and its PSI."""
-    best = max(drift.features, key=lambda f: f.psi, default=None)
+    """The most drifted quantity of a drift window (smallest p-value; in a window too small
+    to judge, largest PSI), and its PSI."""
+    best = min(
+        drift.features,
+        key=lambda f: (f.p_value if f.HasField("p_value") else 2.0, -f.psi),
+        default=None,
+    )
     return (best.feature, best.psi) if best is not None else ("-", 0.0)
+
+
+def burst_alarms(stats: DemoStats) -> list[pb.DriftMetrics]:
+    """The wine drift alarms of windows that hold records of the drift burst (drift windows
+    are in processing time: when the shifted records were scored, not sent)."""
+    tally = stats.tallies.get(WINE)
+    if stats.shifted_scored_ms is None or tally is None:
+        return []
+    first, last = stats.shifted_scored_ms
+    return [d for d in tally.drift_alarms if d.window_start_ms <= last and d.window_end_ms > first]
+
+
+def burst_reported(stats: DemoStats) -> bool:
+    """Whether the wine drift windows up to the last scored record of the burst have been
+    reported (the monitor closes windows in time order)."""
+    tally = stats.tallies.get(WINE)
+    latest = tally.latest_drift if tally is not None else None
+    shifted = stats.shifted_scored_ms
+    return shifted is not None and latest is not None and latest.window_end_ms > shifted[1]
 
 
 # --- text --------------------------------------------------------------------------------
@@ -1223,6 +1288,7 @@ def dataflow_env(
     env["WAXSERVE_RECORDS_TOPICS"] = config.records_topics
     env["WAXSERVE_STATS_INTERVAL_S"] = str(DEMO_STATS_INTERVAL_S)
     env["WAXSERVE_DRIFT_WINDOW_S"] = str(DEMO_DRIFT_WINDOW_S)
+    env.setdefault("WAXSERVE_FEEDBACK_DATA_TYPES", ",".join(DEMO_FEEDBACK_DATA_TYPES))
     if fetch_wait_ms is not None:
         env["WAXSERVE_FETCH_WAIT_MS"] = str(fetch_wait_ms)
     env["BYTEWAX_DATAFLOW_API_CACHE_PATH"] = str(workdir / "bytewax")
@@ -1273,6 +1339,8 @@ class Demo:
         self.interrupted = False
         self.failure = ""
         self._last_update: float | None = None
+        self.burst_sent = False
+        """Whether the drift burst was sent: the promise of a drift alarm to check."""
 
     # --- the run ---------------------------------------------------------------------
 
@@ -1473,6 +1541,9 @@ class Demo:
                 self.topics[d.data_type],
                 share=d.share,
                 data_type_header=self.config.data_type_header,
+                feedback_topic=(
+                    self.config.feedback_topic if d.data_type in DEMO_FEEDBACK_DATA_TYPES else ""
+                ),
             )
             for d in self.data
         ]
@@ -1498,7 +1569,12 @@ class Demo:
         replay.stop(wait=False)
         deadline = time.monotonic() + timeout
         while replay.running or (
-            (self.stats.accounted < replay.delivered or not self.stats.settled(self.published))
+            (
+                self.stats.accounted < replay.delivered
+                or not self.stats.settled(self.published)
+                # The drift windows of the burst close a window (and grace) after it.
+                or (self.burst_sent and not burst_reported(self.stats))
+            )
             and time.monotonic() < deadline
         ):
             if replay.running:
@@ -1555,6 +1631,13 @@ class Demo:
                 file=sys.stderr,
             )
             return 1
+        if self.burst_sent and not burst_alarms(self.stats):
+            print(
+                f"waxserve demo: the {DEMO_SHIFT_FEATURE} burst raised no drift alarm; the "
+                f"dataflow log is kept in {self.workdir}",
+                file=sys.stderr,
+            )
+            return 1
         return 0
 
     # --- steps -----------------------------------------------------------------------
@@ -1576,6 +1659,7 @@ class Demo:
             self._event(f"published {desc.name}:{desc.version} with a wrong sha256 (tampered)")
         elif step.action == "shift":
             self.replay.shift(step.seconds)
+            self.burst_sent = True
             self._event(
                 f"{DEMO_SHIFT_FEATURE} {DEMO_SHIFT_DELTA:+g} in the {WINE} records of the next "
                 f"{step.seconds:g} s (drift)"
@@ -1709,7 +1793,8 @@ class Demo:
             return False
         sent = {dt: counts.sent for dt, counts in replay.sent().items()}
         lost = any(self.stats.unaccounted_by_type(sent).values())
-        return lost and not self.interrupted
+        no_alarm = self.burst_sent and not burst_alarms(self.stats)
+        return (lost or no_alarm) and not self.interrupted
 
     def _clean_workdir(self) -> None:
         if not self._keep_workdir():

@@ -20,10 +20,19 @@ from google.protobuf.message import Message as ProtoMessage
 
 from dataflows.contracts.codecs import Codec, codec_for
 from dataflows.contracts.codecs.base import Decoded
-from dataflows.contracts.schema import CONTENT_TYPES, Contract, CsvOptions, Encoding, FieldType
+from dataflows.contracts.schema import (
+    CONTENT_TYPES,
+    Contract,
+    ContractError,
+    CsvOptions,
+    Encoding,
+    FieldType,
+)
 from dataflows.core.config import Config
 from dataflows.core.descriptors import control_message
+from dataflows.core.reasons import Reason
 from dataflows.core.records import CONTENT_TYPE_HEADER
+from dataflows.monitoring.feedback import feedback_contract
 from dataflows.tools.broker import control_message_key, ensure_topic, kafka_settings
 from protos import waxserve_pb2 as pb
 
@@ -154,6 +163,9 @@ class RecordEncoder:
     header and, unless it is in the contract's own encoding, a content-type header. A line
     that does not read goes out as its raw bytes marked text/csv, so that the dataflow
     dead-letters it with the reason instead of it being lost here.
+
+    With `feedback`, a line becomes its label message instead, for the feedback topic: the
+    contract's id, event-time and label fields only (`feedback_contract`).
     """
 
     def __init__(
@@ -164,6 +176,7 @@ class RecordEncoder:
         delimiter: str | None = None,
         columns: tuple[str, ...] | None = None,
         data_type_header: str = "data-type",
+        feedback: bool = False,
     ) -> None:
         self.contract = contract
         self.encoding = encoding or contract.encoding
@@ -171,7 +184,13 @@ class RecordEncoder:
             delimiter or contract.csv.delimiter, columns or contract.csv_columns, False
         )
         self._reader = codec_for(dataclasses.replace(contract, csv=csv), Encoding.CSV)
-        self._writer: Codec = codec_for(contract, self.encoding)
+        written = contract
+        if feedback:
+            cut = feedback_contract(contract)
+            if isinstance(cut, str):
+                raise ContractError(Reason.MISSING_FIELD, cut)
+            written = cut
+        self._writer: Codec = codec_for(written, self.encoding)
         type_header = (data_type_header, contract.data_type.encode())
         self._headers: OutHeaders = [type_header]
         if self.encoding is not contract.encoding:

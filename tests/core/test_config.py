@@ -46,7 +46,11 @@ def test_defaults_and_overrides_from_environment() -> None:
         ({"WAXSERVE_ONNX_THREADS": "0"}, "WAXSERVE_ONNX_THREADS=0: must be an integer from 1"),
         ({"WAXSERVE_NO_MODEL_WAIT_S": "nan"}, "WAXSERVE_NO_MODEL_WAIT_S='nan': expected a num"),
         ({"WAXSERVE_NO_MODEL_WAIT_S": "inf"}, "WAXSERVE_NO_MODEL_WAIT_S='inf': expected a num"),
-        ({"WAXSERVE_DRIFT_PSI_THRESHOLD": "-0.2"}, "THRESHOLD=-0.2: must be a PSI > 0"),
+        ({"WAXSERVE_DRIFT_ALPHA": "0"}, "WAXSERVE_DRIFT_ALPHA=0.0: must be a probability from"),
+        ({"WAXSERVE_DRIFT_ALPHA": "0.9"}, "WAXSERVE_DRIFT_ALPHA=0.9: must be a probability from"),
+        ({"WAXSERVE_DRIFT_PSI_THRESHOLD": "0.25"}, "WAXSERVE_DRIFT_PSI_THRESHOLD is no longer a "
+         "waxserve setting: drift alarms come from calibrated tests now: set the family-wise "
+         "false-alarm rate with WAXSERVE_DRIFT_ALPHA instead"),
         ({"WAXSERVE_STATS_INTERVAL_S": "0"}, "WAXSERVE_STATS_INTERVAL_S=0.0: must be seconds > 0"),
         ({"WAXSERVE_BROKERS": ""}, "WAXSERVE_BROKERS='': name at least one host:port"),
         ({"WAXSERVE_DELIVERY": "once"}, "WAXSERVE_DELIVERY='once': one of at-least-once, exa"),

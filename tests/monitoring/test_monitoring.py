@@ -5,16 +5,17 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from dataflows.monitoring.drift_tests import psi
 from dataflows.monitoring.windows import (
     DriftAccumulator,
     DriftPartial,
     DriftReference,
     ModelIdentity,
     MonitorState,
+    OutputReference,
     StatsAccumulator,
     StatsPartial,
     drift_message,
-    psi,
     window_start,
 )
 from protos import waxserve_pb2 as pb
@@ -34,11 +35,15 @@ def reference() -> DriftReference:
 
 def test_psi_is_zero_for_the_reference_and_grows_with_shift() -> None:
     expected = np.array([0.25, 0.5, 0.25])
-    assert psi(expected, np.array([25, 50, 25])) == pytest.approx(0.0)
+    assert psi(expected, np.array([250, 500, 250])) == pytest.approx(0.0, abs=1e-5)
     small = psi(expected, np.array([30, 50, 20]))
     large = psi(expected, np.array([0, 10, 90]))
     assert 0 < small < 0.1 < 0.25 < large
     assert psi(expected, np.array([0, 0, 0])) == 0.0
+    # Smoothed by half a record per bin: one record no longer reads as a PSI of 8 or 9
+    # (the old 1e-4 floor on its nine empty bins did).
+    deciles = np.full(10, 0.1)
+    assert psi(deciles, np.eye(10, dtype=np.int64)[0]) < 1.0
 
 
 def test_drift_accumulator_bins_like_the_profile() -> None:
@@ -65,7 +70,7 @@ def test_a_record_lacking_a_feature_counts_for_the_others_only() -> None:
     acc.add(ref, np.array([[0.5, 0.75]]))  # a batch without gaps
     assert acc.n == 5
     assert acc.counts[0].tolist() == [0, 4, 1] and acc.counts[1].tolist() == [0, 3, 0]
-    message = drift_message(DriftPartial(MODEL, ref, 0, 1000, acc), threshold=0.25)
+    message = drift_message(DriftPartial(MODEL, ref, 0, 1000, acc))
     a, b = message.features
     assert a.mean == pytest.approx(0.8) and b.mean == pytest.approx(0.5)
     assert b.mean_shift_sigmas == pytest.approx(0.0)
@@ -73,8 +78,9 @@ def test_a_record_lacking_a_feature_counts_for_the_others_only() -> None:
     # A window where no record had the feature reports no mean for it, and no drift.
     empty = DriftAccumulator.empty(ref)
     empty.add(ref, np.array([[0.5, np.nan]]))
-    _, only_gaps = drift_message(DriftPartial(MODEL, ref, 0, 1000, empty), 0.25).features
+    _, only_gaps = drift_message(DriftPartial(MODEL, ref, 0, 1000, empty)).features
     assert only_gaps.mean == 0.0 and only_gaps.psi == 0.0 and list(only_gaps.bin_counts) == [0] * 3
+    assert only_gaps.record_count == 0 and not only_gaps.HasField("p_value")  # nothing to test
 
 
 def test_stats_accumulator_per_record_times() -> None:
@@ -100,21 +106,24 @@ def test_monitor_merges_shards_and_emits_each_window_once() -> None:
     later.add_call(4, 0.001)
     state.add(StatsPartial(MODEL, 1000, 2000, later))
     assert state.next_close_ms() == 1000
-    first = state.close(1000, threshold=0.25)
+    first = state.close(1000)
     stats_msgs = [m for m in first if isinstance(m, pb.ServingStats)]
     drift_msgs = [m for m in first if isinstance(m, pb.DriftMetrics)]
     assert [(s.window_count, s.usage_count) for s in stats_msgs] == [(3, 7)]
     assert stats_msgs[0].since_ms == 5
     assert drift_msgs[0].record_count == 3
     assert list(drift_msgs[0].features[0].bin_counts) == [0, 1, 2]
-    assert drift_msgs[0].alarm
-    assert state.close(1000, threshold=0.25) == []
-    # The same window with a minimum of 4 records: PSI reported, no alarm.
+    # Two of three records in the top quarter: high PSI, but three records prove nothing.
+    assert drift_msgs[0].judged and drift_msgs[0].max_psi > 0.25 and not drift_msgs[0].alarm
+    assert 0.05 < drift_msgs[0].features[0].p_value <= 1
+    assert state.close(1000) == []
+    # The same window with a minimum of 4 records: too small to judge, no p-value.
     few = MonitorState()
     few.add(DriftPartial(MODEL, ref, 0, 1000, drift))
-    (quiet,) = few.close(None, threshold=0.25, min_records=4)
-    assert isinstance(quiet, pb.DriftMetrics) and quiet.max_psi > 0.25 and not quiet.alarm
-    rest = state.close(None, threshold=0.25)
+    (quiet,) = few.close(None, min_records=4)
+    assert isinstance(quiet, pb.DriftMetrics) and not quiet.judged and not quiet.alarm
+    assert not quiet.features[0].HasField("p_value") and quiet.features[0].record_count == 2
+    rest = state.close(None)
     assert [m.window_count for m in rest] == [4]
 
 
@@ -130,7 +139,7 @@ def test_monitor_forgets_the_oldest_models_only() -> None:
         stats = StatsAccumulator()
         stats.add_call(1, 0.001)
         state.add(StatsPartial(model, 0, 1000, stats))
-        state.close(None, threshold=0.25)
+        state.close(None)
     assert set(state.totals) == set(models[-16:])
 
 
@@ -169,6 +178,92 @@ def test_absurd_feature_values_never_make_the_drift_mean_infinite() -> None:
         acc.add(ref, np.array([[1e308], [1e308], [0.5]]))
     assert np.isfinite(acc.sums).all()
     assert acc.counts[0].tolist() == [0, 3, 6]  # the bins see the true values
-    message = drift_message(DriftPartial(MODEL, ref, 0, 10, acc), threshold=0.25)
+    message = drift_message(DriftPartial(MODEL, ref, 0, 10, acc))
     assert np.isfinite(message.features[0].mean)
     assert np.isfinite(message.features[0].mean_shift_sigmas)
+
+
+def outputs_reference() -> DriftReference:
+    """A feature, a classifier's classes and a numeric label, from 1,000 training rows."""
+    return DriftReference(
+        features=("a",),
+        edges=(np.array([-1.2816, -0.8416, -0.5244, -0.2533, 0, 0.2533, 0.5244, 0.8416, 1.2816]),),
+        # (standard normal deciles)
+        expected=(np.full(10, 0.1),),
+        means=np.array([0.0]),
+        stds=np.array([1.0]),
+        rows=1000,
+        prediction=OutputReference(
+            "prediction", np.array([0.7, 0.3, 0.0]), categories=("good", "bad")
+        ),
+        label=OutputReference(
+            "quality", np.array([0.25, 0.5, 0.25]), edges=np.array([5.0, 6.0]), mean=5.5, std=1
+        ),
+    )
+
+
+def window(
+    ref: DriftReference, rng: np.random.Generator, n: int, shift: float = 0.0, bad: float = 0.3
+) -> DriftAccumulator:
+    acc = DriftAccumulator.empty(ref)
+    acc.add(ref, rng.normal(shift, 1.0, (n, 1)))
+    predicted = rng.choice(np.array(["good", "bad"], dtype=object), n, p=[1 - bad, bad])
+    labels = rng.choice([4.0, 5.0, 6.0, np.nan], n, p=[0.2, 0.4, 0.2, 0.2])  # some unlabelled
+    acc.add_outputs(ref, list(predicted), labels)
+    return acc
+
+
+def test_predictions_and_labels_are_tested_beside_the_features() -> None:
+    ref = outputs_reference()
+    rng = np.random.default_rng(5)
+    quiet = drift_message(DriftPartial(MODEL, ref, 0, 1, window(ref, rng, 2000)), 0.01, 100)
+    by_quantity = {f.quantity: f for f in quiet.features}
+    assert set(by_quantity) == {"feature", "prediction", "label"}
+    prediction, label = by_quantity["prediction"], by_quantity["label"]
+    assert prediction.categorical and prediction.record_count == 2000
+    assert list(prediction.bin_counts)[-1] == 0  # no unseen class
+    assert label.feature == "quality" and 1500 < label.record_count < 1700  # labelled only
+    assert label.mean == pytest.approx(5.0, abs=0.1) and label.mean_shift_sigmas < 0
+    assert quiet.judged and not quiet.alarm
+    assert all(f.HasField("p_value") and not f.drifted for f in quiet.features)
+    # The model predicts "bad" twice as often: its prediction drifted, nothing else.
+    drifted = drift_message(
+        DriftPartial(MODEL, ref, 0, 1, window(ref, rng, 2000, bad=0.6)), 0.01, 100
+    )
+    assert drifted.alarm
+    assert [f.quantity for f in drifted.features if f.drifted] == ["prediction"]
+
+
+def test_a_window_too_small_to_judge_says_so_and_never_alarms() -> None:
+    ref = outputs_reference()
+    rng = np.random.default_rng(6)
+    one = window(ref, rng, 1, shift=5.0)
+    message = drift_message(DriftPartial(MODEL, ref, 0, 1, one), 0.01, 100)
+    assert not message.judged and not message.alarm and message.record_count == 1
+    assert message.alpha == 0.01
+    assert not any(f.HasField("p_value") or f.drifted for f in message.features)
+    # Judged, but the label had fewer records than the minimum: the label is not tested.
+    acc = window(ref, rng, 150)
+    acc.label_counts = np.array([10, 20, 10])
+    message = drift_message(DriftPartial(MODEL, ref, 0, 1, acc), 0.01, 100)
+    tested = {f.quantity: f.HasField("p_value") for f in message.features}
+    assert message.judged and tested == {"feature": True, "prediction": True, "label": False}
+
+
+def test_shards_merge_prediction_and_label_counts() -> None:
+    ref = outputs_reference()
+    rng = np.random.default_rng(7)
+    a, b = window(ref, rng, 100), window(ref, rng, 50)
+    assert a.prediction_counts is not None and b.prediction_counts is not None
+    total = a.prediction_counts + b.prediction_counts
+    state = MonitorState()
+    state.add(DriftPartial(MODEL, ref, 0, 1000, a))
+    state.add(DriftPartial(MODEL, ref, 0, 1000, b))
+    (message,) = state.close(None, 0.01, 100)
+    assert isinstance(message, pb.DriftMetrics) and message.record_count == 150
+    prediction = next(f for f in message.features if f.quantity == "prediction")
+    assert list(prediction.bin_counts) == total.tolist()
+    # Labels of the wrong kind for the reference (text against a numeric one): not counted.
+    acc = DriftAccumulator.empty(ref)
+    acc.add_outputs(ref, None, np.array(["x"], dtype=object))
+    assert acc.label_counts is not None and acc.label_counts.sum() == 0

@@ -45,17 +45,20 @@ def value(name: str, **labels: str) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
+def wine_dead(stage: str, reason: str) -> dict[str, str]:
+    """The labels of a wine dead letter's series."""
+    return {"data_type": "wine", "stage": stage, "reason": reason}
+
+
 def test_metrics_count_scoring_dead_letters_and_model_events() -> None:
     scored = dict(data_type="wine", model="wine-lr", version="1")
     before = {
         "scored": value("waxserve_records_scored_total", **scored),
-        "latency": value(
-            "waxserve_scoring_latency_seconds_count", data_type="wine", model="wine-lr"
-        ),
+        "latency": value("waxserve_scoring_latency_seconds_count", **scored),
         "batches": value("waxserve_batch_size_records_count", data_type="wine"),
-        "missing": value("waxserve_dead_letters_total", stage="score", reason="missing_feature"),
-        "bad_csv": value("waxserve_dead_letters_total", stage="decode", reason="bad_csv"),
-        "digest": value("waxserve_dead_letters_total", stage="model", reason="digest_mismatch"),
+        "missing": value("waxserve_dead_letters_total", **wine_dead("score", "missing_feature")),
+        "bad_csv": value("waxserve_dead_letters_total", **wine_dead("decode", "bad_csv")),
+        "digest": value("waxserve_dead_letters_total", **wine_dead("model", "digest_mismatch")),
         "installs": value("waxserve_model_installs_total", data_type="wine"),
         "received": value("waxserve_records_received_total", data_type="wine"),
         "lag": value("waxserve_end_to_end_lag_seconds_count", data_type="wine"),
@@ -78,7 +81,7 @@ def test_metrics_count_scoring_dead_letters_and_model_events() -> None:
     ]
     run_flow(test_config(), models, records, events=EventBus(on_event))
     assert value("waxserve_records_scored_total", **scored) - before["scored"] == 200 + 2
-    latency = value("waxserve_scoring_latency_seconds_count", data_type="wine", model="wine-lr")
+    latency = value("waxserve_scoring_latency_seconds_count", **scored)
     assert latency - before["latency"] == 2  # one observation per model call
     assert value("waxserve_batch_size_records_count", data_type="wine") - before["batches"] == 2
     # Every decoded record is received; every scored one has a lag; the labelled ones count.
@@ -87,30 +90,34 @@ def test_metrics_count_scoring_dead_letters_and_model_events() -> None:
     assert value("waxserve_end_to_end_lag_seconds_count", data_type="wine") - before["lag"] == 202
     # The error file's good row and 200 wine rows carry quality; its no-quality row does not.
     assert value("waxserve_labelled_records_total", **scored) - before["labelled"] == 201
-    assert (
-        value("waxserve_dead_letters_total", stage="score", reason="missing_feature")
-        - before["missing"]
-        == 11
-    )
-    assert (
-        value("waxserve_dead_letters_total", stage="decode", reason="bad_csv") - before["bad_csv"]
-        == 1
-    )
-    assert (
-        value("waxserve_dead_letters_total", stage="model", reason="digest_mismatch")
-        - before["digest"]
-        == 1
-    )
+    dead = {
+        (stage, reason): value("waxserve_dead_letters_total", **wine_dead(stage, reason))
+        for stage, reason in (
+            ("score", "missing_feature"),
+            ("decode", "bad_csv"),
+            ("model", "digest_mismatch"),
+        )
+    }
+    assert dead[("score", "missing_feature")] - before["missing"] == 11
+    assert dead[("decode", "bad_csv")] - before["bad_csv"] == 1
+    assert dead[("model", "digest_mismatch")] - before["digest"] == 1
     assert value("waxserve_model_installs_total", data_type="wine") - before["installs"] == 1
     assert (
         value("waxserve_model_rejections_total", data_type="wine", reason="digest_mismatch")
         - before["rejections"]
         == 1
     )
-    # Every dead-letter class is exported from the start, and the list is complete.
-    dead = next(m for m in REGISTRY.collect() if m.name == "waxserve_dead_letters").samples
-    classes = {(s.labels["stage"], s.labels["reason"]) for s in dead}
-    assert classes == set(DEAD_LETTER_CLASSES)
+    # Every dead-letter class is exported from the start (for data types with no contract
+    # here, and for each data type from its first contract or model), and the list is
+    # complete.
+    samples = next(m for m in REGISTRY.collect() if m.name == "waxserve_dead_letters").samples
+    for data_type in (UNKNOWN_DATA_TYPE, "wine"):
+        classes = {
+            (s.labels["stage"], s.labels["reason"])
+            for s in samples
+            if s.labels["data_type"] == data_type and s.name.endswith("_total")
+        }
+        assert classes == set(DEAD_LETTER_CLASSES), data_type
     # The serving model, and only it, in model_info.
     info = next(s for s in REGISTRY.collect() if s.name == "waxserve_model_info").samples
     serving = [s.labels for s in info if s.labels["data_type"] == "wine"]
@@ -123,16 +130,18 @@ def test_metrics_count_scoring_dead_letters_and_model_events() -> None:
             "format": "onnx",
         }
     ]
-    # The drift window closed at end of input; its gauges are set.
-    assert (
-        value(
-            "waxserve_drift", data_type="wine", model="wine-lr:1", feature="alcohol", metric="psi"
-        )
-        > 0
-    )
-    assert REGISTRY.get_sample_value(
-        "waxserve_drift_alarm", {"data_type": "wine", "model": "wine-lr:1"}
-    ) in (0.0, 1.0)
+    # The drift window closed at end of input with 200 records: judged, its gauges set,
+    # per quantity with the model's name and version as labels.
+    version = {"data_type": "wine", "model": "wine-lr", "version": "1"}
+    alcohol = {**version, "quantity": "feature", "feature": "alcohol"}
+    assert value("waxserve_drift_window_records", **version) >= 200  # and good error rows
+    assert value("waxserve_drift_judged", **version) == 1
+    assert value("waxserve_drift_alarm", **version) in (0.0, 1.0)
+    assert value("waxserve_drift_psi", **alcohol) > 0
+    assert 0 < value("waxserve_drift_p_value", **alcohol) <= 1
+    assert value("waxserve_drift_mean_shift_sigmas", **alcohol) != 0
+    prediction = {**version, "quantity": "prediction", "feature": "prediction"}
+    assert 0 < value("waxserve_drift_p_value", **prediction) <= 1
 
 
 def test_batch_histogram_matches_prometheus_histogram() -> None:
@@ -232,7 +241,11 @@ def test_metrics_follow_events_without_a_dataflow() -> None:
     assert value("waxserve_end_to_end_lag_seconds_count", data_type="metrics-unit") == 9
     # A handler that fails is logged and skipped: the next one still runs.
     seen: list[object] = []
-    EventBus(lambda e: 1 / 0, seen.append).publish(DeadLettered("x", "decode", "undecodable"))
+
+    def fail(_event: object) -> None:
+        raise ZeroDivisionError
+
+    EventBus(fail, seen.append).publish(DeadLettered("x", "decode", "undecodable"))
     assert len(seen) == 1
 
 
@@ -247,7 +260,13 @@ def _series(name: str, data_type: str) -> list[dict[str, str]]:
 
 
 def test_retired_models_lose_their_series_and_unknown_data_types_make_none() -> None:
-    from dataflows.core.events import BatchScored, ControlRejected, DriftClosed, ModelServing
+    from dataflows.core.events import (
+        BatchScored,
+        ControlRejected,
+        DeadLettered,
+        DriftClosed,
+        ModelServing,
+    )
     from protos import waxserve_pb2 as pb
 
     bus = EventBus(on_event)
@@ -257,9 +276,9 @@ def test_retired_models_lose_their_series_and_unknown_data_types_make_none() -> 
         bus.publish(ModelServing(model, previous))
         bus.publish(BatchScored(model, 3, 3, 0.01, np.zeros(3), Quality(3, 1.0, 3, None)))
         drift = pb.DriftMetrics(
-            data_type="series-unit", model_name="m", model_version=model.version
+            data_type="series-unit", model_name="m", model_version=model.version, judged=True
         )
-        drift.features.add(feature="f", psi=0.1)
+        drift.features.add(feature="f", psi=0.1, p_value=0.5, quantity="feature")
         bus.publish(DriftClosed(drift))
         previous = model
     # The serving model and the RETIRED_MODELS_WITH_SERIES before it keep their series.
@@ -270,13 +289,11 @@ def test_retired_models_lose_their_series_and_unknown_data_types_make_none() -> 
         "waxserve_prediction_squared_error",
     ):
         assert {s["version"] for s in _series(name, "series-unit")} == kept, name
-    assert {s["model"] for s in _series("waxserve_drift_alarm", "series-unit")} == {
-        f"m:{v}" for v in kept
-    }
-    assert {s["model"] for s in _series("waxserve_drift", "series-unit")} == {
-        f"m:{v}" for v in kept
-    }
-    assert _series("waxserve_scoring_latency_seconds", "series-unit")  # "m" still serves
+    for name in ("waxserve_drift_alarm", "waxserve_drift_window_records", "waxserve_drift_psi"):
+        assert {s["version"] for s in _series(name, "series-unit")} == kept, name
+    assert {
+        s["version"] for s in _series("waxserve_scoring_latency_seconds", "series-unit")
+    } == kept
     # A rejection for a data type with no contract here: counted, under one label for all.
     before = value("waxserve_model_rejections_total", data_type=UNKNOWN_DATA_TYPE, reason="x")
     for i in range(5):
@@ -284,3 +301,43 @@ def test_retired_models_lose_their_series_and_unknown_data_types_make_none() -> 
     after = value("waxserve_model_rejections_total", data_type=UNKNOWN_DATA_TYPE, reason="x")
     assert after - before == 5
     assert _series("waxserve_model_rejections", "made-up-0") == []
+    # So with dead letters: a data type off the wire makes no series of its own.
+    labels = {"stage": "score", "reason": "no_contract"}
+    before = value("waxserve_dead_letters_total", data_type=UNKNOWN_DATA_TYPE, **labels)
+    for i in range(5):
+        bus.publish(DeadLettered(f"made-up-{i}", "score", "no_contract"))
+    after = value("waxserve_dead_letters_total", data_type=UNKNOWN_DATA_TYPE, **labels)
+    assert after - before == 5
+    assert _series("waxserve_dead_letters", "made-up-0") == []
+    # A known data type's dead letters are its own, every class exported at 0 first.
+    assert value("waxserve_dead_letters_total", data_type="series-unit", **labels) == 0
+    assert len(_series("waxserve_dead_letters", "series-unit")) == len(DEAD_LETTER_CLASSES)
+
+
+def test_a_window_too_small_to_judge_keeps_the_last_judged_values() -> None:
+    """The gauges per quantity show the last judged window; a one-record window after it
+    shows only in the window's record count, judged 0 and alarm 0."""
+    from dataflows.core.events import DriftClosed
+    from protos import waxserve_pb2 as pb
+
+    bus = EventBus(on_event)
+    version = {"data_type": "small-unit", "model": "m", "version": "1"}
+    alcohol = {**version, "quantity": "feature", "feature": "alcohol"}
+    judged = pb.DriftMetrics(
+        data_type="small-unit", model_name="m", model_version="1", record_count=500,
+        judged=True, alarm=True,
+    )  # fmt: skip
+    judged.features.add(
+        feature="alcohol", quantity="feature", psi=0.3, p_value=1e-6, mean_shift_sigmas=0.4
+    )
+    bus.publish(DriftClosed(judged))
+    small = pb.DriftMetrics(data_type="small-unit", model_name="m", model_version="1")
+    small.record_count = 1
+    small.features.add(feature="alcohol", quantity="feature", psi=8.9, mean_shift_sigmas=3.0)
+    bus.publish(DriftClosed(small))
+    assert value("waxserve_drift_window_records", **version) == 1
+    assert value("waxserve_drift_judged", **version) == 0
+    assert value("waxserve_drift_alarm", **version) == 0
+    assert value("waxserve_drift_psi", **alcohol) == 0.3
+    assert value("waxserve_drift_p_value", **alcohol) == 1e-6
+    assert value("waxserve_drift_mean_shift_sigmas", **alcohol) == 0.4

@@ -314,6 +314,7 @@ def test_dashboards_and_alerts_on_the_real_dataflow(kafka_config: Config, tmp_pa
             *("-w", "2", "-r", str(recovery), "-s", "1", "-b", "0"),
             BYTEWAX_DATAFLOW_API_ENABLED="1",
             BYTEWAX_DATAFLOW_API_PORT=str(api_port),
+            WAXSERVE_FEEDBACK_DATA_TYPES="wine",  # the delayed-label panels
         )
         stack.callback(flow.stop)
         prometheus.wait_ready()
@@ -333,6 +334,8 @@ def test_dashboards_and_alerts_on_the_real_dataflow(kafka_config: Config, tmp_pa
         assert waxserve(["publish", "wine-rf-classifier"]) == 0  # accuracy needs a classifier
         prometheus.wait_for('waxserve_model_info{model="wine-rf-classifier"}', flow)
         replay(str(WINE_CSV), *rows)
+        # The labels, later: each joins the predictions of the three models (same ids).
+        replay(str(WINE_CSV), "--feedback", *rows)
 
         queries = [q for path in DASHBOARDS for q in dashboard_queries(path)]
         # Wait until every panel shows data: the last model's series need a few scrapes.

@@ -6,6 +6,7 @@ import json
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -74,15 +75,22 @@ def test_models_follow_installs_scoring_and_drift() -> None:
         record_count=500,
         max_psi=0.4,
         alarm=True,
+        judged=True,
+        alpha=0.01,
         features=[
-            pb.FeatureDrift(feature="ph", psi=0.01),
-            pb.FeatureDrift(feature="alcohol", psi=0.4, mean_shift_sigmas=2.5),
+            pb.FeatureDrift(feature="ph", psi=0.01, p_value=0.6),
+            pb.FeatureDrift(feature="alcohol", psi=0.4, mean_shift_sigmas=2.5, p_value=1e-9),
+            pb.FeatureDrift(feature="prediction", quantity="prediction", psi=0.5, p_value=0.2),
         ],
     )
     state.drift_closed(drift)
     gbt = state.models("wine")[0]
     assert gbt["drift"]["alarm"] and gbt["drift"]["record_count"] == 500
-    assert [f["feature"] for f in gbt["drift"]["top_features"]] == ["alcohol", "ph"]
+    assert gbt["drift"]["judged"] and gbt["drift"]["alpha"] == 0.01
+    # Worst first by p-value, not by PSI.
+    top = gbt["drift"]["top_features"]
+    assert [f["feature"] for f in top] == ["alcohol", "prediction", "ph"]
+    assert top[0]["p_value"] == 1e-9 and top[1]["quantity"] == "prediction"
     assert state.models("beer") == [] and state.data_types() == ["wine"]
 
 
@@ -194,3 +202,17 @@ def test_drift_summaries_of_models_this_process_never_served_are_bounded() -> No
         )
     kept = sorted(int(key[2]) for key in state._drift)
     assert kept == list(range(2 * RETIRED_MODELS_KEPT - 1, 3 * RETIRED_MODELS_KEPT))
+
+
+def test_cluster_hosts_from_bytewaxs_hostfile(tmp_path: Path) -> None:
+    """The Kubernetes pods name their peers in a hostfile (BYTEWAX_HOSTFILE_PATH), as
+    Bytewax's Helm chart does; `-a` and BYTEWAX_ADDRESSES win over it, as in bytewax.run."""
+    hostfile = tmp_path / "hostfile"
+    hostfile.write_text("waxserve-0.waxserve-cluster:9999\nwaxserve-1.waxserve-cluster:9999\n")
+    env = {"BYTEWAX_HOSTFILE_PATH": str(hostfile)}
+    assert cluster_hosts(["x"], env) == [
+        "waxserve-0.waxserve-cluster",
+        "waxserve-1.waxserve-cluster",
+    ]
+    assert cluster_hosts(["x"], {**env, "BYTEWAX_ADDRESSES": "a:1"}) == ["a"]
+    assert cluster_hosts(["x", "-a", "b:1"], env) == ["b"]

@@ -35,6 +35,8 @@ from dataflows.tools.demo import (
     ReplayStream,
     SentCounts,
     _demo_catalog,
+    burst_alarms,
+    burst_reported,
     dataflow_env,
     demo_config,
     demo_contract,
@@ -48,6 +50,7 @@ from dataflows.tools.demo import (
     shift_feature,
     shuffled_lines,
     tampered_descriptor,
+    top_feature,
 )
 from dataflows.tools.replay import CliError
 from protos import waxserve_pb2 as pb
@@ -282,6 +285,41 @@ def test_control_events_track_the_serving_models_and_the_timeline() -> None:
     stats.add_event(event("contract_rejected", data_type="penguins", reason="bad_contract"))
     assert stats.take_notes() == ["rejected the penguins contract v1 (bad_contract)"]
     assert stats.current["penguins"] == "penguins-species-pmml:1"
+
+
+def test_the_drift_burst_promise_is_checked_on_the_windows_that_scored_it() -> None:
+    """Drift windows are processing time: the demo waits for the windows up to the last
+    shifted record's scoring, then wants an alarm in a window that scored shifted records
+    (an alarm elsewhere does not keep the promise)."""
+    stats = DemoStats(record_topics=TOPICS)
+    assert not burst_reported(stats) and burst_alarms(stats) == []
+    for at_s in (12.5, 14.0, 15.5):  # scored later than sent: after a model swap, say
+        stats.add_scored(
+            pb.ScoredRecord(
+                record_id=f"winequality_red-{int(at_s)}-shifted",
+                source_topic=RECORDS,
+                source_offset=int(at_s),
+                data_type="wine",
+                scored_at_ms=T0_MS + int(at_s * 1000),
+            )
+        )
+    assert stats.shifted_scored_ms == (T0_MS + 12_500, T0_MS + 15_500)
+    stats.add_drift(drift(0.02, start_ms=T0_MS + 5000))  # [5 s, 10 s)
+    stats.add_drift(drift(1.5, start_ms=T0_MS, alarm=True))  # an alarm before the burst
+    stats.add_drift(drift(0.9, start_ms=T0_MS + 10_000))  # [10 s, 15 s): quiet
+    assert not burst_reported(stats)  # [15 s, 20 s) holds the last shifted record
+    stats.add_drift(drift(0.9, start_ms=T0_MS + 15_000))
+    assert burst_reported(stats) and burst_alarms(stats) == []
+    stats.add_drift(drift(0.9, start_ms=T0_MS + 10_000, alarm=True))  # another model's
+    assert len(burst_alarms(stats)) == 1
+
+
+def test_the_top_feature_is_the_most_significant_one() -> None:
+    window = drift(0.5, alarm=True)
+    window.features[0].p_value = 1e-12  # ph: small PSI, but the smallest p-value
+    window.features[1].p_value = 0.3
+    assert top_feature(window) == ("ph", 0.01)
+    assert top_feature(drift(0.5)) == ("alcohol", 0.5)  # not judged: the largest PSI
 
 
 def test_drift_is_kept_per_data_type_and_alarms_are_noted() -> None:
