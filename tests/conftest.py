@@ -19,6 +19,7 @@ import os
 import time
 import uuid
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, TopicPartition
@@ -63,10 +64,9 @@ def tansu_broker(tmp_path_factory: pytest.TempPathFactory) -> Iterator[EmbeddedB
 def unique_topics(config: Config, suffix: str, data_type: str = "wine") -> Config:
     """`config` with `-<suffix>` appended to every topic name; the records topic's default
     data type is `data_type`."""
+    topics: dict[str, Any] = {name: f"{getattr(config, name)}-{suffix}" for name in TOPIC_FIELDS}
     return dataclasses.replace(
-        config,
-        **{name: f"{getattr(config, name)}-{suffix}" for name in TOPIC_FIELDS},
-        records_topics=f"{config.records_topic}-{suffix}={data_type}",
+        config, **topics, records_topics=f"{config.records_topic}-{suffix}={data_type}"
     )
 
 

@@ -119,16 +119,28 @@ def test_throughput_between_first_and_last_output() -> None:
 
 
 def test_cpu_sampler_sees_a_busy_thread() -> None:
-    sampler = CpuSampler(os.getpid(), tree=False).start()
-    time.sleep(0.1)
-    start = time.time()
-    while time.time() - start < 0.3:
+    """The sampler reads the process's CPU time: between two samples, what the process
+    spent, whatever else the machine runs (a busy loop counts CPU seconds, not wall time)."""
+    sampler = CpuSampler(os.getpid(), tree=False)  # sampled by hand: no thread to schedule
+    before = time.process_time()
+    sampler.sample()
+    busy_from = time.thread_time()
+    while time.thread_time() - busy_from < 0.3:
         pass
-    end = time.time()
-    time.sleep(0.1)
-    sampler.stop()
-    # The busy loop used ~0.3 s of CPU; the sampler thread itself a little more.
-    assert 0.2 < sampler.between(start, end) < 0.45
+    busy = time.thread_time() - busy_from
+    sampler.sample()
+    spent = time.process_time() - before
+    start, end = sampler.times
+    # /proc counts in clock ticks (10 ms): at most one tick off at each sample.
+    assert busy - 0.02 <= sampler.between(start, end) <= spent + 0.02
+    # Sampled by its thread, it samples until stopped and then once more.
+    running = CpuSampler(os.getpid(), interval_s=0.001, tree=False).start()
+    while len(running.times) < 2:
+        time.sleep(0.001)
+    running.stop()
+    count = len(running.times)
+    assert count >= 3 and running.times == sorted(running.times)
+    assert running.cpu == sorted(running.cpu)  # never goes back
 
 
 def _figures(**medians: Mapping[str, float]) -> dict[str, Any]:
@@ -204,6 +216,7 @@ def test_goals_pass_and_fail_on_the_ratios() -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.bench  # a 1-2 minute run: `just test-bench`, not `just test`
 def test_bench_runs_every_contender_on_a_tiny_input(tmp_path: Path) -> None:
     records, pmml_records = 2000, 200
     command = [

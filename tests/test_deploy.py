@@ -290,6 +290,40 @@ def test_prometheus_rule_is_the_rule_file(dep: Deployment) -> None:
     )
 
 
+def test_every_alert_has_a_runbook_in_the_repository() -> None:
+    """Every alert's runbook_url names a page under k8s/runbooks/ that exists (with the
+    anchor, if it names one) and that covers what a runbook must."""
+    runbooks = K8S / "runbooks"
+    rules = [
+        rule
+        for group in yaml.safe_load(ALERT_RULES.read_text())["groups"]
+        for rule in group["rules"]
+        if "alert" in rule
+    ]
+    assert rules
+    for rule in rules:
+        url = rule["annotations"].get("runbook_url")
+        assert url, f"{rule['alert']} has no runbook_url"
+        path, _, anchor = url.partition("#")
+        page = ROOT / path
+        assert page.is_file() and page.parent == runbooks, f"{rule['alert']}: {url}"
+        text = page.read_text()
+        if anchor:
+            headings = {
+                re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-")
+                for h in re.findall(r"^#+ (.+)$", text, re.M)
+            }
+            assert anchor in headings, f"{rule['alert']}: no #{anchor} in {path}"
+        assert text.startswith(f"# {rule['alert']}\n"), path
+        for section in ("## What it means", "## How to confirm", "## Likely causes"):
+            assert section in text, f"{path}: {section}"
+        assert "## What to do" in text, path
+    pages = {p.name for p in runbooks.glob("*.md")} - {"README.md"}
+    assert pages == {f"{r['alert']}.md" for r in rules}, "a runbook without its alert"
+    index = (runbooks / "README.md").read_text()
+    assert all(f"({r['alert']}.md)" in index for r in rules)
+
+
 def test_dashboards_configmap_for_the_grafana_sidecar(dep: Deployment) -> None:
     config_map = one(dep.objects, "ConfigMap", "waxserve-dashboards")
     # kube-prometheus-stack's Grafana sidecar loads ConfigMaps with this label.
@@ -308,7 +342,7 @@ def test_yamllint() -> None:
 def test_hadolint() -> None:
     done = run_tool(tool("hadolint"), "--failure-threshold", "style", str(DOCKERFILE))
     assert done.returncode == 0, done.stdout + done.stderr
-    ignored = set()
+    ignored: set[str] = set()
     for match in re.finditer(r"#\s*hadolint ignore=([\w,]+)", DOCKERFILE.read_text()):
         ignored.update(match.group(1).split(","))
     assert ignored <= HADOLINT_IGNORES, f"unjustified hadolint ignores: {ignored}"
@@ -346,13 +380,18 @@ def test_each_pod_has_its_own_recovery_volume(dep: Deployment) -> None:
 
 def test_init_container_runs_the_packaged_recovery_init(dep: Deployment) -> None:
     assert dep.init["image"] == dep.main["image"]
-    assert dep.init["command"] == ["python", "-m", "dataflows.tools.recovery"]
+    shell, flag, script = dep.init["command"]
+    assert (shell, flag) == ("sh", "-c")
+    assert script.rstrip().endswith("exec python -m dataflows.tools.recovery")
     assert dockerfile_instructions("WORKDIR")[-1] == "/app"
     assert dep.init["envFrom"] == [e for e in dep.main["envFrom"] if "configMapRef" in e]
 
 
-def _pod_env(dep: Deployment, container: dict[str, Any], ordinal: int) -> dict[str, str]:
-    """The environment Kubernetes gives `container` of the pod with this ordinal."""
+def _pod_env(
+    dep: Deployment, container: dict[str, Any], ordinal: int, hostfile: Path | None = None
+) -> dict[str, str]:
+    """The environment Kubernetes gives `container` of the pod with this ordinal (the
+    hostfile's path moved to `hostfile`, outside the pod)."""
     env = dict(dep.config)
     for var in container["env"]:
         if "value" in var:
@@ -361,13 +400,32 @@ def _pod_env(dep: Deployment, container: dict[str, Any], ordinal: int) -> dict[s
             env[var["name"]] = f"{dep.sts['metadata']['name']}-{ordinal}"
         else:
             raise AssertionError(f"unexpected env source {var}")
+    if hostfile is not None:
+        env["BYTEWAX_HOSTFILE_PATH"] = str(hostfile)
     return env
 
 
+def run_init_script(dep: Deployment, ordinal: int, tmp_path: Path) -> tuple[Path, list[str]]:
+    """The init container's script, its `python` a stub that logs BYTEWAX_ADDRESSES and its
+    arguments: the hostfile it writes, and the stub's calls."""
+    stub = tmp_path / "bin" / "python"
+    stub.parent.mkdir(exist_ok=True)
+    calls = tmp_path / "calls"
+    stub.write_text(f'#!/bin/sh\necho "$BYTEWAX_ADDRESSES $*" >> {calls}\n')
+    stub.chmod(0o755)
+    hostfile = tmp_path / f"hostfile-{ordinal}"
+    env = _pod_env(dep, dep.init, ordinal, hostfile)
+    env["PATH"] = f"{stub.parent}:/usr/bin:/bin"
+    done = subprocess.run(dep.init["command"], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    return hostfile, calls.read_text().splitlines()
+
+
 def test_process_id_and_peers_come_from_the_pod(
-    dep: Deployment, monkeypatch: pytest.MonkeyPatch
+    dep: Deployment, monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    """bytewax.run's own argument parsing, fed each pod's environment."""
+    """The init container's script writes the peers' hostfile from the replica count; then
+    bytewax.run's own argument parsing, fed each pod's environment."""
     import bytewax.run
 
     service = one(dep.objects, "Service", dep.sts["spec"]["serviceName"])
@@ -377,11 +435,16 @@ def test_process_id_and_peers_come_from_the_pod(
     assert service_port["port"] == dep.port("cluster")
     name, svc = dep.sts["metadata"]["name"], service["metadata"]["name"]
     expected = [f"{name}-{i}.{svc}:{dep.port('cluster')}" for i in range(dep.replicas)]
-    assert dep.config["BYTEWAX_ADDRESSES"].split(";") == expected
+    # The process count is kept once, in `replicas`: no list of addresses to keep in step.
+    assert "BYTEWAX_ADDRESSES" not in dep.config
     assert "BYTEWAX_PROCESS_ID" not in dep.config
 
     for ordinal in range(dep.replicas):
-        env = _pod_env(dep, dep.main, ordinal)
+        hostfile, calls = run_init_script(dep, ordinal, tmp_path)
+        assert hostfile.read_text().splitlines() == expected
+        # The init step gets the addresses too: it waits until its own one resolves.
+        assert calls[-1] == f"{';'.join(expected)} -m dataflows.tools.recovery"
+        env = _pod_env(dep, dep.main, ordinal, hostfile)
         monkeypatch.setattr(os, "environ", env)
         monkeypatch.setattr(sys, "argv", ["bytewax.run", "dataflows.serving:flow"])
         args = bytewax.run._parse_args()
@@ -391,6 +454,55 @@ def test_process_id_and_peers_come_from_the_pod(
         assert args.recovery_directory == Path(dep.config["BYTEWAX_RECOVERY_DIRECTORY"])
         assert args.snapshot_interval.total_seconds() > 0
         assert args.backup_interval is not None
+        # The queryable state finds its peers in the same file.
+        from dataflows.observability.state import cluster_hosts
+
+        assert cluster_hosts(["bytewax.run"], env) == [a.rsplit(":", 1)[0] for a in expected]
+    # Where the two containers meet: the init container writes the file the main one reads.
+    init_mounts = {m["mountPath"]: m["name"] for m in dep.init["volumeMounts"]}
+    main_mounts = {m["mountPath"]: m for m in dep.main["volumeMounts"]}
+    directory = str(Path(_pod_env(dep, dep.main, 0)["BYTEWAX_HOSTFILE_PATH"]).parent)
+    assert main_mounts[directory]["name"] == init_mounts[directory]
+    assert main_mounts[directory]["readOnly"] is True
+
+
+@pytest.mark.parametrize("overlay", RENDERED)
+def test_the_replica_count_is_the_process_count(overlay: str) -> None:
+    """Each overlay copies `replicas` into the init container (a kustomize replacement,
+    which must run after the overlay's own `replicas`), and nothing else names a count."""
+    sts = one(render(overlay), "StatefulSet")
+    (init,) = sts["spec"]["template"]["spec"]["initContainers"]
+    env = {v["name"]: v.get("value") for v in init["env"]}
+    assert env["CLUSTER_PROCESSES"] == str(sts["spec"]["replicas"])
+
+
+def test_a_replica_change_changes_the_cluster(tmp_path: Path) -> None:
+    """Scaling is one edit: an overlay on top of prod with 5 replicas gets 5 addresses."""
+    overlay = tmp_path / "five"
+    overlay.mkdir()
+    replacement = yaml.safe_load((K8S / "overlays" / "prod" / "kustomization.yaml").read_text())
+    (overlay / "kustomization.yaml").write_text(
+        yaml.safe_dump(
+            {
+                "resources": [os.path.relpath(K8S / "overlays" / "prod", overlay)],
+                "replicas": [{"name": "waxserve", "count": 5}],
+                "replacements": replacement["replacements"],
+            }
+        )
+    )
+    done = run_tool(
+        tool("kubectl"), "kustomize", "--load-restrictor=LoadRestrictionsNone", str(overlay)
+    )
+    assert done.returncode == 0, done.stderr
+    objects = [d for d in yaml.safe_load_all(done.stdout) if d]
+    sts = one(objects, "StatefulSet")
+    pod = sts["spec"]["template"]["spec"]
+    (main,) = pod["containers"]
+    (init,) = pod["initContainers"]
+    config = one(objects, "ConfigMap", main["envFrom"][0]["configMapRef"]["name"])["data"]
+    dep = Deployment(objects, sts, pod, main, init, config)
+    hostfile, _ = run_init_script(dep, 4, tmp_path)
+    assert len(hostfile.read_text().splitlines()) == 5
 
 
 def test_pods_run_unprivileged_on_a_read_only_root(dep: Deployment) -> None:
@@ -412,18 +524,75 @@ def test_pods_run_unprivileged_on_a_read_only_root(dep: Deployment) -> None:
     assert writable[dep.config["BYTEWAX_DATAFLOW_API_CACHE_PATH"]] in empty_dirs
 
 
-def test_probes_and_kafka_secret(dep: Deployment) -> None:
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
-        check = dep.main[probe]["httpGet"]
-        assert (check["port"], check["path"]) == ("metrics", "/metrics"), probe
+def test_probes_ask_the_health_endpoint(dep: Deployment) -> None:
+    """Startup and liveness: /healthz (the dataflow runs, its cluster connected, and is not
+    stopping); readiness: /readyz. Both on the queryable state's port, which the dataflow
+    serves when WAXSERVE_STATE_ADDR is set."""
+    paths = {
+        probe: (dep.main[probe]["httpGet"]["port"], dep.main[probe]["httpGet"]["path"])
+        for probe in ("startupProbe", "readinessProbe", "livenessProbe")
+    }
+    assert paths == {
+        "startupProbe": ("state", "/healthz"),
+        "readinessProbe": ("state", "/readyz"),
+        "livenessProbe": ("state", "/healthz"),
+    }
+    assert dep.config["WAXSERVE_STATE_ADDR"] == f"0.0.0.0:{dep.port('state')}"
+    # The startup probe allows minutes for the peers, the JVM and the models.
+    startup = dep.main["startupProbe"]
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= 300
     assert "memory" in dep.main["resources"]["requests"]
     assert "cpu" in dep.main["resources"]["requests"]
-    secrets = [e["secretRef"] for e in dep.main["envFrom"] if "secretRef" in e]
-    assert secrets == [{"name": "waxserve-kafka", "optional": True}]
-    tls = next(v for v in dep.pod["volumes"] if v["name"] == "kafka-tls")
-    assert tls["secret"]["optional"] is True
+
+
+# Overlays whose Kafka needs credentials and a CA: a missing Secret must keep the pods
+# (and the create-topics Job) from starting, not start pods that cannot authenticate.
+KAFKA_SECRETS_REQUIRED = {"overlays/dev": False, "overlays/prod": True}
+
+
+@pytest.mark.parametrize("overlay", OVERLAYS)
+def test_kafka_secrets_are_required_where_sasl_is_configured(overlay: str) -> None:
+    required = KAFKA_SECRETS_REQUIRED[overlay]
+    dep = deployment(overlay)
+    job = one(render(overlay.replace("overlays/", "topics/")), "Job")
+    for pod in (dep.pod, job["spec"]["template"]["spec"]):
+        (container,) = pod["containers"]
+        secrets = [e["secretRef"] for e in container["envFrom"] if "secretRef" in e]
+        assert secrets == [{"name": "waxserve-kafka", "optional": not required}]
+        tls = next(v for v in pod["volumes"] if v["name"] == "kafka-tls")
+        assert tls["secret"] == {
+            "secretName": "waxserve-kafka-tls",
+            "optional": not required,
+            "defaultMode": 288,
+        }
+        mounts = {m["name"]: m["mountPath"] for m in container["volumeMounts"]}
+        assert mounts["kafka-tls"] == "/etc/waxserve/kafka-tls"  # the README's CA path
+    # prod talks to the TLS listener (9093): that is what needs the credentials.
+    brokers = dep.config["WAXSERVE_BROKERS"]
+    assert brokers.endswith(":9093") == required
     # No secret objects are rendered: they are created by hand (k8s/README.md).
     assert not [o for o in dep.objects if o["kind"] == "Secret"]
+
+
+def test_deleting_an_overlay_keeps_its_namespace_and_volumes() -> None:
+    """`kubectl delete -k k8s/overlays/X` deletes what the overlay renders: never the
+    namespace (which would take the recovery PVCs with it). The namespace has a file of
+    its own, with the Pod Security labels, named like the overlay."""
+    for overlay in RENDERED:
+        kinds = {o["kind"] for o in render(overlay)}
+        assert "Namespace" not in kinds, overlay
+        assert "PersistentVolumeClaim" not in kinds, overlay
+    for overlay in OVERLAYS:
+        name = overlay.removeprefix("overlays/")
+        namespace = yaml.safe_load((K8S / "namespaces" / f"{name}.yaml").read_text())
+        kubernetes_validate.validate(namespace, KUBERNETES_VERSIONS[0], strict=True)
+        assert namespace["kind"] == "Namespace"
+        assert namespace["metadata"]["name"] == deployment(overlay).sts["metadata"]["namespace"]
+        labels = namespace["metadata"]["labels"]
+        assert labels["pod-security.kubernetes.io/enforce"] == "restricted"
+    # The StatefulSet keeps its volumes when it is deleted or scaled down.
+    policy = deployment("overlays/prod").sts["spec"]["persistentVolumeClaimRetentionPolicy"]
+    assert policy == {"whenDeleted": "Retain", "whenScaled": "Retain"}
 
 
 def test_disruption_budget(dep: Deployment) -> None:
@@ -650,9 +819,9 @@ def _load_waxctl_args() -> ModuleType:
 
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
-def test_waxctl_deploys_what_the_overlay_deploys(overlay: str) -> None:
+def test_waxctl_deploys_what_the_overlay_deploys(overlay: str, tmp_path: Path) -> None:
     dep = deployment(overlay)
-    args = _load_waxctl_args().waxctl_args(overlay.removeprefix("overlays/"))
+    args = _load_waxctl_args().waxctl_args(overlay.removeprefix("overlays/"), tmp_path)
     flags = {args[i]: args[i + 1] for i in range(len(args) - 1) if args[i].startswith("--")}
     assert int(flags["--processes"]) == dep.replicas
     assert int(flags["--workers"]) == dep.workers
@@ -670,6 +839,46 @@ def test_waxctl_deploys_what_the_overlay_deploys(overlay: str) -> None:
     assert not {k for k in env if k.startswith("BYTEWAX_") and k != "BYTEWAX_DATAFLOW_API_ENABLED"}
     values = yaml.safe_load(Path(flags["--chart-values-file"]).read_text())
     assert values["podSecurityContext"]["runAsUser"] == dockerfile_uid()
+    # The Kafka Secrets as in the overlay: the settings, and the CA where they point.
+    required = KAFKA_SECRETS_REQUIRED[overlay]
+    assert values["envFromSecrets"] == [{"name": "waxserve-kafka", "optional": not required}]
+    (tls,) = values["extraSecretMounts"]
+    assert (tls["mountPath"], tls["readOnly"]) == ("/etc/waxserve/kafka-tls", True)
+    if required:
+        assert tls["secretName"] == "waxserve-kafka-tls" and "projected" not in tls
+    else:  # the chart's secret mounts cannot be optional; a projected volume's sources can
+        assert "secretName" not in tls
+        (source,) = tls["projected"]["sources"]
+        assert source == {"secret": {"name": "waxserve-kafka-tls", "optional": True}}
+    # What the chart renders from the entry is a valid volume and mount.
+    volume = {"name": tls["name"]}
+    if "projected" in tls:
+        volume["projected"] = tls["projected"]
+    else:
+        volume["secret"] = {"secretName": tls["secretName"], "defaultMode": tls["defaultMode"]}
+    pod = {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {"name": "x"},
+        "spec": {
+            "containers": [
+                {
+                    "name": "x",
+                    "image": "x",
+                    "volumeMounts": [
+                        {
+                            "name": tls["name"],
+                            "mountPath": tls["mountPath"],
+                            "readOnly": tls["readOnly"],
+                            "subPath": tls["subPath"],
+                        }
+                    ],
+                }
+            ],
+            "volumes": [volume],
+        },
+    }
+    kubernetes_validate.validate(pod, KUBERNETES_VERSIONS[0], strict=True)
 
 
 def test_waxctl_env_values_with_commas_stay_whole() -> None:

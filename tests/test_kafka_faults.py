@@ -127,8 +127,10 @@ def test_records_at_the_brokers_limit_are_dead_lettered_cut_to_fit_and_the_flow_
     try:
         producer = Producer(kafka_settings(config, **{"message.max.bytes": 1_048_000}))
         for i, value in enumerate(big):
-            headers = [("content-type", b"text/csv")] if i else None
-            producer.produce(config.records_topic, value, partition=0, headers=headers)
+            csv: list[tuple[str, str | bytes | None]] | None = (
+                [("content-type", b"text/csv")] if i else None
+            )
+            producer.produce(config.records_topic, value, partition=0, headers=csv)
         assert producer.flush(30) == 0
         produce(config, config.records_topic, record_bytes(wine_lines(0, 20)), partitions=2)
         reader.wait_for(

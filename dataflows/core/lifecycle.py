@@ -45,6 +45,12 @@ that the terminal's Ctrl-C already reached): the deadline holds either way.
 
 Code that can wait for something outside the process asks how long it may while
 stopping: `flush_timeout(usual)`, `time_left()`, `stopping()`.
+
+Whether the dataflow runs: `running()` turns true when the dataflow's Kafka source lists
+its partitions (`mark_running`). Bytewax does that on its workers, which exist only once
+every process of the cluster is connected (measured with bytewax 0.21.1: a process waiting
+for its peers has no worker thread). The health endpoint (`dataflows/observability/state.py`,
+`/healthz`) says "live" from then on until a stop begins.
 """
 
 from __future__ import annotations
@@ -93,7 +99,9 @@ class Lifecycle:
     """
 
     def __init__(
-        self, deadline_s: float = STOP_DEADLINE_S, clock: Callable[[], float] = time.monotonic
+        self,
+        deadline_s: float = STOP_DEADLINE_S,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.deadline_s = deadline_s
         self._clock = clock
@@ -103,6 +111,7 @@ class Lifecycle:
         self._reason = ""
         self._hooks: list[tuple[str, StopHook]] = []
         self._wake: Callable[[], None] | None = None
+        self._running = threading.Event()
 
     def wake_on_stop(self, wake: Callable[[], None]) -> None:
         """Call `wake()` when a stop is requested (the signal watcher's alarm clock)."""
@@ -110,6 +119,16 @@ class Lifecycle:
             self._wake = wake
 
     # --- asking --------------------------------------------------------------------------
+
+    def running(self) -> bool:
+        """Whether the dataflow has started running, stopping or not (`mark_running`)."""
+        return self._running.is_set()
+
+    def mark_running(self) -> None:
+        """The dataflow runs: a Bytewax worker built its input (idempotent)."""
+        if not self._running.is_set():
+            self._running.set()
+            log.info("the dataflow is running")
 
     def stopping(self) -> bool:
         """Whether a stop was requested (a signal, or `request_stop`)."""
@@ -216,6 +235,16 @@ LIFECYCLE = Lifecycle()
 def stopping() -> bool:
     """Whether this process is stopping."""
     return LIFECYCLE.stopping()
+
+
+def running() -> bool:
+    """Whether this process's dataflow has started running (see the module's docstring)."""
+    return LIFECYCLE.running()
+
+
+def mark_running() -> None:
+    """This process's dataflow runs (its input source says so)."""
+    LIFECYCLE.mark_running()
 
 
 def time_left() -> float:

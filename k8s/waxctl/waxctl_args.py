@@ -1,11 +1,15 @@
 """Print the `waxctl dataflow deploy` arguments that deploy an overlay's dataflow with waxctl.
 
-    python k8s/waxctl/waxctl_args.py prod      # one argument per line
+    python k8s/waxctl/waxctl_args.py prod [VALUES_DIR]    # one argument per line
 
 The overlay (k8s/overlays/<name>, rendered with `kubectl kustomize`) is the single source of
 the settings: name, namespace, processes, workers per process, image, the waxserve settings
-of its ConfigMap as environment variables, and recovery (partitions, snapshot and backup
-intervals, per-pod volume size). `just deploy-waxctl` runs waxctl with them. waxctl's flag
+of its ConfigMap as environment variables, recovery (partitions, snapshot and backup
+intervals, per-pod volume size), and its Kafka Secrets: the chart values file passed
+(`VALUES_DIR/values-<overlay>.yaml`, written here; VALUES_DIR defaults to a directory in
+the system's temporary directory) is k8s/waxctl/values.yaml plus the overlay's Secret
+`envFrom` and the TLS Secret's mount, so WAXSERVE_KAFKA_SSL_CA_LOCATION names a file that
+exists in the pods. `just deploy-waxctl` runs waxctl with them. waxctl's flag
 names are those of its public documentation (Waxctl Pro 0.12); waxctl itself is closed
 source and not installable here, so the result is not run in CI.
 """
@@ -17,6 +21,7 @@ import io
 import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -72,7 +77,45 @@ def env_flag(key: str, value: str) -> str:
     return buf.getvalue()
 
 
-def waxctl_args(overlay: str) -> list[str]:
+def chart_values(pod: dict[str, Any]) -> dict[str, Any]:
+    """k8s/waxctl/values.yaml plus the pod's Kafka Secrets: its `envFrom` Secrets, and every
+    Secret volume its container mounts, each required or optional as in the pod.
+
+    The chart's `extraSecretMounts` has no `optional`: an optional Secret is mounted as a
+    projected volume, whose sources can be.
+    """
+    values: dict[str, Any] = yaml.safe_load((K8S / "waxctl" / "values.yaml").read_text())
+    (main,) = pod["containers"]
+    values["envFromSecrets"] = [
+        {"name": e["secretRef"]["name"], "optional": bool(e["secretRef"].get("optional"))}
+        for e in main["envFrom"]
+        if "secretRef" in e
+    ]
+    secrets = {v["name"]: v["secret"] for v in pod["volumes"] if "secret" in v}
+    mounts = []
+    for mount in main["volumeMounts"]:
+        secret = secrets.get(mount["name"])
+        if secret is None:
+            continue
+        entry: dict[str, Any] = {
+            "name": mount["name"],
+            "mountPath": mount["mountPath"],
+            "readOnly": bool(mount.get("readOnly")),
+            "subPath": "",
+            "defaultMode": secret["defaultMode"],
+        }
+        if secret.get("optional"):
+            source = {"secret": {"name": secret["secretName"], "optional": True}}
+            entry["projected"] = {"sources": [source], "defaultMode": secret["defaultMode"]}
+        else:
+            entry["secretName"] = secret["secretName"]
+        mounts.append(entry)
+    values["extraSecretMounts"] = mounts
+    return values
+
+
+def waxctl_args(overlay: str, values_dir: Path | None = None) -> list[str]:
+    """The arguments, and the chart values file they name (written to `values_dir`)."""
     objects = render(overlay)
     sts = next(o for o in objects if o["kind"] == "StatefulSet")
     pod = sts["spec"]["template"]["spec"]
@@ -112,7 +155,13 @@ def waxctl_args(overlay: str) -> list[str]:
     ]
     if claim["spec"].get("storageClassName"):
         args += ["--recovery-storageclass", claim["spec"]["storageClassName"]]
-    args += ["--chart-values-file", str(K8S / "waxctl" / "values.yaml")]
+    if values_dir is None:
+        values_dir = Path(tempfile.gettempdir()) / "waxserve-waxctl"
+    values_dir.mkdir(parents=True, exist_ok=True)
+    values_file = values_dir / f"values-{overlay}.yaml"
+    header = f"# Written by k8s/waxctl/waxctl_args.py for k8s/overlays/{overlay}.\n"
+    values_file.write_text(header + yaml.safe_dump(chart_values(pod), sort_keys=False))
+    args += ["--chart-values-file", str(values_file)]
     for key, value in sorted(config.items()):
         if key not in NOT_PASSED:
             args += ["-e", env_flag(key, value)]
@@ -120,11 +169,15 @@ def waxctl_args(overlay: str) -> list[str]:
 
 
 def main(argv: list[str]) -> int:
-    if len(argv) != 1 or not (K8S / "overlays" / argv[0]).is_dir():
+    if len(argv) not in (1, 2) or not (K8S / "overlays" / argv[0]).is_dir():
         overlays = sorted(p.name for p in (K8S / "overlays").iterdir())
-        print(f"usage: waxctl_args.py OVERLAY  (one of {', '.join(overlays)})", file=sys.stderr)
+        print(
+            f"usage: waxctl_args.py OVERLAY [VALUES_DIR]  (OVERLAY: one of {', '.join(overlays)})",
+            file=sys.stderr,
+        )
         return 2
-    print("\n".join(waxctl_args(argv[0])))
+    values_dir = Path(argv[1]) if len(argv) == 2 else None
+    print("\n".join(waxctl_args(argv[0], values_dir)))
     return 0
 
 

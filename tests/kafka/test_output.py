@@ -6,12 +6,12 @@ import dataclasses
 import hashlib
 
 import pytest
+from conftest import ConsumeAll
 
 from dataflows.core.config import Config
 from dataflows.core.output import OutBatch
 from dataflows.core.records import OutMessage, fit_message
 from dataflows.io.kafka import _Transactions
-from tests.conftest import ConsumeAll
 
 
 def _size(message: OutMessage) -> int:

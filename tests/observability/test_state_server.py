@@ -17,10 +17,16 @@ from typing import Any
 
 import pytest
 
+from dataflows.core.events import DeadLettered, ModelServing
+from dataflows.core.lifecycle import Lifecycle
+from dataflows.monitoring.windows import ModelIdentity
+from dataflows.observability.metrics import kafka_unreachable, unreachable_clients
 from dataflows.observability.state import ProcessState, StateServer, split_address
 
 TIMEOUT_S = 1.0
 """The servers here close a connection idle this long (5 s in the dataflow)."""
+
+NOT_RUNNING = {"live": False, "running": False, "stopping": False}
 
 
 @pytest.fixture
@@ -168,3 +174,70 @@ def test_stop_is_quick_and_closes_waiting_connections(
     again = StateServer(ProcessState(), f"127.0.0.1:{port}")
     again.start()  # the port is free again
     again.stop()
+
+
+def test_healthz_is_live_while_the_dataflow_runs_and_not_once_it_stops(
+    make_server: Callable[..., StateServer],
+) -> None:
+    lifecycle = Lifecycle()
+    server = make_server(lifecycle=lifecycle, unreachable=list)
+    # Started, not running yet (a cluster process waiting for its peers): neither.
+    status, _, body = get(server, "/healthz")
+    assert (status, body) == (503, NOT_RUNNING)
+    assert get(server, "/readyz")[0] == 503
+    lifecycle.mark_running()
+    status, _, body = get(server, "/healthz")
+    assert (status, body) == (200, {"live": True, "running": True, "stopping": False})
+    status, _, body = get(server, "/readyz")
+    assert (status, body["ready"]) == (200, True)
+    lifecycle.request_stop("SIGTERM")
+    status, _, body = get(server, "/healthz")
+    assert (status, body) == (
+        503,
+        {"live": False, "running": True, "stopping": True, "reason": "SIGTERM"},
+    )
+    status, _, body = get(server, "/readyz")
+    assert (status, body["checks"]["live"]) == (503, {"ok": False})
+
+
+def test_readyz_wants_the_brokers_and_a_model_for_data_types_whose_records_arrive(
+    make_server: Callable[..., StateServer],
+) -> None:
+    lifecycle = Lifecycle()
+    lifecycle.mark_running()
+    unreachable: list[str] = []
+    server = make_server(lifecycle=lifecycle, unreachable=lambda: list(unreachable))
+    state = server.state
+    # A contract's records arrived and waited for a model in vain: not ready for them.
+    for _ in range(3):
+        state.on_event(DeadLettered("wine", "score", "no_model"))
+    # Other dead letters, and records of a data type with no contract, change nothing.
+    state.on_event(DeadLettered("wine", "decode", "bad_csv"))
+    state.on_event(DeadLettered("typo", "score", "no_contract"))
+    status, _, body = get(server, "/readyz")
+    assert status == 503 and not body["ready"]
+    assert body["checks"]["models"] == {"ok": False, "waiting": {"wine": 3}}
+    assert body["checks"]["kafka"] == {"ok": True, "unreachable": []}
+    # A shard here serves a wine model: ready.
+    state.on_event(ModelServing(ModelIdentity("wine", "wine-lr", "1", "a" * 64), None))
+    assert get(server, "/readyz")[0] == 200
+    # A producer that reaches no broker: not ready, and it says which client.
+    unreachable.append("producer")
+    status, _, body = get(server, "/readyz")
+    assert status == 503
+    assert body["checks"]["kafka"] == {"ok": False, "unreachable": ["producer"]}
+    assert get(server, "/healthz")[0] == 200  # still live: the dataflow waits for the broker
+
+
+def test_readiness_reads_the_kafka_clients_metrics_count() -> None:
+    """The default readiness check of the brokers is the waxserve_kafka_unreachable gauge's."""
+    assert unreachable_clients() == []
+    kafka_unreachable("consumer", True)
+    try:
+        assert unreachable_clients() == ["consumer"]
+        ready, body = StateServer(ProcessState(), "127.0.0.1:0").readiness()
+        assert not ready
+        assert body["checks"]["kafka"] == {"ok": False, "unreachable": ["consumer"]}
+    finally:
+        kafka_unreachable("consumer", False)
+    assert unreachable_clients() == []
