@@ -12,9 +12,11 @@
 FROM python:3.11.14-slim-bookworm AS build
 ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml setup.py README.md ./
 COPY dataflows/ dataflows/
 COPY protos/ protos/
+# The example catalog, models and data: package data of the wheel (pyproject.toml).
+COPY models/ models/
 # A wheel, so the runtime image installs waxserve non-editable and holds no source tree.
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
@@ -46,10 +48,9 @@ WORKDIR /app
 COPY models/ models/
 # Only for waxctl, whose Helm chart runs these from the working directory (k8s/README.md).
 COPY k8s/waxctl/entrypoint.sh k8s/waxctl/entrypoint-recovery.sh ./
-# `waxserve publish NAME` looks the catalog up next to the installed package
-# (dataflows/../models); point that at the models shipped here.
-RUN ln -s /app/models "$(python -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/models" \
-    && mkdir -p /var/cache/bytewax /var/lib/waxserve/recovery \
+# `waxserve publish NAME` reads the catalog in WAXSERVE_MODEL_DIR (/app/models, below), so
+# that --by-reference locations fall inside the directory the dataflow accepts.
+RUN mkdir -p /var/cache/bytewax /var/lib/waxserve/recovery \
     && chown 10001:10001 /var/cache/bytewax /var/lib/waxserve/recovery
 
 # Bytewax writes its dataflow API cache here at start-up and fails if it cannot: on a

@@ -8,41 +8,58 @@ python := env_var_or_default("PYTHON", "python3.11")
 venv := ".venv"
 bin := venv + "/bin"
 
-# Create .venv and install waxserve with its dev tools (again only when pyproject.toml changes).
+# Create .venv and install waxserve with its dev tools (again only when pyproject.toml or setup.py change).
 setup:
     @[ -x {{bin}}/python ] || {{python}} -m venv {{venv}}
-    @if [ ! {{venv}}/.installed -nt pyproject.toml ]; then \
+    @if [ ! {{venv}}/.installed -nt pyproject.toml ] || [ ! {{venv}}/.installed -nt setup.py ]; then \
         {{bin}}/python -m pip install --quiet --upgrade pip && \
         {{bin}}/python -m pip install --quiet -e '.[dev]' && \
         touch {{venv}}/.installed; \
     fi
 
-# Run the demo: embedded broker, models, replay, live dataflow, a model swap mid-stream.
-demo *ARGS: setup
+# Run the demo: embedded broker, models, replay, live dataflow, a model swap mid-stream (a JRE for PMML).
+demo *ARGS: setup (_debian "java:openjdk-17-jre-headless")
     {{bin}}/waxserve demo "$@"
 
 # Debian packages the tests need: a JRE (PMML, Kafka), Maven and openssl (Kafka's jars and TLS), Prometheus.
-system-deps:
+system-deps: (_debian "java:openjdk-17-jre-headless mvn:maven openssl:openssl promtool:prometheus")
+
+# Install with apt-get the package of each COMMAND:PACKAGE whose command is missing (as root; else say how).
+_debian needs:
     #!/usr/bin/env bash
     set -euo pipefail
     missing=()
-    command -v java >/dev/null 2>&1 || missing+=(openjdk-17-jre-headless)
-    command -v mvn >/dev/null 2>&1 || missing+=(maven)
-    command -v openssl >/dev/null 2>&1 || missing+=(openssl)
-    command -v promtool >/dev/null 2>&1 || missing+=(prometheus)
+    commands=()
+    for need in $*; do
+        if ! command -v "${need%%:*}" >/dev/null 2>&1; then
+            missing+=("${need#*:}")
+            commands+=("${need%%:*}")
+        fi
+    done
     [ ${#missing[@]} -eq 0 ] && exit 0
+    if ! command -v apt-get >/dev/null 2>&1; then
+        echo "missing: ${commands[*]} (Debian packages: ${missing[*]}); no apt-get here:" >&2
+        echo "  install them with your package manager, then run this again" >&2
+        exit 1
+    fi
     if [ "$(id -u)" -ne 0 ]; then
-        echo "the tests need Debian packages: ${missing[*]}; install them with:" >&2
+        echo "missing: ${commands[*]}; install the Debian packages with:" >&2
         echo "  sudo apt-get install --no-install-recommends ${missing[*]}" >&2
         exit 1
     fi
-    echo "installing ${missing[*]} (apt-get)"
+    echo "installing ${missing[*]} (apt-get) for ${commands[*]}"
     apt-get update -qq
     DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
     # The package starts a Prometheus server where systemd runs: the tests start their own.
     if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
         systemctl disable --now prometheus >/dev/null
     fi
+    for command in "${commands[@]}"; do
+        if ! command -v "$command" >/dev/null 2>&1; then
+            echo "installed ${missing[*]}, but $command is still not on PATH ($PATH)" >&2
+            exit 1
+        fi
+    done
 
 # Fetch the Apache Kafka broker's jars with Maven into ~/.cache/waxserve (once per version).
 kafka-jars: setup
@@ -51,6 +68,10 @@ kafka-jars: setup
 # Run the whole test suite (unit, flow, and integration tests on Apache Kafka; smoke tests on tansu).
 test *ARGS: setup system-deps kafka-jars
     {{bin}}/python -m pytest "$@"
+
+# Run the benchmark-like tests `just test` leaves out (marker `bench`: the benchmark harness on a tiny input).
+test-bench *ARGS: setup system-deps kafka-jars
+    {{bin}}/python -m pytest -m bench "$@"
 
 # ruff and mypy.
 lint: setup
@@ -78,18 +99,58 @@ kafka *ARGS: setup kafka-jars
 
 # Run the dataflow against WAXSERVE_BROKERS (workers: -w N; recovery: -r DIR -s S -b S).
 run *ARGS: setup
-    {{bin}}/python -m bytewax.run dataflows.serving:flow "$@"
+    @mkdir -p "${BYTEWAX_DATAFLOW_API_CACHE_PATH:-.waxserve/bytewax}"
+    BYTEWAX_DATAFLOW_API_CACHE_PATH="${BYTEWAX_DATAFLOW_API_CACHE_PATH:-.waxserve/bytewax}" \
+        {{bin}}/python -m bytewax.run dataflows.serving:flow "$@"
 
-# Run a local cluster of N processes x W workers (RECOVERY=DIR: one recovery dir per process).
+# Run a local cluster of N processes x W workers on free ports (RECOVERY=DIR: one recovery dir per process).
 cluster processes="2" workers="1": setup
     #!/usr/bin/env bash
     set -euo pipefail
+    # Ports are free ones, or yours: BYTEWAX_ADDRESSES (one host:port per process, `;`
+    # between), WAXSERVE_STATE_PEERS (process i serves its state on the i-th;
+    # WAXSERVE_STATE_ADDR='' for none), BYTEWAX_DATAFLOW_API_PORT=P (process i on P + i).
+    # A setting you made is never replaced.
     n={{processes}}
-    addresses=$(for ((i = 0; i < n; i++)); do printf '127.0.0.1:%d;' $((2101 + i)); done)
-    addresses=${addresses%;}
-    # Queryable state: process i on port 3040 + i; `waxserve status` asks any of them.
-    peers=$(for ((i = 0; i < n; i++)); do printf '127.0.0.1:%d,' $((3040 + i)); done)
-    export WAXSERVE_STATE_PEERS=${peers%,}
+    # Free ports, all bound at once so that they differ: cluster, state, API for each process.
+    read -r -a free <<<"$({{bin}}/python -c 'import socket, sys
+    socks = [socket.socket() for _ in range(3 * int(sys.argv[1]))]
+    for s in socks: s.bind(("127.0.0.1", 0))
+    print(*(s.getsockname()[1] for s in socks))' "$n")"
+    if [ -n "${BYTEWAX_ADDRESSES:-}" ]; then
+        addresses=$BYTEWAX_ADDRESSES
+    else
+        addresses=$(for ((i = 0; i < n; i++)); do printf '127.0.0.1:%d;' "${free[i]}"; done)
+        addresses=${addresses%;}
+    fi
+    IFS=';' read -r -a cluster <<<"$addresses"
+    if [ ${#cluster[@]} -ne "$n" ]; then
+        echo "BYTEWAX_ADDRESSES has ${#cluster[@]} address(es) for $n processes: $addresses" >&2
+        exit 2
+    fi
+    state=()
+    if [ -n "${WAXSERVE_STATE_ADDR+set}" ] && [ -z "$WAXSERVE_STATE_ADDR" ]; then
+        :  # the queryable state is turned off
+    elif [ -n "${WAXSERVE_STATE_PEERS:-}" ]; then
+        IFS=',' read -r -a state <<<"$WAXSERVE_STATE_PEERS"
+    elif [ -n "${WAXSERVE_STATE_ADDR:-}" ] && [ "$n" -gt 1 ]; then
+        echo "WAXSERVE_STATE_ADDR=$WAXSERVE_STATE_ADDR is one address for $n processes:" \
+            "set WAXSERVE_STATE_PEERS (one per process), or WAXSERVE_STATE_ADDR= for none" >&2
+        exit 2
+    elif [ -n "${WAXSERVE_STATE_ADDR:-}" ]; then
+        state=("$WAXSERVE_STATE_ADDR")
+    else
+        for ((i = 0; i < n; i++)); do state+=("127.0.0.1:${free[n + i]}"); done
+        peers="${state[*]}"
+        export WAXSERVE_STATE_PEERS=${peers// /,}
+    fi
+    if [ ${#state[@]} -ne 0 ] && [ ${#state[@]} -ne "$n" ]; then
+        echo "WAXSERVE_STATE_PEERS has ${#state[@]} address(es) for $n processes" >&2
+        exit 2
+    fi
+    # Bytewax writes its API cache (dataflow.json) to the working directory unless told.
+    export BYTEWAX_DATAFLOW_API_CACHE_PATH=${BYTEWAX_DATAFLOW_API_CACHE_PATH:-.waxserve/bytewax}
+    mkdir -p "$BYTEWAX_DATAFLOW_API_CACHE_PATH"
     pids=()
     trap 'kill "${pids[@]}" 2>/dev/null || true; wait' EXIT INT TERM
     for ((i = 0; i < n; i++)); do
@@ -100,10 +161,17 @@ cluster processes="2" workers="1": setup
                 --process-id "$i" --dns-timeout 0
             args+=(-r "$RECOVERY/process-$i" -s "${SNAPSHOT_S:-5}" -b "${BACKUP_S:-30}")
         fi
-        WAXSERVE_STATE_ADDR=127.0.0.1:$((3040 + i)) BYTEWAX_DATAFLOW_API_PORT=$((3030 + i)) \
-            {{bin}}/python -m bytewax.run dataflows.serving:flow "${args[@]}" &
+        api=${BYTEWAX_DATAFLOW_API_PORT:+$((BYTEWAX_DATAFLOW_API_PORT + i))}
+        api=${api:-${free[2 * n + i]}}
+        settings=(BYTEWAX_DATAFLOW_API_PORT="$api")
+        if [ ${#state[@]} -ne 0 ]; then
+            settings+=(WAXSERVE_STATE_ADDR="${state[i]}")
+        fi
+        echo "process $i: cluster ${cluster[i]}, state ${state[i]:-off}, API port $api"
+        env "${settings[@]}" {{bin}}/python -m bytewax.run dataflows.serving:flow "${args[@]}" &
         pids+=($!)
     done
+    [ ${#state[@]} -eq 0 ] || echo "waxserve status --url http://${state[0]}"
     # A Bytewax cluster cannot lose a process: when one exits, stop them all.
     wait -n
 
@@ -130,6 +198,9 @@ deploy overlay="dev": setup
     ns=$($kubectl kustomize k8s/overlays/{{overlay}} | {{bin}}/python -c 'import sys, yaml
     print(next(d["metadata"]["namespace"] for d in yaml.safe_load_all(sys.stdin)
                if d and d["kind"] == "StatefulSet"))')
+    # The namespace is not part of the overlay (deleting the overlay must not delete the
+    # recovery volumes with it): applied on its own, idempotently.
+    $kubectl apply -f k8s/namespaces/{{overlay}}.yaml
     $kubectl apply -k k8s/overlays/{{overlay}}
     # updateStrategy OnDelete: a timely cluster restarts as a whole, never pod by pod.
     for _ in $(seq 30); do
@@ -191,6 +262,10 @@ prometheus port="9090" target="localhost:3030": setup
     echo "Dashboards: k8s/grafana (k8s/README.md, \"Dashboards and alerts\"). Ctrl-C stops."
     "$prometheus" --config.file="$work/prometheus.yml" --storage.tsdb.path="$work/data" \
         --web.listen-address="127.0.0.1:{{port}}" --log.level=warn
+
+# Drift alarm calibration: false alarms and detections on resampled wine windows of 100, 1,000, 10,000 records (README "Drift").
+drift-eval *ARGS: setup
+    {{bin}}/python -m dataflows.monitoring.drift_eval "$@"
 
 # Check the alerting rules and run their unit tests with promtool (k8s/alerts/).
 alerts-test:

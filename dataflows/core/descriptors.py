@@ -7,14 +7,38 @@ import json
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from importlib import resources
 from pathlib import Path
 
 from google.protobuf import json_format
 
 from protos import waxserve_pb2 as pb
 
-MODELS_DIR = Path(__file__).resolve().parents[2] / "models"
-"""The models/ folder of a source checkout (catalog, artifacts, data)."""
+
+def _models_dir() -> Path:
+    """The example models: a source checkout's models/ (so edits there count at once), else
+    the copy the wheel ships as package data, `dataflows/examples` (pyproject.toml maps
+    models/ there)."""
+    checkout = Path(__file__).resolve().parents[2]
+    if (checkout / "pyproject.toml").is_file() and (checkout / "models" / "catalog.json").is_file():
+        return checkout / "models"
+    # An installed wheel is unpacked, so the resource is a real directory.
+    return Path(str(resources.files("dataflows") / "examples"))
+
+
+MODELS_DIR = _models_dir()
+"""The example catalog, contracts, models and data: models/ in a checkout, the package's
+copy when installed."""
+
+
+def catalog_dir(model_dir: str = "") -> Path:
+    """Where `waxserve publish NAME` looks a name up: `model_dir` (WAXSERVE_MODEL_DIR) when it
+    holds a catalog.json, so that `--by-reference` locations fall inside the directory the
+    dataflow accepts (the image's /app/models), else `MODELS_DIR`."""
+    if model_dir and (Path(model_dir) / "catalog.json").is_file():
+        return Path(model_dir)
+    return MODELS_DIR
+
 
 FORMATS: dict[str, pb.ModelFormat] = {"onnx": pb.MODEL_FORMAT_ONNX, "pmml": pb.MODEL_FORMAT_PMML}
 FORMAT_NAMES: dict[int, str] = {int(v): k for k, v in FORMATS.items()}

@@ -14,7 +14,7 @@ waxserve topics                       # create the waxserve topics
 waxserve contract publish wine        # a catalog data contract, or a contract file
 waxserve publish wine-lr              # a catalog model (models/catalog.json) or a .onnx/.pmml file
 waxserve replay models/data/winequality_red.csv --data-type wine --rate 500 --loop
-waxserve tail scored --limit 5        # JSON lines
+waxserve tail scored -o -5 -e         # JSON lines: the last 5 of each partition, then exit
 waxserve demo                         # everything, on this machine, narrated (`just demo`)
 ```
 """
@@ -44,6 +44,7 @@ from confluent_kafka import (
     TIMESTAMP_NOT_AVAILABLE,
     Consumer,
     KafkaError,
+    KafkaException,
     Message,
     Producer,
     TopicPartition,
@@ -58,9 +59,9 @@ from dataflows.contracts.schema import CONTENT_TYPES, Contract, ContractError, E
 from dataflows.core.config import Config, ConfigError
 from dataflows.core.descriptors import (
     FORMAT_NAMES,
-    MODELS_DIR,
     CatalogEntry,
     catalog_contracts,
+    catalog_dir,
     format_of,
     load_catalog,
     load_profile,
@@ -107,6 +108,11 @@ PROG = "waxserve"
 DEFAULT_BROKER_PORT = 19092
 MODEL_SUFFIXES = (".onnx", ".pmml", ".xml")
 STATUS_TIMEOUT_S = 5.0
+VERDICT_TIMEOUT_S = 60.0
+VERDICT_PROGRESS_S = 10.0
+EXIT_REJECTED = 1
+EXIT_AWAITING_CONTRACT = 3
+EXIT_NO_VERDICT = 4
 
 
 # --- entry point -------------------------------------------------------------------------
@@ -284,6 +290,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="send a file:// location instead of the model bytes; the dataflow's "
         "WAXSERVE_MODEL_DIR must contain the file",
     )
+    _add_verdict_arguments(p, "installed", "descriptor")
     p.set_defaults(run=cmd_publish)
 
     p = sub.add_parser(
@@ -327,6 +334,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     c.add_argument("contract", metavar="CONTRACT", help="catalog data type or contract file")
     c.add_argument("--version", type=int, help="publish under this version number")
+    _add_verdict_arguments(c, "contract_installed", "contract")
     c.set_defaults(run=cmd_contract_publish)
     c = contract.add_parser(
         "show",
@@ -344,10 +352,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="compute a model's reference profile (for drift) from a sample of records",
         description="Read a sample of a data type's records (CSV in the contract's CSV "
         "layout, or JSON lines) with its contract and write the reference profile drift is "
-        "measured against: decile bins, mean and std of every numeric feature, category "
-        "frequencies of every categorical one. Publish it with `waxserve publish --profile`.",
+        "measured against: decile bins, mean and std of every numeric feature and of the "
+        "label, category frequencies of every categorical one, and with --model the "
+        "model's predictions on the sample. Publish it with `waxserve publish --profile`.",
     )
     p.add_argument("sample", type=Path, metavar="SAMPLE", help="CSV or JSON-lines records")
+    p.add_argument(
+        "--model",
+        metavar="MODEL",
+        help="catalog model name or model file: profile its predictions on the sample too",
+    )
     p.add_argument("--data-type", help="the data type: its contract comes from the catalog")
     p.add_argument("--contract", type=Path, metavar="FILE", help="the data type's contract file")
     p.add_argument("-o", "--output", type=Path, help="write the profile here (default: stdout)")
@@ -375,6 +389,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit", type=_positive_int, help="stop after this many records")
     p.add_argument("--loop", action="store_true", help="start over at the end of the file")
     p.add_argument(
+        "--feedback",
+        action="store_true",
+        help="send each line's label instead (id, event time and label fields) to the "
+        "feedback topic, as labels that arrive later for the records a replay sent",
+    )
+    p.add_argument(
         "--format",
         choices=[e.value for e in Encoding],
         help="encoding of the records (default: the contract's)",
@@ -399,18 +419,39 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "tail",
         parents=[common],
-        help="print the messages of a topic as JSON lines",
+        help="print the messages of a topic as JSON lines (kcat's -o, -c, -e)",
         description="Print messages as JSON lines, decoded by topic. TOPIC is a topic name or "
-        f"one of {', '.join(TOPIC_ALIASES)}. Without --limit or --timeout it follows the "
-        "topic until Ctrl-C.",
+        f"one of {', '.join(TOPIC_ALIASES)}. Each line has topic, partition, offset, key, "
+        "timestamp_ms, headers (a list of [name, value] pairs, in order, repeats kept) and "
+        "value; bytes that are not UTF-8 (a key, a header value, a dead letter) appear as "
+        '{"base64": "..."}. Without -c, -e or --timeout it follows the topic until Ctrl-C.',
     )
     p.add_argument("topic", metavar="TOPIC", help="topic name or alias")
     p.add_argument(
-        "--from-beginning",
-        action="store_true",
-        help="start at the oldest message (default: only new ones)",
+        "-o",
+        "--offset",
+        type=_tail_offset,
+        default="end",
+        metavar="OFFSET",
+        help="where to start in every partition: beginning, end (default: only new "
+        "messages), an offset N, or -N: the last N messages of each partition",
     )
-    p.add_argument("--limit", type=_positive_int, help="stop after this many messages")
+    p.add_argument("--from-beginning", action="store_true", help="the same as -o beginning")
+    p.add_argument(
+        "-c",
+        "--count",
+        "--limit",
+        dest="limit",
+        type=_positive_int,
+        metavar="N",
+        help="stop after N messages",
+    )
+    p.add_argument(
+        "-e",
+        "--exit",
+        action="store_true",
+        help="stop once every partition has been read to its end",
+    )
     p.add_argument(
         "--timeout",
         type=_non_negative_float,
@@ -509,6 +550,44 @@ def _non_negative_float(text: str) -> float:
     if not value >= 0:  # also rejects NaN
         raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
     return value
+
+
+def _tail_offset(text: str) -> str | int:
+    """kcat's -o: beginning, end, an offset (>= 0) or -N (N before the end)."""
+    if text in ("beginning", "end"):
+        return text
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: beginning, end, an offset N or -N (the last N)"
+        ) from None
+
+
+def _add_verdict_arguments(p: argparse.ArgumentParser, good: str, what: str) -> None:
+    """publish's --wait, --timeout and --dry-run."""
+    bad = "rejected" if what == "descriptor" else "contract_rejected"
+    awaiting = ", 3 awaiting_contract (it installs once a contract that feeds it comes)"
+    p.add_argument(
+        "--wait",
+        action="store_true",
+        help=f"wait for the dataflow's verdict on this {what} (its event on the events "
+        f"topic) and exit with it: 0 {good}, 1 {bad} (with the reason)"
+        + (awaiting if what == "descriptor" else "")
+        + ", 4 no verdict within --timeout",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=VERDICT_TIMEOUT_S,
+        metavar="S",
+        help=f"with --wait: seconds to wait for the verdict (default {VERDICT_TIMEOUT_S:g})",
+    )
+    p.add_argument(
+        "--dry-run",
+        action="store_true",
+        help=f"check and show the {what}, send nothing (no broker needed)",
+    )
 
 
 def _port(text: str) -> int:
@@ -611,7 +690,7 @@ def _retention_ms(text: str) -> int:
 # --- publish -----------------------------------------------------------------------------
 
 
-def _resolve_model(spec: str) -> tuple[Path, CatalogEntry | None]:
+def _resolve_model(spec: str, models_dir: Path) -> tuple[Path, CatalogEntry | None]:
     """The model file MODEL names, and its catalog entry if MODEL is a catalog name."""
     path = Path(spec).expanduser()
     looks_like_path = path.suffix.lower() in MODEL_SUFFIXES or "/" in spec or os.sep in spec
@@ -619,9 +698,9 @@ def _resolve_model(spec: str) -> tuple[Path, CatalogEntry | None]:
         if not path.is_file():
             raise CliError(f"model file {spec} does not exist")
         return path, None
-    catalog_path = MODELS_DIR / "catalog.json"
+    catalog_path = models_dir / "catalog.json"
     try:
-        catalog = load_catalog()
+        catalog = load_catalog(models_dir)
     except FileNotFoundError:
         raise CliError(
             f"{spec!r} is not a model file, and there is no catalog at {catalog_path} "
@@ -633,9 +712,9 @@ def _resolve_model(spec: str) -> tuple[Path, CatalogEntry | None]:
     if entry is None:
         names = ", ".join(sorted(catalog)) or "(none)"
         raise CliError(f"unknown model {spec!r}; catalog models: {names}")
-    if not entry.path().is_file():
-        raise CliError(f"catalog model {spec!r}: file {entry.path()} does not exist")
-    return entry.path(), entry
+    if not entry.path(models_dir).is_file():
+        raise CliError(f"catalog model {spec!r}: file {entry.path(models_dir)} does not exist")
+    return entry.path(models_dir), entry
 
 
 def _parse_features(text: str) -> tuple[str, ...]:
@@ -645,9 +724,13 @@ def _parse_features(text: str) -> tuple[str, ...]:
     return names
 
 
-def build_descriptor(args: argparse.Namespace) -> tuple[pb.ModelDescriptor, Path]:
-    """The descriptor `publish` sends for these arguments, and the model file."""
-    path, entry = _resolve_model(args.model)
+def build_descriptor(
+    args: argparse.Namespace, models_dir: Path | None = None
+) -> tuple[pb.ModelDescriptor, Path]:
+    """The descriptor `publish` sends for these arguments, and the model file (a catalog
+    name is looked up in `models_dir`, by default the example catalog)."""
+    models_dir = models_dir or catalog_dir()
+    path, entry = _resolve_model(args.model, models_dir)
     try:
         format_of(path)
         model_bytes = path.read_bytes()
@@ -664,10 +747,11 @@ def build_descriptor(args: argparse.Namespace) -> tuple[pb.ModelDescriptor, Path
     if args.profile_from is not None and profile_path is not None:
         raise CliError("give --profile or --profile-from, not both")
     if profile_path is None and args.profile_from is None and entry is not None and entry.profile:
-        profile_path = MODELS_DIR / entry.profile
+        profile_path = models_dir / entry.profile
     profile = None
     if args.profile_from is not None:
-        profile = _sample_profile(args.profile_from, _contract_for(data_type, args.contract))
+        contract = _contract_for(data_type, args.contract, models_dir)
+        profile = _sample_profile(args.profile_from, contract, (path, features))
     if profile_path is not None:
         try:
             profile = load_profile(profile_path)
@@ -695,17 +779,29 @@ def build_descriptor(args: argparse.Namespace) -> tuple[pb.ModelDescriptor, Path
 
 def cmd_publish(config: Config, args: argparse.Namespace) -> int:
     """Publish a model descriptor to the control topic."""
-    desc, path = build_descriptor(args)
+    desc, path = build_descriptor(args, catalog_dir(config.model_dir))
+    if args.dry_run:
+        print(f"would publish {desc.name} version {desc.version} to {config.control_topic}")
+        _describe_descriptor(config, desc, path)
+        print("dry run: nothing sent")
+        return 0
+    events_start = _events_end(config) if args.wait else None
     msg = send_control(config, desc)
-    size = path.stat().st_size
     print(
         f"published {desc.name} version {desc.version} to {msg.topic()} "
         f"[{msg.partition()}] at offset {msg.offset()}"
     )
+    _describe_descriptor(config, desc, path)
+    if events_start is None:
+        return 0
+    return _wait_for_verdict(config, msg, events_start, args.timeout)
+
+
+def _describe_descriptor(config: Config, desc: pb.ModelDescriptor, path: Path) -> None:
     print(f"  format:    {FORMAT_NAMES.get(desc.format, '?')}")
     print(f"  data_type: {desc.data_type}")
     print(f"  sha256:    {desc.sha256}")
-    print(f"  size:      {size} bytes")
+    print(f"  size:      {path.stat().st_size} bytes")
     if desc.HasField("location"):
         print(f"  location:  {desc.location}")
         print("  the dataflow's WAXSERVE_MODEL_DIR must contain this file")
@@ -718,20 +814,22 @@ def cmd_publish(config: Config, args: argparse.Namespace) -> int:
                 f"warning: {path.resolve()} is not under the model directory here ({where})",
                 file=sys.stderr,
             )
-    return 0
 
 
 # --- replay ------------------------------------------------------------------------------
 
 
-def _contract_for(data_type: str | None, contract_file: Path | None) -> Contract:
+def _contract_for(
+    data_type: str | None, contract_file: Path | None, models_dir: Path | None = None
+) -> Contract:
     """The contract named by a contract file, or by a catalog data type."""
     if contract_file is None:
         if not data_type:
             raise CliError("say which records these are: --data-type or --contract FILE")
-        contract_file = catalog_contracts().get(data_type)
+        catalog = catalog_contracts(models_dir or catalog_dir())
+        contract_file = catalog.get(data_type)
         if contract_file is None:
-            known = ", ".join(sorted(catalog_contracts())) or "(none)"
+            known = ", ".join(sorted(catalog)) or "(none)"
             raise CliError(
                 f"no contract for data type {data_type!r} in the catalog ({known}): "
                 "give its contract file with --contract"
@@ -752,7 +850,7 @@ def cmd_replay(config: Config, args: argparse.Namespace) -> int:
     path: Path = args.csv
     if not path.is_file():
         raise CliError(f"CSV file {path} does not exist")
-    contract = _contract_for(args.data_type, args.contract)
+    contract = _contract_for(args.data_type, args.contract, catalog_dir(config.model_dir))
     columns = tuple(c.strip() for c in args.columns.split(",")) if args.columns else None
     try:
         encoder = RecordEncoder(
@@ -761,6 +859,7 @@ def cmd_replay(config: Config, args: argparse.Namespace) -> int:
             delimiter=args.delimiter,
             columns=columns,
             data_type_header=config.data_type_header,
+            feedback=args.feedback,
         )
     except ContractError as exc:
         raise CliError(f"cannot encode {contract.data_type} records: {exc}") from None
@@ -771,7 +870,7 @@ def cmd_replay(config: Config, args: argparse.Namespace) -> int:
             total = min(args.limit, total or 0)
     else:
         total = args.limit
-    topic = config.records_topic
+    topic = config.feedback_topic if args.feedback else config.records_topic
     ensure_topic(config, topic)
     report = DeliveryReport()
     producer = Producer(kafka_settings(config, **{"linger.ms": config.linger_ms}))
@@ -812,8 +911,9 @@ def cmd_replay(config: Config, args: argparse.Namespace) -> int:
     elapsed = time.monotonic() - start
     failures = report.failed + undelivered
     rate = sent / elapsed if elapsed > 0 else 0.0
+    what = "labels" if args.feedback else "records"
     print(
-        f"sent {sent} {contract.data_type} records ({encoder.encoding}) to {topic} in "
+        f"sent {sent} {contract.data_type} {what} ({encoder.encoding}) to {topic} in "
         f"{elapsed:.3f} s ({rate:,.0f} rec/s)" + (" before Ctrl-C" if interrupted else "")
     )
     if bad:
@@ -834,15 +934,23 @@ def cmd_replay(config: Config, args: argparse.Namespace) -> int:
 # --- profile -----------------------------------------------------------------------------
 
 
-def _sample_profile(sample: Path, contract: Contract) -> pb.ReferenceProfile:
-    """The reference profile of a sample of records, read with the contract."""
-    from dataflows.monitoring.profiles import profile_of, read_sample
+def _sample_profile(
+    sample: Path, contract: Contract, model: tuple[Path, Sequence[str]] | None = None
+) -> pb.ReferenceProfile:
+    """The reference profile of a sample of records, read with the contract; with `model`
+    (file, input features), of its predictions on them too."""
+    from dataflows.monitoring.profiles import load_model_file, profile_of, read_sample
 
     if not sample.is_file():
         raise CliError(f"sample {sample} does not exist")
     try:
         decoded = read_sample(contract, sample)
-        profile = profile_of(contract, decoded)
+        runtime = load_model_file(*model) if model is not None else None
+        try:
+            profile = profile_of(contract, decoded, runtime)
+        finally:
+            if runtime is not None:
+                runtime.close()
     except ValueError as exc:
         raise CliError(str(exc)) from None
     if decoded.errors:
@@ -857,8 +965,13 @@ def _sample_profile(sample: Path, contract: Contract) -> pb.ReferenceProfile:
 
 def cmd_profile(config: Config, args: argparse.Namespace) -> int:
     """Write the reference profile of a sample of records."""
-    contract = _contract_for(args.data_type, args.contract)
-    profile = _sample_profile(args.sample, contract)
+    models_dir = catalog_dir(config.model_dir)
+    model = None
+    if args.model is not None:
+        path, entry = _resolve_model(args.model, models_dir)
+        model = (path, entry.input_features if entry else ())
+    contract = _contract_for(args.data_type, args.contract, models_dir)
+    profile = _sample_profile(args.sample, contract, model)
     text = json_format.MessageToJson(profile, indent=2) + "\n"
     if args.output is None:
         sys.stdout.write(text)
@@ -922,9 +1035,10 @@ def cmd_contract_publish(config: Config, args: argparse.Namespace) -> int:
     spec: str = args.contract
     path = Path(spec).expanduser()
     if not path.is_file():
-        found = catalog_contracts().get(spec)
+        catalog = catalog_contracts(catalog_dir(config.model_dir))
+        found = catalog.get(spec)
         if found is None:
-            known = ", ".join(sorted(catalog_contracts())) or "(none)"
+            known = ", ".join(sorted(catalog)) or "(none)"
             raise CliError(f"{spec!r} is neither a contract file nor a catalog data type ({known})")
         path = found
     try:
@@ -936,11 +1050,27 @@ def cmd_contract_publish(config: Config, args: argparse.Namespace) -> int:
         contract = Contract.from_proto(message)
     except (ValueError, ContractError) as exc:
         raise CliError(f"contract {path}: {exc}") from None
+    if args.dry_run:
+        print(
+            f"would publish the {contract.data_type} contract v{contract.version} "
+            f"to {config.control_topic}"
+        )
+        _describe_contract(contract)
+        print("dry run: nothing sent")
+        return 0
+    events_start = _events_end(config) if args.wait else None
     msg = send_control(config, message)
     print(
         f"published the {contract.data_type} contract v{contract.version} to {msg.topic()} "
         f"[{msg.partition()}] at offset {msg.offset()}"
     )
+    _describe_contract(contract)
+    if events_start is None:
+        return 0
+    return _wait_for_verdict(config, msg, events_start, args.timeout)
+
+
+def _describe_contract(contract: Contract) -> None:
     print(f"  fields:   {', '.join(f.name for f in contract.fields)}")
     roles = [
         f"{role} {name}"
@@ -953,7 +1083,139 @@ def cmd_contract_publish(config: Config, args: argparse.Namespace) -> int:
     ]
     print(f"  roles:    {', '.join(roles) or '(none)'}")
     print(f"  encoding: {contract.encoding}")
-    return 0
+
+
+# --- the dataflow's verdict (--wait) ------------------------------------------------------
+
+VERDICTS = {
+    "installed": 0,
+    "rejected": EXIT_REJECTED,
+    "awaiting_contract": EXIT_AWAITING_CONTRACT,
+    "contract_installed": 0,
+    "contract_rejected": EXIT_REJECTED,
+}
+"""The events that settle a control message, and the exit code each one gives."""
+
+
+def _events_end(config: Config) -> dict[int, int]:
+    """The events topic's end offset in each partition, taken before publishing, so that
+    the verdict is read from there on (never missed, however fast the dataflow is)."""
+    consumer = _plain_consumer(config)
+    try:
+        topic = config.events_topic
+        info = consumer.list_topics(topic, timeout=METADATA_TIMEOUT_S).topics.get(topic)
+        if info is None or info.error is not None or not info.partitions:
+            raise CliError(
+                f"the events topic {topic!r} does not exist on {config.brokers}, so there is "
+                "no verdict to wait for: create the topics (waxserve topics) and start the dataflow"
+            )
+        return {p: _watermarks(consumer, topic, p)[1] for p in sorted(info.partitions)}
+    finally:
+        consumer.close()
+
+
+NOT_YET = frozenset(
+    {
+        KafkaError.NOT_LEADER_FOR_PARTITION,
+        KafkaError.LEADER_NOT_AVAILABLE,
+        KafkaError.UNKNOWN_TOPIC_OR_PART,
+        KafkaError._TIMED_OUT,
+        KafkaError._TRANSPORT,
+    }
+)
+"""Errors of a topic just created or a broker just started: ask again."""
+
+
+def _watermarks(consumer: Consumer, topic: str, partition: int) -> tuple[int, int]:
+    """A partition's first and end offsets, asked again while the broker says "not yet"
+    (a leader still being elected for a topic just created)."""
+    deadline = time.monotonic() + METADATA_TIMEOUT_S
+    problem = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            found = consumer.get_watermark_offsets(
+                TopicPartition(topic, partition), timeout=METADATA_TIMEOUT_S
+            )
+        except KafkaException as exc:
+            error = exc.args[0] if exc.args and isinstance(exc.args[0], KafkaError) else None
+            if error is None or not (error.retriable() or error.code() in NOT_YET):
+                raise CliError(f"cannot read the offsets of {topic} [{partition}]: {exc}") from None
+            problem = str(exc)
+            time.sleep(0.2)
+            continue
+        if found is not None:  # None: no answer within the timeout
+            return int(found[0]), int(found[1])
+    raise CliError(f"cannot read the offsets of {topic} [{partition}]: {problem}")
+
+
+def _plain_consumer(config: Config) -> Consumer:
+    return Consumer(
+        kafka_settings(
+            config,
+            **{
+                "group.id": f"waxserve-cli-{os.getpid()}",  # never joined: we assign
+                "enable.auto.commit": False,
+                "fetch.wait.max.ms": 100,
+            },
+        )
+    )
+
+
+def _wait_for_verdict(
+    config: Config, published: Message, events_start: dict[int, int], timeout_s: float
+) -> int:
+    """Read the events topic for the event of the control message `published` and exit
+    with its verdict (`VERDICTS`), or `EXIT_NO_VERDICT` after `timeout_s`."""
+    where = (published.topic(), published.partition(), published.offset())
+    print(
+        f"waiting up to {timeout_s:g} s for the dataflow's verdict ({config.events_topic})",
+        file=sys.stderr,
+        flush=True,
+    )
+    consumer = _plain_consumer(config)
+    started = time.monotonic()
+    next_progress = started + VERDICT_PROGRESS_S
+    try:
+        topic = config.events_topic
+        consumer.assign([TopicPartition(topic, p, o) for p, o in events_start.items()])
+        while (now := time.monotonic()) < started + timeout_s:
+            if now >= next_progress:
+                print(f"  still waiting ({now - started:.0f} s)", file=sys.stderr, flush=True)
+                next_progress += VERDICT_PROGRESS_S
+            wait = min(0.5, started + timeout_s - now)
+            for msg in consumer.consume(num_messages=500, timeout=wait):
+                if msg.error() is not None:
+                    continue  # transient; a fatal one ends in the timeout's message
+                try:
+                    event = pb.ModelEvent.FromString(msg.value() or b"")
+                except DecodeError:
+                    continue
+                source = (event.source_topic, event.source_partition, event.source_offset)
+                if source == where and event.kind in VERDICTS:
+                    print(_verdict_line(event))
+                    return VERDICTS[event.kind]
+    finally:
+        consumer.close()
+    print(
+        f"no verdict within {timeout_s:g} s: is a dataflow running that reads "
+        f"{published.topic()} on {config.brokers}? (waxserve tail events)",
+        file=sys.stderr,
+    )
+    return EXIT_NO_VERDICT
+
+
+def _verdict_line(event: pb.ModelEvent) -> str:
+    """One line for a verdict: what happened, to what, and why."""
+    if event.kind.startswith("contract_"):
+        what = f"the {event.data_type} contract v{event.contract_version}"
+    else:
+        what = f"{event.model_name} version {event.model_version} for {event.data_type}"
+    line = f"{event.kind}: {what}"
+    if event.reason:
+        line += f": {event.reason}"
+    if event.message:
+        line += f": {event.message}"
+    return line
 
 
 def cmd_contract_show(config: Config, args: argparse.Namespace) -> int:
@@ -1036,11 +1298,13 @@ def resolve_topic(config: Config, name: str) -> str:
     return name
 
 
-def _text_or_base64(data: bytes) -> tuple[str, str]:
+def _text_or_base64(data: bytes) -> str | dict[str, str]:
+    """Bytes for JSON: the text when they are UTF-8, else `{"base64": ...}`, marked so
+    that a text that happens to look like base64 is never mistaken for it."""
     try:
-        return data.decode("utf-8"), "utf-8"
+        return data.decode("utf-8")
     except UnicodeDecodeError:
-        return base64.b64encode(data).decode("ascii"), "base64"
+        return {"base64": base64.b64encode(data).decode("ascii")}
 
 
 def _proto_dict(msg: ProtoMessage) -> dict[str, Any]:
@@ -1090,8 +1354,7 @@ def _record_value(value: bytes, content_type: str) -> Any:
         return orjson.loads(value)
     if encoding is Encoding.RECORD:
         return _proto_dict(pb.Record.FromString(value))
-    text, how = _text_or_base64(value)
-    return text if how == "utf-8" else {"base64": text}
+    return _text_or_base64(value)
 
 
 def message_to_json(config: Config, msg: Message) -> dict[str, Any]:
@@ -1099,20 +1362,16 @@ def message_to_json(config: Config, msg: Message) -> dict[str, Any]:
     topic = msg.topic() or ""
     out: dict[str, Any] = {"topic": topic, "partition": msg.partition(), "offset": msg.offset()}
     key = msg.key()
-    if key is None:
-        out["key"] = None
-    else:
-        out["key"], encoding = _text_or_base64(key)
-        if encoding != "utf-8":
-            out["key_encoding"] = encoding
+    out["key"] = None if key is None else _text_or_base64(key)
     ts_type, ts = msg.timestamp()
     if ts_type != TIMESTAMP_NOT_AVAILABLE:
         out["timestamp_ms"] = ts
     header_list = header_pairs(msg)
     if header_list:
-        out["headers"] = {
-            name: _text_or_base64(v)[0] if v is not None else None for name, v in header_list
-        }
+        # Pairs, not an object: a header name may repeat, and order can matter.
+        out["headers"] = [
+            [name, None if v is None else _text_or_base64(v)] for name, v in header_list
+        ]
     value = msg.value()
     if value is None:
         out["value"] = None
@@ -1132,10 +1391,10 @@ def message_to_json(config: Config, msg: Message) -> dict[str, Any]:
         elif kind in PROTO_TYPES:
             out["value"] = _proto_dict(PROTO_TYPES[kind].FromString(value))
         else:  # the DLQ (original bytes) and topics we do not know
-            out["value"], out["value_encoding"] = _text_or_base64(value)
+            out["value"] = _text_or_base64(value)
     except (DecodeError, ValueError, UnicodeDecodeError) as exc:
         out["error"] = f"cannot decode as {kind}: {type(exc).__name__}: {exc}"
-        out["value"], out["value_encoding"] = _text_or_base64(value)
+        out["value"] = _text_or_base64(value)
     return out
 
 
@@ -1147,6 +1406,7 @@ def cmd_tail(config: Config, args: argparse.Namespace) -> int:
         known = ", ".join(sorted(t for t in metadata.topics if not t.startswith("__")))
         raise CliError(f"topic {topic!r} does not exist; topics: {known or '(none)'}")
     partitions = sorted(metadata.topics[topic].partitions)
+    offset: str | int = "beginning" if args.from_beginning else args.offset
     consumer = Consumer(
         kafka_settings(
             config,
@@ -1156,47 +1416,67 @@ def cmd_tail(config: Config, args: argparse.Namespace) -> int:
                 "enable.auto.commit": False,
                 "enable.auto.offset.store": False,
                 "fetch.wait.max.ms": 100,
+                # -e: librdkafka says when a partition is read to its end.
+                "enable.partition.eof": bool(args.exit),
             },
         )
     )
     try:
         # Knowing the partition leaders before assign() saves librdkafka a 500 ms retry.
         consumer.list_topics(topic, timeout=METADATA_TIMEOUT_S)
-        start = OFFSET_BEGINNING if args.from_beginning else OFFSET_END
-        consumer.assign([TopicPartition(topic, p, start) for p in partitions])
-        return _tail_loop(config, consumer, args)
+        assignment = [
+            TopicPartition(topic, p, _start_offset(consumer, topic, p, offset)) for p in partitions
+        ]
+        consumer.assign(assignment)
+        return _tail_loop(config, consumer, args, len(partitions), skip_old=offset == "end")
     except KeyboardInterrupt:  # the normal way to stop following
         return 0
     finally:
         consumer.close()
 
 
-def _tail_loop(config: Config, consumer: Consumer, args: argparse.Namespace) -> int:
+def _start_offset(consumer: Consumer, topic: str, partition: int, offset: str | int) -> int:
+    """Where -o starts in one partition: -N counts back from its high watermark."""
+    if offset == "beginning":
+        return OFFSET_BEGINNING
+    if offset == "end":
+        return OFFSET_END
+    assert isinstance(offset, int)
+    if offset >= 0:
+        return offset
+    low, high = _watermarks(consumer, topic, partition)
+    return max(low, high + offset)
+
+
+def _tail_loop(
+    config: Config, consumer: Consumer, args: argparse.Namespace, partitions: int, skip_old: bool
+) -> int:
     started_ms = time.time_ns() // 1_000_000
     # tansu resolves OFFSET_END to the start of the last batch + 1, so the rest of that batch
     # comes back: skip messages older than this command until a partition shows a new one.
     settled: set[int] = set()
+    at_end: set[int] = set()
     count = 0
     last_activity = time.monotonic()
     while True:
         wait = 0.5
         if args.timeout is not None:
             wait = max(0.0, min(wait, last_activity + args.timeout - time.monotonic()))
-        messages = consumer.consume(num_messages=500, timeout=wait)
-        if not messages:
-            if args.timeout is not None and time.monotonic() - last_activity >= args.timeout:
-                return 0
-            continue
-        last_activity = time.monotonic()
-        for msg in messages:
+        for msg in consumer.consume(num_messages=500, timeout=wait):
             err = msg.error()
             if err is not None:
+                if err.code() == KafkaError._PARTITION_EOF:
+                    at_end.add(msg.partition() or 0)
+                    if args.exit and len(at_end) >= partitions:
+                        return 0
+                    continue
                 if err.fatal() or err.code() == KafkaError.UNKNOWN_TOPIC_OR_PART:
                     raise CliError(f"consuming {msg.topic()}: {err.str()}")
                 print(f"warning: {err.str()}", file=sys.stderr)
                 continue
+            last_activity = time.monotonic()
             partition = msg.partition() or 0
-            if not args.from_beginning and partition not in settled:
+            if skip_old and partition not in settled:
                 ts_type, ts = msg.timestamp()
                 if ts_type != TIMESTAMP_NOT_AVAILABLE and ts < started_ms:
                     continue
@@ -1207,6 +1487,8 @@ def _tail_loop(config: Config, consumer: Consumer, args: argparse.Namespace) -> 
             count += 1
             if args.limit is not None and count >= args.limit:
                 return 0
+        if args.timeout is not None and time.monotonic() - last_activity >= args.timeout:
+            return 0
 
 
 # --- demo --------------------------------------------------------------------------------
@@ -1258,6 +1540,21 @@ def _us(value: float | None) -> str:
     return "-" if value is None else f"{value:,.1f}"
 
 
+def _feedback_text(quality: dict[str, Any] | None, labels: dict[str, int] | None) -> str:
+    """Online quality against labels that came later, for a status line."""
+    if not quality:
+        return ""
+    figures = [f"{quality['labelled_count']:,} labels"]
+    for name, form in (("rmse", ".3f"), ("mae", ".3f"), ("accuracy", ".1%"), ("log_loss", ".3f")):
+        if quality.get(name) is not None:
+            figures.append(f"{name.replace('_', ' ')} {quality[name]:{form}}")
+    if labels:
+        late = {k: v for k, v in labels.items() if k != "matched" and v}
+        if late:
+            figures.append("; ".join(f"{k} {v:,}" for k, v in late.items()))
+    return "  feedback: " + ", ".join(figures)
+
+
 def format_status(processes: list[dict[str, Any]]) -> str:
     """The status table: one block per process, one line per model it holds."""
     lines: list[str] = []
@@ -1278,6 +1575,7 @@ def format_status(processes: list[dict[str, Any]]) -> str:
                 quality = f"  rmse {m['rmse']:.3f}"
             if m["accuracy"] is not None:
                 quality += f"  accuracy {m['accuracy']:.1%}"
+            quality += _feedback_text(m.get("feedback"), m.get("feedback_labels"))
             drift = m.get("drift")
             drift_text = ""
             if drift:

@@ -109,6 +109,17 @@ def test_publish_unknown_model_lists_the_catalog(capsys: pytest.CaptureFixture[s
     assert all(name in err for name in names)
 
 
+def test_publish_dry_run_sends_nothing(capsys: pytest.CaptureFixture[str]) -> None:
+    # No broker at this address: a dry run must not need one.
+    assert main(["publish", "wine-lr", "--dry-run", "--brokers", "127.0.0.1:1"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("would publish wine-lr version 1 to ")
+    assert out.splitlines()[-1] == "dry run: nothing sent"
+    assert main(["contract", "publish", "penguins", "--dry-run", "--brokers", "127.0.0.1:1"]) == 0
+    out = capsys.readouterr().out
+    assert "would publish the penguins contract v1" in out
+
+
 def test_publish_missing_file(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
     assert main(["publish", str(tmp_path / "nope.onnx")]) == 1
     assert "does not exist" in capsys.readouterr().err
@@ -369,7 +380,7 @@ def test_tail_limit_prints_json_lines(
     for line in lines:
         assert line["topic"] == kafka_config.records_topic
         assert {"partition", "offset", "key", "value", "content_type"} <= set(line)
-        assert line["headers"]["data-type"] == "wine"
+        assert ["data-type", "wine"] in line["headers"]
         if line["content_type"] == "text/csv":
             assert line["value"] == ERROR_CSV.read_text().splitlines()[1]
         else:
@@ -389,10 +400,73 @@ def test_tail_dlq_shows_headers_and_original_bytes(
     assert producer.flush(10) == 0
     assert main(["tail", "dlq", "--from-beginning", "--limit", "2", "--timeout", "10"]) == 0
     first, second = _json_lines(capsys.readouterr().out)
-    assert first["headers"] == {"waxserve.stage": "decode", "waxserve.error.class": "undecodable"}
-    assert (first["value"], first["value_encoding"]) == ("/wBiYWQ=", "base64")
-    assert (second["value"], second["value_encoding"]) == ("7.4;0.7", "utf-8")
+    assert first["headers"] == [
+        ["waxserve.stage", "decode"],
+        ["waxserve.error.class", "undecodable"],
+    ]
+    assert first["value"] == {"base64": "/wBiYWQ="}  # marked: never mistaken for text
+    assert second["value"] == "7.4;0.7"
     assert first["key"] == "k1" and first["topic"] == kafka_config.dlq_topic
+
+
+@pytest.mark.integration
+def test_tail_keeps_repeated_headers_and_marks_binary_bytes(
+    kafka_config: Config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": kafka_config.brokers})
+    headers = [("trace", b"a"), ("bin", b"\x00\xfe"), ("trace", b"b"), ("empty", None)]
+    # A text value that looks like base64, and a binary key: only the marker tells them apart.
+    producer.produce(kafka_config.dlq_topic, key=b"\xff", value=b"QUJD", headers=headers)
+    assert producer.flush(10) == 0
+    assert main(["tail", "dlq", "-o", "beginning", "-e"]) == 0
+    (line,) = _json_lines(capsys.readouterr().out)
+    assert line["headers"] == [
+        ["trace", "a"],
+        ["bin", {"base64": "AP4="}],
+        ["trace", "b"],
+        ["empty", None],
+    ]
+    assert line["key"] == {"base64": "/w=="}
+    assert line["value"] == "QUJD"
+    assert line["partition"] == 0 and line["offset"] == 0
+
+
+@pytest.mark.integration
+def test_tail_kcat_offsets_count_and_exit_at_end(
+    kafka_config: Config, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from confluent_kafka import Producer
+
+    producer = Producer({"bootstrap.servers": kafka_config.brokers})
+    for i in range(10):
+        producer.produce(kafka_config.dlq_topic, key=f"k{i}".encode(), value=b"x", partition=0)
+    producer.produce(kafka_config.dlq_topic, key=b"p1", value=b"y", partition=1)
+    assert producer.flush(10) == 0
+
+    def offsets(*args: str) -> list[tuple[int, int]]:
+        assert main(["tail", "dlq", *args]) == 0
+        lines = _json_lines(capsys.readouterr().out)
+        return sorted((line["partition"], line["offset"]) for line in lines)
+
+    # -e: every partition to its end, then exit (no --timeout, no Ctrl-C).
+    assert offsets("-o", "beginning", "-e") == [(0, i) for i in range(10)] + [(1, 0)]
+    assert offsets("--from-beginning", "-e") == [(0, i) for i in range(10)] + [(1, 0)]
+    # -N: the last N of each partition (fewer where there are fewer).
+    assert offsets("-o", "-3", "-e") == [(0, 7), (0, 8), (0, 9), (1, 0)]
+    # An absolute offset, in every partition that has it.
+    assert offsets("-o", "8", "-e") == [(0, 8), (0, 9)]
+    # -c N (and its old name --limit): N messages in all.
+    assert len(offsets("-o", "beginning", "-c", "4")) == 4
+    assert len(offsets("-o", "beginning", "--limit", "2")) == 2
+    # -o end -e: nothing new, so it ends at once.
+    assert offsets("-o", "end", "-e") == []
+
+
+def test_tail_rejects_an_unknown_offset(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["tail", "scored", "-o", "middle"]) == 2
+    assert "beginning, end, an offset N or -N" in capsys.readouterr().err
 
 
 @pytest.mark.integration
@@ -409,19 +483,28 @@ def test_tail_timeout_stops_on_silence(
 def test_tail_without_from_beginning_shows_only_new_messages(
     kafka_config: Config, capsys: pytest.CaptureFixture[str]
 ) -> None:
+    from confluent_kafka import Producer
+
     # Old messages in one produce batch: tansu's OFFSET_END would serve most of them again.
     assert main(["replay", str(ERROR_CSV), "--data-type", "wine", "-q"]) == 0
     codes: list[int] = []
-    tail = threading.Thread(
-        target=lambda: codes.append(main(["tail", "records", "--limit", "3", "--timeout", "15"]))
-    )
+    argv = ["tail", "records", "-c", "3", "--timeout", "30"]
+    tail = threading.Thread(target=lambda: codes.append(main(argv)), daemon=True)
     tail.start()
-    time.sleep(1.5)
-    assert main(["replay", str(WINE_CSV), "--data-type", "wine", "--limit", "3", "-q"]) == 0
-    tail.join(20)
+    # New messages until the tail has 3, however long it takes to start: the first ones
+    # may come before it looks, so which new ones it shows is open, but never an old one.
+    producer = Producer({"bootstrap.servers": kafka_config.brokers})
+    deadline = time.monotonic() + 120
+    sent = 0
+    while tail.is_alive() and time.monotonic() < deadline:
+        key = f"new-{sent}".encode()
+        producer.produce(kafka_config.records_topic, key=key, value=b"{}", partition=sent % 2)
+        assert producer.flush(10) == 0
+        sent += 1
+        tail.join(0.2)
     assert codes == [0]
-    keys = sorted(line["key"] for line in _json_lines(capsys.readouterr().out))
-    assert keys == ["winequality_red-1", "winequality_red-2", "winequality_red-3"]
+    keys = [line["key"] for line in _json_lines(capsys.readouterr().out)]
+    assert len(keys) == 3 and all(key.startswith("new-") for key in keys), keys
 
 
 @pytest.mark.integration
@@ -438,13 +521,13 @@ def test_topics_command_creates_topics(
         monkeypatch.setenv(name, value)
     assert main(["topics", "--partitions", "3"]) == 0
     out = capsys.readouterr().out
-    assert out.count("created") == 8  # every *_topic setting and the records topic
+    assert out.count("created") == len(fresh)  # every *_topic setting and the records topic
     topics = AdminClient({"bootstrap.servers": kafka_config.brokers}).list_topics(timeout=5).topics
     assert len(topics[fresh["WAXSERVE_CONTROL_TOPIC"]].partitions) == 1
     assert len(topics[fresh["WAXSERVE_RECORDS_TOPICS"]].partitions) == 3
     assert len(topics[fresh["WAXSERVE_DLQ_TOPIC"]].partitions) == 3
     assert main(["topics"]) == 0
-    assert capsys.readouterr().out.count("exists") == 8
+    assert capsys.readouterr().out.count("exists") == len(fresh)
 
 
 @pytest.mark.integration
