@@ -50,6 +50,10 @@ class Reason(StrEnum):
     BAD_INPUTS = "bad_inputs"
     BAD_PROFILE = "bad_profile"
     MODEL_TOO_LARGE = "model_too_large"  # a descriptor or model past max_model_bytes
+    UNSIGNED = "unsigned"  # signatures required, and the descriptor has none
+    UNKNOWN_KEY = "unknown_key"  # signed by a key the dataflow does not trust
+    BAD_SIGNATURE = "bad_signature"  # the signature does not match the descriptor
+    GATE_FAILED = "gate_failed"  # the quality gate: invalid, wrong or slow outputs
     # contract
     BAD_CONTRACT = "bad_contract"
     INCOMPATIBLE_CONTRACT = "incompatible_contract"
@@ -91,6 +95,10 @@ STAGE_REASONS: dict[Stage, tuple[Reason, ...]] = {
         Reason.BAD_INPUTS,
         Reason.BAD_PROFILE,
         Reason.MODEL_TOO_LARGE,
+        Reason.UNSIGNED,
+        Reason.UNKNOWN_KEY,
+        Reason.BAD_SIGNATURE,
+        Reason.GATE_FAILED,
         Reason.TOO_MANY_DATA_TYPES,
     ),
     Stage.CONTRACT: (
