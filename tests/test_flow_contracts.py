@@ -31,6 +31,7 @@ from dataflows.contracts.codecs import codec_for
 from dataflows.contracts.files import load_contract
 from dataflows.contracts.schema import AvroOptions, Contract, Encoding, FieldType
 from dataflows.core.descriptors import MODELS_DIR, catalog_contracts
+from dataflows.core.records import Headers
 from protos import waxserve_pb2 as pb
 
 WORKERS = [1, 2]
@@ -191,7 +192,7 @@ def test_every_encoding_scores_the_same_and_dead_letters_its_garbage(
         Encoding.CSV: b"text/csv",
         Encoding.RECORD: b"application/vnd.waxserve.record+protobuf",
     }.get(encoding)
-    headers = [[("content-type", content_type)]] if content_type else [[]]
+    headers: list[Headers] = [[("content-type", content_type)]] if content_type else [[]]
     garbage: list[bytes | None] = [b"\x00\x01garbage\xff", b"", None]
     out = run_flow(
         test_config(),

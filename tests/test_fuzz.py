@@ -274,8 +274,8 @@ def record_inputs(rng: random.Random) -> list[tuple[str, int, Message]]:
     for _ in range(60):
         topic = rng.choice([*TOPICS, ORPHAN_TOPIC])
         add(topic, Message(_random_bytes(rng, rng.randrange(0, 300)), _hostile_headers(rng)))
-    for value in (None, b"", b"{}", b'{"data_type": null}', b'{"data_type": "\\ud800"}'):
-        add(rng.choice([*TOPICS, ORPHAN_TOPIC]), Message(value))
+    for odd in (None, b"", b"{}", b'{"data_type": null}', b'{"data_type": "\\ud800"}'):
+        add(rng.choice([*TOPICS, ORPHAN_TOPIC]), Message(odd))
     for _ in range(MAX_DATA_TYPES):  # more junk data types, after the contracts
         add(ORPHAN_TOPIC, Message(b"{}", [("data-type", f"junk-{rng.randrange(40)}".encode())]))
     # At and over the output limit: values, keys and headers.
@@ -379,7 +379,7 @@ def _deep_avro_contract() -> pb.DataContract:
     return msg
 
 
-def control_inputs(rng: random.Random) -> tuple[list[bytes | None], list[bytes | None]]:
+def control_inputs(rng: random.Random) -> tuple[list[bytes], list[bytes | None]]:
     """The legit control messages (contracts, then models), and the hostile ones."""
     legit_items: list[pb.DataContract | pb.ModelDescriptor] = [
         WINE_CONTRACT.to_proto(),
@@ -401,7 +401,7 @@ def control_inputs(rng: random.Random) -> tuple[list[bytes | None], list[bytes |
         _with_bytes(descriptor("wine-gbt", version="2"), rng.randbytes(300 << 10)),  # too large
         descriptor("wine-gbt", version="3", sha256="0" * 64),
         _with_bytes(descriptor("wine-gbt", version="4"), b"not a model \x00\xff"),
-        descriptor("wine-gbt", version="5", format=99),  # type: ignore[arg-type]
+        descriptor("wine-gbt", version="5", format=99),
         _changed(descriptor("wine-gbt", version="6"), name="n" * 10_000),
         _with_bytes(descriptor("wine-gbt", version="7"), _external_onnx()),
         _changed(descriptor("wine-lr", version="7"), location="file:///etc/passwd"),

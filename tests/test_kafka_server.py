@@ -12,6 +12,7 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from typing import Any
 
 import pytest
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Producer, TopicPartition
@@ -202,13 +203,14 @@ def test_create_topics_applies_the_settings_and_leaves_existing_topics_alone(
 ) -> None:
     suffix = uuid.uuid4().hex[:8]
     base = Config(brokers=broker.bootstrap)
+    topics: dict[str, Any] = {
+        f.name: f"{getattr(base, f.name)}-{suffix}"
+        for f in dataclasses.fields(Config)
+        if f.name.endswith("_topic")
+    }
     config = dataclasses.replace(
         base,
-        **{
-            f.name: f"{getattr(base, f.name)}-{suffix}"
-            for f in dataclasses.fields(Config)
-            if f.name.endswith("_topic")
-        },
+        **topics,
         records_topics=f"records-{suffix}",
         topic_retention_ms=3_600_000,
         output_cleanup_policy="compact,delete",

@@ -18,14 +18,15 @@ from dataflows.contracts.schema import (
     ContractError,
     Encoding,
 )
+from dataflows.core.records import Headers
 from protos import waxserve_pb2 as pb
 
-JSON_TYPE = [("content-type", b"application/json")]
-CSV_TYPE = [("Content-Type", b"TEXT/CSV; charset=utf-8")]
-RECORD_TYPE = [("content-type", b"application/vnd.waxserve.record+protobuf")]
+JSON_TYPE: Headers = [("content-type", b"application/json")]
+CSV_TYPE: Headers = [("Content-Type", b"TEXT/CSV; charset=utf-8")]
+RECORD_TYPE: Headers = [("content-type", b"application/vnd.waxserve.record+protobuf")]
 
 
-def contract(encoding: int = pb.ENCODING_JSON) -> Contract:
+def contract(encoding: pb.Encoding = pb.ENCODING_JSON) -> Contract:
     msg = pb.DataContract(
         data_type="wine", version=1, encoding=encoding, id_field="id", event_time_field="t"
     )
@@ -67,7 +68,13 @@ def test_a_mixed_batch_is_decoded_by_each_messages_header() -> None:
         encoded(Encoding.RECORD),
     )
     values = [json_values[0], csv_values[1], record_values[2], csv_values[0], json_values[1]]
-    headers = [JSON_TYPE, CSV_TYPE, RECORD_TYPE, CSV_TYPE, [("other", b"x")]]  # last: default
+    headers: list[Headers] = [
+        JSON_TYPE,
+        CSV_TYPE,
+        RECORD_TYPE,
+        CSV_TYPE,
+        [("other", b"x")],
+    ]  # last: default
     decoded = ContractCodecs(contract()).decode(values, headers)
     assert decoded.errors == {}
     np.testing.assert_array_equal(
@@ -234,16 +241,19 @@ def test_avro_by_header_uses_the_schema_resolver() -> None:
     msg.avro.writer_schema = json.dumps(schema)
     msg.avro.confluent_framing = True
     msg.avro.schema_id = 1
-    asked = []
-    codecs = ContractCodecs(
-        Contract.from_proto(msg),
-        schema_resolver=lambda schema_id: asked.append(schema_id) or json.dumps(schema),
-    )
+    avro_type: Headers = [("content-type", b"application/avro")]
+    asked: list[int] = []
+
+    def resolve(schema_id: int) -> str:
+        asked.append(schema_id)
+        return json.dumps(schema)
+
+    codecs = ContractCodecs(Contract.from_proto(msg), schema_resolver=resolve)
     framed = codec_for(Contract.from_proto(msg), Encoding.AVRO).encode(ROWS)
     other_id = b"\0\0\0\0\x02" + framed[1][5:]
     decoded = codecs.decode(
         [framed[0], other_id, encoded(Encoding.JSON)[2]],
-        [[("content-type", b"application/avro")]] * 2 + [[]],
+        [avro_type, avro_type, []],
     )
     assert decoded.errors == {}
     assert asked == [2]

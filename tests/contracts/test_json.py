@@ -34,7 +34,7 @@ GOOD_TEXT = [["red"], [None]]
 
 def test_round_trip_keeps_values_and_absence() -> None:
     codec = codec_for(contract(), Encoding.JSON)
-    rows = [
+    rows: list[dict[str, object]] = [
         {"fixed acidity": 7.4, "class": "red", "quality": 5, "ok": True, "__init__": -0.5},
         {"fixed acidity": 1e-300, "quality": -(2**53), "ok": False},
         {"class": "", "quality": None, "__init__": float("nan")},  # NaN: absent

@@ -40,7 +40,7 @@ GOOD_TEXT = ["red"]
 
 def test_round_trip() -> None:
     codec = codec_for(contract(), Encoding.RECORD)
-    rows = [
+    rows: list[dict[str, object]] = [
         {"x": 2.5, "n": 2**53, "ok": False, "class": "", "fixed acidity": 7.4},
         {"x": None, "n": float("nan")},
         {},
@@ -90,7 +90,10 @@ BAD = [
 ]
 
 
-@pytest.mark.parametrize(("value", "reason", "mentions"), BAD)
+# Ids by position: a map's bytes differ between processes (pytest-xdist workers must agree).
+@pytest.mark.parametrize(
+    ("value", "reason", "mentions"), BAD, ids=[f"{i}-{bad[1]}" for i, bad in enumerate(BAD)]
+)
 def test_a_bad_message_is_reported_and_the_rest_decode(
     value: bytes | None, reason: str, mentions: str
 ) -> None:

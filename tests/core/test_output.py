@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from dataflows.core.output import OutBatch
+from dataflows.core.records import OutMessage
 
 
 def _batch(positions: list[int], stream: str = "serve:records/0/wine") -> OutBatch:
-    messages = [(f"k{p}".encode(), f"v{p}".encode(), []) for p in positions]
+    messages: list[OutMessage] = [(f"k{p}".encode(), f"v{p}".encode(), []) for p in positions]
     return OutBatch(messages, stream, positions)
 
 

@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import pytest
 from google.protobuf import json_format
 
 from dataflows.core.descriptors import MODELS_DIR, load_catalog, load_profile
-from dataflows.monitoring.drift_eval import build_simulator, evaluate, goal_failures, render
+from dataflows.monitoring.drift_eval import (
+    Simulator,
+    build_simulator,
+    evaluate,
+    goal_failures,
+    render,
+)
 from dataflows.monitoring.reference_data import model_profile, training_rows
 
 
 @pytest.fixture(scope="module")
-def simulator():  # type: ignore[no-untyped-def]
+def simulator() -> Iterator[Simulator]:
     simulator = build_simulator("wine-lr")
     yield simulator
     simulator.runtime.close()
 
 
-def test_the_evaluation_judges_windows_as_the_dataflow_does(simulator) -> None:  # type: ignore[no-untyped-def]
+def test_the_evaluation_judges_windows_as_the_dataflow_does(simulator: Simulator) -> None:
     """Few windows, a large shift: no false alarm, every shift caught, the old PSI rule
     blind to most of them at 1,000 records; the table prints."""
     (result,) = evaluate(
@@ -39,7 +47,7 @@ def test_the_evaluation_judges_windows_as_the_dataflow_does(simulator) -> None: 
     assert "False alarms" in table and "alcohol" in table
 
 
-def test_a_one_record_window_is_not_judged(simulator) -> None:  # type: ignore[no-untyped-def]
+def test_a_one_record_window_is_not_judged(simulator: Simulator) -> None:
     message, old_alarm = simulator.window(np.random.default_rng(0), 1, ("alcohol", 5.0))
     assert not message.judged and not message.alarm and not old_alarm
     assert not any(f.HasField("p_value") for f in message.features)
@@ -48,7 +56,7 @@ def test_a_one_record_window_is_not_judged(simulator) -> None:  # type: ignore[n
     assert {f.quantity for f in message.features} == {"feature", "prediction", "label"}
 
 
-def test_null_p_values_of_resampled_windows_are_not_too_small(simulator) -> None:  # type: ignore[no-untyped-def]
+def test_null_p_values_of_resampled_windows_are_not_too_small(simulator: Simulator) -> None:
     """Windows of the training rows themselves: the two-sample tests are conservative."""
     rng = np.random.default_rng(11)
     p_values = [f.p_value for _ in range(30) for f in simulator.window(rng, 500)[0].features]

@@ -314,7 +314,7 @@ def test_classification_helper() -> None:
     assert p.labels == ["5", "", "3"]
     assert p.values[0] == 5.0 and np.isnan(p.values[1]) and p.values[2] == 3.0
     # A class a valid row has no probability for gets 0 (PMML4S leaves it NaN).
-    assert p.probabilities[2].tolist() == [0.6, 0.0]
+    assert p.probabilities is not None and p.probabilities[2].tolist() == [0.6, 0.0]
     given = _classification(probabilities, labels, values, ["3", "5", "3"])
     assert given.labels == ["3", "", "3"]
     assert given.values[0] == 3.0 and np.isnan(given.values[1])

@@ -12,7 +12,7 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 from flowtools import WINE_FEATURES
-from onnx import TensorProto, helper, numpy_helper
+from onnx import OperatorSetIdProto, TensorProto, helper, numpy_helper
 
 from dataflows.runtimes import ModelError, OnnxRuntime, Prediction, load_runtime
 from protos import waxserve_pb2 as pb
@@ -54,6 +54,12 @@ def assert_consistent(p: Prediction, n: int) -> None:
         assert p.probabilities is not None
         assert p.probabilities.dtype == np.float64
         assert p.probabilities.shape == (n, len(p.class_labels))
+
+
+def probabilities(p: Prediction) -> np.ndarray:
+    """A classifier's probabilities (a regressor has none)."""
+    assert p.probabilities is not None
+    return p.probabilities
 
 
 def to_onnx_bytes(model: object, n_features: int, *, double: bool = False, **options: object):
@@ -179,7 +185,7 @@ def test_wine_classifier_matches_sklearn(wine_models, wine, name) -> None:
     assert_consistent(p, len(features))
     assert p.valid.all()
     expected = model.predict_proba(features)
-    np.testing.assert_allclose(p.probabilities, expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(probabilities(p), expected, rtol=0, atol=1e-5)
     # Labels agree wherever float32 rounding cannot flip the argmax.
     top2 = np.sort(expected, axis=1)[:, -2:]
     clear = top2[:, 1] - top2[:, 0] > 1e-4
@@ -276,7 +282,7 @@ def test_class_labels_from_a_constant_node_through_gather() -> None:
     assert runtime.class_labels == ("lo", "mid", "hi")
     p = runtime.predict(np.array([[0.0, 5.0, 1.0], [9.0, 0.0, 0.0]]))
     assert p.labels == ["mid", "lo"]
-    assert np.argmax(p.probabilities, axis=1).tolist() == [1, 0]
+    assert np.argmax(probabilities(p), axis=1).tolist() == [1, 0]
 
 
 def test_class_labels_sort_numerically_for_zipmap() -> None:
@@ -289,7 +295,7 @@ def test_class_labels_sort_numerically_for_zipmap() -> None:
     runtime = OnnxRuntime(to_onnx_bytes(model, 2), ["a", "b"])
     assert runtime.class_labels == ("2", "3", "10")
     p = runtime.predict(x)
-    np.testing.assert_allclose(p.probabilities, model.predict_proba(x), atol=1e-5)
+    np.testing.assert_allclose(probabilities(p), model.predict_proba(x), atol=1e-5)
 
 
 # --- several inputs: per-column pipelines, grouped inputs, every element type -----------------
@@ -322,7 +328,7 @@ def _column_pipeline(estimator: object, data: dict[str, np.ndarray], **encoder: 
 
     transform = ColumnTransformer(
         [
-            ("onehot", OneHotEncoder(**encoder), [0, 1]),  # type: ignore[arg-type]
+            ("onehot", OneHotEncoder(**encoder), [0, 1]),
             ("scale", StandardScaler(), [2, 3]),
             ("keep", "passthrough", [4]),
         ]
@@ -381,7 +387,7 @@ def test_per_column_pipeline_with_string_and_int_inputs(mixed_data, estimator, z
     assert_consistent(p, len(mixed_data["numeric"]))
     assert p.valid.all()
     expected = pipeline.predict_proba(mixed_data["table"])
-    np.testing.assert_allclose(p.probabilities, expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(probabilities(p), expected, rtol=0, atol=1e-5)
     clear = np.abs(expected[:, 1] - 0.5) > 1e-4
     np.testing.assert_array_equal(
         np.array(p.labels)[clear], pipeline.predict(mixed_data["table"])[clear]
@@ -427,7 +433,7 @@ def test_grouped_string_input_reports_each_columns_categories(mixed_data) -> Non
             ("L", "M", "S"),
         ]
         p = runtime.predict(np.empty((len(text), 0)), text)
-        np.testing.assert_allclose(p.probabilities, pipeline.predict_proba(text), atol=1e-5)
+        np.testing.assert_allclose(probabilities(p), pipeline.predict_proba(text), atol=1e-5)
 
 
 def _every_type_model() -> bytes:
@@ -621,10 +627,10 @@ def test_a_row_that_fails_the_batch_is_isolated(mixed_data) -> None:
     p = runtime.predict(numeric, text)
     assert_consistent(p, 5)
     assert p.valid.tolist() == [True, True, False, True, True]
-    assert p.labels is not None and p.labels[2] == "" and np.isnan(p.probabilities[2]).all()
+    assert p.labels is not None and p.labels[2] == "" and np.isnan(probabilities(p)[2]).all()
     good = [0, 1, 3, 4]
     expected = pipeline.predict_proba(mixed_data["table"][good])
-    np.testing.assert_allclose(p.probabilities[good], expected, rtol=0, atol=1e-5)
+    np.testing.assert_allclose(probabilities(p)[good], expected, rtol=0, atol=1e-5)
 
 
 def test_nan_input_gives_invalid_rows(wine_models, wine) -> None:
@@ -709,7 +715,7 @@ def _external(name: str) -> TensorProto:
     return tensor
 
 
-def _opset(domain: str, version: int) -> object:
+def _opset(domain: str, version: int) -> OperatorSetIdProto:
     return helper.make_opsetid(domain, version)
 
 

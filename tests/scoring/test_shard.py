@@ -85,7 +85,9 @@ def test_held_records_are_bounded_by_bytes_over_every_shard_of_the_process() -> 
     assert budget.total() == (1, big.size_bytes)
     out = two.on_values([run_of([b"y" * 1200], start=5)])
     assert reasons(out) == [(5, "held_overflow")]
-    assert out[0].max_message_bytes == 1_000_000 and "max_held_bytes 2,000" in out[0].message
+    dead = out[0]
+    assert isinstance(dead, DeadLetter)
+    assert dead.max_message_bytes == 1_000_000 and "max_held_bytes 2,000" in dead.message
     # The first shard gets its contract and model: its records are scored and leave the budget.
     out = one.on_values(wine_installs())
     assert reasons(out) == [(0, "undecodable")] and budget.total() == (0, 0)
@@ -107,7 +109,7 @@ def test_records_of_a_new_data_type_past_max_data_types_are_refused_not_held() -
     assert shard.on_values([run_of([b"{}"], "a"), run_of([b"{}"], "b", start=1)]) == []
     out = shard.on_values([run_of([b"{}"], "c", start=2)])
     assert reasons(out) == [(2, "too_many_data_types")]
-    assert out[0].max_message_bytes == 50_000
+    assert isinstance(out[0], DeadLetter) and out[0].max_message_bytes == 50_000
     assert "c" not in shard.state.data_types and len(table) == 2
     # Installs always get state (the registry bounds them), and scoring goes on.
     out = shard.on_values(wine_installs())

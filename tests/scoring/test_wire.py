@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
 
@@ -96,11 +98,14 @@ def test_regression_records_parse_to_protobufs_encoding(
     values[5] = -0.0
     numbers = wire.numeric_fields(offsets, event_times, values)
     general = wire.scored_record_values(SHARED.SerializeToString(), keys, record_ids, numbers)
-    general_calls = []
+    general_calls: list[tuple[object, ...]] = []
     numeric_fields = wire.numeric_fields
-    monkeypatch.setattr(
-        wire, "numeric_fields", lambda *a: general_calls.append(a) or numeric_fields(*a)
-    )
+
+    def counted(*args: Any) -> Any:
+        general_calls.append(args)
+        return numeric_fields(*args)
+
+    monkeypatch.setattr(wire, "numeric_fields", counted)
     encoded = wire.regression_records(
         SHARED.SerializeToString(), keys, record_ids, offsets, event_times, values
     )
@@ -121,7 +126,11 @@ def test_regression_records_of_edge_values() -> None:
         parsed = [pb.ScoredRecord.FromString(data) for data in encoded]
         expected = [
             pb.ScoredRecord(
-                output_key=k.decode(), record_id=r, source_offset=o, event_time_ms=t, value=v
+                output_key=k.decode(),
+                record_id=r,
+                source_offset=int(o),
+                event_time_ms=int(t),
+                value=float(v),
             )
             for k, r, o, t, v in zip(keys, ids, offset_column, same, values, strict=True)
         ]

@@ -226,7 +226,7 @@ def test_publish_a_file_needs_its_data_type(capsys: pytest.CaptureFixture[str]) 
 # --- replay -------------------------------------------------------------------------------
 
 
-def _decoded(value: bytes, headers: list[tuple[str, bytes]]) -> dict[str, object]:
+def _decoded(value: bytes, headers: list[tuple[str, bytes | None]]) -> dict[str, object]:
     """A wine record as field values, decoded with the wine contract."""
     decoded = ContractCodecs(WINE).decode([value], [headers])
     assert decoded.errors == {}
@@ -394,7 +394,10 @@ def test_tail_dlq_shows_headers_and_original_bytes(
     from confluent_kafka import Producer
 
     producer = Producer({"bootstrap.servers": kafka_config.brokers, "linger.ms": 5})
-    headers = [("waxserve.stage", b"decode"), ("waxserve.error.class", b"undecodable")]
+    headers: list[tuple[str, str | bytes | None]] = [
+        ("waxserve.stage", b"decode"),
+        ("waxserve.error.class", b"undecodable"),
+    ]
     producer.produce(kafka_config.dlq_topic, key=b"k1", value=b"\xff\x00bad", headers=headers)
     producer.produce(kafka_config.dlq_topic, key=b"k1", value=b"7.4;0.7", headers=headers)
     assert producer.flush(10) == 0
@@ -416,7 +419,12 @@ def test_tail_keeps_repeated_headers_and_marks_binary_bytes(
     from confluent_kafka import Producer
 
     producer = Producer({"bootstrap.servers": kafka_config.brokers})
-    headers = [("trace", b"a"), ("bin", b"\x00\xfe"), ("trace", b"b"), ("empty", None)]
+    headers: list[tuple[str, str | bytes | None]] = [
+        ("trace", b"a"),
+        ("bin", b"\x00\xfe"),
+        ("trace", b"b"),
+        ("empty", None),
+    ]
     # A text value that looks like base64, and a binary key: only the marker tells them apart.
     producer.produce(kafka_config.dlq_topic, key=b"\xff", value=b"QUJD", headers=headers)
     assert producer.flush(10) == 0
