@@ -976,16 +976,30 @@ class Bench:
 
     # --- model swap --------------------------------------------------------------------
 
-    def swap_run(self, swaps: int, interval_s: float, models: tuple[str, str]) -> dict[str, Any]:
+    def swap_run(
+        self,
+        swaps: int,
+        interval_s: float,
+        models: tuple[str, str],
+        *,
+        first: str | None = None,
+        tag: str = "swap",
+        extra_env: dict[str, str] | None = None,
+    ) -> dict[str, Any]:
         """waxserve live at `settings.rate` while `swaps` descriptors alternate between two
-        models, each under a version of its own; publish -> first record it scored."""
-        input_topic = self.topic("swap-input", self.settings.live_partitions)
+        models, each under a version of its own; publish -> first record it scored, and
+        how long records waited meanwhile. `first` serves before the swaps (default
+        `models[0]`): an ONNX model there makes the first PMML swap a cold one (the JVM
+        starts then, under WAXSERVE_PMML=auto)."""
+        input_topic = self.topic(f"{tag}-input", self.settings.live_partitions)
         config = self.waxserve_config(input_topic, self.settings.live_partitions)
         topics = [input_topic, *self.waxserve_topics(config)]
         self.publish_contract(config, self.records.contract)
-        self.publish(config, models[0], version="swap-000")
+        self.publish(config, first or models[0], version="swap-000")
         contender = CONTENDERS["waxserve-lr"]
-        process = self.launch(contender, input_topic, config, stop_after=None, tag="swap")
+        process = self.launch(
+            contender, input_topic, config, stop_after=None, tag=tag, extra_env=extra_env
+        )
         reader = TopicReader(
             self.config,
             [config.scored_topic, config.dlq_topic, config.events_topic],
@@ -993,6 +1007,7 @@ class Bench:
         )
         producer = PacedProducer(self, input_topic, self.settings.rate)
         scored: list[tuple[int, int, str, int]] = []  # partition, offset, version, ts
+        waits: list[tuple[int, int]] = []  # event time, scored ts - event time (ms)
         dead: list[tuple[int, int]] = []
         installed: dict[str, int] = {}  # version -> at_ms
         published: dict[str, int] = {}  # version -> ts of the descriptor message
@@ -1009,6 +1024,7 @@ class Bench:
                         scored.append(
                             (rec.source_partition, rec.source_offset, rec.model_version, ts)
                         )
+                        waits.append((rec.event_time_ms, ts - rec.event_time_ms))
                     elif topic == config.dlq_topic:
                         headers = {k: str(v, "utf-8") for k, v in header_pairs(msg) if v}
                         if headers.get("waxserve.source.topic") == input_topic:
@@ -1062,6 +1078,14 @@ class Bench:
         visible = {
             v: (first_scored[v] - t) if v in first_scored else None for v, t in published.items()
         }
+        # How long records waited while a model loaded: those made between a descriptor's
+        # publication and its first scored record, from their event time to their scoring.
+        while_loading: dict[str, float | None] = {}
+        for v, t in published.items():
+            end = first_scored.get(v)
+            during = [w for e, w in waits if end is not None and t <= e <= end]
+            while_loading[v] = float(max(during)) if during else None
+        latencies = [w for _, w in waits]
         scored_positions = [(p, o) for p, o, _, _ in scored]
         distinct = set(scored_positions)
         accounted = distinct | set(dead)
@@ -1073,6 +1097,10 @@ class Bench:
             "installed_ms": {
                 v: (installed[v] - t) if v in installed else None for v, t in published.items()
             },
+            "models_published": {f"swap-{k:03d}": models[k % 2] for k in range(1, swaps + 1)},
+            "wait_while_loading_ms": while_loading,
+            "latency_p50_ms": percentile(latencies, 50),
+            "latency_max_ms": float(max(latencies)) if latencies else math.nan,
             "sent": len(positions),
             "scored": len(distinct),
             "dead_lettered": len(set(dead)),

@@ -264,6 +264,34 @@ def run_bench(
                     f"{med['visible_max_ms']:.1f} ms (median of reps); lost {raw['lost']}, "
                     f"scored twice {raw['duplicates']}, dead-lettered {raw['dead_lettered']}"
                 )
+            say(
+                f"PMML swap: wine-lr, then {settings.swaps} swaps between "
+                f"{' and '.join(PMML_SWAP_MODELS)} (the first starts the JVM) ..."
+            )
+            raw = _attempt(
+                say,
+                "PMML swap",
+                lambda: bench.swap_run(
+                    settings.swaps,
+                    settings.swap_interval_s,
+                    PMML_SWAP_MODELS,
+                    first="wine-lr",
+                    tag="pmml-swap",
+                    extra_env=PMML_SWAP_ENV,
+                ),
+            )
+            result["pmml_swap"] = _pmml_swap_summary(raw, settings)
+            failed |= "error" in raw
+            if "error" not in raw:
+                p = result["pmml_swap"]
+                say(
+                    f"PMML swap: cold first load visible in {p['cold_visible_ms']:.0f} ms "
+                    f"(records waited at most {p['cold_wait_max_ms']:.0f} ms meanwhile); warm "
+                    f"swaps median {p['warm_visible_median_ms']:.1f} ms, max "
+                    f"{p['warm_visible_max_ms']:.1f} ms; longest wait while loading "
+                    f"{p['wait_max_ms']:.0f} ms; lost {raw['lost']}, scored twice "
+                    f"{raw['duplicates']}"
+                )
 
     if format_names:
         result["formats"] = _format_runs(settings, format_names, work_dir / "formats", say)
@@ -396,6 +424,47 @@ def _compare_pmml(throughput: dict[str, Any], notes: list[str]) -> None:
             )
 
 
+PMML_SWAP_MODELS = ("wine-pmml-tree", "wine-pmml-lr")
+"""The PMML swap run's models: swap 1 is wine-pmml-lr (after wine-lr: the first PMML
+model of the process), then they alternate."""
+PMML_SWAP_ENV = {"WAXSERVE_PMML": "on"}
+"""The JVM and PMML4S start with the process (`WAXSERVE_PMML=on`): with "auto" the first
+PMML model starts them on the loader thread, and JPype holds the GIL for much of it."""
+
+
+def _max(values: Any) -> float | None:
+    seen = [v for v in values if v is not None]
+    return max(seen) if seen else None
+
+
+def _pmml_swap_summary(raw: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The cold first PMML load apart, the warm swaps after it, and how long records
+    waited while a model loaded."""
+    summary: dict[str, Any] = {
+        "first": "wine-lr",
+        "models": list(PMML_SWAP_MODELS),
+        "swaps": settings.swaps,
+        "interval_s": settings.swap_interval_s,
+    }
+    if "error" in raw:
+        return {**summary, "error": raw["error"]}
+    versions = list(raw["visible_ms"])  # in publish order
+    cold, warm = versions[0], versions[1:]
+    visible = [raw["visible_ms"][v] for v in warm if raw["visible_ms"][v] is not None]
+    waits = raw["wait_while_loading_ms"]
+    return {
+        **summary,
+        **{k: v for k, v in raw.items() if k not in ("swaps", "interval_s", "models")},
+        "cold_visible_ms": raw["visible_ms"][cold],
+        "cold_wait_max_ms": waits[cold],
+        "warm_visible_median_ms": median(visible),
+        "warm_visible_max_ms": max(visible) if visible else None,
+        "warm_wait_max_ms": _max(waits[v] for v in warm),
+        "wait_max_ms": _max(waits.values()),
+        "never_visible": sum(v is None for v in raw["visible_ms"].values()),
+    }
+
+
 def _swap_summary(raw: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """Per-repetition median and max of the swap latencies, and their medians."""
     summary: dict[str, Any] = {
@@ -429,6 +498,7 @@ def _swap_summary(raw: dict[str, Any], settings: Settings) -> dict[str, Any]:
         "median": report.summarize(reps),
         "visible_worst_ms": max(seen_all) if seen_all else None,
         "never_visible": len(visible) - len(seen_all),
+        "wait_max_ms": _max(raw["wait_while_loading_ms"].values()),
     }
 
 

@@ -28,6 +28,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterable, Mapping
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any, cast
 
 import bytewax.operators as op
@@ -46,6 +47,7 @@ from dataflows.control.registry import (
     RegistryState,
     decode_control,
 )
+from dataflows.control.signing import TrustedKeys
 from dataflows.core import lifecycle
 from dataflows.core.config import Config, ConfigError, log_level
 from dataflows.core.events import NO_EVENTS, DeadLettered, DriftClosed, EventBus
@@ -73,7 +75,8 @@ from dataflows.monitoring.feedback import (
 from dataflows.monitoring.windows import DriftPartial, MonitorState, StatsPartial
 from dataflows.observability import metrics
 from dataflows.observability.state import PROCESS_STATE, start_state_server
-from dataflows.runtimes import jvm_started
+from dataflows.runtimes import jvm_started, set_jvm_policy
+from dataflows.runtimes.pmml import warm_up
 from dataflows.scoring.shard import ScoredBatch, ShardScorer, ShardState
 from protos import waxserve_pb2 as pb
 
@@ -354,6 +357,7 @@ def build_flow(
     flow = Dataflow("waxserve")
 
     # Control: decode, check per data type, fan installs out to every shard.
+    trusted_keys = TrustedKeys(Path(config.trusted_keys_dir) if config.trusted_keys_dir else None)
     control_batches = op.input("control_in", flow, sources["control"])
     control_items = op.flat_map("decode_control", control_batches, decode_control)
     control, dead_control = split("control_split", control_items, ControlIn, DeadLetter)
@@ -370,6 +374,9 @@ def build_flow(
                 max_model_bytes=config.max_model_bytes,
                 max_message_bytes=config.max_message_bytes,
                 max_data_types=config.max_data_types,
+                signature_policy=config.signature_policy,
+                trusted_keys=trusted_keys,
+                gate_max_latency_us=config.gate_max_latency_us,
             )
         ),
     )
@@ -603,6 +610,7 @@ def _flow_from_env() -> Dataflow:
     # First: SIGINT and SIGTERM stop the dataflow cleanly from here on, and the JVM (not
     # started yet) leaves them to Python (dataflows/core/lifecycle.py).
     lifecycle.install()
+    _start_the_jvm(config.pmml)
     if config.schema_registry_url:
         CODECS.use_schema_registry(schema_registry_resolver(config.schema_registry_url))
         FEEDBACK_CODECS.use_schema_registry(schema_registry_resolver(config.schema_registry_url))
@@ -613,6 +621,23 @@ def _flow_from_env() -> Dataflow:
     _tune_gc()
     _skip_finalization_after_the_jvm()
     return flow
+
+
+def _start_the_jvm(mode: str) -> None:
+    """`WAXSERVE_PMML`: "on" starts the JVM now and loads a tiny PMML model, on the main
+    thread, before the dataflow runs (and after `lifecycle.install`, which gives it `-Xrs`),
+    so that no PMML model pays for either; "auto" leaves both to the first PMML model, on
+    the model-loader thread, where JPype still holds the GIL for a second or two of them
+    (`dataflows.runtimes.pmml.warm_up`): scoring pauses that long once; "off" rejects PMML."""
+    set_jvm_policy(mode)
+    if mode != "on":
+        return
+    try:
+        seconds = warm_up()
+    except Exception as exc:
+        print(f"waxserve: WAXSERVE_PMML=on: cannot start the JVM: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    log.info("started the JVM and PMML4S in %.2f s (WAXSERVE_PMML=on)", seconds)
 
 
 def _skip_finalization_after_the_jvm() -> None:

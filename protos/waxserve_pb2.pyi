@@ -249,7 +249,7 @@ class Record(_message.Message):
     def __init__(self, fields: _Optional[_Mapping[str, Value]] = ...) -> None: ...
 
 class ScoredRecord(_message.Message):
-    __slots__ = ("output_key", "record_id", "data_type", "source_topic", "source_partition", "source_offset", "model_name", "model_version", "model_sha256", "value", "label", "probabilities", "scoring_latency_us", "event_time_ms", "scored_at_ms", "batch_size", "scored_by")
+    __slots__ = ("output_key", "record_id", "data_type", "source_topic", "source_partition", "source_offset", "model_name", "model_version", "model_sha256", "value", "label", "probabilities", "scoring_latency_us", "event_time_ms", "scored_at_ms", "batch_size", "scored_by", "lineage")
     class ProbabilitiesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -274,6 +274,7 @@ class ScoredRecord(_message.Message):
     SCORED_AT_MS_FIELD_NUMBER: _ClassVar[int]
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SCORED_BY_FIELD_NUMBER: _ClassVar[int]
+    LINEAGE_FIELD_NUMBER: _ClassVar[int]
     output_key: str
     record_id: str
     data_type: str
@@ -291,7 +292,26 @@ class ScoredRecord(_message.Message):
     scored_at_ms: int
     batch_size: int
     scored_by: str
-    def __init__(self, output_key: _Optional[str] = ..., record_id: _Optional[str] = ..., data_type: _Optional[str] = ..., source_topic: _Optional[str] = ..., source_partition: _Optional[int] = ..., source_offset: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., value: _Optional[float] = ..., label: _Optional[str] = ..., probabilities: _Optional[_Mapping[str, float]] = ..., scoring_latency_us: _Optional[float] = ..., event_time_ms: _Optional[int] = ..., scored_at_ms: _Optional[int] = ..., batch_size: _Optional[int] = ..., scored_by: _Optional[str] = ...) -> None: ...
+    lineage: Lineage
+    def __init__(self, output_key: _Optional[str] = ..., record_id: _Optional[str] = ..., data_type: _Optional[str] = ..., source_topic: _Optional[str] = ..., source_partition: _Optional[int] = ..., source_offset: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., value: _Optional[float] = ..., label: _Optional[str] = ..., probabilities: _Optional[_Mapping[str, float]] = ..., scoring_latency_us: _Optional[float] = ..., event_time_ms: _Optional[int] = ..., scored_at_ms: _Optional[int] = ..., batch_size: _Optional[int] = ..., scored_by: _Optional[str] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ...) -> None: ...
+
+class Lineage(_message.Message):
+    __slots__ = ("control_topic", "control_partition", "control_offset", "signer_key_id", "signature_status", "contract_version", "decision")
+    CONTROL_TOPIC_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_PARTITION_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_OFFSET_FIELD_NUMBER: _ClassVar[int]
+    SIGNER_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_STATUS_FIELD_NUMBER: _ClassVar[int]
+    CONTRACT_VERSION_FIELD_NUMBER: _ClassVar[int]
+    DECISION_FIELD_NUMBER: _ClassVar[int]
+    control_topic: str
+    control_partition: int
+    control_offset: int
+    signer_key_id: str
+    signature_status: str
+    contract_version: int
+    decision: str
+    def __init__(self, control_topic: _Optional[str] = ..., control_partition: _Optional[int] = ..., control_offset: _Optional[int] = ..., signer_key_id: _Optional[str] = ..., signature_status: _Optional[str] = ..., contract_version: _Optional[int] = ..., decision: _Optional[str] = ...) -> None: ...
 
 class ServingStats(_message.Message):
     __slots__ = ("data_type", "model_name", "model_version", "model_sha256", "description", "format", "since_ms", "usage_count", "total_duration_ms", "min_duration_us", "max_duration_us", "mean_duration_us", "window_start_ms", "window_end_ms", "window_count", "window_labelled_count", "window_rmse", "window_accuracy", "feedback_window", "feedback_total")
@@ -444,7 +464,7 @@ class DriftMetrics(_message.Message):
     def __init__(self, data_type: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., window_start_ms: _Optional[int] = ..., window_end_ms: _Optional[int] = ..., record_count: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ..., max_psi: _Optional[float] = ..., alarm: _Optional[bool] = ..., judged: _Optional[bool] = ..., alpha: _Optional[float] = ...) -> None: ...
 
 class ModelEvent(_message.Message):
-    __slots__ = ("kind", "data_type", "model_name", "model_version", "model_sha256", "reason", "message", "at_ms", "source_topic", "source_partition", "source_offset", "contract_version", "sequence")
+    __slots__ = ("kind", "data_type", "model_name", "model_version", "model_sha256", "reason", "message", "at_ms", "source_topic", "source_partition", "source_offset", "contract_version", "sequence", "signer_key_id", "signature_status", "gate")
     KIND_FIELD_NUMBER: _ClassVar[int]
     DATA_TYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -458,6 +478,9 @@ class ModelEvent(_message.Message):
     SOURCE_OFFSET_FIELD_NUMBER: _ClassVar[int]
     CONTRACT_VERSION_FIELD_NUMBER: _ClassVar[int]
     SEQUENCE_FIELD_NUMBER: _ClassVar[int]
+    SIGNER_KEY_ID_FIELD_NUMBER: _ClassVar[int]
+    SIGNATURE_STATUS_FIELD_NUMBER: _ClassVar[int]
+    GATE_FIELD_NUMBER: _ClassVar[int]
     kind: str
     data_type: str
     model_name: str
@@ -471,4 +494,7 @@ class ModelEvent(_message.Message):
     source_offset: int
     contract_version: int
     sequence: int
-    def __init__(self, kind: _Optional[str] = ..., data_type: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., at_ms: _Optional[int] = ..., source_topic: _Optional[str] = ..., source_partition: _Optional[int] = ..., source_offset: _Optional[int] = ..., contract_version: _Optional[int] = ..., sequence: _Optional[int] = ...) -> None: ...
+    signer_key_id: str
+    signature_status: str
+    gate: str
+    def __init__(self, kind: _Optional[str] = ..., data_type: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., at_ms: _Optional[int] = ..., source_topic: _Optional[str] = ..., source_partition: _Optional[int] = ..., source_offset: _Optional[int] = ..., contract_version: _Optional[int] = ..., sequence: _Optional[int] = ..., signer_key_id: _Optional[str] = ..., signature_status: _Optional[str] = ..., gate: _Optional[str] = ...) -> None: ...

@@ -26,7 +26,7 @@ import kubernetes_validate
 import pytest
 import yaml
 
-from dataflows.core.config import Config
+from dataflows.core.config import SIGNATURE_POLICIES, Config
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"
@@ -654,9 +654,14 @@ def test_configmap_keys_are_real_settings(dep: Deployment) -> None:
     others = {k for k in dep.config if not k.startswith(("WAXSERVE_", "BYTEWAX_"))}
     assert others == {"RECOVERY_PARTITIONS", "RECOVERY_LAYOUT_PROCESSES", "TOPIC_PARTITIONS"}
 
-    values = {k: v for k, v in dep.config.items() if k != "WAXSERVE_MODEL_DIR"}
+    # Directories that exist in the pod only: checked against the image and the mounts.
+    in_pod = ("WAXSERVE_MODEL_DIR", "WAXSERVE_TRUSTED_KEYS_DIR", "WAXSERVE_SIGNATURE_POLICY")
+    values = {k: v for k, v in dep.config.items() if k not in in_pod}
     Config.from_env(values)  # every value parses
     assert dep.config["WAXSERVE_MODEL_DIR"] == dockerfile_env()["WAXSERVE_MODEL_DIR"]
+    assert dep.config["WAXSERVE_SIGNATURE_POLICY"] in SIGNATURE_POLICIES
+    mounts = {m["name"]: m["mountPath"] for m in dep.main["volumeMounts"]}
+    assert dep.config["WAXSERVE_TRUSTED_KEYS_DIR"] == mounts["trusted-keys"]
 
 
 def test_partition_counts_fit_the_workers(dep: Deployment) -> None:
@@ -842,7 +847,12 @@ def test_waxctl_deploys_what_the_overlay_deploys(overlay: str, tmp_path: Path) -
     # The Kafka Secrets as in the overlay: the settings, and the CA where they point.
     required = KAFKA_SECRETS_REQUIRED[overlay]
     assert values["envFromSecrets"] == [{"name": "waxserve-kafka", "optional": not required}]
-    (tls,) = values["extraSecretMounts"]
+    mounts = {m["name"]: m for m in values["extraSecretMounts"]}
+    assert set(mounts) == {"kafka-tls", "trusted-keys"}
+    keys = mounts["trusted-keys"]
+    assert (keys["mountPath"], keys["readOnly"]) == (dep.config["WAXSERVE_TRUSTED_KEYS_DIR"], True)
+    assert ("secretName" in keys) is (dep.config["WAXSERVE_SIGNATURE_POLICY"] == "require")
+    tls = mounts["kafka-tls"]
     assert (tls["mountPath"], tls["readOnly"]) == ("/etc/waxserve/kafka-tls", True)
     if required:
         assert tls["secretName"] == "waxserve-kafka-tls" and "projected" not in tls
@@ -917,3 +927,13 @@ def test_waxctl_entrypoint(tmp_path: Path) -> None:
         DOCKERFILE.read_text(),
     )
     assert copy, "the image must ship both scripts in its working directory"
+
+
+def test_prod_requires_signed_models_and_the_trusted_keys_secret() -> None:
+    prod, dev = deployment("overlays/prod"), deployment("overlays/dev")
+    assert prod.config["WAXSERVE_SIGNATURE_POLICY"] == "require"
+    assert dev.config["WAXSERVE_SIGNATURE_POLICY"] == "warn"
+    for dep, optional in ((prod, False), (dev, True)):
+        (volume,) = [v for v in dep.pod["volumes"] if v["name"] == "trusted-keys"]
+        assert volume["secret"]["secretName"] == "waxserve-trusted-keys"
+        assert volume["secret"]["optional"] is optional

@@ -226,6 +226,8 @@ RUN: tuple[str, ...] = (
     "/app/models/data/winequality_red.csv --data-type wine --limit 1000",
     "kubectl -n waxserve-dev exec waxserve-0 -c waxserve -- waxserve tail scored -o -3 -c 3 -e",
     "waxserve status",
+    "waxserve keys generate ci-2026 --dir keys",
+    "waxserve publish wine-gbt --sign keys/ci-2026.key --golden models/wine/golden.jsonl --wait",
 )
 """The commands `test_the_readme_commands_run` runs (it checks it ran each one)."""
 
@@ -426,6 +428,17 @@ def test_the_readme_commands_run(readme: Readme, kafka_config: Config) -> None:
     )
     assert len(_json_lines(out)) == 3
     assert "process 0" in readme.run("waxserve status")
+
+    # README "Signed models and the quality gate": this dataflow trusts no key (policy warn),
+    # so the signed model installs, its event saying whose key it was and what the gate did.
+    assert "private:" in readme.run("waxserve keys generate ci-2026 --dir keys")
+    out = readme.run(
+        "waxserve publish wine-gbt --sign keys/ci-2026.key --golden models/wine/golden.jsonl --wait"
+    )
+    assert "installed: wine-gbt version 1 for wine" in out
+    (signed,) = [e for e in _events(config) if e.kind == "installed" and e.model_name == "wine-gbt"]
+    assert signed.signature_status == "unknown_key" and signed.signer_key_id
+    assert signed.gate.startswith("quality gate passed: 12 golden set rows, outputs match")
 
     # README "Running it", against the running dataflow.
     readme.run(".venv/bin/waxserve topics")

@@ -44,6 +44,7 @@ from dataflows.core.records import Headers, OutMessage, RawRun, record_columns
 from dataflows.monitoring.windows import ModelIdentity
 from dataflows.runtimes import Prediction
 from dataflows.scoring.scored import scored_messages
+from protos import waxserve_pb2 as pb
 
 
 class EssentialScorer:
@@ -76,6 +77,10 @@ class EssentialScorer:
         sha256 = hashlib.sha256(Path(model_path).read_bytes()).hexdigest()
         self._identity = ModelIdentity(contract.data_type, name, version, sha256)
         self._scored_by = f"{socket.gethostname()}/{os.getpid()}"
+        # The lineage it can know (no control topic here): the same bytes per record as
+        # waxserve's, but for the descriptor's position and signer.
+        lineage = pb.Lineage(contract_version=contract.version, decision="active")
+        self._lineage = pb.ScoredRecord(lineage=lineage).SerializeToString()
 
     def score(
         self,
@@ -102,7 +107,7 @@ class EssentialScorer:
         prediction = Prediction(values64, None, None, (), np.isfinite(values64))
         now_ms = int(time.time() * 1000)
         return scored_messages(
-            columns, self._identity, prediction, elapsed, now_ms, self._scored_by
+            columns, self._identity, prediction, elapsed, now_ms, self._scored_by, self._lineage
         )
 
 

@@ -37,8 +37,11 @@ DEFAULT_TOLERANCE = 1e-6
 PROBABILITY_SUM_TOLERANCE = 1e-3
 """A classifier's probabilities sum to 1 within this (float32 models round)."""
 DEFAULT_MAX_LATENCY_US = 10_000.0
-"""Mean model time per record on the gate's batch, in microseconds: 100x what the example
-models take, so only a model that would stall the stream fails it."""
+"""Mean model time (CPU time of the scoring thread) per record on the gate's batch, in
+microseconds: 100x what the example models take, so only a model that would stall the
+stream fails it."""
+RETIMED_PASSES = 3
+"""Calls timed again, best kept, before a model is called too slow."""
 MAX_GOLDEN_ROWS = 10_000
 REFERENCE_ROWS = 64
 WORST_SHOWN = 3
@@ -177,6 +180,15 @@ def _number(value: pb.Value) -> float | None:
     return None
 
 
+def _timed(runtime: ModelRuntime, rows: GateRows) -> tuple[Prediction, float]:
+    """One call on the gate's batch, and its model time per record in microseconds: the
+    calling thread's CPU time (onnxruntime with one thread and PMML4S score on it), so a
+    busy machine does not make a model look slow."""
+    started = time.thread_time()
+    prediction = runtime.predict(rows.numeric, rows.text)
+    return prediction, (time.thread_time() - started) / len(rows) * 1e6
+
+
 def run_gate(
     runtime: ModelRuntime,
     rows: GateRows,
@@ -187,10 +199,11 @@ def run_gate(
 ) -> GateReport:
     """Score the gate's batch; ModelError(gate_failed) naming the worst rows on failure."""
     try:
-        runtime.predict(rows.numeric[:1], None if rows.text is None else rows.text[:1])  # warm-up
-        started = time.perf_counter()
-        prediction = runtime.predict(rows.numeric, rows.text)
-        latency_us = (time.perf_counter() - started) / len(rows) * 1e6
+        prediction, latency_us = _timed(runtime, rows)
+        # A first call can be slow (a JVM compiling PMML4S's code): the best of a few more
+        # decides before a model is called too slow.
+        for _ in range(RETIMED_PASSES if latency_us > max_latency_us else 0):
+            latency_us = min(latency_us, _timed(runtime, rows)[1])
     except ModelError:
         raise
     except Exception as exc:

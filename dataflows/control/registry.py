@@ -31,6 +31,20 @@ from google.protobuf.message import DecodeError
 
 from dataflows.contracts.decode import ContractCodecs
 from dataflows.contracts.schema import Contract, ContractError, check_compatible
+from dataflows.control.gate import (
+    DEFAULT_MAX_LATENCY_US,
+    GateReport,
+    golden_rows,
+    reference_rows,
+    run_gate,
+)
+from dataflows.control.signing import (
+    SignaturePolicy,
+    SignatureStatus,
+    TrustedKeys,
+    Verdict,
+    verify,
+)
 from dataflows.core.descriptors import FORMAT_NAMES, sha256_hex
 from dataflows.core.events import (
     NO_EVENTS,
@@ -70,6 +84,19 @@ DEFAULT_MAX_DATA_TYPES = 1000
 
 
 @dataclass(frozen=True)
+class Provenance:
+    """Where an installed model came from: its descriptor's control-topic position, who
+    signed it, and what the quality gate found."""
+
+    topic: str
+    partition: int
+    offset: int
+    signer_key_id: str = ""
+    signature_status: str = ""
+    gate: str = ""
+
+
+@dataclass(frozen=True)
 class ModelSpec:
     """A validated model bound to its data type's contract: everything shards need except
     the bytes."""
@@ -81,6 +108,19 @@ class ModelSpec:
     created_at_ms: int
     declared_inputs: tuple[str, ...] = ()  # the descriptor's input_features, as loaded
     contract_version: int = 0
+    provenance: Provenance | None = None
+
+    @property
+    def lineage(self) -> pb.Lineage:
+        """What every record this model scores says of where the model came from."""
+        lineage = pb.Lineage(contract_version=self.contract_version, decision="active")
+        if self.provenance is not None:
+            lineage.control_topic = self.provenance.topic
+            lineage.control_partition = self.provenance.partition
+            lineage.control_offset = self.provenance.offset
+            lineage.signer_key_id = self.provenance.signer_key_id
+            lineage.signature_status = self.provenance.signature_status
+        return lineage
 
     @property
     def runtime_key(self) -> str:
@@ -369,6 +409,12 @@ class Candidate:
     reference: DriftReference | None = None
     max_model_bytes: int = DEFAULT_MAX_MODEL_BYTES
     max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES
+    signature_policy: SignaturePolicy = SignaturePolicy.OFF
+    trusted_keys: TrustedKeys | None = None
+    gate_max_latency_us: float = DEFAULT_MAX_LATENCY_US
+    verdict: Verdict | None = None
+    gate: GateReport | None = None
+    gate_note: str = ""
 
 
 Check = Callable[[Candidate], None]
@@ -393,6 +439,30 @@ def check_identity(c: Candidate) -> None:
             )
     if c.descriptor.format not in FORMAT_NAMES:
         raise ModelError(Reason.UNSUPPORTED_MODEL, f"unknown model format {c.descriptor.format}")
+
+
+SIGNATURE_REASONS = {
+    SignatureStatus.UNSIGNED: Reason.UNSIGNED,
+    SignatureStatus.UNKNOWN_KEY: Reason.UNKNOWN_KEY,
+    SignatureStatus.BAD_SIGNATURE: Reason.BAD_SIGNATURE,
+}
+
+
+def check_signature(c: Candidate) -> None:
+    """The descriptor's signature, under the dataflow's policy: a finding the policy does
+    not accept rejects the model before its bytes are read (dataflows/control/signing.py)."""
+    keys = c.trusted_keys if c.trusted_keys is not None else TrustedKeys(None)
+    c.verdict = verify(c.descriptor, keys, c.signature_policy)
+    if not c.verdict.accepted:
+        raise ModelError(SIGNATURE_REASONS[c.verdict.status], c.verdict.message)
+    if c.verdict.status in SIGNATURE_REASONS:  # accepted under "warn"
+        log.warning(
+            "model %s:%s for %s: %s (signature policy warn: installing it anyway)",
+            c.descriptor.name[:MAX_NAME_LENGTH],
+            c.descriptor.version[:MAX_NAME_LENGTH],
+            c.descriptor.data_type[:MAX_DATA_TYPE_LENGTH],
+            c.verdict.message,
+        )
 
 
 def read_model_bytes(
@@ -537,10 +607,43 @@ def check_profile(c: Candidate) -> None:
         )
 
 
-LOAD_CHECKS: tuple[Check, ...] = (check_identity, check_bytes, check_loads, check_outputs)
+def check_gate(c: Candidate) -> None:
+    """The quality gate (dataflows/control/gate.py): the golden set, or without one rows
+    from the reference profile, must score validly, within tolerance and in time."""
+    assert c.runtime is not None
+    descriptor = c.descriptor
+    if descriptor.HasField("golden_set"):
+        golden = descriptor.golden_set
+        rows = golden_rows(golden, c.runtime, c.input_fields)
+        c.gate = run_gate(
+            c.runtime,
+            rows,
+            golden.expected,
+            tolerance=golden.tolerance or 1e-6,
+            max_latency_us=golden.max_latency_us or c.gate_max_latency_us,
+        )
+    elif descriptor.HasField("reference_profile"):
+        profile_rows = reference_rows(descriptor.reference_profile, c.runtime, c.input_fields)
+        if profile_rows is None:
+            c.gate_note = "quality gate: not run (the profile lacks some of the model's inputs)"
+            return
+        c.gate = run_gate(c.runtime, profile_rows, max_latency_us=c.gate_max_latency_us)
+    else:
+        c.gate_note = "quality gate: not run (no golden set, no reference profile)"
+        return
+    c.gate_note = c.gate.summary()
+
+
+LOAD_CHECKS: tuple[Check, ...] = (
+    check_identity,
+    check_signature,
+    check_bytes,
+    check_loads,
+    check_outputs,
+)
 """Checks that need no contract: they run off the scoring path, in a loader thread."""
 
-BIND_CHECKS: tuple[Check, ...] = (check_inputs, check_profile)
+BIND_CHECKS: tuple[Check, ...] = (check_inputs, check_profile, check_gate)
 """Checks against the data type's contract as it is at the descriptor's turn."""
 
 
@@ -688,6 +791,7 @@ def model_event(
     reason: str = "",
     message: str = "",
     contract_version: int = 0,
+    provenance: Provenance | None = None,
 ) -> pb.ModelEvent:
     """An events-topic message. Its texts are cut short: a rejected descriptor's name
     can be anything, and the event must fit in an output message."""
@@ -715,6 +819,12 @@ def model_event(
         event.source_topic = source.topic
         event.source_partition = source.partition
         event.source_offset = source.offset
+        if isinstance(body, pb.ModelDescriptor) and body.HasField("signature"):
+            event.signer_key_id = _clip(body.signature.key_id, MAX_NAME_LENGTH)
+    if provenance is not None:
+        event.signer_key_id = provenance.signer_key_id
+        event.signature_status = provenance.signature_status
+        event.gate = _clip(provenance.gate, MAX_EVENT_TEXT)
     return event
 
 
@@ -744,9 +854,25 @@ class RegistryState:
     awaiting: ControlIn | None = None
 
 
-_LOADER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="waxserve-model-load")
-"""Loads ONNX models off the worker thread (a big model takes seconds), so the records of
-every data type keep being scored meanwhile."""
+MODEL_LOADER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="waxserve-model-load")
+"""Loads and checks models of every format off the worker thread (a big model takes seconds,
+the first PMML model starts the JVM, the quality gate scores a test batch), so the records
+of every data type keep being scored meanwhile. PMML too: JPype attaches the loader thread to
+the JVM as a daemon thread, which holds nothing at exit (the JVM's start, if it happens here,
+detaches its thread: `dataflows.runtimes.pmml.start_jvm`), and a process that used the JVM
+ends with os._exit (`dataflows.serving`). Shards of processes that did not load a model load
+it here too (`dataflows.scoring.shard`)."""
+
+
+@dataclass(frozen=True)
+class _Binding:
+    """A loaded descriptor going through the checks against its contract (the quality gate
+    among them) on the loader; the events it makes are numbered under `trigger`."""
+
+    item: ControlIn
+    future: Future[Candidate]
+    trigger: tuple[int, int]
+    awaited: bool  # it waited for a contract (snapshots keep it as waiting)
 
 
 class Registry:
@@ -754,8 +880,9 @@ class Registry:
     it snapshots only when they change; it holds the model bytes so that whichever process
     resumes a shard can rebuild the model from them.
 
-    Control messages go through in arrival order. Descriptors load in the background (PMML:
-    on the worker); the old model serves until the new one is ready. `collect()` returns
+    Control messages go through in arrival order. Descriptors load and are checked (the
+    quality gate too) in the background, whatever their format; the old model serves until
+    the new one is ready. `collect()` returns
     what has gone through.
 
     Limits: a control message larger than `max_model_bytes` is rejected unread
@@ -778,8 +905,14 @@ class Registry:
         max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES,
         max_data_types: int = DEFAULT_MAX_DATA_TYPES,
         data_types: DataTypeTable = REGISTRY_DATA_TYPES,
+        signature_policy: str = "off",
+        trusted_keys: TrustedKeys | None = None,
+        gate_max_latency_us: float = DEFAULT_MAX_LATENCY_US,
     ) -> None:
         state = state if state is not None else RegistryState()
+        self._signature_policy = SignaturePolicy(signature_policy)
+        self._trusted_keys = trusted_keys
+        self._gate_max_latency_us = gate_max_latency_us
         self.contract = state.contract
         self.current = state.current
         self.resumed = state.contract is not None or state.current is not None
@@ -803,6 +936,7 @@ class Registry:
         self._queue: collections.deque[tuple[ControlIn, Future[Candidate] | None]] = (
             collections.deque()
         )
+        self._binding: _Binding | None = None  # the head descriptor, through its last checks
         if self.resumed:  # what a snapshot holds stays, whatever the limit is now
             pending = [state.awaiting] if state.awaiting is not None else []
             pending += state.loading
@@ -818,7 +952,7 @@ class Registry:
         """Whether the registry has a contract, a model or control messages going through;
         one that holds nothing may be dropped (it is rebuilt empty on the next message)."""
         held = self.contract is not None or self.current is not None
-        return held or bool(self._queue) or self._awaiting is not None
+        return held or self.loading or self._awaiting is not None
 
     def _admit(self, data_type: str, limit: int | None) -> bool:
         if not self._data_type:
@@ -851,12 +985,21 @@ class Registry:
     @property
     def loading(self) -> bool:
         """Whether control messages are still going through."""
-        return bool(self._queue)
+        return bool(self._queue) or self._binding is not None
 
     def snapshot(self) -> RegistryState:
-        """The registry's state for Bytewax's snapshots (immutable parts only)."""
+        """The registry's state for Bytewax's snapshots (immutable parts only). A descriptor
+        whose checks against the contract are under way goes through again on a resume:
+        first among those loading, or (one that waited for a contract) as waiting. (That one
+        is then numbered by its own offset, not by the contract's that freed it: a resume in
+        that window can fence its `installed` event as already written.)"""
         awaiting = self._awaiting[0] if self._awaiting is not None else None
         loading = [item for item, _ in self._queue]
+        binding = self._binding
+        if binding is not None and binding.awaited:
+            awaiting = binding.item
+        elif binding is not None:
+            loading.insert(0, binding.item)
         return RegistryState(self.contract, self.current, loading, awaiting)
 
     def _numbered(self, event: pb.ModelEvent) -> pb.ModelEvent:
@@ -885,20 +1028,13 @@ class Registry:
             self._cache,
             max_model_bytes=self._max_model_bytes,
             max_message_bytes=self._max_message_bytes,
+            signature_policy=self._signature_policy,
+            trusted_keys=self._trusted_keys,
+            gate_max_latency_us=self._gate_max_latency_us,
         )
+        # Every format loads on the loader, PMML too (see `MODEL_LOADER`).
         load = functools.partial(_run_checks, candidate, LOAD_CHECKS)
-        if item.body.format != pb.MODEL_FORMAT_PMML:
-            self._queue.append((item, _LOADER.submit(load)))
-            return
-        # PMML runs in an in-process JVM: a loader thread that called into it stays attached,
-        # and the interpreter can crash at exit (seen: SIGSEGV after the tests). PMML loads
-        # on the worker, as it always did.
-        future: Future[Candidate] = Future()
-        try:
-            future.set_result(load())
-        except Exception as exc:
-            future.set_exception(exc)
-        self._queue.append((item, future))
+        self._queue.append((item, MODEL_LOADER.submit(load)))
 
     def on_control(self, items: Iterable[ControlIn]) -> list[RegistryOut]:
         """Start on control messages; returns whatever has gone through already."""
@@ -910,17 +1046,27 @@ class Registry:
         """Installs and rejections of the control messages that went through, in arrival
         order (with `wait`, of all of them)."""
         out: list[RegistryOut] = []
-        while self._queue:
-            item, future = self._queue[0]
-            if future is not None and not (wait or future.done()):
-                break
-            self._queue.popleft()
-            self._trigger = (item.offset, 0)
+        while self._queue or self._binding is not None:
+            binding = self._binding
+            future: Future[Candidate] | None
+            if binding is not None:  # checks against the contract: nothing passes them
+                if not (wait or binding.future.done()):
+                    break
+                self._binding = None
+                self._trigger = binding.trigger
+                item, future, step = binding.item, binding.future, self._install
+            else:
+                item, future = self._queue[0]
+                if future is not None and not (wait or future.done()):
+                    break
+                self._queue.popleft()
+                self._trigger = (item.offset, 0)
+                step = self._model
             try:
                 if future is None:
                     out.extend(self._contract(item))
                 else:
-                    out.extend(self._model(item, future.result()))
+                    out.extend(step(item, future.result()))
             except (ModelError, ContractError) as exc:
                 out.extend(self._rejected(item, exc.reason, str(exc)))
             except Exception as exc:
@@ -956,17 +1102,25 @@ class Registry:
         if self._awaiting is not None and contract_feeds(self._awaiting[1].descriptor, contract):
             waiting_item, candidate = self._awaiting
             self._awaiting = None
-            try:
-                out.extend(self._model(waiting_item, candidate))
-            except ModelError as exc:
-                out.extend(self._rejected(waiting_item, exc.reason, str(exc)))
+            out.extend(self._model(waiting_item, candidate, awaited=True))
         return out
 
-    def _model(self, item: ControlIn, candidate: Candidate) -> list[RegistryOut]:
+    def _model(
+        self, item: ControlIn, candidate: Candidate, *, awaited: bool = False
+    ) -> list[RegistryOut]:
+        """A loaded descriptor at its turn: it waits for a contract that can feed it, or
+        goes through the checks against this one (they score it: the quality gate) on the
+        loader, off the scoring path; `collect` installs it when they are through, and
+        until then the old model serves and later control messages wait."""
         if not contract_feeds(candidate.descriptor, self.contract):
             return self._await_contract(item, candidate)
         candidate.contract = self.contract
-        _run_checks(candidate, BIND_CHECKS)
+        bind = functools.partial(_run_checks, candidate, BIND_CHECKS)
+        self._binding = _Binding(item, MODEL_LOADER.submit(bind), self._trigger, awaited)
+        return []
+
+    def _install(self, item: ControlIn, candidate: Candidate) -> list[RegistryOut]:
+        """Install a descriptor that passed every check."""
         assert candidate.runtime is not None and self.contract is not None
         descriptor = candidate.descriptor
         identity = ModelIdentity(
@@ -979,6 +1133,15 @@ class Registry:
             # Stamped after loading: "installed at" is when the model could first serve.
             since_ms=int(self._clock() * 1000),
         )
+        verdict = candidate.verdict
+        provenance = Provenance(
+            item.topic,
+            item.partition,
+            item.offset,
+            signer_key_id=verdict.key_id[:MAX_NAME_LENGTH] if verdict is not None else "",
+            signature_status=str(verdict.status) if verdict is not None else "",
+            gate=candidate.gate_note,
+        )
         spec = ModelSpec(
             identity,
             candidate.runtime.features,
@@ -987,6 +1150,7 @@ class Registry:
             descriptor.created_at_ms,
             tuple(descriptor.input_features),
             self.contract.version,
+            provenance,
         )
         install = ModelInstall(spec, candidate.model_bytes)
         self.current = install
@@ -1004,6 +1168,7 @@ class Registry:
             identity.since_ms,
             source=item,
             contract_version=self.contract.version,
+            provenance=provenance,
         )
         return [install, self._numbered(event)]
 

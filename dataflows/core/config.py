@@ -14,6 +14,12 @@ from pathlib import Path
 DELIVERY_MODES = ("at-least-once", "exactly-once")
 """The output delivery guarantees `Config.delivery` can ask for."""
 
+PMML_MODES = ("auto", "on", "off")
+"""When `Config.pmml` starts the JVM that scores PMML (dataflows/runtimes/pmml.py)."""
+
+SIGNATURE_POLICIES = ("require", "warn", "off")
+"""What `Config.signature_policy` can ask of model descriptors (dataflows/control/signing.py)."""
+
 
 OTHER_VARIABLES = {
     "WAXSERVE_LOG_LEVEL": "the dataflow's log level (DEBUG, INFO, WARNING, ERROR)",
@@ -55,6 +61,7 @@ _BOUNDS: dict[str, tuple[float, float | None, str]] = {
     "feedback_label_wait_s": (0, None, "seconds >= 0"),
     "feedback_max_predictions": (1, None, "an integer >= 1"),
     "feedback_max_bytes": (1024, None, "bytes >= 1024"),
+    "gate_max_latency_us": (1, None, "microseconds >= 1"),
 }
 
 
@@ -152,6 +159,15 @@ class Config:
     max_held_bytes: int = 64 << 20
     # Directory that `file://` model locations must resolve into; empty refuses all locations.
     model_dir: str = ""
+    # Model descriptors' signatures (README "Signed models"): "require" (unsigned, unknown
+    # key or bad signature: rejected), "warn" (logged and in the model event) or "off".
+    signature_policy: str = "warn"
+    # Directory of the trusted Ed25519 public keys (*.pub, *.pem; a mounted Secret), read
+    # again when it changes; empty: none trusted.
+    trusted_keys_dir: str = ""
+    # The quality gate's latency budget: mean model time per record on its test batch,
+    # microseconds, unless the descriptor's golden set sets its own.
+    gate_max_latency_us: float = 10_000.0
     # Output delivery: "at-least-once" (after a crash, output since the last snapshot is
     # written again) or "exactly-once" (Kafka transactions fenced by marker_topic; needs
     # recovery, README "Exactly-once output").
@@ -165,6 +181,10 @@ class Config:
     monitoring: bool = True
     # onnxruntime threads per session; 1 leaves the cores to the Bytewax workers.
     onnx_threads: int = 1
+    # PMML's in-process JVM: "on" starts it at process start, before the dataflow runs;
+    # "auto" when the first PMML model loads (off the scoring path, 1-4 s); "off" never
+    # (PMML models are rejected: unsupported_model).
+    pmml: str = "auto"
     # Queryable state (GET /models, /state/<data_type>, /processes): host:port to bind,
     # empty for none; loopback by default, since it is unauthenticated.
     state_addr: str = "127.0.0.1:3040"
@@ -199,9 +219,29 @@ class Config:
                 f"WAXSERVE_DATA_TYPE_FROM={self.data_type_from!r}: each of "
                 f"{', '.join(DATA_TYPE_SOURCES)}, comma-separated"
             )
+        if self.pmml not in PMML_MODES:
+            raise ConfigError(f"WAXSERVE_PMML={self.pmml!r}: one of {', '.join(PMML_MODES)}")
         if self.delivery not in DELIVERY_MODES:
             raise ConfigError(
                 f"WAXSERVE_DELIVERY={self.delivery!r}: one of {', '.join(DELIVERY_MODES)}"
+            )
+        if self.signature_policy not in SIGNATURE_POLICIES:
+            raise ConfigError(
+                f"WAXSERVE_SIGNATURE_POLICY={self.signature_policy!r}: one of "
+                f"{', '.join(SIGNATURE_POLICIES)}"
+            )
+        # Under "warn" the directory may be an optional Secret that is not there (yet):
+        # nothing is trusted, and the log says so. Under "require" nothing could install.
+        keys_dir = Path(self.trusted_keys_dir) if self.trusted_keys_dir else None
+        if keys_dir is not None and keys_dir.exists() and not keys_dir.is_dir():
+            raise ConfigError(
+                f"WAXSERVE_TRUSTED_KEYS_DIR={self.trusted_keys_dir!r}: not a directory"
+            )
+        if self.signature_policy == "require" and (keys_dir is None or not keys_dir.is_dir()):
+            raise ConfigError(
+                f"WAXSERVE_SIGNATURE_POLICY=require needs WAXSERVE_TRUSTED_KEYS_DIR, a "
+                f"directory of trusted public keys (waxserve keys generate writes them); "
+                f"it is {self.trusted_keys_dir!r}"
             )
         if self.model_dir and not Path(self.model_dir).is_dir():
             raise ConfigError(f"WAXSERVE_MODEL_DIR={self.model_dir!r}: not a directory")

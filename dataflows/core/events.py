@@ -66,6 +66,10 @@ class ModelServing:
 
     identity: ModelIdentity
     previous: ModelIdentity | None
+    # Where the model came from: its descriptor's control position, signer, contract
+    # version; and what the quality gate found (the queryable state shows both).
+    lineage: pb.Lineage | None = None
+    gate: str = ""
 
 
 @dataclass(frozen=True)

@@ -73,6 +73,8 @@ class HeldModel:
     shards: int = 0
     stats: StatsAccumulator = field(default_factory=StatsAccumulator)
     retired_at_ms: int | None = None
+    lineage: dict[str, Any] | None = None  # where it came from, who signed it
+    gate: str = ""
 
 
 class ProcessState:
@@ -92,16 +94,34 @@ class ProcessState:
         # (no_model means a contract here: as many as max_data_types at most)
         self._waiting: dict[str, int] = {}
 
-    def installed(self, identity: ModelIdentity, previous: ModelIdentity | None) -> None:
+    def installed(
+        self,
+        identity: ModelIdentity,
+        previous: ModelIdentity | None,
+        lineage: pb.Lineage | None = None,
+        gate: str = "",
+    ) -> None:
         """A shard now serves `identity` instead of `previous`."""
         if identity == previous:
             return
         now_ms = int(self._clock() * 1000)
+        provenance = None
+        if lineage is not None:
+            provenance = {
+                "control_topic": lineage.control_topic,
+                "control_partition": lineage.control_partition,
+                "control_offset": lineage.control_offset,
+                "signer_key_id": lineage.signer_key_id,
+                "signature_status": lineage.signature_status,
+                "contract_version": lineage.contract_version,
+            }
         with self._lock:
             self._waiting.pop(identity.data_type, None)
             held = self._models.get(identity)
             if held is None:
                 held = self._models[identity] = HeldModel(identity, now_ms)
+            if provenance is not None:
+                held.lineage, held.gate = provenance, gate
             held.shards += 1
             held.retired_at_ms = None
             old = self._models.get(previous) if previous is not None else None
@@ -131,7 +151,7 @@ class ProcessState:
         """Follow the events that change what this process holds: the event bus's subscriber."""
         match event:
             case ModelServing(identity=identity, previous=previous):
-                self.installed(identity, previous)
+                self.installed(identity, previous, event.lineage, event.gate)
             case BatchScored(identity=identity, scored=scored, seconds=seconds, quality=quality):
                 self.scored(identity, scored, seconds, quality)
             case DriftClosed(message=message):
@@ -272,6 +292,8 @@ def _model_json(held: HeldModel, drift: dict[str, Any] | None) -> dict[str, Any]
         "rmse": stats.rmse,
         "accuracy": stats.accuracy,
         "drift": drift,
+        "lineage": held.lineage,
+        "gate": held.gate,
     }
     return row
 

@@ -24,11 +24,19 @@ from dataflows.runtimes.base import (
     canonical_name,
 )
 from dataflows.runtimes.onnx import OnnxRuntime
-from dataflows.runtimes.pmml import PmmlRuntime, jvm_started, start_jvm
+from dataflows.runtimes.pmml import (
+    JVM_POLICIES,
+    PmmlRuntime,
+    jvm_policy,
+    jvm_started,
+    set_jvm_policy,
+    start_jvm,
+)
 from protos import waxserve_pb2 as pb
 
 __all__ = [
     "CLASSIFICATION",
+    "JVM_POLICIES",
     "REGRESSION",
     "ModelError",
     "ModelFeature",
@@ -37,8 +45,10 @@ __all__ = [
     "PmmlRuntime",
     "Prediction",
     "canonical_name",
+    "jvm_policy",
     "jvm_started",
     "load_runtime",
+    "set_jvm_policy",
     "start_jvm",
 ]
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import re
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -37,6 +38,13 @@ log = logging.getLogger(__name__)
 
 _JVM_LOCK = threading.Lock()
 _jvm_ready = False
+_jvm_begun = False  # a start began (it may still be under way on a loader thread)
+
+JVM_POLICIES = ("auto", "on", "off")
+"""When the JVM starts (`WAXSERVE_PMML`): "auto" when the first PMML model loads (on the
+model-loader thread, off the scoring path), "on" at process start before the dataflow runs
+(`start_jvm` from the main thread), "off" never: PMML models are rejected."""
+_policy = "auto"
 
 _NUMERIC_PMML_TYPES = {"double", "float", "integer", "boolean"}
 _TEXT_PMML_TYPES = {"string"}
@@ -144,8 +152,22 @@ def _check_declared(declared: str, detected: str) -> None:
 
 
 def jvm_started() -> bool:
-    """Whether this process has started pypmml's in-process JVM."""
-    return _jvm_ready
+    """Whether this process has started pypmml's in-process JVM (or begun to: a start on a
+    loader thread may still be under way). A process that did ends with os._exit."""
+    return _jvm_ready or _jvm_begun
+
+
+def jvm_policy() -> str:
+    """When this process starts the JVM: one of `JVM_POLICIES`."""
+    return _policy
+
+
+def set_jvm_policy(policy: str) -> None:
+    """Set when the JVM starts (`JVM_POLICIES`); "off" makes every PMML load fail."""
+    global _policy
+    if policy not in JVM_POLICIES:
+        raise ValueError(f"JVM policy {policy!r}: one of {', '.join(JVM_POLICIES)}")
+    _policy = policy
 
 
 def start_jvm() -> None:
@@ -155,13 +177,26 @@ def start_jvm() -> None:
     Java child process and talks Py4J over a socket (milliseconds per call); gateway="jpype"
     loads the JVM into this process (microseconds per call). Later calls are a flag check.
     Call it at process start-up to pay the JVM's start before the first PMML model arrives.
+
+    Any thread may start it (issue 14: the first PMML model starts it on the model-loader
+    thread, off the scoring path). JNI_CreateJavaVM attaches the thread that calls it as the
+    JVM's non-daemon "main" thread; JPype never detaches it. Started on a thread that then
+    ends, that attachment outlives the thread, and DestroyJavaVM (JPype's exit hook with
+    `destroy_jvm`, its default), called from a main thread that never called Java, waits
+    for it forever: the interpreter hung at exit (tests/runtimes/test_jvm_start.py). So a
+    thread other than the main one detaches right after the start; its next Java call
+    attaches it again as a daemon, as JPype attaches every other Python thread, and daemon
+    threads hold nothing at exit.
     """
-    global _jvm_ready
+    global _jvm_ready, _jvm_begun
+    if _policy == "off":
+        raise ModelError("unsupported_model", "PMML is off in this process (WAXSERVE_PMML=off)")
     if _jvm_ready:
         return
     with _JVM_LOCK:
         if _jvm_ready:
             return
+        _jvm_begun = True
         import jpype
         import jpype.config
         from pypmml.base import PMMLContext
@@ -187,7 +222,39 @@ def start_jvm() -> None:
                 "slow (create no pypmml Model before waxserve loads one)",
                 PMMLContext.gateway(),
             )
+        if threading.current_thread() is not threading.main_thread():
+            jpype.java.lang.Thread.detach()  # see above: it would hold DestroyJavaVM forever
         _jvm_ready = True
+
+
+_WARM_UP_DOCUMENT = b"""<PMML xmlns="http://www.dmg.org/PMML-4_3" version="4.3"><Header/>
+<DataDictionary>
+<DataField name="y" optype="continuous" dataType="double"/>
+<DataField name="x" optype="continuous" dataType="double"/>
+</DataDictionary>
+<RegressionModel functionName="regression"><MiningSchema>
+<MiningField name="y" usageType="target"/><MiningField name="x"/>
+</MiningSchema>
+<RegressionTable intercept="1"><NumericPredictor name="x" coefficient="2"/></RegressionTable>
+</RegressionModel></PMML>"""
+
+
+def warm_up() -> float:
+    """Start the JVM and load and score a tiny PMML model: seconds it took.
+
+    JPype holds the GIL for much of the JVM's start and of the first PMML load (it builds
+    a Python class for every Java class it meets): measured with a Python thread ticking
+    every millisecond beside them, gaps of 0.95 s during the start and 1.3 s during the
+    first load on another thread, against 14 ms while a second model loads. Off the worker
+    thread a first load still stalls scoring that long, so `WAXSERVE_PMML=on` pays both at
+    process start, on the main thread, before the dataflow runs.
+    """
+    started = time.perf_counter()
+    start_jvm()
+    runtime = PmmlRuntime(_WARM_UP_DOCUMENT)
+    runtime.predict(np.array([[-1.0], [1.0]]))
+    runtime.close()
+    return time.perf_counter() - started
 
 
 def _valid_values(field: Any) -> tuple[str, ...] | None:
@@ -227,6 +294,8 @@ class PmmlRuntime(ModelRuntime):
         document = utf8_document(bytes(model_bytes))
         try:
             start_jvm()
+        except ModelError:
+            raise
         except Exception as exc:
             raise ModelError("load_failed", f"cannot start the JVM for pypmml: {exc}") from exc
         from pypmml import Model

@@ -7,6 +7,7 @@ import math
 
 import numpy as np
 
+from dataflows.control.registry import ModelSpec
 from dataflows.core.records import OutMessage, RecordColumns
 from dataflows.monitoring.windows import ModelIdentity
 from dataflows.runtimes import Prediction
@@ -21,22 +22,28 @@ def scored_messages(
     elapsed: float,
     now_ms: int,
     scored_by: str,
+    lineage: bytes = b"",
 ) -> list[OutMessage]:
-    """One message per valid prediction of the run."""
+    """One message per valid prediction of the run. `lineage` is the encoded lineage field
+    of the binding that scored it (`lineage_field`), the same for every record."""
     n = len(run)
-    # Every record of this call shares these fields: serialized once (dataflows/scoring/wire.py).
-    shared = pb.ScoredRecord(
-        data_type=run.data_type,
-        source_topic=run.topic,
-        source_partition=run.partition,
-        model_name=identity.name,
-        model_version=identity.version,
-        model_sha256=identity.sha256,
-        scoring_latency_us=elapsed / n * 1e6,
-        scored_at_ms=now_ms,
-        batch_size=n,
-        scored_by=scored_by,
-    ).SerializeToString()
+    # Every record of this call shares these fields: serialized once (dataflows/scoring/wire.py),
+    # the lineage once per binding.
+    shared = (
+        pb.ScoredRecord(
+            data_type=run.data_type,
+            source_topic=run.topic,
+            source_partition=run.partition,
+            model_name=identity.name,
+            model_version=identity.version,
+            model_sha256=identity.sha256,
+            scoring_latency_us=elapsed / n * 1e6,
+            scored_at_ms=now_ms,
+            batch_size=n,
+            scored_by=scored_by,
+        ).SerializeToString()
+        + lineage
+    )
     rows = None if prediction.valid.all() else np.flatnonzero(prediction.valid)
     offsets = run.offsets if rows is None else run.offsets[rows]
     event_times = run.event_time_ms if rows is None else run.event_time_ms[rows]
@@ -60,6 +67,16 @@ def scored_messages(
     # No content-type header: the scored topic carries ScoredRecord protobuf only, and
     # a header costs ~1 µs a record to produce (bench/README.md).
     return list(zip(keys, encoded, itertools.repeat(None)))
+
+
+def lineage_field(spec: ModelSpec, contract_version: int) -> bytes:
+    """`ScoredRecord.lineage` as encoded bytes, for a model bound to a contract version:
+    where its descriptor is on the control topic, who signed it, the contract version the
+    records are decoded with and the serving decision. Appended to the shared fields of
+    every record the binding scores (about 50 bytes a record; `waxserve audit` reads it)."""
+    lineage = spec.lineage
+    lineage.contract_version = contract_version
+    return pb.ScoredRecord(lineage=lineage).SerializeToString()
 
 
 def _classifier_fields(

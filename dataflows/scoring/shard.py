@@ -19,6 +19,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
+from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -27,6 +28,7 @@ from dataflows.contracts.schema import Contract
 from dataflows.control.registry import (
     CODECS,
     DEFAULT_MAX_DATA_TYPES,
+    MODEL_LOADER,
     RUNTIMES,
     SHARD_DATA_TYPES,
     CodecCache,
@@ -63,12 +65,15 @@ from dataflows.monitoring.windows import (
     StatsPartial,
     window_start,
 )
-from dataflows.runtimes import ModelError, ModelRuntime, Prediction
-from dataflows.scoring.scored import scored_messages
+from dataflows.runtimes import ModelRuntime, Prediction
+from dataflows.scoring.scored import lineage_field, scored_messages
 
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
+
+PENDING_POLL_S = 0.005
+"""How often a shard looks whether a model loading in the background is ready."""
 
 MAX_LABEL_MAGNITUDE = 1e12
 """Largest label (in magnitude) a record may carry into online quality. Labels are for
@@ -134,6 +139,7 @@ class Binding:
     categories: list[frozenset[str] | None]  # per text feature, what the model knows
     reference_columns: list[int] | None  # drift: numeric columns of the reference's features
     reference_text_columns: list[int] | None  # drift: text columns of its categorical ones
+    lineage: bytes = b""  # every scored record's encoded lineage (scored.lineage_field)
 
     @classmethod
     def of(cls, spec: ModelSpec, runtime: ModelRuntime, contract: Contract) -> Binding:
@@ -154,7 +160,10 @@ class Binding:
         if spec.reference is not None:
             reference = [contract.columns[f].index for f in spec.reference.features]
             reference_text = [contract.columns[f].index for f in spec.reference.text_features]
-        return cls(spec, runtime, numeric, text, names, categories, reference, reference_text)
+        lineage = lineage_field(spec, contract.version)
+        return cls(
+            spec, runtime, numeric, text, names, categories, reference, reference_text, lineage
+        )
 
 
 class HeldBudget:
@@ -435,8 +444,13 @@ class ShardScorer:
         data_types: DataTypeTable = SHARD_DATA_TYPES,
         held_budget: HeldBudget | None = None,
         feedback: Feedback | None = None,
+        loader: Executor = MODEL_LOADER,
     ) -> None:
         self.state = state if state is not None else ShardState()
+        # Models this process has not loaded yet (its registry runs in another process):
+        # loading on `loader` while the old model serves, per data type the newest install.
+        self._loader = loader
+        self._pending: dict[str, tuple[ModelInstall, Future[ModelRuntime]]] = {}
         self._monitoring = monitoring
         # Delayed labels: which data types keep predictions, and how labels are keyed.
         self._feedback = feedback if feedback is not None else Feedback((), 1)
@@ -469,8 +483,9 @@ class ShardScorer:
 
     # The one entry point: values in arrival order.
     def on_values(self, values: Iterable[Install | RawRun]) -> list[ShardOut]:
-        """Install contracts and models and score records in the order they arrived."""
-        out: list[ShardOut] = []
+        """Install contracts and models and score records in the order they arrived (a model
+        that loads in the background serves from the first batch after it has loaded)."""
+        out: list[ShardOut] = self._finish_installs()
         for value in values:
             if isinstance(value, RawRun):
                 out.extend(self._score_or_hold(value))
@@ -501,7 +516,9 @@ class ShardScorer:
         self._bindings[data_type] = Binding.of(dt.spec, runtime, dt.contract)
         before = previous.spec.identity if previous is not None else None
         if before != dt.spec.identity:
-            self._events.publish(ModelServing(dt.spec.identity, before))
+            provenance = dt.spec.provenance
+            gate = provenance.gate if provenance is not None else ""
+            self._events.publish(ModelServing(dt.spec.identity, before, dt.spec.lineage, gate))
 
     def _install_contract(self, install: ContractInstall) -> list[ShardOut]:
         contract = install.contract
@@ -509,26 +526,70 @@ class ShardScorer:
         dt.contract = contract
         binding = self._bindings.get(contract.data_type)
         if binding is not None:  # the serving model now reads this contract's layout
-            self._bind(contract.data_type, dt, binding.runtime)
+            try:
+                self._bind(contract.data_type, dt, binding.runtime)
+            except KeyError:
+                # The registry checked this contract against its newest model, which this
+                # shard is still loading; the older one it serves meanwhile lacks a field
+                # of it. Records wait for the new one (held), as for a first model.
+                log.warning(
+                    "%s: model %s does not read contract v%d; holding records until %s loads",
+                    contract.data_type,
+                    binding.spec.identity.version,
+                    contract.version,
+                    self._pending[contract.data_type][0].spec.identity.version
+                    if contract.data_type in self._pending
+                    else "the next model",
+                )
+                del self._bindings[contract.data_type]
         return self._release_ready(dt)
 
     def _install_model(self, install: ModelInstall) -> list[ShardOut]:
         spec = install.spec
         data_type = spec.identity.data_type
-        try:
-            runtime = self._cache.load(
+        self._pending.pop(data_type, None)  # a newer model: one still loading never serves
+        runtime = self._cache.get(spec.runtime_key)
+        if runtime is None:
+            # The registry loaded it in another process (or before a restart). Loading can
+            # take seconds (a JVM to start): the old model serves until it is ready.
+            future = self._loader.submit(
+                self._cache.load,
                 spec.identity.sha256,
                 spec.identity.format,
                 install.model_bytes,
                 spec.declared_inputs,
                 self._onnx_threads,
             )
-        except ModelError as exc:
-            # The registry loaded it, so this is local (e.g. memory); keep the old model.
-            log.error(
-                "shard could not load %s:%s: %s", spec.identity.name, spec.identity.version, exc
-            )
+            self._pending[data_type] = (install, future)
             return []
+        return self._swap_in(install, runtime)
+
+    def _finish_installs(self, *, wait: bool = False) -> list[ShardOut]:
+        """Serve the models that have loaded in the background (with `wait`, every one),
+        between two batches: a batch is scored by one model."""
+        out: list[ShardOut] = []
+        for data_type, (install, future) in list(self._pending.items()):
+            if not (wait or future.done()):
+                continue
+            del self._pending[data_type]
+            spec = install.spec
+            try:
+                runtime = future.result()
+            except Exception as exc:
+                # The registry loaded it, so this is local (e.g. memory); keep the old model.
+                log.error(
+                    "shard could not load %s:%s: %s",
+                    spec.identity.name,
+                    spec.identity.version,
+                    exc,
+                )
+                continue
+            out.extend(self._swap_in(install, runtime))
+        return out
+
+    def _swap_in(self, install: ModelInstall, runtime: ModelRuntime) -> list[ShardOut]:
+        spec = install.spec
+        data_type = spec.identity.data_type
         dt = self._data_type(data_type)
         if install.restored and dt.spec is not None and dt.spec.identity != spec.identity:
             # The registry re-sent its model after a resume; the shard's snapshot is the
@@ -587,8 +648,10 @@ class ShardScorer:
         return out
 
     def release_held(self, *, force: bool = False) -> list[ShardOut]:
-        """Dead-letter held records once they have waited too long for a contract or model."""
-        out: list[ShardOut] = []
+        """Serve the models that have loaded in the background, then dead-letter held
+        records once they have waited too long for a contract or model (`force`: every
+        model still loading is waited for first)."""
+        out: list[ShardOut] = self._finish_installs(wait=force)
         for name, dt in list(self.state.data_types.items()):
             out.extend(self._held.release(dt, force=force))
             if dt.contract is None and dt.spec is None and not dt.held:
@@ -659,7 +722,9 @@ class ShardScorer:
                         "model returned no usable prediction (NaN)",
                     )
                 )
-        messages = scored_messages(run, spec.identity, prediction, elapsed, now_ms, self._scored_by)
+        messages = scored_messages(
+            run, spec.identity, prediction, elapsed, now_ms, self._scored_by, binding.lineage
+        )
         offsets = (run.offsets if valid.all() else run.offsets[valid]).tolist()
         out.append(ScoredBatch(f"{run.topic}/{run.partition}", messages, offsets, run.data_type))
         if self._feedback.keeps(self.state.data_types[run.data_type].contract):
@@ -731,10 +796,13 @@ class ShardScorer:
     def holds_anything(self) -> bool:
         """Whether the shard has a contract, a model, held records or open windows."""
         state = self.state
-        return bool(state.data_types or state.stats or state.drift)
+        return bool(state.data_types or state.stats or state.drift or self._pending)
 
     def next_wakeup_s(self) -> float | None:
-        """When the earliest open window ends or held records time out, in epoch seconds."""
+        """When the earliest open window ends or held records time out, in epoch seconds
+        (soon, while a model loads in the background: `release_held` swaps it in)."""
+        if self._pending:
+            return time.time() + PENDING_POLL_S
         ends = [self._windows.next_end_ms(self.state)]
         ends += [self._held.due_ms(dt) for dt in self.state.data_types.values()]
         due = [e for e in ends if e is not None]

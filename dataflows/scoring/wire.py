@@ -4,12 +4,14 @@ Building one `pb.ScoredRecord` per record and serializing it cost ~1 µs a recor
 largest per-record cost of scoring. Protobuf parses concatenated messages as one (the
 later value of a field wins, fields may come in any order), so a scored record is written
 here as three parts: the fields every record of a model call shares, serialized once per
-call by protobuf itself; the record's two strings (output key, record id); and its numbers
-(source offset, value, event time), encoded for the whole batch at once with numpy. In the
-usual batch every record's fields have the same lengths (one model, consecutive offsets,
-ids of one width): `regression_records` then lays all of them out as the rows of one
-byte matrix and slices the records off it. `tests/test_wire.py` checks the bytes parse
-back to the same message as protobuf's own encoding, edge values included.
+call by protobuf itself (then the model's lineage, serialized once per binding by
+`dataflows.scoring.scored.lineage_field`); the record's two strings (output key, record
+id); and its numbers (source offset, value, event time), encoded for the whole batch at
+once with numpy. In the usual batch every record's fields have the same lengths (one
+model, consecutive offsets, ids of one width): `regression_records` then lays all of them
+out as the rows of one byte matrix and slices the records off it. `tests/test_wire.py`
+checks the bytes parse back to the same message as protobuf's own encoding, edge values
+included.
 """
 
 from __future__ import annotations

@@ -56,6 +56,7 @@ from tqdm import tqdm
 
 from dataflows.contracts.files import contract_json, read_contract_file
 from dataflows.contracts.schema import CONTENT_TYPES, Contract, ContractError, Encoding
+from dataflows.control.signing import SigningError, generate_key_pair, load_private_key, sign
 from dataflows.core.config import Config, ConfigError
 from dataflows.core.descriptors import (
     FORMAT_NAMES,
@@ -70,6 +71,7 @@ from dataflows.core.descriptors import (
 )
 from dataflows.core.records import CONTENT_TYPE_HEADER
 from dataflows.runtimes import jvm_started
+from dataflows.tools.audit import run_audit
 from dataflows.tools.broker import (
     CLEANUP_POLICIES,
     COMPACTED_TOPIC_FIELDS,
@@ -102,6 +104,7 @@ from dataflows.tools.replay import (
     produce,
     send_control,
 )
+from dataflows.tools.trust import GoldenSetError, golden_set
 from protos import waxserve_pb2 as pb
 
 PROG = "waxserve"
@@ -290,8 +293,62 @@ def build_parser() -> argparse.ArgumentParser:
         help="send a file:// location instead of the model bytes; the dataflow's "
         "WAXSERVE_MODEL_DIR must contain the file",
     )
+    p.add_argument(
+        "--golden",
+        type=Path,
+        metavar="FILE",
+        help='golden set for the quality gate: JSON lines of {"input": {...}, "expected": '
+        "{...}}; expected outputs left out are computed by --golden-evaluator",
+    )
+    p.add_argument(
+        "--golden-evaluator",
+        default="model",
+        metavar="model|command:CMD",
+        help="what computes missing expected outputs: 'model' (this model, scored here) or "
+        "'command:CMD' (your evaluator: inputs as JSON lines on stdin, one expected object "
+        "per line on stdout)",
+    )
+    p.add_argument(
+        "--golden-tolerance",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="X",
+        help="largest accepted |served - expected| (relative above 1; default 1e-6)",
+    )
+    p.add_argument(
+        "--golden-max-latency-us",
+        type=_non_negative_float,
+        default=0.0,
+        metavar="US",
+        help="mean model time per record the gate accepts (default: the dataflow's setting)",
+    )
+    p.add_argument(
+        "--sign",
+        type=Path,
+        metavar="KEY",
+        help="sign the descriptor with this Ed25519 private key (waxserve keys generate)",
+    )
     _add_verdict_arguments(p, "installed", "descriptor")
     p.set_defaults(run=cmd_publish)
+
+    p = sub.add_parser(
+        "keys",
+        help="generate key pairs that sign model descriptors",
+        description="Signed descriptors (README: Signed models): the publisher signs with a "
+        "private key; the dataflow trusts the public keys in WAXSERVE_TRUSTED_KEYS_DIR.",
+    )
+    keys = p.add_subparsers(dest="keys_command", metavar="ACTION", required=True)
+    k = keys.add_parser(
+        "generate",
+        parents=[common],
+        help="write a new Ed25519 key pair: NAME.key (private) and NAME.pub",
+        description="Write NAME.key (PKCS#8 PEM, readable by you only) and NAME.pub "
+        "(public, PEM) in --dir. Sign with `waxserve publish --sign DIR/NAME.key`; trust "
+        "NAME.pub by copying it into the dataflow's WAXSERVE_TRUSTED_KEYS_DIR (a Secret).",
+    )
+    k.add_argument("name", metavar="NAME", help="the key's file name, e.g. ci-2026")
+    k.add_argument("--dir", type=Path, default=Path("keys"), help="where to write (default keys/)")
+    k.set_defaults(run=cmd_keys_generate)
 
     p = sub.add_parser(
         "contract",
@@ -461,16 +518,66 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_tail)
 
     p = sub.add_parser(
+        "audit",
+        parents=[common],
+        help="follow one record from its input to its score, model, signer and profile",
+        description="Find the scored record(s) of RECORD_ID on the scored topic and follow "
+        "each back, reading only the topics: the input record at its source offset, the "
+        "descriptor at its lineage's control-topic position (name, version, sha256, the "
+        "signer's key id, whether the signature verifies against --trusted-keys, the golden "
+        "set and the reference profile), the contract version it was decoded with and what "
+        "the events topic says of the model (installed when, the quality gate). A record "
+        "never scored is looked for on the dead-letter topic. Exit code 0: scored; 1: not.",
+    )
+    p.add_argument(
+        "record_id",
+        metavar="RECORD_ID",
+        help="the record's id (its contract's id field; <topic>/<partition>/<offset> without one)",
+    )
+    p.add_argument("--data-type", help="only scored records of this data type")
+    p.add_argument(
+        "--since",
+        metavar="TIME",
+        help="read the scored and dead-letter topics from TIME on: 15m, 2h, 1d (ago), epoch "
+        "milliseconds or an ISO 8601 time",
+    )
+    p.add_argument("--until", metavar="TIME", help="and up to TIME (same forms)")
+    p.add_argument(
+        "--trusted-keys",
+        type=Path,
+        metavar="DIR",
+        help="check the descriptor's signature against these public keys (*.pub, *.pem)",
+    )
+    p.add_argument(
+        "--max-matches",
+        type=_positive_int,
+        default=10,
+        metavar="N",
+        help="follow at most N scored records of the id (default 10)",
+    )
+    p.add_argument(
+        "--timeout",
+        type=_positive_float,
+        default=30.0,
+        metavar="S",
+        help="give up on a topic after S seconds without a message (default 30)",
+    )
+    p.add_argument("--json", action="store_true", help="print the report as JSON")
+    p.set_defaults(run=cmd_audit)
+
+    p = sub.add_parser(
         "demo",
         parents=[common],
         help="run everything on this machine: broker, dataflow, replay, model swaps",
         description="Start an embedded tansu broker (unless --brokers is given), create the "
         "topics, publish the contracts and a model per data type, start the dataflow (python "
         "-m bytewax.run), replay the example data at --rate while swapping models mid-stream, "
-        "sending malformed rows, a tampered model and a burst of drifted records, and show "
-        "what comes out once a second. Ends with a summary that accounts for every record "
-        "sent: scored or dead-lettered. "
-        "Exit code 1 if any record is unaccounted for. With --brokers the demo uses fresh "
+        "sending malformed rows, a model tampered after signing, one the quality gate "
+        "rejects and a burst of drifted records, and show what comes out once a second. "
+        "Every model is signed with a throw-away key the dataflow requires. Ends with a "
+        "summary that accounts for every record sent: scored or dead-lettered. Exit code 1 "
+        "if a promise is broken (a record unaccounted for, a model unsigned or not "
+        "rejected, no drift alarm). With --brokers the demo uses fresh "
         "topics of its own (names with a -demo-<id> suffix) and deletes them afterwards "
         "(kept with --keep-logs).",
     )
@@ -777,9 +884,50 @@ def build_descriptor(
     return desc, path
 
 
+def cmd_keys_generate(config: Config, args: argparse.Namespace) -> int:
+    """Write a new signing key pair."""
+    try:
+        private, public, key_id = generate_key_pair(args.dir, args.name)
+    except SigningError as exc:
+        raise CliError(str(exc)) from None
+    print(f"key {key_id}")
+    print(f"  private: {private}  (sign with: waxserve publish MODEL --sign {private})")
+    print(f"  public:  {public}  (trust it: put it in the dataflow's WAXSERVE_TRUSTED_KEYS_DIR)")
+    return 0
+
+
+def _trusted(
+    args: argparse.Namespace, desc: pb.ModelDescriptor, path: Path, models_dir: Path
+) -> None:
+    """Add the golden set, then the signature (which covers it), as the options ask."""
+    if args.golden is not None:
+        contract = _contract_for(desc.data_type, args.contract, models_dir)
+        try:
+            desc.golden_set.CopyFrom(
+                golden_set(
+                    args.golden,
+                    desc,
+                    path.read_bytes(),
+                    contract,
+                    evaluator=args.golden_evaluator,
+                    tolerance=args.golden_tolerance,
+                    max_latency_us=args.golden_max_latency_us,
+                )
+            )
+        except GoldenSetError as exc:
+            raise CliError(f"--golden {args.golden}: {exc}") from None
+    if args.sign is not None:
+        try:
+            sign(desc, load_private_key(args.sign))
+        except SigningError as exc:
+            raise CliError(f"--sign: {exc}") from None
+
+
 def cmd_publish(config: Config, args: argparse.Namespace) -> int:
     """Publish a model descriptor to the control topic."""
-    desc, path = build_descriptor(args, catalog_dir(config.model_dir))
+    models_dir = catalog_dir(config.model_dir)
+    desc, path = build_descriptor(args, models_dir)
+    _trusted(args, desc, path, models_dir)
     if args.dry_run:
         print(f"would publish {desc.name} version {desc.version} to {config.control_topic}")
         _describe_descriptor(config, desc, path)
@@ -801,6 +949,10 @@ def _describe_descriptor(config: Config, desc: pb.ModelDescriptor, path: Path) -
     print(f"  format:    {FORMAT_NAMES.get(desc.format, '?')}")
     print(f"  data_type: {desc.data_type}")
     print(f"  sha256:    {desc.sha256}")
+    if desc.HasField("golden_set"):
+        print(f"  golden:    {len(desc.golden_set.inputs)} rows ({desc.golden_set.evaluator})")
+    if desc.HasField("signature"):
+        print(f"  signed:    key {desc.signature.key_id}")
     print(f"  size:      {path.stat().st_size} bytes")
     if desc.HasField("location"):
         print(f"  location:  {desc.location}")
@@ -1489,6 +1641,24 @@ def _tail_loop(
                 return 0
         if args.timeout is not None and time.monotonic() - last_activity >= args.timeout:
             return 0
+
+
+# --- audit -------------------------------------------------------------------------------
+
+
+def cmd_audit(config: Config, args: argparse.Namespace) -> int:
+    """Follow one record through the topics: see `dataflows.tools.audit`."""
+    return run_audit(
+        config,
+        args.record_id,
+        data_type=args.data_type,
+        since=args.since,
+        until=args.until,
+        trusted_keys=args.trusted_keys,
+        as_json=args.json,
+        max_matches=args.max_matches,
+        timeout_s=args.timeout,
+    )
 
 
 # --- demo --------------------------------------------------------------------------------

@@ -6,10 +6,17 @@ a first model of each, starts the dataflow (`python -m bytewax.run dataflows.ser
 and replays both data sets at once at a steady rate, each to a topic of its own in its own
 encoding (wine as protobuf on the records topic, penguins as JSON on `waxserve-penguins`).
 Meanwhile it follows a plan: a model of each data type swapped mid-stream, malformed wine
-rows, a wine model with a wrong sha256 that must be rejected, and a burst of drifted wine
-records that must raise a drift alarm. It reads every output topic and shows what comes out
-once a second, and ends with a summary that accounts for every record sent, per data type:
-scored or dead-lettered.
+rows, a tampered wine model that its signature must reject, a wine model that only the
+quality gate can stop, and a burst of drifted wine records that must raise a drift alarm.
+It reads every output topic and shows what comes out once a second, and ends with a summary
+that accounts for every record sent, per data type: scored or dead-lettered.
+
+Every model descriptor it publishes is signed with a key pair it makes for the run (in its
+work directory), and the dataflow it starts trusts that key alone and requires signatures
+(`DemoSigner`, `dataflow_env`). At the end it checks its promises (`DemoPromises`): every
+record accounted for, every model installed signed by the demo's key, each model swapped
+in installed, the tampered model rejected `bad_signature`, the gated one `gate_failed`, a
+drift alarm for the burst; it exits 1 if one is broken.
 
     Demo            the orchestration: broker, topics, dataflow subprocess, replay, the plan,
                     shutdown (every step undone in reverse order, also on Ctrl-C)
@@ -17,8 +24,11 @@ scored or dead-lettered.
                     (`dataflows.tools.replay.RecordEncoder`) and what was sent of it
     DemoReplay      a thread that sends the streams, interleaved by their shares, at --rate;
                     the plan injects malformed rows and a drift burst
+    DemoSigner      the run's signing key, the trusted-keys directory, the signed,
+                    tampered and gated descriptors
     DemoStats       folds the output topics (scored, events, dlq, drift, stats) into counts
                     per data type (`TypeTally`); pure, no Kafka
+    DemoPromises    what the demo promised, checked against DemoStats at the end
     render_*        text for the live panel, the one-line progress and the final summary
 
 `dataflows.tools.cli` parses the command line and calls `run_demo`.
@@ -47,17 +57,18 @@ from types import FrameType
 from typing import Any, TextIO
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from google.protobuf.message import DecodeError
 
 from dataflows.contracts.files import load_contract
 from dataflows.contracts.schema import Contract
+from dataflows.control.signing import SigningError, generate_key_pair, load_private_key, sign
 from dataflows.core.config import Config
 from dataflows.core.descriptors import (
     MODELS_DIR,
     CatalogEntry,
     catalog_contracts,
     load_catalog,
-    sha256_hex,
 )
 from dataflows.core.lifecycle import STOP_DEADLINE_S
 from dataflows.tools.broker import (
@@ -87,6 +98,7 @@ from dataflows.tools.replay import (
     produce,
     send_control,
 )
+from dataflows.tools.trust import GoldenSetError, golden_set
 from protos import waxserve_pb2 as pb
 
 WINE = "wine"
@@ -100,8 +112,23 @@ DEMO_PENGUIN_MODELS = ("penguins-species-onnx", "penguins-species-pmml")
 """The penguins models served in turn (`--penguin-models`)."""
 BYTEWAX_API_PORT = 3030  # Bytewax's default (BYTEWAX_DATAFLOW_API_PORT)
 STATE_PORT = 3040  # Config.state_addr's default
+DEMO_KEY_NAME = "demo"
+"""The run's signing key pair: `<work dir>/signer/demo.key` and `.pub`."""
 DEMO_TAMPERED = "wine-rf-classifier"
-"""Catalog model published once with a wrong sha256: the dataflow must reject it."""
+"""Catalog model published signed, then changed: `DEMO_SWAPPED_IN`'s bytes and their sha256
+put in after signing, as anyone who can write to the control topic could. The sha256
+matches the bytes; only the signature tells (rejected `bad_signature`)."""
+DEMO_SWAPPED_IN = "wine-logreg-zipmap"
+"""The model whose bytes the tampered descriptor carries: a wine classifier too, which
+would load and serve."""
+DEMO_GATED = "wine-lr"
+"""Published once as a new version (`DEMO_GATED_VERSION`), signed by the trusted key, with
+its golden set (its own outputs on `DEMO_GOLDEN`), but with `DEMO_GATED_BYTES`'s file by
+mistake: the signature is valid, only the quality gate stops it (rejected `gate_failed`)."""
+DEMO_GATED_VERSION = "2"
+DEMO_GATED_BYTES = "wine-gbt"
+DEMO_GOLDEN = MODELS_DIR / "wine" / "golden.jsonl"
+"""The golden set's inputs (the README's `waxserve publish --golden` example)."""
 DEMO_SHIFT_FEATURE = "alcohol"
 DEMO_SHIFT_DELTA = 3.0
 DEMO_STATS_INTERVAL_S = 2.0
@@ -160,7 +187,10 @@ def _demo_catalog(sequences: Mapping[str, Sequence[str]]) -> dict[str, CatalogEn
         raise CliError("the demo needs a wine model (--models)")
     wanted = [(data_type, name) for data_type, names in sequences.items() for name in names]
     option = {WINE: "--models", PENGUINS: "--penguin-models"}
-    for data_type, name in [*wanted, (WINE, DEMO_TAMPERED)]:
+    trust = [
+        (WINE, name) for name in (DEMO_TAMPERED, DEMO_SWAPPED_IN, DEMO_GATED, DEMO_GATED_BYTES)
+    ]
+    for data_type, name in [*wanted, *trust]:
         entry = catalog.get(name)
         if entry is None:
             raise CliError(f"unknown model {name!r}; catalog models: {', '.join(sorted(catalog))}")
@@ -171,7 +201,7 @@ def _demo_catalog(sequences: Mapping[str, Sequence[str]]) -> dict[str, CatalogEn
             )
         if not entry.path().is_file():
             raise CliError(f"catalog model {name!r}: file {entry.path()} does not exist")
-    paths = [ERROR_CSV, *(d.csv for d in DEMO_DATA if d.data_type in sequences)]
+    paths = [ERROR_CSV, DEMO_GOLDEN, *(d.csv for d in DEMO_DATA if d.data_type in sequences)]
     for path in paths:
         if not path.is_file():
             raise CliError(f"demo data {path} does not exist")
@@ -186,7 +216,7 @@ class DemoStep:
     """Something the demo does `at_s` seconds into the replay."""
 
     at_s: float
-    action: str  # "bad_rows", "swap", "tampered", "shift"
+    action: str  # "bad_rows", "swap", "tampered", "gate", "shift"
     model: str = ""
     seconds: float = 0.0  # "shift": how long
 
@@ -195,9 +225,17 @@ class DemoStep:
         if self.action == "bad_rows":
             return f"send the rows of {ERROR_CSV.name} (malformed: expect dead letters)"
         if self.action == "swap":
-            return f"publish {self.model}: the dataflow swaps models mid-stream"
+            return f"publish {self.model}, signed: the dataflow swaps models mid-stream"
         if self.action == "tampered":
-            return f"publish {self.model} with a wrong sha256: it must be rejected"
+            return (
+                f"publish {self.model}, signed, then with {DEMO_SWAPPED_IN}'s bytes and sha256 "
+                "put in: its signature must reject it"
+            )
+        if self.action == "gate":
+            return (
+                f"publish {self.model}:{DEMO_GATED_VERSION}, signed, with {DEMO_GATED_BYTES}'s "
+                "file by mistake: the quality gate must reject it"
+            )
         if self.action == "shift":
             return (
                 f"send {WINE} records with {DEMO_SHIFT_FEATURE} {DEMO_SHIFT_DELTA:+g} for "
@@ -216,15 +254,19 @@ def plan_demo(
 
     `models` are wine's, `penguin_models` penguins'. Each data type's models swap at equal
     shares of the duration; a penguins swap that would come within `DEMO_PLAN_GAP_S` of
-    another step comes later. The tampered (wine) model comes half a share after wine's
-    first swap (between the first two with three models); the (wine) drift burst comes
-    late, under the last wine model, and ends early enough for its drift window to close
-    (and be reported) before the replay stops.
+    another step comes later. The gated (wine) model comes half a share in, under the first
+    model, at least `DEMO_PLAN_GAP_S` after the malformed rows; the tampered one half a
+    share after wine's first swap (between the first two with three models); the (wine)
+    drift burst comes late, under the last wine model, and ends early enough for its drift
+    window to close (and be reported) before the replay stops.
     """
     n = len(models)
     share = duration_s / n
-    steps = [DemoStep(min(2.0, duration_s / 10), "bad_rows")]
+    bad_rows_at = min(2.0, duration_s / 10)
+    steps = [DemoStep(bad_rows_at, "bad_rows")]
     steps += [DemoStep(round(k * share, 1), "swap", models[k]) for k in range(1, n)]
+    gate_at = max(0.5 * share if n > 1 else duration_s / 4, bad_rows_at + DEMO_PLAN_GAP_S)
+    steps.append(DemoStep(round(gate_at, 1), "gate", DEMO_GATED))
     tampered_at = 1.5 * share if n > 1 else duration_s / 2
     steps.append(DemoStep(round(tampered_at, 1), "tampered", DEMO_TAMPERED))
     last_swap = (n - 1) * share if n > 1 else 0.0
@@ -244,11 +286,74 @@ def plan_demo(
     return sorted(steps, key=lambda s: s.at_s)
 
 
-def tampered_descriptor(entry: CatalogEntry) -> pb.ModelDescriptor:
-    """A catalog model's descriptor whose sha256 does not match its bytes."""
+# --- signing ------------------------------------------------------------------------------
+
+
+def tampered_descriptor(
+    entry: CatalogEntry, swapped_in: CatalogEntry, key: Ed25519PrivateKey
+) -> pb.ModelDescriptor:
+    """A catalog model's descriptor, signed, then given another model's bytes and their
+    sha256: the sha256 still matches the bytes, the signature no longer matches the
+    descriptor."""
     desc = entry.descriptor()
-    desc.sha256 = sha256_hex(b"tampered " + desc.sha256.encode())
+    sign(desc, key)
+    other = swapped_in.descriptor()
+    desc.model_bytes, desc.sha256 = other.model_bytes, other.sha256
     return desc
+
+
+def gated_descriptor(
+    entry: CatalogEntry,
+    wrong_file: CatalogEntry,
+    contract: Contract,
+    key: Ed25519PrivateKey,
+    *,
+    version: str = DEMO_GATED_VERSION,
+    golden: Path = DEMO_GOLDEN,
+) -> pb.ModelDescriptor:
+    """A new version of a catalog model as `waxserve publish --golden --sign` makes it (its
+    golden set: its own outputs on the `golden` inputs), but carrying `wrong_file`'s model:
+    signed by a trusted key, so only the quality gate can tell that the model does not
+    reproduce what its trainer expects."""
+    desc = entry.descriptor(version=version)
+    try:
+        desc.golden_set.CopyFrom(golden_set(golden, desc, desc.model_bytes, contract))
+    except GoldenSetError as exc:
+        raise CliError(f"the demo's golden set {golden}: {exc}") from None
+    other = wrong_file.descriptor()
+    desc.model_bytes, desc.sha256 = other.model_bytes, other.sha256
+    desc.description = f"{entry.name} retrained; the file published is {wrong_file.name}'s"
+    sign(desc, key)
+    return desc
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoSigner:
+    """The run's signing key and the directory of the keys the dataflow trusts (its public
+    key alone), both in the work directory: thrown away with it."""
+
+    key: Ed25519PrivateKey
+    key_id: str
+    trusted_dir: Path
+
+    @classmethod
+    def create(cls, workdir: Path) -> DemoSigner:
+        """A new key pair in `workdir/signer`, its public key in `workdir/trusted`."""
+        try:
+            private, public, key_id = generate_key_pair(workdir / "signer", DEMO_KEY_NAME)
+            key = load_private_key(private)
+        except (SigningError, OSError) as exc:
+            raise CliError(f"cannot make the demo's signing key in {workdir}: {exc}") from None
+        trusted = workdir / "trusted"
+        trusted.mkdir(exist_ok=True)
+        shutil.copyfile(public, trusted / public.name)
+        return cls(key, key_id, trusted)
+
+    def signed(self, entry: CatalogEntry) -> pb.ModelDescriptor:
+        """A catalog model's descriptor, signed."""
+        desc = entry.descriptor()
+        sign(desc, self.key)
+        return desc
 
 
 # --- the records -------------------------------------------------------------------------
@@ -599,6 +704,9 @@ class TimelineEntry:
     data_type: str
     model: str  # name:version, or "contract v<N>"
     reason: str = ""
+    signer: str = ""
+    """Models: the key id the descriptor was signed with (claimed, for a rejected one)."""
+    message: str = ""
 
     @property
     def is_model(self) -> bool:
@@ -724,6 +832,8 @@ class DemoStats:
     undecodable: int = 0
     current: dict[str, str] = dataclasses.field(default_factory=dict)
     """Data type -> name:version of the model serving it (per the events topic)."""
+    signers: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Data type -> the key id that signed the model serving it ("": unsigned)."""
     timeline: list[TimelineEntry] = dataclasses.field(default_factory=list)
     model_us: dict[str, float] = dataclasses.field(default_factory=dict)
     """name:version -> mean model time per record (µs) from the latest serving stats."""
@@ -827,20 +937,32 @@ class DemoStats:
             if contract
             else f"{event.model_name}:{event.model_version}"
         )
-        entry = TimelineEntry(event.at_ms, event.kind, event.data_type, what, event.reason)
+        entry = TimelineEntry(
+            event.at_ms,
+            event.kind,
+            event.data_type,
+            what,
+            event.reason,
+            signer=event.signer_key_id,
+            message=event.message,
+        )
         self.timeline.append(entry)
         if event.kind in ("installed", "restored"):
             self.current[event.data_type] = what
-            self.notes.append(f"{event.kind} {what} for {event.data_type}")
+            self.signers[event.data_type] = event.signer_key_id
+            signed = f", {_signed(event.signer_key_id)}"
+            gate = f"; {event.gate}" if event.gate else ""
+            self.notes.append(f"{event.kind} {what} for {event.data_type}{signed}{gate}")
         elif event.kind == "contract_installed":
             self.notes.append(f"installed the {event.data_type} {what}")
         elif contract:
             self.notes.append(f"rejected the {event.data_type} {what} ({event.reason or '?'})")
         else:
             serving = self.current.get(event.data_type, "nothing")
+            why = f"\n{event.message}" if event.message else ""  # the gate: the worst rows
             self.notes.append(
                 f"{event.kind} {what} ({event.reason or '?'}): "
-                f"{serving} keeps serving {event.data_type}"
+                f"{serving} keeps serving {event.data_type}{why}"
             )
 
     def add_drift(self, drift: pb.DriftMetrics) -> None:
@@ -934,6 +1056,10 @@ class DemoStats:
         return f"{self.clock(drift.window_start_ms)}..{self.clock(drift.window_end_ms)}"
 
 
+def _signed(key_id: str) -> str:
+    return f"signed by {key_id}" if key_id else "unsigned"
+
+
 def top_feature(drift: pb.DriftMetrics) -> tuple[str, float]:
     """The most drifted quantity of a drift window (smallest p-value; in a window too small
     to judge, largest PSI), and its PSI."""
@@ -962,6 +1088,80 @@ def burst_reported(stats: DemoStats) -> bool:
     latest = tally.latest_drift if tally is not None else None
     shifted = stats.shifted_scored_ms
     return shifted is not None and latest is not None and latest.window_end_ms > shifted[1]
+
+
+@dataclasses.dataclass(frozen=True)
+class Promise:
+    """One thing the demo promised, and whether what came out keeps it."""
+
+    text: str
+    kept: bool
+    detail: str = ""  # what came out instead, when broken
+
+
+@dataclasses.dataclass
+class DemoPromises:
+    """What the demo promises, checked against what came out (`check`) at the end. The plan's
+    steps add theirs as they are done: a step the replay did not reach promised nothing."""
+
+    key_id: str
+    """Every model installed must be signed by this key (the demo's own)."""
+    rejections: dict[str, str] = dataclasses.field(default_factory=dict)
+    """name:version -> the reason it must be rejected for (the previous model serving on)."""
+    swaps: list[str] = dataclasses.field(default_factory=list)
+    """name:version of the models swapped in mid-stream: each must install."""
+    drift_burst: bool = False
+    """Whether the drift burst was sent: a wine drift alarm must hold its records."""
+
+    def check(self, stats: DemoStats, outcome: DemoOutcome) -> list[Promise]:
+        """Each promise, kept or broken."""
+        lost = {dt: n for dt, n in stats.unaccounted_by_type(outcome.sent_by_type).items() if n}
+        accounted = Promise(
+            "every record sent is scored or dead-lettered",
+            not lost and not outcome.failed,
+            f"{_counts(lost) or 'no'} record(s) unaccounted for, {outcome.failed} delivery "
+            "failure(s)",
+        )
+        promises = [accounted, self._signed(stats)]
+        promises += [self._installed(stats, model) for model in self.swaps]
+        promises += [self._rejected(stats, m, r) for m, r in self.rejections.items()]
+        if self.drift_burst:
+            promises.append(
+                Promise(
+                    f"a {WINE} drift alarm for the {DEMO_SHIFT_FEATURE} burst",
+                    bool(burst_alarms(stats)),
+                    "no drift window holding the burst raised the alarm",
+                )
+            )
+        return promises
+
+    def _signed(self, stats: DemoStats) -> Promise:
+        installed = [e for e in stats.timeline if e.kind in ("installed", "restored")]
+        other = [f"{e.model} {_signed(e.signer)}" for e in installed if e.signer != self.key_id]
+        detail = ", ".join(other) if other else "no model installed"
+        return Promise(
+            f"every model installed is signed by the demo's key {self.key_id}",
+            bool(installed) and not other,
+            detail,
+        )
+
+    @staticmethod
+    def _installed(stats: DemoStats, model: str) -> Promise:
+        seen = [e for e in stats.timeline if e.is_model and e.model == model]
+        kept = any(e.kind == "installed" for e in seen)
+        return Promise(f"{model} swapped in: installed", kept, _found(seen))
+
+    @staticmethod
+    def _rejected(stats: DemoStats, model: str, reason: str) -> Promise:
+        seen = [e for e in stats.timeline if e.is_model and e.model == model]
+        kept = any(e.kind == "rejected" and e.reason == reason for e in seen)
+        kept = kept and not any(e.kind in ("installed", "restored") for e in seen)
+        return Promise(f"{model} rejected: {reason}", kept, _found(seen))
+
+
+def _found(events: Sequence[TimelineEntry]) -> str:
+    """What the events say of a model, for a broken promise."""
+    return ", ".join(f"{e.kind} {e.reason}".strip() for e in events) or "no event"
 
 
 # --- text --------------------------------------------------------------------------------
@@ -1022,6 +1222,8 @@ def render_panel(stats: DemoStats, view: DemoView) -> list[str]:
     ]
     for data_type, tally in stats.tallies.items():
         serving = stats.current.get(data_type, "nothing yet")
+        if data_type in stats.current:
+            serving += f" ({_signed(stats.signers.get(data_type, ''))})"
         lines.append(
             f"  {data_type:<9} sent {view.sent.get(data_type, 0):,}  scored {tally.scored:,}"
             f"  dead-lettered {tally.dead:,}  serving {serving}"
@@ -1090,8 +1292,11 @@ def _sent_note(counts: SentCounts) -> str:
     return f"({', '.join(notes)})" if notes else ""
 
 
-def render_summary(stats: DemoStats, outcome: DemoOutcome) -> list[str]:
-    """The final summary: the totals, the accounting per data type, then each data type."""
+def render_summary(
+    stats: DemoStats, outcome: DemoOutcome, promises: Sequence[Promise] = ()
+) -> list[str]:
+    """The final summary: the totals, the accounting per data type, each data type, the
+    timeline, then the promises kept and broken."""
     sent = outcome.sent_by_type
     per_type = stats.unaccounted_by_type(sent)
     unaccounted = sum(per_type.values())
@@ -1161,11 +1366,15 @@ def render_summary(stats: DemoStats, outcome: DemoOutcome) -> list[str]:
         reason = f"  {entry.reason}" if entry.reason else ""
         if reason and entry.is_model:
             reason += ": the previous model kept serving"
+        elif entry.kind in ("installed", "restored"):
+            reason = f"  {_signed(entry.signer)}"
         kind = entry.kind.removeprefix("contract_")
         lines.append(
             f"    {stats.clock(entry.at_ms, 8)}  {kind:<9} {entry.model} for "
             f"{entry.data_type}{reason}"
         )
+        if entry.kind == "rejected" and entry.message:
+            lines.append(f"{'':22}{entry.message}")  # why: the worst rows of a gate failure
     if not stats.timeline:
         lines.append("    (no model events seen)")
     if stats.rejected_control:
@@ -1175,6 +1384,12 @@ def render_summary(stats: DemoStats, outcome: DemoOutcome) -> list[str]:
         )
     if stats.undecodable:
         lines.append(f"  undecodable output {stats.undecodable:>9,}   messages")
+    if promises:
+        lines.append("  promises")
+    for promise in promises:
+        state = "kept  " if promise.kept else "BROKEN"
+        detail = "" if promise.kept else f": {promise.detail}"
+        lines.append(f"    {state}  {promise.text}{detail}")
     if outcome.failure:
         lines.append(f"  FAILED: {outcome.failure.splitlines()[0]}")
     return lines
@@ -1276,11 +1491,23 @@ def _usual_or_free(port: int) -> int:
 
 
 def dataflow_env(
-    config: Config, workdir: Path, *, fetch_wait_ms: int | None = None
+    config: Config,
+    workdir: Path,
+    *,
+    fetch_wait_ms: int | None = None,
+    trusted_keys_dir: Path | None = None,
 ) -> dict[str, str]:
     """The dataflow subprocess's environment: ours (WAXSERVE_* tuning included), with the
-    demo's broker, topics and short stats/drift intervals."""
+    demo's broker, topics and short stats/drift intervals; with `trusted_keys_dir`, it
+    requires signatures by the keys there (whatever our settings say: the demo's promises
+    depend on it)."""
     env = dict(os.environ)
+    if trusted_keys_dir is not None:
+        env["WAXSERVE_SIGNATURE_POLICY"] = "require"
+        env["WAXSERVE_TRUSTED_KEYS_DIR"] = str(trusted_keys_dir)
+    # The demo swaps PMML models in: the JVM starts before the dataflow runs, so the first
+    # PMML model does not pause scoring (README, WAXSERVE_PMML).
+    env.setdefault("WAXSERVE_PMML", "on")
     env["WAXSERVE_BROKERS"] = config.brokers
     for f in dataclasses.fields(Config):
         if f.name.endswith("_topic"):
@@ -1339,8 +1566,11 @@ class Demo:
         self.interrupted = False
         self.failure = ""
         self._last_update: float | None = None
-        self.burst_sent = False
-        """Whether the drift burst was sent: the promise of a drift alarm to check."""
+        self.signer: DemoSigner | None = None
+        self.gated: pb.ModelDescriptor | None = None
+        """The "gate" step's descriptor (its golden set is computed before the replay)."""
+        self.promises = DemoPromises(key_id="")
+        """What the run promised so far (the steps add theirs), checked at the end."""
 
     # --- the run ---------------------------------------------------------------------
 
@@ -1436,6 +1666,18 @@ class Demo:
         )
         self.consumer = self._output_consumer()
         stack.callback(self.consumer.close)
+        self.signer = DemoSigner.create(self.workdir)
+        self.promises = DemoPromises(key_id=self.signer.key_id)
+        self._say(
+            f"  signing    key {self.signer.key_id}, made for this run (signer/"
+            f"{DEMO_KEY_NAME}.key); the dataflow trusts it alone and requires signatures"
+        )
+        self.gated = gated_descriptor(
+            self.catalog[DEMO_GATED],
+            self.catalog[DEMO_GATED_BYTES],
+            self.contracts[WINE],
+            self.signer.key,
+        )
         plan = plan_demo(
             options.duration_s,
             options.models,
@@ -1458,10 +1700,13 @@ class Demo:
             )
         firsts = []
         for models in self.sequences.values():
-            desc = self.catalog[models[0]].descriptor()
+            desc = self.signer.signed(self.catalog[models[0]])
             send_control(self.config, desc)
             firsts.append(f"{desc.name}:{desc.version}")
-            self._say(f"published {firsts[-1]} to {self.config.control_topic}")
+            self._say(
+                f"published {firsts[-1]} to {self.config.control_topic}, signed by "
+                f"{desc.signature.key_id}"
+            )
         self.published += firsts
         self._start_dataflow(stack)
         self._wait_ready(firsts)
@@ -1475,8 +1720,12 @@ class Demo:
             "-w",
             str(self.options.workers),
         ]
+        assert self.signer is not None
         self._dataflow_env = dataflow_env(
-            self.config, self.workdir, fetch_wait_ms=self.fetch_wait_ms
+            self.config,
+            self.workdir,
+            fetch_wait_ms=self.fetch_wait_ms,
+            trusted_keys_dir=self.signer.trusted_dir,
         )
         # Bytewax's API writes its cache there and will not start without the directory.
         Path(self._dataflow_env["BYTEWAX_DATAFLOW_API_CACHE_PATH"]).mkdir(exist_ok=True)
@@ -1528,8 +1777,10 @@ class Demo:
                         f"{entry.reason or '?'}"
                     )
         self.stats.take_notes()
+        signers = sorted({e.signer for e in self.stats.timeline if e.model in models})
         self._say(
-            f"the dataflow installed {', '.join(models)} after {time.monotonic() - started:.1f} s"
+            f"the dataflow installed {', '.join(models)} after {time.monotonic() - started:.1f} s "
+            f"({', '.join(_signed(k) for k in signers)})"
         )
 
     def _show(self) -> None:
@@ -1573,7 +1824,7 @@ class Demo:
                 self.stats.accounted < replay.delivered
                 or not self.stats.settled(self.published)
                 # The drift windows of the burst close a window (and grace) after it.
-                or (self.burst_sent and not burst_reported(self.stats))
+                or (self.promises.drift_burst and not burst_reported(self.stats))
             )
             and time.monotonic() < deadline
         ):
@@ -1611,7 +1862,9 @@ class Demo:
             interrupted=self.interrupted,
             failure=self.failure,
         )
-        for line in render_summary(self.stats, outcome):
+        checked = not (self.failure or self.interrupted)
+        promises = self.promises.check(self.stats, outcome) if checked else []
+        for line in render_summary(self.stats, outcome, promises):
             print(line)
         if self._keep_workdir():
             print(f"  logs               {self.workdir}")
@@ -1620,46 +1873,62 @@ class Demo:
             raise CliError(self.failure)
         if self.interrupted:
             return 130
-        lost = {
-            dt: n for dt, n in self.stats.unaccounted_by_type(outcome.sent_by_type).items() if n
-        }
-        if lost or outcome.failed:
+        broken = [p for p in promises if not p.kept]
+        for promise in broken:
             print(
-                f"waxserve demo: {_counts(lost) or 'no'} record(s) unaccounted for, "
-                f"{outcome.failed} delivery failure(s); the dataflow log is kept in "
-                f"{self.workdir}",
+                f"waxserve demo: broken promise: {promise.text}: {promise.detail}",
                 file=sys.stderr,
             )
-            return 1
-        if self.burst_sent and not burst_alarms(self.stats):
-            print(
-                f"waxserve demo: the {DEMO_SHIFT_FEATURE} burst raised no drift alarm; the "
-                f"dataflow log is kept in {self.workdir}",
-                file=sys.stderr,
-            )
+        if broken:
+            print(f"waxserve demo: the dataflow log is kept in {self.workdir}", file=sys.stderr)
             return 1
         return 0
 
     # --- steps -----------------------------------------------------------------------
 
+    def _publish(self, desc: pb.ModelDescriptor, *, rejected_for: str = "") -> None:
+        """Publish a descriptor; the summary waits for its event. The demo promises its
+        rejection for `rejected_for`, without it its installation."""
+        send_control(self.config, desc)
+        model = f"{desc.name}:{desc.version}"
+        self.published.append(model)
+        if rejected_for:
+            self.promises.rejections[model] = rejected_for
+        else:
+            self.promises.swaps.append(model)
+
     def _do(self, step: DemoStep) -> None:
-        assert self.replay is not None
+        assert self.replay is not None and self.signer is not None
         if step.action == "bad_rows":
             count = self.replay.stream(WINE).inject(ERROR_CSV)
             self._event(f"sending the {count} rows of {ERROR_CSV.name} (malformed)")
         elif step.action == "swap":
-            desc = self.catalog[step.model].descriptor()
-            send_control(self.config, desc)
-            self.published.append(f"{desc.name}:{desc.version}")
-            self._event(f"published {desc.name}:{desc.version} for {desc.data_type} (model swap)")
+            desc = self.signer.signed(self.catalog[step.model])
+            self._publish(desc)
+            self._event(
+                f"published {desc.name}:{desc.version} for {desc.data_type}, signed (model swap)"
+            )
         elif step.action == "tampered":
-            desc = tampered_descriptor(self.catalog[step.model])
-            send_control(self.config, desc)
-            self.published.append(f"{desc.name}:{desc.version}")
-            self._event(f"published {desc.name}:{desc.version} with a wrong sha256 (tampered)")
+            desc = tampered_descriptor(
+                self.catalog[step.model], self.catalog[DEMO_SWAPPED_IN], self.signer.key
+            )
+            self._publish(desc, rejected_for="bad_signature")
+            self._event(
+                f"published {desc.name}:{desc.version}, signed, then with {DEMO_SWAPPED_IN}'s "
+                "bytes and sha256 put in (tampered)"
+            )
+        elif step.action == "gate":
+            gated = self.gated
+            assert gated is not None
+            self._publish(gated, rejected_for="gate_failed")
+            self._event(
+                f"published {gated.name}:{gated.version}, signed, with {DEMO_GATED_BYTES}'s "
+                f"file and {gated.name}'s golden set of {len(gated.golden_set.inputs)} rows "
+                "(for the quality gate)"
+            )
         elif step.action == "shift":
             self.replay.shift(step.seconds)
-            self.burst_sent = True
+            self.promises.drift_burst = True
             self._event(
                 f"{DEMO_SHIFT_FEATURE} {DEMO_SHIFT_DELTA:+g} in the {WINE} records of the next "
                 f"{step.seconds:g} s (drift)"
@@ -1789,12 +2058,16 @@ class Demo:
         if self.options.keep_logs or self.failure:
             return True
         replay = self.replay
-        if replay is None:
+        if replay is None or self.interrupted:
             return False
-        sent = {dt: counts.sent for dt, counts in replay.sent().items()}
-        lost = any(self.stats.unaccounted_by_type(sent).values())
-        no_alarm = self.burst_sent and not burst_alarms(self.stats)
-        return (lost or no_alarm) and not self.interrupted
+        outcome = DemoOutcome(
+            sent=replay.sent(),
+            failed=replay.failed,
+            replay_s=replay.seconds,
+            rate=self.options.rate,
+            workers=self.options.workers,
+        )
+        return not all(p.kept for p in self.promises.check(self.stats, outcome))
 
     def _clean_workdir(self) -> None:
         if not self._keep_workdir():
@@ -1804,5 +2077,6 @@ class Demo:
         self.view.note(text)
 
     def _event(self, text: str) -> None:
-        """A note stamped with the time since the replay started."""
-        self.view.note(f"{self.stats.clock(time.time_ns() // 1_000_000, 8)}  * {text}")
+        """A note stamped with the time since the replay started (more lines indented)."""
+        stamp = f"{self.stats.clock(time.time_ns() // 1_000_000, 8)}  * "
+        self.view.note(stamp + text.replace("\n", "\n" + " " * len(stamp)))

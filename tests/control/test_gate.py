@@ -121,7 +121,7 @@ def test_nan_outputs_fail_even_without_a_golden_set() -> None:
 
 
 class Slow(ModelRuntime):
-    """A model that takes 2 ms per record."""
+    """A model that takes 2 ms of CPU per record."""
 
     format = "onnx"
     task = "regression"
@@ -129,9 +129,13 @@ class Slow(ModelRuntime):
     def __init__(self, inner: ModelRuntime) -> None:
         self.features = inner.features
         self._inner = inner
+        self.calls = 0
 
     def predict(self, numeric: np.ndarray, text: np.ndarray | None = None) -> Prediction:
-        time.sleep(0.002 * len(numeric))
+        started = time.thread_time()
+        while time.thread_time() - started < 0.002 * len(numeric):
+            pass
+        self.calls += 1
         return self._inner.predict(numeric, text)
 
     def close(self) -> None:
@@ -143,10 +147,15 @@ def test_a_model_slower_than_the_budget_fails() -> None:
     rows = reference_rows(desc.reference_profile, runtime, list(desc.input_features))
     assert rows is not None
     small = GateRows(rows.numeric[:8], None, rows.source)
-    # sleep() takes at least its time, so 2 ms per record is never under a 1 ms budget.
+    # 2 ms of CPU per record is never under a 1 ms budget, however busy the machine: the
+    # gate counts the thread's CPU time, and times it again before it says so.
+    slow = Slow(runtime)
     with pytest.raises(ModelError, match="µs per record on 8 reference profile rows, more than"):
-        run_gate(Slow(runtime), small, max_latency_us=1000)
-    run_gate(Slow(runtime), small, max_latency_us=1e9)
+        run_gate(slow, small, max_latency_us=1000)
+    assert slow.calls == 4
+    fast_enough = Slow(runtime)
+    run_gate(fast_enough, small, max_latency_us=1e9)
+    assert fast_enough.calls == 1  # within the budget at once: no more calls
 
 
 def test_a_golden_set_that_does_not_fit_the_model_is_a_clear_error() -> None:

@@ -127,3 +127,27 @@ def test_the_dataflow_refuses_a_bad_setting_in_one_line(
     )
     assert done.returncode == 2
     assert done.stderr.startswith(message) and done.stderr.count("\n") == 1, done.stderr
+
+
+def test_signature_settings(tmp_path: Path) -> None:
+    assert Config().signature_policy == "warn" and Config().trusted_keys_dir == ""
+    with pytest.raises(ConfigError, match=r"WAXSERVE_SIGNATURE_POLICY='strict': one of require"):
+        Config.from_env({"WAXSERVE_SIGNATURE_POLICY": "strict"})
+    with pytest.raises(ConfigError, match="require needs WAXSERVE_TRUSTED_KEYS_DIR"):
+        Config.from_env({"WAXSERVE_SIGNATURE_POLICY": "require"})
+    missing = str(tmp_path / "absent")
+    with pytest.raises(ConfigError, match="require needs WAXSERVE_TRUSTED_KEYS_DIR"):
+        Config.from_env(
+            {"WAXSERVE_SIGNATURE_POLICY": "require", "WAXSERVE_TRUSTED_KEYS_DIR": missing}
+        )
+    # Under warn, a Secret that is not mounted (yet) trusts nothing: allowed, and logged.
+    Config.from_env({"WAXSERVE_TRUSTED_KEYS_DIR": missing})
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="not a directory"):
+        Config.from_env({"WAXSERVE_TRUSTED_KEYS_DIR": str(tmp_path / "file")})
+    config = Config.from_env(
+        {"WAXSERVE_SIGNATURE_POLICY": "require", "WAXSERVE_TRUSTED_KEYS_DIR": str(tmp_path)}
+    )
+    assert config.signature_policy == "require"
+    with pytest.raises(ConfigError, match=r"WAXSERVE_GATE_MAX_LATENCY_US=0\.0: must be"):
+        Config.from_env({"WAXSERVE_GATE_MAX_LATENCY_US": "0"})

@@ -14,21 +14,30 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from flowtools import control_batch
 
 from dataflows.contracts.codecs import codec_for
+from dataflows.control.registry import DataTypeTable, Registry, decode_control
+from dataflows.control.signing import SignaturePolicy, TrustedKeys, verify
 from dataflows.core.config import Config
 from dataflows.core.descriptors import load_catalog, sha256_hex
 from dataflows.tools.demo import (
+    DEMO_GATED,
+    DEMO_GATED_BYTES,
+    DEMO_GATED_VERSION,
     DEMO_PENGUIN_MODELS,
     DEMO_PLAN_GAP_S,
     DEMO_SHIFT_DELTA,
     DEMO_SHIFT_FEATURE,
+    DEMO_SWAPPED_IN,
     DEMO_TAMPERED,
     ERROR_CSV,
     PENGUINS_CSV,
     WINE_CSV,
     DemoOptions,
     DemoOutcome,
+    DemoPromises,
+    DemoSigner,
     DemoStats,
     DemoView,
     LiveView,
@@ -40,6 +49,7 @@ from dataflows.tools.demo import (
     dataflow_env,
     demo_config,
     demo_contract,
+    gated_descriptor,
     interleave,
     percentile,
     plan_demo,
@@ -65,6 +75,8 @@ PENGUIN_RECORDS = "waxserve-penguins"
 TOPICS = {RECORDS: "wine", PENGUIN_RECORDS: "penguins"}
 T0_MS = 1_700_000_000_000
 WINE_MODELS = ["wine-lr", "wine-gbt", "wine-pmml-lr"]
+KEY_ID = "0123456789abcdef"
+GATED = f"{DEMO_GATED}:{DEMO_GATED_VERSION}"
 
 
 def parse_csv_line(line: str) -> dict[str, float]:
@@ -114,6 +126,8 @@ def event(
     at_ms: int = T0_MS,
     reason: str = "",
     contract_version: int = 1,
+    signer: str = KEY_ID,
+    message: str = "",
 ) -> pb.ModelEvent:
     return pb.ModelEvent(
         kind=kind,
@@ -123,6 +137,8 @@ def event(
         at_ms=at_ms,
         reason=reason,
         contract_version=contract_version,
+        signer_key_id=signer if model else "",
+        message=message,
     )
 
 
@@ -257,15 +273,22 @@ def test_control_events_track_the_serving_models_and_the_timeline() -> None:
     # The first event is a contract's: the first *models* are what "ready" waits for.
     assert stats.settled(["wine-lr:1", "penguins-species-onnx:1"])
     assert not stats.settled(["wine-lr:1", "wine-gbt:1"])
-    stats.add_event(event("installed", "wine-gbt", at_ms=T0_MS + 13_300))
+    stats.add_event(event("installed", "wine-gbt", at_ms=T0_MS + 13_300, signer="fedcba9876543210"))
     stats.add_event(
-        event("rejected", DEMO_TAMPERED, at_ms=T0_MS + 20_000, reason="digest_mismatch")
+        event(
+            "rejected",
+            DEMO_TAMPERED,
+            at_ms=T0_MS + 20_000,
+            reason="bad_signature",
+            message="the signature by key 0123456789abcdef does not match",
+        )
     )
     stats.add_event(
         event("installed", "penguins-species-pmml", data_type="penguins", at_ms=T0_MS + 21_000)
     )
-    # A rejection leaves the model serving; each data type has its own.
+    # A rejection leaves the model serving (and its signer); each data type has its own.
     assert stats.current == {"wine": "wine-gbt:1", "penguins": "penguins-species-pmml:1"}
+    assert stats.signers == {"wine": "fedcba9876543210", "penguins": KEY_ID}
     assert stats.settled([f"{DEMO_TAMPERED}:1", "penguins-species-pmml:1"])
     assert [(e.kind, e.data_type, e.model, stats.clock(e.at_ms)) for e in stats.timeline] == [
         ("contract_installed", "wine", "contract v1", "-0.9 s"),
@@ -278,10 +301,16 @@ def test_control_events_track_the_serving_models_and_the_timeline() -> None:
     ]
     notes = stats.take_notes()
     assert notes[0] == "installed the wine contract v1"
-    assert (
-        notes[-2] == f"rejected {DEMO_TAMPERED}:1 (digest_mismatch): wine-gbt:1 keeps serving wine"
+    assert notes[2] == f"installed wine-lr:1 for wine, signed by {KEY_ID}"
+    # The reason's message on a line of its own: for the gate, the worst rows.
+    assert notes[-2] == (
+        f"rejected {DEMO_TAMPERED}:1 (bad_signature): wine-gbt:1 keeps serving wine\n"
+        "the signature by key 0123456789abcdef does not match"
     )
     assert stats.take_notes() == []
+    stats.add_event(event("installed", "wine-x", signer=""))
+    assert stats.take_notes() == ["installed wine-x:1 for wine, unsigned"]
+    assert stats.signers["wine"] == ""
     stats.add_event(event("contract_rejected", data_type="penguins", reason="bad_contract"))
     assert stats.take_notes() == ["rejected the penguins contract v1 (bad_contract)"]
     assert stats.current["penguins"] == "penguins-species-pmml:1"
@@ -412,6 +441,67 @@ def test_summary_accounts_for_each_data_type() -> None:
     assert "INTERRUPTED" in interrupted and "in flight" in interrupted
 
 
+def test_promises_are_kept_only_by_the_events_that_keep_them() -> None:
+    stats = _finished_stats()  # wine-lr:1 and penguins-species-onnx:1, signed by KEY_ID
+    promises = DemoPromises(KEY_ID, swaps=["wine-lr:1"])
+    promises.rejections[f"{DEMO_TAMPERED}:1"] = "bad_signature"
+    promises.rejections[GATED] = "gate_failed"
+    outcome = _outcome(9, 4)
+    checks = promises.check(stats, outcome)
+    assert [(p.text, p.kept) for p in checks] == [
+        ("every record sent is scored or dead-lettered", True),
+        (f"every model installed is signed by the demo's key {KEY_ID}", True),
+        ("wine-lr:1 swapped in: installed", True),
+        (f"{DEMO_TAMPERED}:1 rejected: bad_signature", False),
+        (f"{GATED} rejected: gate_failed", False),
+    ]
+    assert checks[3].detail == "no event"
+    worst = (
+        "quality gate: 12 of 12 golden rows are off by more than the tolerance 1e-06; worst: row 4"
+    )
+    stats.add_event(event("rejected", DEMO_TAMPERED, at_ms=T0_MS + 3000, reason="bad_signature"))
+    stats.add_event(
+        event(
+            "rejected",
+            DEMO_GATED,
+            DEMO_GATED_VERSION,
+            at_ms=T0_MS + 2000,
+            reason="gate_failed",
+            message=worst,
+        )
+    )
+    checks = promises.check(stats, outcome)
+    assert all(p.kept for p in checks)
+    text = "\n".join(render_summary(stats, outcome, checks))
+    assert f"installed wine-lr:1 for wine  signed by {KEY_ID}" in text
+    assert f"rejected  {GATED} for wine  gate_failed: the previous model kept serving" in text
+    assert f"\n{' ' * 22}{worst}\n" in text  # why, under the rejection
+    assert f"kept    {DEMO_TAMPERED}:1 rejected: bad_signature" in text
+    assert f"kept    {GATED} rejected: gate_failed" in text
+    # Not kept by: a model installed unsigned or by another key, a rejection for another
+    # reason, records unaccounted for, a drift burst without an alarm.
+    stats.add_event(event("installed", "wine-gbt", signer="fedcba9876543210"))
+    other = DemoPromises(
+        KEY_ID, {"wine-gbt:1": "gate_failed", "x:1": "bad_signature"}, swaps=["x:1"]
+    )
+    stats.add_event(event("rejected", "x", reason="unknown_key"))
+    checks = other.check(stats, _outcome(11, 4))
+    assert [p.kept for p in checks] == [False, False, False, False, False]
+    assert checks[0].detail == "wine 2 record(s) unaccounted for, 0 delivery failure(s)"
+    assert checks[1].detail == "wine-gbt:1 signed by fedcba9876543210"
+    assert checks[2].text == "x:1 swapped in: installed"
+    assert checks[2].detail == checks[4].detail == "rejected unknown_key"
+    assert checks[3].detail == "installed"
+    other.drift_burst = True
+    burst = other.check(stats, outcome)[-1]
+    assert burst.text == "a wine drift alarm for the alcohol burst" and not burst.kept
+    text = "\n".join(render_summary(stats, outcome, other.check(stats, outcome)))
+    assert "BROKEN  x:1 rejected: bad_signature: rejected unknown_key" in text
+    assert DemoPromises(KEY_ID).check(DemoStats(record_topics=TOPICS), outcome)[1].detail == (
+        "no model installed"
+    )
+
+
 def test_live_panel_and_line_show_each_data_type() -> None:
     stats = _finished_stats()
     view = DemoView(
@@ -423,7 +513,10 @@ def test_live_panel_and_line_show_each_data_type() -> None:
     )
     panel = "\n".join(render_panel(stats, view))
     assert "sent 14" in panel and "in flight 1" in panel and "p50 10 ms" in panel
-    assert "wine      sent 10  scored 8  dead-lettered 1  serving wine-lr:1" in panel
+    assert (
+        f"wine      sent 10  scored 8  dead-lettered 1  serving wine-lr:1 (signed by {KEY_ID})"
+        in panel
+    )
     assert "penguins  sent 4  scored 3  dead-lettered 1  serving penguins-species-onnx:1" in panel
     assert "missing_feature 1" in panel and "missing_field 1" in panel
     line = render_line(stats, view)
@@ -459,6 +552,7 @@ def test_plan_swaps_both_sequences_and_places_the_drift_burst_under_the_last_win
     steps = [(s.at_s, s.action, s.model) for s in plan]
     assert steps[0] == (2.0, "bad_rows", "")
     assert (13.3, "swap", "wine-gbt") in steps and (26.7, "swap", "wine-pmml-lr") in steps
+    assert (6.7, "gate", DEMO_GATED) in steps  # under the first model
     assert (20.0, "tampered", DEMO_TAMPERED) in steps
     # Halfway, but the tampered model is there: a second later.
     assert (21.0, "swap", "penguins-species-pmml") in steps
@@ -486,10 +580,29 @@ def test_penguin_swaps_keep_clear_of_the_other_steps(
         assert all(abs(swap.at_s - t) >= DEMO_PLAN_GAP_S - 1e-9 for t in others)
 
 
-def test_single_models_still_get_the_tampered_model_and_the_drift_burst() -> None:
+def test_single_models_still_get_the_trust_steps_and_the_drift_burst() -> None:
     single = plan_demo(10, ["wine-lr"], drift_window_s=5, penguin_models=["penguins-species-onnx"])
-    assert [s.action for s in single] == ["bad_rows", "tampered", "shift"]
+    assert [s.action for s in single] == ["bad_rows", "gate", "tampered", "shift"]
     assert all(0 < s.at_s < 10 for s in single)
+
+
+@pytest.mark.parametrize("duration", [5.0, 12.0, 20.0, 40.0, 600.0])
+@pytest.mark.parametrize("models", [WINE_MODELS, WINE_MODELS[:2], WINE_MODELS[:1]])
+def test_every_plan_publishes_the_gated_and_the_tampered_model_once(
+    duration: float, models: list[str]
+) -> None:
+    """At every duration (`just demo`: 40 s; the README's shorter one: 20 s; the end-to-end
+    test: 12 s), each promise has its step, within the replay, apart from the others."""
+    plan = plan_demo(duration, models, drift_window_s=5, penguin_models=DEMO_PENGUIN_MODELS)
+    actions = [s.action for s in plan]
+    assert actions.count("gate") == actions.count("tampered") == actions.count("shift") == 1
+    (gate,) = [s for s in plan if s.action == "gate"]
+    (bad_rows,) = [s for s in plan if s.action == "bad_rows"]
+    assert 0 < gate.at_s < duration and gate.at_s - bad_rows.at_s >= DEMO_PLAN_GAP_S - 1e-9
+    wine_steps = [s.at_s for s in plan if s.action != "swap" or s.model in models]
+    assert len(set(wine_steps)) == len(wine_steps)  # one thing at a time
+    if duration >= 12:  # the documented durations: the gated model comes under the first
+        assert all(gate.at_s < s.at_s for s in plan if s.action in ("swap", "tampered"))
 
 
 def test_options_map_models_to_data_types_and_the_catalog_checks_them() -> None:
@@ -599,11 +712,51 @@ def test_a_wine_stream_shifts_and_injects() -> None:
     assert not stream.next_message(shift=False, event_time_ms=T0_MS)[0].endswith(b"-shifted")
 
 
-def test_the_tampered_descriptor_does_not_match_its_bytes() -> None:
-    entry = load_catalog()[DEMO_TAMPERED]
-    desc = tampered_descriptor(entry)
-    assert desc.sha256 != sha256_hex(desc.model_bytes)
-    assert desc.sha256 != entry.descriptor().sha256 and len(desc.sha256) == 64
+def test_a_registry_requiring_the_demos_key_installs_its_model_and_rejects_the_other_two(
+    tmp_path: Path,
+) -> None:
+    """The demo's signed, tampered and gated descriptors, through the registry the dataflow
+    runs (in process, no Kafka): each is stopped by the check the demo promises."""
+    signer = DemoSigner.create(tmp_path)
+    assert (tmp_path / "signer" / "demo.key").is_file()
+    assert [p.name for p in signer.trusted_dir.iterdir()] == ["demo.pub"]  # public key only
+    trusted = TrustedKeys(signer.trusted_dir)
+    assert trusted.key_ids == [signer.key_id]
+    catalog = load_catalog()
+    tampered = tampered_descriptor(catalog[DEMO_TAMPERED], catalog[DEMO_SWAPPED_IN], signer.key)
+    # The sha256 matches the bytes put in: before signatures, this would have installed.
+    assert tampered.sha256 == sha256_hex(tampered.model_bytes)
+    assert tampered.sha256 == catalog[DEMO_SWAPPED_IN].descriptor().sha256
+    assert verify(tampered, trusted, SignaturePolicy.REQUIRE).status == "bad_signature"
+    gated = gated_descriptor(catalog[DEMO_GATED], catalog[DEMO_GATED_BYTES], WINE, signer.key)
+    assert verify(gated, trusted, SignaturePolicy.REQUIRE).status == "valid"
+    assert (gated.name, gated.version) == (DEMO_GATED, DEMO_GATED_VERSION)
+    assert gated.model_bytes == catalog[DEMO_GATED_BYTES].descriptor().model_bytes
+    assert len(gated.golden_set.inputs) == len(gated.golden_set.expected) > 0
+
+    registry = Registry(
+        None,
+        model_dir="",
+        data_types=DataTypeTable(),
+        signature_policy="require",
+        trusted_keys=trusted,
+    )
+    signed = signer.signed(catalog["wine-lr"])
+    items = decode_control(control_batch(WINE.to_proto(), signed, gated, tampered))
+    out = registry.on_control(items) + registry.collect(wait=True)  # type: ignore[arg-type]
+    events = [e for e in out if isinstance(e, pb.ModelEvent) and e.model_name]
+    assert [
+        (e.kind, f"{e.model_name}:{e.model_version}", e.reason, e.signer_key_id) for e in events
+    ] == [
+        ("installed", "wine-lr:1", "", signer.key_id),
+        ("rejected", GATED, "gate_failed", signer.key_id),
+        ("rejected", f"{DEMO_TAMPERED}:1", "bad_signature", signer.key_id),
+    ]
+    assert events[0].signature_status == "valid"
+    assert "golden rows are off by more than the tolerance" in events[1].message
+    assert "worst: row" in events[1].message
+    assert registry.current is not None
+    assert registry.current.spec.identity.version == "1"  # wine-lr:1 kept serving
 
 
 # --- topics and environment ---------------------------------------------------------------
@@ -632,7 +785,10 @@ def test_dataflow_environment_and_fresh_topics_for_both_record_topics(tmp_path: 
     }
     assert config.control_topic == "waxserve-control-demo-abc123"
     assert demo_config(routed, "abc123", fresh_topics=False) == routed
-    env = dataflow_env(config, tmp_path, fetch_wait_ms=100)
+    (tmp_path / "keys").mkdir()
+    env = dataflow_env(config, tmp_path, fetch_wait_ms=100, trusted_keys_dir=tmp_path / "keys")
+    assert env["WAXSERVE_SIGNATURE_POLICY"] == "require"
+    assert env["WAXSERVE_TRUSTED_KEYS_DIR"] == str(tmp_path / "keys")
     assert env["WAXSERVE_BROKERS"] == "kafka:9092"
     assert env["WAXSERVE_DLQ_TOPIC"] == "waxserve-dlq-demo-abc123"
     assert env["WAXSERVE_STATS_INTERVAL_S"] == "2.0" and env["WAXSERVE_DRIFT_WINDOW_S"] == "5.0"
@@ -693,5 +849,24 @@ def test_demo_runs_end_to_end_and_accounts_for_every_record_of_both_data_types()
     # Malformed wine rows and penguins without sex or measurements are dead letters.
     assert _number(r"^    dead-lettered\s+([\d,]+)\s+.*bad_csv", out) > 0, out
     assert re.search(r"^    dead-lettered\s+[\d,]+\s+.*missing_field", out, re.MULTILINE), out
-    # The tampered model was rejected and the previous one kept serving.
-    assert re.search(rf"rejected\s+{DEMO_TAMPERED}:1 for wine\s+digest_mismatch", out), out
+    # Issue 14's promises, from the model events in the summary's timeline: the models are
+    # signed by the demo's key, the tampered one is rejected by its signature, the gated one
+    # by the quality gate (why: its worst rows), and the previous model kept serving.
+    key_id = re.search(
+        r"^    kept    every model installed is signed by the demo's key "
+        r"([0-9a-f]{16})$",
+        out,
+        re.MULTILINE,
+    )
+    assert key_id is not None, out
+    for model in ("wine-lr:1", "wine-gbt:1", "penguins-species-onnx:1"):
+        assert re.search(rf"installed\s+{model} for \w+\s+signed by {key_id[1]}$", out, re.M), out
+    assert re.search(
+        rf"rejected\s+{DEMO_TAMPERED}:1 for wine\s+bad_signature: the previous model kept", out
+    ), out
+    assert re.search(rf"rejected\s+{GATED} for wine\s+gate_failed: the previous model kept", out)
+    assert re.search(r"golden rows are off by more than the tolerance .*; worst: row", out), out
+    assert f"kept    {DEMO_TAMPERED}:1 rejected: bad_signature" in out
+    assert f"kept    {GATED} rejected: gate_failed" in out
+    assert "kept    penguins-species-pmml:1 swapped in: installed" in out
+    assert "BROKEN" not in out, out
