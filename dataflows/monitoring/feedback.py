@@ -37,7 +37,12 @@ from dataflows.control.registry import CodecCache
 from dataflows.core.events import NO_EVENTS, EventBus, FeedbackHeld, LabelsJoined
 from dataflows.core.reasons import Reason, Stage
 from dataflows.core.records import DeadLetter, RawRun, RecordColumns, record_columns
-from dataflows.monitoring.quality import LabelCounts, QualityAccumulator, class_indices
+from dataflows.monitoring.quality import (
+    MAX_LABEL_MAGNITUDE,
+    LabelCounts,
+    QualityAccumulator,
+    class_indices,
+)
 from dataflows.monitoring.windows import (
     ModelIdentity,
     StatsAccumulator,
@@ -49,10 +54,6 @@ from dataflows.runtimes import Prediction
 log = logging.getLogger(__name__)
 
 Clock = Callable[[], float]
-
-MAX_LABEL_MAGNITUDE = 1e12
-"""Largest numeric label (in magnitude) a feedback message may carry, as for labels inside
-records: beyond it the message is a dead letter (bad_label)."""
 
 FEEDBACK_CODECS = CodecCache()
 """Codecs of the feedback contracts (a cache apart: they share their contract's key)."""

@@ -17,6 +17,12 @@ import numpy as np
 
 from protos import waxserve_pb2 as pb
 
+MAX_LABEL_MAGNITUDE = 1e12
+"""Largest label (in magnitude) online quality takes, inside a record or on the feedback
+topic. Labels are for RMSE and accuracy only; one of 1e300 would make the squared-error
+sum infinite for good. A larger label (or a non-finite one) makes its message a dead
+letter (bad_label); a prediction beyond it is scored but left out of RMSE."""
+
 LOG_LOSS_EPSILON = 1e-15
 """The probability a classifier gave the true class is clipped to [this, 1] before its
 log: a confident wrong answer (p = 0, or a NaN PMML leaves for a class its leaf lacks)

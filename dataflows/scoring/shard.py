@@ -57,6 +57,7 @@ from dataflows.core.records import (
     record_columns,
 )
 from dataflows.monitoring.feedback import Feedback, FeedbackRun, LabelBatch, PredictionBatch
+from dataflows.monitoring.quality import MAX_LABEL_MAGNITUDE
 from dataflows.monitoring.windows import (
     DriftAccumulator,
     DriftPartial,
@@ -74,12 +75,6 @@ Clock = Callable[[], float]
 
 PENDING_POLL_S = 0.005
 """How often a shard looks whether a model loading in the background is ready."""
-
-MAX_LABEL_MAGNITUDE = 1e12
-"""Largest label (in magnitude) a record may carry into online quality. Labels are for
-RMSE and accuracy only; one of 1e300 would make the squared-error sum infinite for good.
-A larger label (or a non-finite one) makes its record a dead letter (bad_label); a
-prediction beyond it is scored but left out of RMSE."""
 
 
 @dataclass

@@ -58,6 +58,7 @@ from dataflows.contracts.decode import ContractCodecs
 from dataflows.contracts.schema import Contract, ContractError, FieldType
 from dataflows.control.signing import SignaturePolicy, TrustedKeys, verify
 from dataflows.core.config import Config
+from dataflows.scoring import wire
 from dataflows.tools.broker import METADATA_TIMEOUT_S, kafka_settings
 from dataflows.tools.replay import CliError
 from protos import waxserve_pb2 as pb
@@ -279,20 +280,11 @@ class AuditReport:
 # --- building it -------------------------------------------------------------------------
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while n >= 0x80:
-        out.append((n & 0x7F) | 0x80)
-        n >>= 7
-    out.append(n)
-    return bytes(out)
-
-
 def id_needle(record_id: str) -> bytes:
     """The bytes of `ScoredRecord.record_id = record_id` on the wire: a scored record of the
     id contains them, whoever encoded it (field 2, length-delimited)."""
     encoded = record_id.encode()
-    return b"\x12" + _varint(len(encoded)) + encoded
+    return b"\x12" + wire.length_prefix(len(encoded)) + encoded
 
 
 def proto_dict(msg: ProtoMessage) -> dict[str, Any]:
