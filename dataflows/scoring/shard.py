@@ -797,7 +797,7 @@ class ShardScorer:
         """When the earliest open window ends or held records time out, in epoch seconds
         (soon, while a model loads in the background: `release_held` swaps it in)."""
         if self._pending:
-            return time.time() + PENDING_POLL_S
+            return self._clock() + PENDING_POLL_S
         ends = [self._windows.next_end_ms(self.state)]
         ends += [self._held.due_ms(dt) for dt in self.state.data_types.values()]
         due = [e for e in ends if e is not None]
