@@ -7,6 +7,7 @@ a tampered model, the README's three commands end to end).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import json
 import os
@@ -169,9 +170,22 @@ class Reader:
         deadline = time.monotonic() + timeout
         while not ok():
             if time.monotonic() > deadline:
-                raise AssertionError(f"timed out waiting for {what}:\n{dataflow.tail()}")
+                raise AssertionError(
+                    f"timed out waiting for {what} ({self.dead_letter_counts()}):\n"
+                    f"{dataflow.tail()}"
+                )
             dataflow.check_alive()
             self.read()
+
+    def dead_letter_counts(self) -> str:
+        """Dead letters seen so far, by error class (what a record lost its way to)."""
+        classes = collections.Counter(
+            headers["waxserve.error.class"]
+            for seen in self.seen.values()
+            for _, headers in seen
+            if "waxserve.error.class" in headers
+        )
+        return "dead letters: " + (", ".join(f"{k} {n}" for k, n in classes.items()) or "none")
 
     def scored(self, config: Config) -> list[pb.ScoredRecord]:
         """Scored records seen so far."""

@@ -249,12 +249,31 @@ class RuntimeCache:
     def __init__(self, capacity: int = 16) -> None:
         self._capacity = capacity
         self._runtimes: OrderedDict[str, ModelRuntime] = OrderedDict()
+        self._restored: dict[str, tuple[ModelSpec, Future[ModelRuntime]]] = {}
         self._lock = threading.Lock()
 
     def clear(self) -> None:
         """Forget every loaded runtime (as a new process would start)."""
         with self._lock:
             self._runtimes.clear()
+            self._restored.clear()
+
+    def note_restored(self, spec: ModelSpec, runtime: Future[ModelRuntime]) -> None:
+        """A shard of this process was sent the model the registry re-sends after a resume
+        (`ModelInstall.restored`), loading or loaded as `runtime`.
+
+        Bytewax can hand that install to a shard logic it builds fresh and then replace the
+        logic with the one restored from the shard's snapshot, which never sees the install
+        (seen in tests/test_integration.py, kill -9 of a two-process cluster: the restored
+        shard held its records for a model that had come, until they were no_model dead
+        letters). The restored shard takes the model up from here (`restored_model`)."""
+        with self._lock:
+            self._restored[spec.identity.data_type] = (spec, runtime)
+
+    def restored_model(self, data_type: str) -> tuple[ModelSpec, Future[ModelRuntime]] | None:
+        """The model last re-sent to this process's shards of `data_type` after a resume."""
+        with self._lock:
+            return self._restored.get(data_type)
 
     def get(self, key: str) -> ModelRuntime | None:
         """The loaded runtime for this key, if this process has one."""

@@ -475,6 +475,17 @@ class ShardScorer:
                 runtime = cache.get(dt.spec.runtime_key)
                 if runtime is not None:
                     self._bind(data_type, dt, runtime)
+                else:
+                    self._take_up_restored(data_type)
+
+    def _take_up_restored(self, data_type: str) -> None:
+        """Serve the model the registry re-sent after the resume, if a shard logic that
+        Bytewax replaced by this restored one received it (`RuntimeCache.note_restored`)."""
+        restored = self._cache.restored_model(data_type)
+        if restored is None:
+            return  # the registry's re-send is still to come: it installs here as usual
+        spec, future = restored
+        self._pending[data_type] = (ModelInstall(spec, b"", restored=True), future)
 
     # The one entry point: values in arrival order.
     def on_values(self, values: Iterable[Install | RawRun]) -> list[ShardOut]:
@@ -556,7 +567,13 @@ class ShardScorer:
                 self._onnx_threads,
             )
             self._pending[data_type] = (install, future)
+            if install.restored:
+                self._cache.note_restored(spec, future)
             return []
+        if install.restored:
+            loaded: Future[ModelRuntime] = Future()
+            loaded.set_result(runtime)
+            self._cache.note_restored(spec, loaded)
         return self._swap_in(install, runtime)
 
     def _finish_installs(self, *, wait: bool = False) -> list[ShardOut]:
@@ -648,6 +665,10 @@ class ShardScorer:
         model still loading is waited for first)."""
         out: list[ShardOut] = self._finish_installs(wait=force)
         for name, dt in list(self.state.data_types.items()):
+            if name in self._pending:
+                # Its model is loading here (the first load in a process can take seconds
+                # on a busy machine): the records wait for it, not for the timeout.
+                continue
             out.extend(self._held.release(dt, force=force))
             if dt.contract is None and dt.spec is None and not dt.held:
                 del self.state.data_types[name]  # a data type nobody installed: forget it

@@ -4,7 +4,8 @@
 from __future__ import annotations
 
 import math
-from typing import Any
+from concurrent.futures import Executor, Future
+from typing import Any, cast
 
 import numpy as np
 from flowtools import WINE_CONTRACT, control_batch, descriptor, parse_csv_line, wine_lines
@@ -17,6 +18,7 @@ from dataflows.control.registry import (
     DataTypeTable,
     ModelInstall,
     Registry,
+    RuntimeCache,
     decode_control,
 )
 from dataflows.core.records import DeadLetter, RawRun
@@ -138,3 +140,79 @@ def test_predictions_past_the_bound_are_left_out_of_the_squared_error() -> None:
     quality = labelled_quality(prediction, np.array([5.0, 5.0, 5.0, np.nan]))
     assert quality is not None
     assert (quality.labelled, quality.squared_count, quality.squared_error) == (2, 1, 0.0)
+
+
+class ManualLoader:
+    """An Executor whose loads finish when the test says (`finish`)."""
+
+    def __init__(self) -> None:
+        self.calls: list[tuple[Any, tuple[Any, ...]]] = []
+        self.futures: list[Future[Any]] = []
+
+    def submit(self, fn: Any, *args: Any) -> Future[Any]:
+        future: Future[Any] = Future()
+        self.calls.append((fn, args))
+        self.futures.append(future)
+        return future
+
+    def finish(self) -> None:
+        for (fn, args), future in zip(self.calls, self.futures, strict=True):
+            if not future.done():
+                future.set_result(fn(*args))
+
+
+def scored_count(out: list[Any]) -> int:
+    return sum(len(o.messages) for o in out if isinstance(o, ScoredBatch))
+
+
+def test_records_wait_for_a_model_that_loads_here_however_long_it_takes() -> None:
+    # The first model load in a process took 4.6 s on a busy machine, past the 5 s the
+    # records had already waited: they were dead letters (no_model) while it loaded.
+    contract, model = wine_installs()
+    now = [1000.0]
+    loader = ManualLoader()
+    shard = scorer(
+        cache=RuntimeCache(),
+        loader=cast(Executor, loader),
+        clock=lambda: now[0],
+        no_model_wait_s=5,
+    )
+    assert shard.on_values([contract, run_of(records(5, 6))]) == []
+    now[0] += 3
+    assert shard.on_values([model]) == []  # loading in the background
+    now[0] += 60
+    assert reasons(shard.release_held()) == []
+    loader.finish()
+    assert scored_count(shard.release_held()) == 2
+
+
+def test_a_restored_shard_serves_the_model_the_registry_resent_to_the_logic_it_replaced() -> None:
+    # On a resume Bytewax gave the registry's re-sent install to a shard logic it built
+    # fresh, then replaced that logic with the one restored from the snapshot.
+    contract, model = wine_installs()
+    assert isinstance(contract, ContractInstall) and isinstance(model, ModelInstall)
+    resent = ModelInstall(model.spec, model.model_bytes, restored=True)
+    loader = ManualLoader()
+    cache = RuntimeCache()
+    running = scorer(cache=cache, loader=cast(Executor, loader), no_model_wait_s=5)
+    running.on_values([contract, model])
+    loader.finish()
+    assert running.release_held() == []
+    snapshot = running.state.snapshot()
+
+    cache = RuntimeCache()  # a new process
+    fresh = scorer(cache=cache, loader=cast(Executor, loader), no_model_wait_s=5)
+    assert fresh.on_values([ContractInstall(contract.contract, restored=True), resent]) == []
+    restored = ShardScorer(
+        snapshot,
+        stats_interval_s=3600,
+        drift_window_s=3600,
+        cache=cache,
+        loader=cast(Executor, loader),
+        data_types=DataTypeTable(),
+        held_budget=HeldBudget(),
+        no_model_wait_s=5,
+    )
+    assert restored.on_values([run_of(records(5, 6, 7))]) == []  # the load is under way
+    loader.finish()
+    assert scored_count(restored.release_held()) == 3
