@@ -43,6 +43,7 @@ from dataflows.control.registry import (
     ControlIn,
     Install,
     ModelInstall,
+    PlanInstall,
     Registry,
     RegistryState,
     decode_control,
@@ -87,6 +88,7 @@ Clock = Callable[[], float]
 SOURCE_NAMES = ("control", "records")
 FEEDBACK_SOURCE = "feedback"  # optional: labels that arrive later
 SINK_NAMES = ("scored", "stats", "drift", "events", "dlq")
+SHADOW_SINK = "shadow"  # optional: shadow models' output
 
 
 def _at(seconds: float | None) -> datetime | None:
@@ -488,11 +490,18 @@ def build_flow(
             "feedback_split", feedback_values, StatsPartial, JoinedPairs
         )
         partials = op.merge("partials_in", partials, feedback_partials)
+    # Shadow models' output: the shadow topic, never the scored one (none without a sink).
+    shadow_scored = op.filter("shadow_only", scored, _is_shadow)
+    scored = op.filter("primary_only", scored, lambda b: not b.shadow)
     op.output(
         "scored_out",
         op.map("scored_items", scored, _scored_item),
         sinks["scored"],
     )
+    if SHADOW_SINK in sinks:
+        op.output(
+            "shadow_out", op.map("shadow_items", shadow_scored, _scored_item), sinks[SHADOW_SINK]
+        )
 
     monitored = op.stateful_batch(
         "monitor",
@@ -546,6 +555,8 @@ def build_flow(
 def _data_type_of(install: Install) -> str:
     if isinstance(install, ModelInstall):
         return install.spec.identity.data_type
+    if isinstance(install, PlanInstall):
+        return install.data_type
     return install.contract.data_type
 
 
@@ -563,6 +574,10 @@ def _feedback_routed(router: DataTypeRouter, batch: SourceBatch) -> list[RawRun 
         for r in runs
     ]
     return [*labels, *dead]
+
+
+def _is_shadow(batch: ScoredBatch) -> bool:
+    return batch.shadow
 
 
 def _scored_item(batch: ScoredBatch) -> SinkItem:

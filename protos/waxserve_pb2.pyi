@@ -29,6 +29,28 @@ class Encoding(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ENCODING_AVRO: _ClassVar[Encoding]
     ENCODING_PROTOBUF: _ClassVar[Encoding]
     ENCODING_RECORD: _ClassVar[Encoding]
+
+class PlanAction(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    PLAN_ACTION_UNSPECIFIED: _ClassVar[PlanAction]
+    ACTIVATE: _ClassVar[PlanAction]
+    SHADOW: _ClassVar[PlanAction]
+    CANARY: _ClassVar[PlanAction]
+    SPLIT: _ClassVar[PlanAction]
+    ENSEMBLE: _ClassVar[PlanAction]
+    BANDIT: _ClassVar[PlanAction]
+    SET_WEIGHTS: _ClassVar[PlanAction]
+    PROMOTE: _ClassVar[PlanAction]
+    ROLLBACK: _ClassVar[PlanAction]
+    RETIRE: _ClassVar[PlanAction]
+
+class Combiner(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    COMBINER_UNSPECIFIED: _ClassVar[Combiner]
+    MAJORITY: _ClassVar[Combiner]
+    MEAN: _ClassVar[Combiner]
+    MEDIAN: _ClassVar[Combiner]
+    FIRST_CONFIDENT: _ClassVar[Combiner]
 MODEL_FORMAT_UNSPECIFIED: ModelFormat
 MODEL_FORMAT_ONNX: ModelFormat
 MODEL_FORMAT_PMML: ModelFormat
@@ -43,6 +65,22 @@ ENCODING_CSV: Encoding
 ENCODING_AVRO: Encoding
 ENCODING_PROTOBUF: Encoding
 ENCODING_RECORD: Encoding
+PLAN_ACTION_UNSPECIFIED: PlanAction
+ACTIVATE: PlanAction
+SHADOW: PlanAction
+CANARY: PlanAction
+SPLIT: PlanAction
+ENSEMBLE: PlanAction
+BANDIT: PlanAction
+SET_WEIGHTS: PlanAction
+PROMOTE: PlanAction
+ROLLBACK: PlanAction
+RETIRE: PlanAction
+COMBINER_UNSPECIFIED: Combiner
+MAJORITY: Combiner
+MEAN: Combiner
+MEDIAN: Combiner
+FIRST_CONFIDENT: Combiner
 
 class FeatureProfile(_message.Message):
     __slots__ = ("name", "bin_edges", "expected_fractions", "mean", "std", "categories")
@@ -73,7 +111,7 @@ class ReferenceProfile(_message.Message):
     def __init__(self, features: _Optional[_Iterable[_Union[FeatureProfile, _Mapping]]] = ..., row_count: _Optional[int] = ..., prediction: _Optional[_Union[FeatureProfile, _Mapping]] = ..., label: _Optional[_Union[FeatureProfile, _Mapping]] = ...) -> None: ...
 
 class ModelDescriptor(_message.Message):
-    __slots__ = ("name", "version", "description", "data_type", "format", "model_bytes", "location", "sha256", "created_at_ms", "input_features", "reference_profile", "contract_version", "signature", "golden_set")
+    __slots__ = ("name", "version", "description", "data_type", "format", "model_bytes", "location", "sha256", "created_at_ms", "input_features", "reference_profile", "contract_version", "signature", "golden_set", "stage")
     NAME_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +126,7 @@ class ModelDescriptor(_message.Message):
     CONTRACT_VERSION_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_FIELD_NUMBER: _ClassVar[int]
     GOLDEN_SET_FIELD_NUMBER: _ClassVar[int]
+    STAGE_FIELD_NUMBER: _ClassVar[int]
     name: str
     version: str
     description: str
@@ -102,7 +141,8 @@ class ModelDescriptor(_message.Message):
     contract_version: int
     signature: DescriptorSignature
     golden_set: GoldenSet
-    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., description: _Optional[str] = ..., data_type: _Optional[str] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., model_bytes: _Optional[bytes] = ..., location: _Optional[str] = ..., sha256: _Optional[str] = ..., created_at_ms: _Optional[int] = ..., input_features: _Optional[_Iterable[str]] = ..., reference_profile: _Optional[_Union[ReferenceProfile, _Mapping]] = ..., contract_version: _Optional[int] = ..., signature: _Optional[_Union[DescriptorSignature, _Mapping]] = ..., golden_set: _Optional[_Union[GoldenSet, _Mapping]] = ...) -> None: ...
+    stage: str
+    def __init__(self, name: _Optional[str] = ..., version: _Optional[str] = ..., description: _Optional[str] = ..., data_type: _Optional[str] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., model_bytes: _Optional[bytes] = ..., location: _Optional[str] = ..., sha256: _Optional[str] = ..., created_at_ms: _Optional[int] = ..., input_features: _Optional[_Iterable[str]] = ..., reference_profile: _Optional[_Union[ReferenceProfile, _Mapping]] = ..., contract_version: _Optional[int] = ..., signature: _Optional[_Union[DescriptorSignature, _Mapping]] = ..., golden_set: _Optional[_Union[GoldenSet, _Mapping]] = ..., stage: _Optional[str] = ...) -> None: ...
 
 class GoldenSet(_message.Message):
     __slots__ = ("inputs", "expected", "tolerance", "max_latency_us", "evaluator")
@@ -216,12 +256,44 @@ class DataContract(_message.Message):
     def __init__(self, data_type: _Optional[str] = ..., version: _Optional[int] = ..., description: _Optional[str] = ..., fields: _Optional[_Iterable[_Union[FieldSpec, _Mapping]]] = ..., id_field: _Optional[str] = ..., event_time_field: _Optional[str] = ..., label_field: _Optional[str] = ..., encoding: _Optional[_Union[Encoding, str]] = ..., csv: _Optional[_Union[CsvOptions, _Mapping]] = ..., avro: _Optional[_Union[AvroOptions, _Mapping]] = ..., protobuf: _Optional[_Union[ProtobufOptions, _Mapping]] = ..., created_at_ms: _Optional[int] = ...) -> None: ...
 
 class ControlMessage(_message.Message):
-    __slots__ = ("model", "contract")
+    __slots__ = ("model", "contract", "plan")
     MODEL_FIELD_NUMBER: _ClassVar[int]
     CONTRACT_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
     model: ModelDescriptor
     contract: DataContract
-    def __init__(self, model: _Optional[_Union[ModelDescriptor, _Mapping]] = ..., contract: _Optional[_Union[DataContract, _Mapping]] = ...) -> None: ...
+    plan: PlanCommand
+    def __init__(self, model: _Optional[_Union[ModelDescriptor, _Mapping]] = ..., contract: _Optional[_Union[DataContract, _Mapping]] = ..., plan: _Optional[_Union[PlanCommand, _Mapping]] = ...) -> None: ...
+
+class PlanVariant(_message.Message):
+    __slots__ = ("model", "weight")
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    model: str
+    weight: float
+    def __init__(self, model: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
+
+class PlanCommand(_message.Message):
+    __slots__ = ("data_type", "action", "variants", "entity_field", "combiner", "confidence", "actor", "reason", "issued_at_ms")
+    DATA_TYPE_FIELD_NUMBER: _ClassVar[int]
+    ACTION_FIELD_NUMBER: _ClassVar[int]
+    VARIANTS_FIELD_NUMBER: _ClassVar[int]
+    ENTITY_FIELD_FIELD_NUMBER: _ClassVar[int]
+    COMBINER_FIELD_NUMBER: _ClassVar[int]
+    CONFIDENCE_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    ISSUED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    data_type: str
+    action: PlanAction
+    variants: _containers.RepeatedCompositeFieldContainer[PlanVariant]
+    entity_field: str
+    combiner: Combiner
+    confidence: float
+    actor: str
+    reason: str
+    issued_at_ms: int
+    def __init__(self, data_type: _Optional[str] = ..., action: _Optional[_Union[PlanAction, str]] = ..., variants: _Optional[_Iterable[_Union[PlanVariant, _Mapping]]] = ..., entity_field: _Optional[str] = ..., combiner: _Optional[_Union[Combiner, str]] = ..., confidence: _Optional[float] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ..., issued_at_ms: _Optional[int] = ...) -> None: ...
 
 class Value(_message.Message):
     __slots__ = ("number", "integer", "boolean", "text")
@@ -249,7 +321,7 @@ class Record(_message.Message):
     def __init__(self, fields: _Optional[_Mapping[str, Value]] = ...) -> None: ...
 
 class ScoredRecord(_message.Message):
-    __slots__ = ("output_key", "record_id", "data_type", "source_topic", "source_partition", "source_offset", "model_name", "model_version", "model_sha256", "value", "label", "probabilities", "scoring_latency_us", "event_time_ms", "scored_at_ms", "batch_size", "scored_by", "lineage")
+    __slots__ = ("output_key", "record_id", "data_type", "source_topic", "source_partition", "source_offset", "model_name", "model_version", "model_sha256", "value", "label", "probabilities", "scoring_latency_us", "event_time_ms", "scored_at_ms", "batch_size", "scored_by", "lineage", "policy", "plan_number", "variant_role", "members")
     class ProbabilitiesEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -275,6 +347,10 @@ class ScoredRecord(_message.Message):
     BATCH_SIZE_FIELD_NUMBER: _ClassVar[int]
     SCORED_BY_FIELD_NUMBER: _ClassVar[int]
     LINEAGE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    PLAN_NUMBER_FIELD_NUMBER: _ClassVar[int]
+    VARIANT_ROLE_FIELD_NUMBER: _ClassVar[int]
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
     output_key: str
     record_id: str
     data_type: str
@@ -293,7 +369,32 @@ class ScoredRecord(_message.Message):
     batch_size: int
     scored_by: str
     lineage: Lineage
-    def __init__(self, output_key: _Optional[str] = ..., record_id: _Optional[str] = ..., data_type: _Optional[str] = ..., source_topic: _Optional[str] = ..., source_partition: _Optional[int] = ..., source_offset: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., value: _Optional[float] = ..., label: _Optional[str] = ..., probabilities: _Optional[_Mapping[str, float]] = ..., scoring_latency_us: _Optional[float] = ..., event_time_ms: _Optional[int] = ..., scored_at_ms: _Optional[int] = ..., batch_size: _Optional[int] = ..., scored_by: _Optional[str] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ...) -> None: ...
+    policy: str
+    plan_number: int
+    variant_role: str
+    members: _containers.RepeatedCompositeFieldContainer[MemberOutput]
+    def __init__(self, output_key: _Optional[str] = ..., record_id: _Optional[str] = ..., data_type: _Optional[str] = ..., source_topic: _Optional[str] = ..., source_partition: _Optional[int] = ..., source_offset: _Optional[int] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., value: _Optional[float] = ..., label: _Optional[str] = ..., probabilities: _Optional[_Mapping[str, float]] = ..., scoring_latency_us: _Optional[float] = ..., event_time_ms: _Optional[int] = ..., scored_at_ms: _Optional[int] = ..., batch_size: _Optional[int] = ..., scored_by: _Optional[str] = ..., lineage: _Optional[_Union[Lineage, _Mapping]] = ..., policy: _Optional[str] = ..., plan_number: _Optional[int] = ..., variant_role: _Optional[str] = ..., members: _Optional[_Iterable[_Union[MemberOutput, _Mapping]]] = ...) -> None: ...
+
+class MemberOutput(_message.Message):
+    __slots__ = ("model_name", "model_version", "value", "label", "probabilities")
+    class ProbabilitiesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
+    MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
+    VALUE_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITIES_FIELD_NUMBER: _ClassVar[int]
+    model_name: str
+    model_version: str
+    value: float
+    label: str
+    probabilities: _containers.ScalarMap[str, float]
+    def __init__(self, model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., value: _Optional[float] = ..., label: _Optional[str] = ..., probabilities: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class Lineage(_message.Message):
     __slots__ = ("control_topic", "control_partition", "control_offset", "signer_key_id", "signature_status", "contract_version", "decision")
@@ -464,7 +565,7 @@ class DriftMetrics(_message.Message):
     def __init__(self, data_type: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., window_start_ms: _Optional[int] = ..., window_end_ms: _Optional[int] = ..., record_count: _Optional[int] = ..., features: _Optional[_Iterable[_Union[FeatureDrift, _Mapping]]] = ..., max_psi: _Optional[float] = ..., alarm: _Optional[bool] = ..., judged: _Optional[bool] = ..., alpha: _Optional[float] = ...) -> None: ...
 
 class ModelEvent(_message.Message):
-    __slots__ = ("kind", "data_type", "model_name", "model_version", "model_sha256", "reason", "message", "at_ms", "source_topic", "source_partition", "source_offset", "contract_version", "sequence", "signer_key_id", "signature_status", "gate")
+    __slots__ = ("kind", "data_type", "model_name", "model_version", "model_sha256", "reason", "message", "at_ms", "source_topic", "source_partition", "source_offset", "contract_version", "sequence", "signer_key_id", "signature_status", "gate", "plan_action", "actor", "plan", "plan_number")
     KIND_FIELD_NUMBER: _ClassVar[int]
     DATA_TYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
@@ -481,6 +582,10 @@ class ModelEvent(_message.Message):
     SIGNER_KEY_ID_FIELD_NUMBER: _ClassVar[int]
     SIGNATURE_STATUS_FIELD_NUMBER: _ClassVar[int]
     GATE_FIELD_NUMBER: _ClassVar[int]
+    PLAN_ACTION_FIELD_NUMBER: _ClassVar[int]
+    ACTOR_FIELD_NUMBER: _ClassVar[int]
+    PLAN_FIELD_NUMBER: _ClassVar[int]
+    PLAN_NUMBER_FIELD_NUMBER: _ClassVar[int]
     kind: str
     data_type: str
     model_name: str
@@ -497,4 +602,8 @@ class ModelEvent(_message.Message):
     signer_key_id: str
     signature_status: str
     gate: str
-    def __init__(self, kind: _Optional[str] = ..., data_type: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., at_ms: _Optional[int] = ..., source_topic: _Optional[str] = ..., source_partition: _Optional[int] = ..., source_offset: _Optional[int] = ..., contract_version: _Optional[int] = ..., sequence: _Optional[int] = ..., signer_key_id: _Optional[str] = ..., signature_status: _Optional[str] = ..., gate: _Optional[str] = ...) -> None: ...
+    plan_action: str
+    actor: str
+    plan: str
+    plan_number: int
+    def __init__(self, kind: _Optional[str] = ..., data_type: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., reason: _Optional[str] = ..., message: _Optional[str] = ..., at_ms: _Optional[int] = ..., source_topic: _Optional[str] = ..., source_partition: _Optional[int] = ..., source_offset: _Optional[int] = ..., contract_version: _Optional[int] = ..., sequence: _Optional[int] = ..., signer_key_id: _Optional[str] = ..., signature_status: _Optional[str] = ..., gate: _Optional[str] = ..., plan_action: _Optional[str] = ..., actor: _Optional[str] = ..., plan: _Optional[str] = ..., plan_number: _Optional[int] = ...) -> None: ...

@@ -20,7 +20,7 @@ from dataflows.core.config import Config
 from dataflows.core.descriptors import catalog_contracts, control_message, load_catalog
 from dataflows.core.events import EventBus
 from dataflows.core.records import Headers, OutMessage, SourceBatch
-from dataflows.serving import SINK_NAMES, build_flow
+from dataflows.serving import SHADOW_SINK, SINK_NAMES, build_flow
 from protos import waxserve_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -110,7 +110,9 @@ def descriptor(name: str, *, version: str | None = None, **changes: Any) -> pb.M
     return desc
 
 
-def control_batch(*items: pb.ModelDescriptor | pb.DataContract, start: int = 0) -> SourceBatch:
+def control_batch(
+    *items: pb.ModelDescriptor | pb.DataContract | pb.PlanCommand, start: int = 0
+) -> SourceBatch:
     """Descriptors and contracts as a control-topic batch."""
     return batch(CONTROL_TOPIC, [control_message(i) for i in items], start=start)
 
@@ -130,7 +132,9 @@ def model_batch(*descriptors: pb.ModelDescriptor, start: int = 0) -> SourceBatch
 class Outputs:
     """Everything the sinks received, by sink name."""
 
-    items: dict[str, list[Any]] = field(default_factory=lambda: {n: [] for n in SINK_NAMES})
+    items: dict[str, list[Any]] = field(
+        default_factory=lambda: {n: [] for n in (*SINK_NAMES, SHADOW_SINK)}
+    )
 
     def messages(self, sink: str) -> list[OutMessage]:
         """Every message written to a sink, in order."""
@@ -139,6 +143,10 @@ class Outputs:
     def scored(self) -> list[pb.ScoredRecord]:
         """Scored-topic messages, decoded."""
         return [pb.ScoredRecord.FromString(v) for _k, v, _h in self.messages("scored")]
+
+    def shadow(self) -> list[pb.ScoredRecord]:
+        """Shadow-topic messages, decoded."""
+        return [pb.ScoredRecord.FromString(v) for _k, v, _h in self.messages(SHADOW_SINK)]
 
     def stats(self) -> list[pb.ServingStats]:
         """Stats-topic messages, decoded."""
@@ -228,7 +236,9 @@ def run_flow(
     `feedback`: the feedback topic's items (labels that arrive later), when given.
     """
     outputs = outputs or Outputs()
-    sinks: dict[str, Any] = {name: TestingSink(outputs.items[name]) for name in SINK_NAMES}
+    sinks: dict[str, Any] = {
+        name: TestingSink(outputs.items[name]) for name in (*SINK_NAMES, SHADOW_SINK)
+    }
     if crash is not None:
         sinks[crash_sink] = CrashingSink(outputs.items[crash_sink], crash)
     sources: dict[str, Any] = {"control": TestingSource(models), "records": TestingSource(records)}

@@ -62,6 +62,8 @@ from dataflows.core.records import (
     valid_data_type,
 )
 from dataflows.monitoring.windows import DriftReference, ModelIdentity, OutputReference
+from dataflows.rollout.plans import PlanBook, PlanError, ServingPlan, activate, model_key
+from dataflows.rollout.plans import apply as apply_plan
 from dataflows.runtimes import ModelError, ModelFeature, ModelRuntime, load_runtime
 from protos import waxserve_pb2 as pb
 
@@ -133,11 +135,26 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class ModelInstall:
-    """The registry's word to every shard of a data type: serve this model from now on."""
+    """The registry's word to every shard of a data type: load this model and serve by
+    `plan` from now on (None: this model alone); `staged`: load it, the plan stays."""
 
     spec: ModelSpec
     model_bytes: bytes
     restored: bool = False  # re-sent after a resume, not a new model
+    plan: ServingPlan | None = None
+    staged: bool = False
+
+
+@dataclass(frozen=True)
+class PlanInstall:
+    """The registry's word to every shard of a data type: serve by this plan from now on,
+    with these models (every model the plan names, with its bytes: a shard loads what it
+    has not loaded yet, and applies the plan once all have loaded)."""
+
+    data_type: str
+    plan: ServingPlan
+    models: tuple[ModelInstall, ...]
+    restored: bool = False
 
 
 @dataclass(frozen=True)
@@ -148,7 +165,7 @@ class ContractInstall:
     restored: bool = False
 
 
-Install = ContractInstall | ModelInstall
+Install = ContractInstall | ModelInstall | PlanInstall
 
 
 # --- what the registry reads --------------------------------------------------------------
@@ -158,7 +175,7 @@ Install = ContractInstall | ModelInstall
 class ControlIn:
     """A control-topic message, decoded, with where it came from."""
 
-    body: pb.ModelDescriptor | pb.DataContract
+    body: pb.ModelDescriptor | pb.DataContract | pb.PlanCommand
     topic: str
     partition: int
     offset: int
@@ -173,6 +190,8 @@ class ControlIn:
     @property
     def stage(self) -> Stage:
         """Which kind of control message it is, as dead letters say it."""
+        if isinstance(self.body, pb.PlanCommand):
+            return Stage.PLAN
         return Stage.MODEL if isinstance(self.body, pb.ModelDescriptor) else Stage.CONTRACT
 
     def dead_letter(self, reason: str, message: str) -> DeadLetter:
@@ -200,13 +219,13 @@ def decode_control(batch: SourceBatch) -> list[ControlIn | DeadLetter]:
             message = pb.ControlMessage.FromString(value)
             which = message.WhichOneof("body")
             if which is None:
-                raise DecodeError("a ControlMessage with neither a model nor a contract")
+                raise DecodeError("a ControlMessage with no model, contract or plan command")
         except DecodeError as exc:
             out.append(
                 batch.dead_letter(i, Stage.DECODE, Reason.UNDECODABLE, f"control message: {exc}")
             )
             continue
-        body = message.model if which == "model" else message.contract
+        body: pb.ModelDescriptor | pb.DataContract | pb.PlanCommand = getattr(message, which)
         if not valid_data_type(body.data_type):
             # The data type keys the registry and the events: it must be a usable name.
             problem = (
@@ -218,7 +237,9 @@ def decode_control(batch: SourceBatch) -> list[ControlIn | DeadLetter]:
                 batch.dead_letter(
                     i,
                     which,
-                    Reason.BAD_CONTRACT if which == "contract" else Reason.BAD_DESCRIPTOR,
+                    {"contract": Reason.BAD_CONTRACT, "plan": Reason.BAD_PLAN}.get(
+                        which, Reason.BAD_DESCRIPTOR
+                    ),
                     f"{which} {problem}",
                 )
             )
@@ -237,6 +258,15 @@ def runtime_key(sha256: str, declared_inputs: Iterable[str]) -> str:
     return sha256 + "|" + ",".join(declared_inputs)
 
 
+@dataclass(frozen=True)
+class RestoredInstall:
+    """A plan and its models' loads, as a shard took them (`RuntimeCache.note_restored`)."""
+
+    plan: ServingPlan
+    specs: dict[str, ModelSpec]
+    runtimes: dict[str, Future[ModelRuntime]]
+
+
 class RuntimeCache:
     """Loaded runtimes of this process, by model digest and declared inputs: each model
     loads once per process.
@@ -249,7 +279,7 @@ class RuntimeCache:
     def __init__(self, capacity: int = 16) -> None:
         self._capacity = capacity
         self._runtimes: OrderedDict[str, ModelRuntime] = OrderedDict()
-        self._restored: dict[str, tuple[ModelSpec, Future[ModelRuntime]]] = {}
+        self._restored: dict[str, RestoredInstall] = {}
         self._lock = threading.Lock()
 
     def clear(self) -> None:
@@ -258,9 +288,10 @@ class RuntimeCache:
             self._runtimes.clear()
             self._restored.clear()
 
-    def note_restored(self, spec: ModelSpec, runtime: Future[ModelRuntime]) -> None:
-        """A shard of this process was sent the model the registry re-sends after a resume
-        (`ModelInstall.restored`), loading or loaded as `runtime`.
+    def note_restored(self, data_type: str, restored: RestoredInstall) -> None:
+        """A shard of this process was sent what the registry re-sends after a resume (the
+        data type's plan and models: `ModelInstall.restored`, `PlanInstall.restored`),
+        loading or loaded as `restored`'s futures.
 
         Bytewax can hand that install to a shard logic it builds fresh and then replace the
         logic with the one restored from the shard's snapshot, which never sees the install
@@ -268,10 +299,10 @@ class RuntimeCache:
         shard held its records for a model that had come, until they were no_model dead
         letters). The restored shard takes the model up from here (`restored_model`)."""
         with self._lock:
-            self._restored[spec.identity.data_type] = (spec, runtime)
+            self._restored[data_type] = restored
 
-    def restored_model(self, data_type: str) -> tuple[ModelSpec, Future[ModelRuntime]] | None:
-        """The model last re-sent to this process's shards of `data_type` after a resume."""
+    def restored_model(self, data_type: str) -> RestoredInstall | None:
+        """What was last re-sent to this process's shards of `data_type` after a resume."""
         with self._lock:
             return self._restored.get(data_type)
 
@@ -833,7 +864,7 @@ def model_event(
             event.model_name = event.model_name or _clip(body.name, MAX_NAME_LENGTH)
             event.model_version = event.model_version or _clip(body.version, MAX_NAME_LENGTH)
             event.model_sha256 = event.model_sha256 or _clip(body.sha256, MAX_NAME_LENGTH)
-        else:
+        elif isinstance(body, pb.DataContract):
             event.contract_version = event.contract_version or body.version
         event.source_topic = source.topic
         event.source_partition = source.partition
@@ -861,16 +892,24 @@ EVENTS_PER_CONTROL_MESSAGE = 16
 """Room in an event's sequence number for the events of one control message (at most 3)."""
 
 
+MAX_MODELS_PER_DATA_TYPE = 8
+"""Installed models a data type's registry keeps (with their bytes): the plan's, the last
+good one, and staged ones; past it the oldest staged or retired model is dropped."""
+
+
 @dataclass
 class RegistryState:
-    """What the registry snapshots: the contract, the serving model (with its bytes),
-    control messages read but not yet through, which a resume takes up again, and a
-    descriptor waiting for a contract that can feed it."""
+    """What the registry snapshots: the contract, the active model and every other installed
+    model (with their bytes), the serving plan, control messages read but not yet through,
+    which a resume takes up again, and a descriptor waiting for a contract that can feed
+    it."""
 
     contract: Contract | None = None
     current: ModelInstall | None = None
     loading: list[ControlIn] = field(default_factory=list)
     awaiting: ControlIn | None = None
+    models: dict[str, ModelInstall] = field(default_factory=dict)
+    book: PlanBook = field(default_factory=PlanBook)
 
 
 MODEL_LOADER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="waxserve-model-load")
@@ -934,6 +973,14 @@ class Registry:
         self._gate_max_latency_us = gate_max_latency_us
         self.contract = state.contract
         self.current = state.current
+        # Every installed model by "<name>:<version>", and the plan that says which serve.
+        self.models: dict[str, ModelInstall] = dict(state.models)
+        self.book = state.book
+        if self.current is not None and not self.models:
+            identity = self.current.spec.identity
+            key = model_key(identity.name, identity.version)
+            self.models[key] = self.current
+            self.book = PlanBook(ServingPlan.single(key))
         self.resumed = state.contract is not None or state.current is not None
         self.resumed = self.resumed or bool(state.loading) or state.awaiting is not None
         # The control message being gone through, and how many events it made so far.
@@ -970,7 +1017,7 @@ class Registry:
     def holds_anything(self) -> bool:
         """Whether the registry has a contract, a model or control messages going through;
         one that holds nothing may be dropped (it is rebuilt empty on the next message)."""
-        held = self.contract is not None or self.current is not None
+        held = self.contract is not None or self.current is not None or bool(self.models)
         return held or self.loading or self._awaiting is not None
 
     def _admit(self, data_type: str, limit: int | None) -> bool:
@@ -1019,7 +1066,9 @@ class Registry:
             awaiting = binding.item
         elif binding is not None:
             loading.insert(0, binding.item)
-        return RegistryState(self.contract, self.current, loading, awaiting)
+        return RegistryState(
+            self.contract, self.current, loading, awaiting, dict(self.models), self.book
+        )
 
     def _numbered(self, event: pb.ModelEvent) -> pb.ModelEvent:
         """`event` numbered by the control message that made it: (offset + 1) * 16 + its
@@ -1038,7 +1087,7 @@ class Registry:
             self._queue.append((item, rejected))
             return
         if not isinstance(item.body, pb.ModelDescriptor):
-            self._queue.append((item, None))  # a contract: checked at its turn
+            self._queue.append((item, None))  # a contract or plan command: at its turn
             return
         candidate = Candidate(
             item.body,
@@ -1082,18 +1131,24 @@ class Registry:
                 self._trigger = (item.offset, 0)
                 step = self._model
             try:
-                if future is None:
+                if isinstance(item.body, pb.PlanCommand):
+                    out.extend(self._plan(item))
+                elif future is None:
                     out.extend(self._contract(item))
                 else:
                     out.extend(step(item, future.result()))
             except (ModelError, ContractError) as exc:
                 out.extend(self._rejected(item, exc.reason, str(exc)))
+            except PlanError as exc:
+                out.extend(self._rejected(item, Reason.BAD_PLAN, str(exc)))
             except Exception as exc:
                 # A control message is replayed on every restart: one that trips a bug in
                 # a check must be a rejection, not a crash loop.
                 log.exception("control message at %s/%d failed", item.topic, item.offset)
                 is_model = item.stage == Stage.MODEL
                 reason = Reason.LOAD_FAILED if is_model else Reason.BAD_CONTRACT
+                if item.stage == Stage.PLAN:
+                    reason = Reason.BAD_PLAN
                 message = f"{type(exc).__name__}: {exc}"
                 out.extend(self._rejected(item, reason, message))
         self._release_if_empty()
@@ -1104,9 +1159,10 @@ class Registry:
         contract = Contract.from_proto(item.body)
         if self.contract is not None:
             check_compatible(self.contract, contract)
-        if self.current is not None:
+        serving = self.book.plan.models if self.book.plan is not None else ()
+        for key in serving:
             try:
-                bind_inputs(self.current.spec.features, contract, "serving model")
+                bind_inputs(self.models[key].spec.features, contract, f"serving model {key}")
             except ModelError as exc:
                 raise ContractError(Reason.INCOMPATIBLE_CONTRACT, str(exc)) from None
         self._codecs.get(contract)  # its encoding works: the codecs build
@@ -1171,14 +1227,24 @@ class Registry:
             self.contract.version,
             provenance,
         )
-        install = ModelInstall(spec, candidate.model_bytes)
-        self.current = install
+        key = model_key(identity.name, identity.version)
+        staged = descriptor.stage == "staged"
+        self.models.pop(key, None)  # a re-published model is the newest again
+        if staged:
+            install = ModelInstall(spec, candidate.model_bytes, staged=True)
+        else:
+            self.book = activate(self.book, key)
+            install = ModelInstall(spec, candidate.model_bytes, plan=self.book.plan)
+            self.current = install
+        self.models[key] = install
+        self._drop_unused_models()
         log.info(
-            "installed model %s:%s (%s) for %s",
+            "installed model %s:%s (%s) for %s%s",
             identity.name,
             identity.version,
             identity.sha256[:12],
             identity.data_type,
+            " (staged)" if staged else "",
         )
         self._events.publish(ModelInstalled(identity))
         event = model_event(
@@ -1188,8 +1254,61 @@ class Registry:
             source=item,
             contract_version=self.contract.version,
             provenance=provenance,
+            message="staged: serves when a plan command names it" if staged else "",
         )
+        if self.book.plan is not None:
+            event.plan = self.book.plan.describe()
+            event.plan_number = self.book.plan.number
         return [install, self._numbered(event)]
+
+    def _drop_unused_models(self) -> None:
+        """Keep at most MAX_MODELS_PER_DATA_TYPE installed models: drop the oldest that
+        neither the plan nor a rollback needs."""
+        plan = self.book.plan
+        needed = set(plan.models if plan is not None else ()) | {self.book.last_good}
+        for key in list(self.models):
+            if len(self.models) <= MAX_MODELS_PER_DATA_TYPE:
+                break
+            if key not in needed:
+                del self.models[key]
+
+    def _plan(self, item: ControlIn) -> list[RegistryOut]:
+        """A plan command at its turn: the new plan to every shard, and an event."""
+        command = item.body
+        assert isinstance(command, pb.PlanCommand)
+        fields = list(self.contract.columns) if self.contract is not None else []
+        before = self.book
+        self.book = apply_plan(before, command, self.models.keys(), fields)
+        plan = self.book.plan
+        assert plan is not None
+        active = self.models.get(plan.active) if plan.active else None
+        if active is not None:
+            self.current = active
+        for key in _retired(before, self.book, command):
+            self.models.pop(key, None)
+        action = pb.PlanAction.Name(command.action).lower()
+        log.info(
+            "plan for %s: %s (%s by %s%s)",
+            item.data_type,
+            plan.describe(),
+            action,
+            command.actor or "?",
+            f": {command.reason}" if command.reason else "",
+        )
+        now_ms = int(self._clock() * 1000)
+        event = model_event("plan_changed", None, now_ms, source=item, message=command.reason)
+        event.plan_action = action
+        event.actor = _clip(command.actor, MAX_NAME_LENGTH)
+        event.plan = plan.describe()
+        event.plan_number = plan.number
+        if active is not None:
+            identity = active.spec.identity
+            event.model_name, event.model_version = identity.name, identity.version
+            event.model_sha256 = identity.sha256
+        if plan == before.plan:
+            return [self._numbered(event)]  # e.g. a staged model retired: nothing to send
+        models = tuple(self.models[key] for key in plan.models)
+        return [PlanInstall(item.data_type, plan, models), self._numbered(event)]
 
     def _await_contract(self, item: ControlIn, candidate: Candidate) -> list[RegistryOut]:
         """Keep a loaded model until a contract that can feed it arrives; an older one that
@@ -1216,12 +1335,20 @@ class Registry:
     def _rejected(self, item: ControlIn, reason: str, message: str) -> list[RegistryOut]:
         now_ms = int(self._clock() * 1000)
         self._events.publish(ControlRejected(item.data_type, item.stage, reason))
-        what = "model" if item.stage == Stage.MODEL else "contract"
+        what = {Stage.MODEL: "model", Stage.PLAN: "plan command"}.get(item.stage, "contract")
         log.warning("rejected %s for %s: %s: %s", what, item.data_type, reason, message)
-        kind = "rejected" if item.stage == Stage.MODEL else "contract_rejected"
+        kind = {Stage.MODEL: "rejected", Stage.PLAN: "plan_rejected"}.get(
+            item.stage, "contract_rejected"
+        )
         dead = item.dead_letter(reason, message)
         dead.max_message_bytes = self._max_message_bytes  # it carries the model's bytes
         event = model_event(kind, None, now_ms, source=item, reason=reason, message=message)
+        if isinstance(item.body, pb.PlanCommand):
+            event.plan_action = pb.PlanAction.Name(item.body.action).lower()
+            event.actor = _clip(item.body.actor, MAX_NAME_LENGTH)
+            if self.book.plan is not None:
+                event.plan = self.book.plan.describe()
+                event.plan_number = self.book.plan.number
         return [dead, self._numbered(event)]
 
     def on_resume(self) -> list[RegistryOut]:
@@ -1232,11 +1359,29 @@ class Registry:
             out.append(ContractInstall(self.contract, restored=True))
         if self.current is None:
             return out
-        restored = ModelInstall(self.current.spec, self.current.model_bytes, restored=True)
-        identity = restored.spec.identity
+        plan = self.book.plan
+        identity = self.current.spec.identity
+        if plan is None or plan.policy == "single":
+            restored: Install = ModelInstall(
+                self.current.spec, self.current.model_bytes, restored=True, plan=plan
+            )
+        else:
+            models = tuple(self.models[key] for key in plan.models)
+            restored = PlanInstall(identity.data_type, plan, models, restored=True)
         self._events.publish(ModelInstalled(identity, restored=True))
         now_ms = int(self._clock() * 1000)
-        return [*out, restored, model_event("restored", identity, now_ms)]
+        event = model_event("restored", identity, now_ms)
+        if plan is not None:
+            event.plan, event.plan_number = plan.describe(), plan.number
+        return [*out, restored, event]
+
+
+def _retired(before: PlanBook, after: PlanBook, command: pb.PlanCommand) -> list[str]:
+    """Models a RETIRE command drops from the registry (not in the plan, not the last good)."""
+    if command.action != pb.RETIRE:
+        return []
+    keep = set(after.plan.models if after.plan is not None else ()) | {after.last_good}
+    return [v.model for v in command.variants if v.model not in keep]
 
 
 def _run_checks(candidate: Candidate, checks: Sequence[Check]) -> Candidate:

@@ -97,6 +97,8 @@ class Config:
     drift_topic: str = "waxserve-drift"
     events_topic: str = "waxserve-events"
     dlq_topic: str = "waxserve-dlq"
+    # Serving plans: what shadow models score (ScoredRecord, variant_role "shadow").
+    shadow_topic: str = "waxserve-shadow"
     # Delayed labels (README "Labels that arrive later"): messages carrying a record's id
     # and label, in its data type's encoding, read when feedback_data_types names any.
     feedback_topic: str = "waxserve-feedback"
@@ -326,6 +328,7 @@ class Config:
             self.drift_topic,
             self.events_topic,
             self.dlq_topic,
+            self.shadow_topic,
         )
 
 

@@ -139,10 +139,12 @@ class CatalogEntry:
         )
 
 
-def control_message(body: pb.ModelDescriptor | pb.DataContract) -> bytes:
-    """A descriptor or contract as the control topic carries it."""
+def control_message(body: pb.ModelDescriptor | pb.DataContract | pb.PlanCommand) -> bytes:
+    """A descriptor, contract or plan command as the control topic carries it."""
     if isinstance(body, pb.ModelDescriptor):
         return pb.ControlMessage(model=body).SerializeToString()
+    if isinstance(body, pb.PlanCommand):
+        return pb.ControlMessage(plan=body).SerializeToString()
     return pb.ControlMessage(contract=body).SerializeToString()
 
 

@@ -16,6 +16,7 @@ class Stage(StrEnum):
     SCORE = "score"  # a decoded record that could not be scored
     MODEL = "model"  # a model descriptor
     CONTRACT = "contract"  # a data contract
+    PLAN = "plan"  # a serving-plan command
 
 
 class Reason(StrEnum):
@@ -40,6 +41,8 @@ class Reason(StrEnum):
     BAD_LABEL = "bad_label"  # a label no quality metric can take (e.g. beyond ±1e12)
     HELD_OVERFLOW = "held_overflow"  # no model yet, and the process holds all it may
     TOO_MANY_DATA_TYPES = "too_many_data_types"  # a new data type past max_data_types
+    # plan
+    BAD_PLAN = "bad_plan"  # a plan command that cannot apply (the plan in effect stays)
     # model
     BAD_DESCRIPTOR = "bad_descriptor"
     UNSUPPORTED_MODEL = "unsupported_model"

@@ -899,5 +899,6 @@ def kafka_sinks(config: Config) -> dict[str, KafkaBatchSink]:
         "drift": config.drift_topic,
         "events": config.events_topic,
         "dlq": config.dlq_topic,
+        "shadow": config.shadow_topic,
     }
     return {name: KafkaBatchSink(config, topic, config.shards) for name, topic in topics.items()}

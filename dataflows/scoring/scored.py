@@ -10,6 +10,7 @@ import numpy as np
 from dataflows.control.registry import ModelSpec
 from dataflows.core.records import OutMessage, RecordColumns
 from dataflows.monitoring.windows import ModelIdentity
+from dataflows.rollout.plans import ServingPlan
 from dataflows.runtimes import Prediction
 from dataflows.scoring import wire
 from protos import waxserve_pb2 as pb
@@ -77,6 +78,17 @@ def lineage_field(spec: ModelSpec, contract_version: int) -> bytes:
     lineage = spec.lineage
     lineage.contract_version = contract_version
     return pb.ScoredRecord(lineage=lineage).SerializeToString()
+
+
+def plan_field(plan: ServingPlan, role: str) -> bytes:
+    """The serving plan's fields of a scored record, encoded: policy, plan number, the
+    model's role, and the lineage's decision (the role: protobuf merges the lineage)."""
+    return pb.ScoredRecord(
+        policy=plan.policy,
+        plan_number=plan.number,
+        variant_role=role,
+        lineage=pb.Lineage(decision=role),
+    ).SerializeToString()
 
 
 def _classifier_fields(

@@ -21,6 +21,7 @@ import weakref
 from collections.abc import Callable, Iterable
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
+from typing import cast
 
 import numpy as np
 
@@ -37,6 +38,8 @@ from dataflows.control.registry import (
     Install,
     ModelInstall,
     ModelSpec,
+    PlanInstall,
+    RestoredInstall,
     RuntimeCache,
 )
 from dataflows.core.events import (
@@ -66,8 +69,10 @@ from dataflows.monitoring.windows import (
     StatsPartial,
     window_start,
 )
+from dataflows.rollout.assign import assign, entity_points
+from dataflows.rollout.plans import ServingPlan, model_key
 from dataflows.runtimes import ModelRuntime, Prediction
-from dataflows.scoring.scored import lineage_field, scored_messages
+from dataflows.scoring.scored import lineage_field, plan_field, scored_messages
 
 log = logging.getLogger(__name__)
 
@@ -86,6 +91,7 @@ class ScoredBatch:
     # The input offset of each message, ascending: what exactly-once output fences on.
     offsets: list[int]
     data_type: str
+    shadow: bool = False  # a shadow model's output: the shadow topic, not the scored one
 
 
 ShardOut = ScoredBatch | DeadLetter | StatsPartial | DriftPartial | PredictionBatch | LabelBatch
@@ -100,9 +106,11 @@ class DataTypeState:
     runs waiting for them."""
 
     contract: Contract | None = None
-    spec: ModelSpec | None = None
+    spec: ModelSpec | None = None  # the active model (the plan's first when none is)
     held: list[RawRun] = field(default_factory=list)
     held_since_ms: int = 0
+    plan: ServingPlan | None = None  # None: `spec` alone
+    models: dict[str, ModelSpec] = field(default_factory=dict)  # the plan's, by key
 
 
 @dataclass
@@ -159,6 +167,49 @@ class Binding:
         return cls(
             spec, runtime, numeric, text, names, categories, reference, reference_text, lineage
         )
+
+
+def model_key_of(spec: ModelSpec | None) -> str:
+    """The key plans name a model by ("<name>:<version>")."""
+    assert spec is not None
+    return model_key(spec.identity.name, spec.identity.version)
+
+
+def _loaded(runtime: ModelRuntime) -> Future[ModelRuntime]:
+    future: Future[ModelRuntime] = Future()
+    future.set_result(runtime)
+    return future
+
+
+@dataclass(frozen=True)
+class Route:
+    """A data type's plan with its models bound: how one batch of its records is scored."""
+
+    plan: ServingPlan
+    bindings: dict[str, Binding]  # by model key, in the plan's order
+    extras: dict[str, bytes]  # by model key: the encoded policy, plan number and role
+    weights: list[float]  # splits: the variants' shares, in the plan's order
+
+    @classmethod
+    def of(
+        cls,
+        plan: ServingPlan,
+        specs: dict[str, ModelSpec],
+        runtimes: dict[str, ModelRuntime],
+        contract: Contract,
+    ) -> Route:
+        """Bind the plan's models to the contract (KeyError: it lacks a field one reads)."""
+        bindings, extras = {}, {}
+        for variant in plan.variants:
+            binding = Binding.of(specs[variant.model], runtimes[variant.model], contract)
+            bindings[variant.model] = binding
+            extras[variant.model] = plan_field(plan, variant.role)
+        return cls(plan, bindings, extras, [v.weight for v in plan.variants])
+
+    @property
+    def primary(self) -> Binding:
+        """The binding of the active model (the plan's first when none is)."""
+        return self.bindings[self.plan.active or self.plan.models[0]]
 
 
 class HeldBudget:
@@ -445,7 +496,7 @@ class ShardScorer:
         # Models this process has not loaded yet (its registry runs in another process):
         # loading on `loader` while the old model serves, per data type the newest install.
         self._loader = loader
-        self._pending: dict[str, tuple[ModelInstall, Future[ModelRuntime]]] = {}
+        self._pending: dict[str, RestoredInstall] = {}
         self._monitoring = monitoring
         # Delayed labels: which data types keep predictions, and how labels are keyed.
         self._feedback = feedback if feedback is not None else Feedback((), 1)
@@ -467,38 +518,44 @@ class ShardScorer:
         self._windows = ShardWindows(
             int(stats_interval_s * 1000), int(drift_window_s * 1000), clock
         )
-        # Per data type, the model bound to its contract; rebuilt from the cache after a
-        # resume, or when the registry re-sends the model.
-        self._bindings: dict[str, Binding] = {}
+        # Per data type, how its records are scored: the plan with its models bound to the
+        # contract's layout; rebuilt from the cache after a resume, or when the registry
+        # re-sends the plan.
+        self._routes: dict[str, Route] = {}
         for data_type, dt in self.state.data_types.items():
-            if dt.spec is not None and dt.contract is not None:
-                runtime = cache.get(dt.spec.runtime_key)
-                if runtime is not None:
-                    self._bind(data_type, dt, runtime)
-                else:
-                    self._take_up_restored(data_type)
+            if dt.contract is None or not dt.models:
+                continue
+            plan = dt.plan or ServingPlan.single(model_key_of(dt.spec))
+            runtimes = {k: cache.get(spec.runtime_key) for k, spec in dt.models.items()}
+            if all(r is not None for r in runtimes.values()):
+                self._route(data_type, dt, plan, dt.models, cast(dict[str, ModelRuntime], runtimes))
+            else:
+                self._take_up_restored(data_type)
 
     def _take_up_restored(self, data_type: str) -> None:
-        """Serve the model the registry re-sent after the resume, if a shard logic that
+        """Serve the plan the registry re-sent after the resume, if a shard logic that
         Bytewax replaced by this restored one received it (`RuntimeCache.note_restored`)."""
         restored = self._cache.restored_model(data_type)
         if restored is None:
             return  # the registry's re-send is still to come: it installs here as usual
-        spec, future = restored
-        self._pending[data_type] = (ModelInstall(spec, b"", restored=True), future)
+        self._pending[data_type] = restored
 
     # The one entry point: values in arrival order.
     def on_values(self, values: Iterable[Install | RawRun]) -> list[ShardOut]:
-        """Install contracts and models and score records in the order they arrived (a model
-        that loads in the background serves from the first batch after it has loaded)."""
+        """Install contracts, models and plans, and score records in the order they arrived
+        (a plan whose models load in the background applies from the first batch after
+        they have loaded)."""
         out: list[ShardOut] = self._finish_installs()
         for value in values:
             if isinstance(value, RawRun):
                 out.extend(self._score_or_hold(value))
             elif isinstance(value, ModelInstall):
                 out.extend(self._install_model(value))
+            elif isinstance(value, PlanInstall):
+                out.extend(self._request(value.data_type, value.plan, value.models, value.restored))
             else:
                 out.extend(self._install_contract(value))
+        out.extend(self._release_ready())
         return self._stamped(out)
 
     def _stamped(self, out: list[ShardOut]) -> list[ShardOut]:
@@ -516,11 +573,22 @@ class ShardScorer:
             dt = self.state.data_types[name] = DataTypeState()
         return dt
 
-    def _bind(self, data_type: str, dt: DataTypeState, runtime: ModelRuntime) -> None:
-        assert dt.spec is not None and dt.contract is not None
-        previous = self._bindings.get(data_type)
-        self._bindings[data_type] = Binding.of(dt.spec, runtime, dt.contract)
-        before = previous.spec.identity if previous is not None else None
+    def _route(
+        self,
+        data_type: str,
+        dt: DataTypeState,
+        plan: ServingPlan,
+        specs: dict[str, ModelSpec],
+        runtimes: dict[str, ModelRuntime],
+    ) -> None:
+        """Serve `plan` with these models from now on (KeyError: the contract lacks a field
+        one of them reads)."""
+        assert dt.contract is not None
+        previous = self._routes.get(data_type)
+        self._routes[data_type] = Route.of(plan, specs, runtimes, dt.contract)
+        dt.plan, dt.models = plan, dict(specs)
+        dt.spec = specs[plan.active or plan.models[0]]
+        before = previous.primary.spec.identity if previous is not None else None
         if before != dt.spec.identity:
             provenance = dt.spec.provenance
             gate = provenance.gate if provenance is not None else ""
@@ -530,96 +598,115 @@ class ShardScorer:
         contract = install.contract
         dt = self._data_type(contract.data_type)
         dt.contract = contract
-        binding = self._bindings.get(contract.data_type)
-        if binding is not None:  # the serving model now reads this contract's layout
+        route = self._routes.get(contract.data_type)
+        if route is not None:  # the serving models now read this contract's layout
             try:
-                self._bind(contract.data_type, dt, binding.runtime)
+                specs = {k: b.spec for k, b in route.bindings.items()}
+                runtimes = {k: b.runtime for k, b in route.bindings.items()}
+                self._route(contract.data_type, dt, route.plan, specs, runtimes)
             except KeyError:
-                # The registry checked this contract against its newest model, which this
-                # shard is still loading; the older one it serves meanwhile lacks a field
-                # of it. Records wait for the new one (held), as for a first model.
+                # The registry checked this contract against its newest models, which this
+                # shard is still loading; an older one it serves meanwhile lacks a field
+                # of it. Records wait for the new ones (held), as for a first model.
                 log.warning(
-                    "%s: model %s does not read contract v%d; holding records until %s loads",
+                    "%s: the plan served (%s) does not read contract v%d; holding records "
+                    "until the next plan loads",
                     contract.data_type,
-                    binding.spec.identity.version,
+                    route.plan.describe(),
                     contract.version,
-                    self._pending[contract.data_type][0].spec.identity.version
-                    if contract.data_type in self._pending
-                    else "the next model",
                 )
-                del self._bindings[contract.data_type]
-        return self._release_ready(dt)
+                del self._routes[contract.data_type]
+        return []
 
     def _install_model(self, install: ModelInstall) -> list[ShardOut]:
         spec = install.spec
-        data_type = spec.identity.data_type
-        self._pending.pop(data_type, None)  # a newer model: one still loading never serves
-        runtime = self._cache.get(spec.runtime_key)
-        if runtime is None:
-            # The registry loaded it in another process (or before a restart). Loading can
-            # take seconds (a JVM to start): the old model serves until it is ready.
-            future = self._loader.submit(
-                self._cache.load,
-                spec.identity.sha256,
-                spec.identity.format,
-                install.model_bytes,
-                spec.declared_inputs,
-                self._onnx_threads,
-            )
-            self._pending[data_type] = (install, future)
-            if install.restored:
-                self._cache.note_restored(spec, future)
+        key = model_key_of(spec)
+        if install.staged:  # load it now, so that a plan naming it later applies at once
+            if self._cache.get(spec.runtime_key) is None:
+                self._load(install)
             return []
-        if install.restored:
-            loaded: Future[ModelRuntime] = Future()
-            loaded.set_result(runtime)
-            self._cache.note_restored(spec, loaded)
-        return self._swap_in(install, runtime)
+        plan = install.plan or ServingPlan.single(key)
+        return self._request(spec.identity.data_type, plan, (install,), install.restored)
+
+    def _load(self, install: ModelInstall) -> Future[ModelRuntime]:
+        spec = install.spec
+        return self._loader.submit(
+            self._cache.load,
+            spec.identity.sha256,
+            spec.identity.format,
+            install.model_bytes,
+            spec.declared_inputs,
+            self._onnx_threads,
+        )
+
+    def _request(
+        self,
+        data_type: str,
+        plan: ServingPlan,
+        installs: Iterable[ModelInstall],
+        restored: bool,
+    ) -> list[ShardOut]:
+        """Serve `plan` once its models have loaded here; until then the plan in effect
+        serves. A newer plan replaces one still loading, which never serves."""
+        specs: dict[str, ModelSpec] = {}
+        runtimes: dict[str, Future[ModelRuntime]] = {}
+        for install in installs:
+            key = model_key_of(install.spec)
+            specs[key] = install.spec
+            runtime = self._cache.get(install.spec.runtime_key)
+            if runtime is not None:
+                runtimes[key] = _loaded(runtime)
+            else:
+                # The registry loaded it in another process (or before a restart). Loading
+                # can take seconds (a JVM to start): the old plan serves until it is ready.
+                runtimes[key] = self._load(install)
+        missing = [k for k in plan.models if k not in specs]
+        if missing:  # the registry sends every model of a plan: state was lost
+            log.error("plan %s for %s came without %s", plan.describe(), data_type, missing)
+            return []
+        request = RestoredInstall(plan, specs, runtimes)
+        if restored:
+            self._cache.note_restored(data_type, request)
+        self._pending[data_type] = request
+        return self._finish_installs()
 
     def _finish_installs(self, *, wait: bool = False) -> list[ShardOut]:
-        """Serve the models that have loaded in the background (with `wait`, every one),
-        between two batches: a batch is scored by one model."""
+        """Serve the plans whose models have loaded (with `wait`, every one), between two
+        batches: a batch is scored by one plan."""
         out: list[ShardOut] = []
-        for data_type, (install, future) in list(self._pending.items()):
-            if not (wait or future.done()):
+        for data_type, request in list(self._pending.items()):
+            futures = request.runtimes
+            if not (wait or all(f.done() for f in futures.values())):
                 continue
             del self._pending[data_type]
-            spec = install.spec
             try:
-                runtime = future.result()
+                runtimes = {k: f.result() for k, f in futures.items()}
             except Exception as exc:
-                # The registry loaded it, so this is local (e.g. memory); keep the old model.
-                log.error(
-                    "shard could not load %s:%s: %s",
-                    spec.identity.name,
-                    spec.identity.version,
-                    exc,
-                )
+                # The registry loaded them, so this is local (e.g. memory); keep the plan.
+                log.error("shard could not load %s: %s", request.plan.describe(), exc)
                 continue
-            out.extend(self._swap_in(install, runtime))
+            out.extend(self._apply(data_type, request, runtimes))
         return out
 
-    def _swap_in(self, install: ModelInstall, runtime: ModelRuntime) -> list[ShardOut]:
-        spec = install.spec
-        data_type = spec.identity.data_type
+    def _apply(
+        self, data_type: str, request: RestoredInstall, runtimes: dict[str, ModelRuntime]
+    ) -> list[ShardOut]:
         dt = self._data_type(data_type)
-        if install.restored and dt.spec is not None and dt.spec.identity != spec.identity:
-            # The registry re-sent its model after a resume; the shard's snapshot is the
-            # same epoch, so they agree unless state was lost. Trust the registry.
-            log.warning("shard had %s, registry restored %s", dt.spec.identity, spec.identity)
-        dt.spec = spec
         if dt.contract is None:  # the registry sends the contract first: state was lost
-            log.error("model %s for %s arrived before any contract", spec.identity, data_type)
+            log.error("plan %s for %s arrived before any contract", request.plan, data_type)
             return []
-        self._bind(data_type, dt, runtime)
-        return self._release_ready(dt)
+        self._route(data_type, dt, request.plan, request.specs, runtimes)
+        return []
 
-    def _release_ready(self, dt: DataTypeState) -> list[ShardOut]:
-        if not dt.held or dt.contract is None or dt.spec is None:
-            return []
+    def _release_ready(self) -> list[ShardOut]:
+        """Score the held records of every data type that can be scored now. Called once
+        the installs of a batch are through, so that records which waited are scored by
+        the newest plan of the batch."""
         out: list[ShardOut] = []
-        for run in self._held.take(dt):
-            out.extend(self._score_or_hold(run))
+        for data_type, dt in self.state.data_types.items():
+            if dt.held and dt.contract is not None and data_type in self._routes:
+                for run in self._held.take(dt):
+                    out.extend(self._score_or_hold(run))
         return out
 
     def _score_or_hold(self, run: RawRun) -> list[ShardOut]:
@@ -637,8 +724,8 @@ class ShardScorer:
                     )
                 )
             dt = self.state.data_types[run.data_type] = DataTypeState()
-        binding = self._bindings.get(run.data_type)
-        if dt.contract is None or binding is None or dt.held:
+        route = self._routes.get(run.data_type)
+        if dt.contract is None or route is None or dt.held:
             # No contract or model yet: on a fresh start records can outrun the control
             # topic, and after a resume the registry re-sends a moment later.
             return list(self._held.hold(dt, run))
@@ -656,14 +743,50 @@ class ShardScorer:
         out: list[ShardOut] = list(dead)
         if columns is not None:
             self._events.publish(RecordsReceived(run.data_type, len(columns)))
-            out.extend(self._score(columns, binding))
+            out.extend(self._score_planned(columns, route, dt.contract))
         return out
+
+    def _score_planned(
+        self, run: RecordColumns, route: Route, contract: Contract
+    ) -> list[ShardOut]:
+        """Score a run by its data type's plan: one model call per variant it uses."""
+        plan = route.plan
+        if plan.policy == "single":
+            binding = route.primary
+            return self._score(run, binding, route.extras[plan.models[0]])
+        out: list[ShardOut] = []
+        if plan.splits_traffic:
+            points = entity_points(run.data_type, self._entity_keys(run, plan, contract))
+            chosen = assign(points, route.weights)
+            for i, (key, binding) in enumerate(route.bindings.items()):
+                rows = chosen == i
+                if rows.all():
+                    out.extend(self._score(run, binding, route.extras[key]))
+                elif rows.any():
+                    out.extend(self._score(run.take(rows), binding, route.extras[key]))
+            return out
+        # shadow: the active model's output stands; each shadow scores the same records
+        for key, binding in route.bindings.items():
+            shadow = key != plan.active
+            out.extend(self._score(run, binding, route.extras[key], shadow=shadow))
+        return out
+
+    @staticmethod
+    def _entity_keys(run: RecordColumns, plan: ServingPlan, contract: Contract) -> list[str]:
+        """What keeps an entity on one variant: the plan's entity field, else the record id."""
+        column = contract.columns.get(plan.entity_field) if plan.entity_field else None
+        if column is None:
+            return run.record_ids
+        if column.numeric:
+            return [repr(v) for v in run.numeric[:, column.index].tolist()]
+        return [str(v) for v in run.text[:, column.index].tolist()]
 
     def release_held(self, *, force: bool = False) -> list[ShardOut]:
         """Serve the models that have loaded in the background, then dead-letter held
         records once they have waited too long for a contract or model (`force`: every
         model still loading is waited for first)."""
         out: list[ShardOut] = self._finish_installs(wait=force)
+        out.extend(self._release_ready())
         for name, dt in list(self.state.data_types.items()):
             if name in self._pending:
                 # Its model is loading here (the first load in a process can take seconds
@@ -675,7 +798,9 @@ class ShardScorer:
                 self._data_types.release(name, self)
         return self._stamped(out)
 
-    def _score(self, run: RecordColumns, binding: Binding) -> list[ShardOut]:
+    def _score(
+        self, run: RecordColumns, binding: Binding, extra: bytes = b"", *, shadow: bool = False
+    ) -> list[ShardOut]:
         spec, runtime = binding.spec, binding.runtime
         out: list[ShardOut] = []
         x = run.numeric[:, binding.numeric_columns]
@@ -739,11 +864,18 @@ class ShardScorer:
                     )
                 )
         messages = scored_messages(
-            run, spec.identity, prediction, elapsed, now_ms, self._scored_by, binding.lineage
+            run,
+            spec.identity,
+            prediction,
+            elapsed,
+            now_ms,
+            self._scored_by,
+            binding.lineage + extra,
         )
         offsets = (run.offsets if valid.all() else run.offsets[valid]).tolist()
-        out.append(ScoredBatch(f"{run.topic}/{run.partition}", messages, offsets, run.data_type))
-        if self._feedback.keeps(self.state.data_types[run.data_type].contract):
+        route = f"{run.topic}/{run.partition}"
+        out.append(ScoredBatch(route, messages, offsets, run.data_type, shadow))
+        if not shadow and self._feedback.keeps(self.state.data_types[run.data_type].contract):
             out.extend(self._feedback.predictions(run, spec.identity, prediction, now_ms))
         scored = int(valid.sum())
         quality = labelled_quality(prediction, run.labels)

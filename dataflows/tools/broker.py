@@ -234,7 +234,7 @@ CLEANUP_POLICIES = ("delete", "compact", "compact,delete")
 """The values `cleanup.policy` (and `Config.output_cleanup_policy`) can take."""
 
 
-def control_message_key(body: pb.ModelDescriptor | pb.DataContract) -> bytes:
+def control_message_key(body: pb.ModelDescriptor | pb.DataContract | pb.PlanCommand) -> bytes:
     """The key of a control message on a compacted control topic.
 
     Compaction keeps the newest message per key, so the key says what a message replaces:
@@ -245,6 +245,10 @@ def control_message_key(body: pb.ModelDescriptor | pb.DataContract) -> bytes:
     """
     if isinstance(body, pb.DataContract):
         return f"contract/{body.data_type}".encode()
+    if isinstance(body, pb.PlanCommand):
+        # A plan is the sum of its commands (the last good model, the canary's control):
+        # each keeps a key of its own, so compaction keeps them all.
+        return f"plan/{body.data_type}/{body.issued_at_ms}/{body.action}".encode()
     return f"model/{body.data_type}/{body.name}".encode()
 
 

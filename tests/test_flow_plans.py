@@ -1,0 +1,173 @@
+"""Serving plans in the dataflow (issue 15): staged models, canary and A/B splits by entity
+hash, shadows, rollback, refused commands, and a crash in the middle of an experiment."""
+
+from __future__ import annotations
+
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+import pytest
+from bytewax.recovery import init_db_dir
+from flowtools import (
+    RECORDS_TOPIC,
+    WINE_CONTRACT,
+    CrashOnce,
+    Outputs,
+    batch,
+    control_batch,
+    descriptor,
+    record_bytes,
+    run_flow,
+    test_config,
+    wine_lines,
+)
+
+from dataflows.control.registry import RUNTIMES
+from dataflows.rollout.assign import assign, entity_points
+from protos import waxserve_pb2 as pb
+
+WORKERS = [1, 2]
+LR = descriptor("wine-lr", stage="staged")
+GBT = descriptor("wine-gbt", stage="staged")
+LR_KEY, GBT_KEY = f"{LR.name}:{LR.version}", f"{GBT.name}:{GBT.version}"
+
+
+def plan(action: pb.PlanAction, *variants: tuple[str, float], **fields: Any) -> pb.PlanCommand:
+    return pb.PlanCommand(
+        data_type="wine",
+        action=action,
+        variants=[pb.PlanVariant(model=m, weight=w) for m, w in variants],
+        actor="tester@test",
+        **fields,
+    )
+
+
+def records(count: int, size: int = 20) -> list[object]:
+    """`count` wine records in batches over two partitions, record ids "<batch>-<n>"."""
+    lines = wine_lines(0, count)
+    items: list[object] = []
+    offsets = [0, 0]
+    for i, start in enumerate(range(0, count, size)):
+        part = i % 2
+        chunk = record_bytes(lines[start : start + size], id_prefix=f"{start}-")
+        items.append(batch(RECORDS_TOPIC, chunk, partition=part, start=offsets[part]))
+        offsets[part] += len(chunk)
+    return items
+
+
+def expected_models(scored: list[pb.ScoredRecord], weights: list[float]) -> list[str]:
+    """The model each record's entity (its record id) is assigned under these weights."""
+    chosen = assign(entity_points("wine", [s.record_id for s in scored]), weights)
+    return [[LR.name, GBT.name][i] for i in chosen]
+
+
+def canary_control() -> list[object]:
+    commands = [plan(pb.ACTIVATE, (LR_KEY, 0)), plan(pb.CANARY, (GBT_KEY, 0.3))]
+    return [control_batch(WINE_CONTRACT.to_proto(), LR, GBT, *commands)]
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_a_canary_splits_records_by_a_stable_hash_of_their_entity(workers: int) -> None:
+    out = run_flow(test_config(), canary_control(), records(400), workers=workers)
+    scored = out.scored()
+    assert len({s.output_key for s in scored}) == len(scored) == 400
+    # Staged models serve nothing: the records waited for the first plan, and the two
+    # plans came in one batch, so every record was scored under the canary (plan 2).
+    assert {(s.policy, s.plan_number) for s in scored} == {("canary", 2)}
+    assert [s.model_name for s in scored] == expected_models(scored, [0.7, 0.3])
+    roles = Counter((s.model_name, s.variant_role, s.lineage.decision) for s in scored)
+    assert set(roles) == {(LR.name, "active", "active"), (GBT.name, "canary", "canary")}
+    assert 0.2 < roles[(GBT.name, "canary", "canary")] / 400 < 0.4
+    changes = [e for e in out.events() if e.kind == "plan_changed"]
+    assert [(e.plan_action, e.actor, e.plan_number) for e in changes] == [
+        ("activate", "tester@test", 1),
+        ("canary", "tester@test", 2),
+    ]
+    assert changes[1].plan == f"canary {GBT_KEY} 0.30 over {LR_KEY} 0.70"
+    assert out.dead_letters() == []
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_rollback_restores_the_last_good_model(workers: int) -> None:
+    commands = [
+        plan(pb.ACTIVATE, (LR_KEY, 0)),
+        plan(pb.ACTIVATE, (GBT_KEY, 0)),
+        plan(pb.ROLLBACK, reason="gbt misbehaves"),
+    ]
+    control = [control_batch(WINE_CONTRACT.to_proto(), LR, GBT, *commands)]
+    out = run_flow(test_config(), control, records(100), workers=workers)
+    scored = out.scored()
+    assert len(scored) == 100
+    assert {(s.model_name, s.policy, s.plan_number) for s in scored} == {(LR.name, "single", 3)}
+    rollback = [e for e in out.events() if e.kind == "plan_changed"][-1]
+    assert (rollback.plan_action, rollback.plan, rollback.message) == (
+        "rollback",
+        f"single {LR_KEY}",
+        "gbt misbehaves",
+    )
+    assert (rollback.model_name, rollback.model_version) == (LR.name, LR.version)
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_a_shadow_scores_every_record_on_the_shadow_topic_only(workers: int) -> None:
+    commands = [plan(pb.ACTIVATE, (LR_KEY, 0)), plan(pb.SHADOW, (GBT_KEY, 0))]
+    control = [control_batch(WINE_CONTRACT.to_proto(), LR, GBT, *commands)]
+    out = run_flow(test_config(), control, records(200), workers=workers)
+    scored, shadow = out.scored(), out.shadow()
+    assert {(s.model_name, s.variant_role) for s in scored} == {(LR.name, "active")}
+    assert {(s.model_name, s.variant_role) for s in shadow} == {(GBT.name, "shadow")}
+    assert sorted(s.record_id for s in scored) == sorted(s.record_id for s in shadow)
+    assert len(scored) == 200
+
+
+def test_a_plan_command_that_cannot_apply_is_refused_and_the_plan_stays() -> None:
+    commands = [
+        plan(pb.ACTIVATE, (LR_KEY, 0)),
+        plan(pb.CANARY, ("wine-xgb:9", 0.5)),
+        plan(pb.PROMOTE),
+    ]
+    control = [control_batch(WINE_CONTRACT.to_proto(), LR, GBT, *commands)]
+    out = run_flow(test_config(), control, records(40))
+    assert {(s.model_name, s.plan_number) for s in out.scored()} == {(LR.name, 1)}
+    refused = [e for e in out.events() if e.kind == "plan_rejected"]
+    assert [(e.plan_action, e.reason) for e in refused] == [
+        ("canary", "bad_plan"),
+        ("promote", "bad_plan"),
+    ]
+    assert "not installed" in refused[0].message and "nothing to promote" in refused[1].message
+    dead = out.dead_letters()
+    assert [h["waxserve.error.class"] for h, _ in dead] == ["bad_plan", "bad_plan"]
+    assert {h["waxserve.stage"] for h, _ in dead} == {"plan"}
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_abort_in_a_canary_and_resume_assigns_every_record_alike(
+    workers: int, tmp_path: Path
+) -> None:
+    init_db_dir(tmp_path, 2)
+    inputs = records(400)
+    outputs = Outputs()
+    crash = CrashOnce(after_items=8)
+    with pytest.raises(Exception, match="error writing output batch"):
+        run_flow(
+            test_config(),
+            canary_control(),
+            inputs,
+            workers=workers,
+            outputs=outputs,
+            recovery=tmp_path,
+            crash=crash,
+        )
+    assert 0 < len(outputs.scored()) < 400
+    RUNTIMES.clear()  # a new process: nothing loaded
+    run_flow(
+        test_config(), canary_control(), inputs, workers=workers, outputs=outputs, recovery=tmp_path
+    )
+    scored = outputs.scored()
+    assert len({s.output_key for s in scored}) == 400, "every record scored"
+    # Scored twice or not, every record went to the variant its entity hashes to.
+    assert [s.model_name for s in scored] == expected_models(scored, [0.7, 0.3])
+    assert {(s.policy, s.plan_number) for s in scored} == {("canary", 2)}
+    restored = [e for e in outputs.events() if e.kind == "restored"]
+    assert restored and {e.plan for e in restored} == {f"canary {GBT_KEY} 0.30 over {LR_KEY} 0.70"}
