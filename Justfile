@@ -269,6 +269,10 @@ prometheus port="9090" target="localhost:3030": setup
 drift-eval *ARGS: setup
     {{bin}}/python -m dataflows.monitoring.drift_eval "$@"
 
+# Bandit simulation: Thompson, UCB1 and an even split on arms of known reward, late rewards; share of traffic on the best arm and regret (--quick: a smaller run).
+bandit-sim *ARGS: setup
+    {{bin}}/python -m dataflows.rollout.bandit_sim "$@"
+
 # Check the alerting rules and run their unit tests with promtool (k8s/alerts/).
 alerts-test:
     promtool check rules k8s/alerts/waxserve-rules.yaml
