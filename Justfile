@@ -269,6 +269,10 @@ prometheus port="9090" target="localhost:3030": setup
 drift-eval *ARGS: setup
     {{bin}}/python -m dataflows.monitoring.drift_eval "$@"
 
+# Canary test calibration: simulated canaries checked after every batch; false rollbacks and promotions vs alpha, records to a decision (--quick: a smaller run).
+canary-eval *ARGS: setup
+    {{bin}}/python -m dataflows.rollout.sequential_eval "$@"
+
 # Bandit simulation: Thompson, UCB1 and an even split on arms of known reward, late rewards; share of traffic on the best arm and regret (--quick: a smaller run).
 bandit-sim *ARGS: setup
     {{bin}}/python -m dataflows.rollout.bandit_sim "$@"
