@@ -135,9 +135,12 @@ def scored_batch(out: list[ShardOut]) -> ScoredBatch:
 
 
 def _score(scorer: ShardScorer, columns: RecordColumns) -> Callable[[], object]:
-    """`ShardScorer._score` of decoded columns: everything the shard does after decoding."""
-    binding = scorer._bindings[columns.data_type]
-    return lambda: scorer._score(columns, binding)
+    """`ShardScorer._score_planned` of decoded columns: everything the shard does after
+    decoding, by the data type's plan."""
+    route = scorer._routes[columns.data_type]
+    contract = scorer.state.data_types[columns.data_type].contract
+    assert contract is not None
+    return lambda: scorer._score_planned(columns, route, contract)
 
 
 def _columns(run: RawRun, contract: Contract) -> RecordColumns:

@@ -51,6 +51,7 @@ from dataflows.control.registry import (
 from dataflows.control.signing import TrustedKeys
 from dataflows.core import lifecycle
 from dataflows.core.config import Config, ConfigError, log_level
+from dataflows.core.descriptors import control_message
 from dataflows.core.events import NO_EVENTS, DeadLettered, DriftClosed, EventBus
 from dataflows.core.output import OutBatch, SinkItem
 from dataflows.core.records import (
@@ -76,9 +77,12 @@ from dataflows.monitoring.feedback import (
 from dataflows.monitoring.windows import DriftPartial, MonitorState, StatsPartial
 from dataflows.observability import metrics
 from dataflows.observability.state import PROCESS_STATE, start_state_server
+from dataflows.rollout.judge import JudgeSettings, JudgeState, RolloutJudge
+from dataflows.rollout.plans import ServingPlan, model_key
 from dataflows.runtimes import jvm_started, set_jvm_policy
 from dataflows.runtimes.pmml import warm_up
 from dataflows.scoring.shard import ScoredBatch, ShardScorer, ShardState
+from dataflows.tools.broker import control_message_key
 from protos import waxserve_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -89,6 +93,7 @@ SOURCE_NAMES = ("control", "records")
 FEEDBACK_SOURCE = "feedback"  # optional: labels that arrive later
 SINK_NAMES = ("scored", "stats", "drift", "events", "dlq")
 SHADOW_SINK = "shadow"  # optional: shadow models' output
+CONTROL_SINK = "control"  # optional: the rollout judge's plan commands (the control topic)
 
 
 def _at(seconds: float | None) -> datetime | None:
@@ -303,6 +308,50 @@ class FeedbackLogic(op.StatefulBatchLogic[PredictionBatch | LabelBatch, Any, Fee
         return self.join.state.snapshot()
 
 
+class JudgeLogic(op.StatefulBatchLogic[Install | JoinedPairs, pb.PlanCommand, JudgeState]):
+    """Bytewax wrapper of `RolloutJudge`, one per data type: hears its plans (the
+    registry's installs) and its joined labels, says plan commands."""
+
+    def __init__(self, judge: RolloutJudge) -> None:
+        self.judge = judge
+
+    def on_batch(self, values: list[Install | JoinedPairs]) -> tuple[Iterable[Any], bool]:
+        out: list[pb.PlanCommand] = []
+        for value in values:
+            if isinstance(value, JoinedPairs):
+                out.extend(self.judge.on_pairs(value))
+                continue
+            found = _plan_of(value)
+            if found is not None:
+                self.judge.on_plan(*found)
+        return out, op.StatefulBatchLogic.RETAIN
+
+    def snapshot(self) -> JudgeState:
+        return copy.deepcopy(self.judge.state)
+
+
+def _plan_of(install: Install) -> tuple[ServingPlan, dict[str, float]] | None:
+    """The plan an install puts in effect, and its models' reward scales (the label's
+    reference std, for regressors); None for contracts and staged models."""
+    if isinstance(install, PlanInstall):
+        models = install.models
+        plan = install.plan
+    elif isinstance(install, ModelInstall) and not install.staged:
+        identity = install.spec.identity
+        models = (install,)
+        plan = install.plan or ServingPlan.single(model_key(identity.name, identity.version))
+    else:
+        return None
+    scales = {}
+    for model in models:
+        reference = model.spec.reference
+        label = reference.label if reference is not None else None
+        std = label.std if label is not None and not label.categorical else 0.0
+        identity = model.spec.identity
+        scales[model_key(identity.name, identity.version)] = std if std > 0 else 1.0
+    return plan, scales
+
+
 PROTOBUF_HEADERS: Headers = [("content-type", b"application/x-protobuf")]
 
 
@@ -486,10 +535,36 @@ def build_flow(
         # `_joined`: the (model, prediction, label) pairs, for consumers of online reward
         # (canary promotion, bandits); metrics and the queryable state hear of them as
         # `LabelsJoined` events.
-        feedback_partials, _joined = split(
+        feedback_partials, joined = split(
             "feedback_split", feedback_values, StatsPartial, JoinedPairs
         )
         partials = op.merge("partials_in", partials, feedback_partials)
+        # The rollout judge: canaries promoted or rolled back, bandits reweighted, from the
+        # labels; its commands go to the control topic like anyone's.
+        settings = JudgeSettings(
+            alpha=config.canary_alpha,
+            margin=config.canary_margin,
+            min_records=config.canary_min_records,
+            max_records=config.canary_max_records,
+            bandit_every=config.bandit_update_records,
+        )
+        judged = op.stateful_batch(
+            "judge",
+            cast(
+                KeyedStream[Install | JoinedPairs],
+                op.merge(
+                    "judge_in",
+                    op.key_on("key_judge_installs", installs, _data_type_of),
+                    op.key_on("key_judge_pairs", joined, lambda p: p.identity.data_type),
+                ),
+            ),
+            lambda state: JudgeLogic(RolloutJudge(state, settings, clock)),
+        )
+        commands = op.map("judge_values", judged, lambda kv: kv[1])
+        if CONTROL_SINK in sinks:
+            op.output(
+                "control_out", op.map("command_items", commands, _command_item), sinks[CONTROL_SINK]
+            )
     # Shadow models' output: the shadow topic, never the scored one (none without a sink).
     shadow_scored = op.filter("shadow_only", scored, _is_shadow)
     scored = op.filter("primary_only", scored, lambda b: not b.shadow)
@@ -574,6 +649,11 @@ def _feedback_routed(router: DataTypeRouter, batch: SourceBatch) -> list[RawRun 
         for r in runs
     ]
     return [*labels, *dead]
+
+
+def _command_item(command: pb.PlanCommand) -> SinkItem:
+    key = control_message_key(command)
+    return command.data_type, OutBatch([(key, control_message(command), [])])
 
 
 def _is_shadow(batch: ScoredBatch) -> bool:

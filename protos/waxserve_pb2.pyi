@@ -274,7 +274,7 @@ class PlanVariant(_message.Message):
     def __init__(self, model: _Optional[str] = ..., weight: _Optional[float] = ...) -> None: ...
 
 class PlanCommand(_message.Message):
-    __slots__ = ("data_type", "action", "variants", "entity_field", "combiner", "confidence", "actor", "reason", "issued_at_ms")
+    __slots__ = ("data_type", "action", "variants", "entity_field", "combiner", "confidence", "actor", "reason", "issued_at_ms", "for_plan")
     DATA_TYPE_FIELD_NUMBER: _ClassVar[int]
     ACTION_FIELD_NUMBER: _ClassVar[int]
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
@@ -284,6 +284,7 @@ class PlanCommand(_message.Message):
     ACTOR_FIELD_NUMBER: _ClassVar[int]
     REASON_FIELD_NUMBER: _ClassVar[int]
     ISSUED_AT_MS_FIELD_NUMBER: _ClassVar[int]
+    FOR_PLAN_FIELD_NUMBER: _ClassVar[int]
     data_type: str
     action: PlanAction
     variants: _containers.RepeatedCompositeFieldContainer[PlanVariant]
@@ -293,7 +294,8 @@ class PlanCommand(_message.Message):
     actor: str
     reason: str
     issued_at_ms: int
-    def __init__(self, data_type: _Optional[str] = ..., action: _Optional[_Union[PlanAction, str]] = ..., variants: _Optional[_Iterable[_Union[PlanVariant, _Mapping]]] = ..., entity_field: _Optional[str] = ..., combiner: _Optional[_Union[Combiner, str]] = ..., confidence: _Optional[float] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ..., issued_at_ms: _Optional[int] = ...) -> None: ...
+    for_plan: int
+    def __init__(self, data_type: _Optional[str] = ..., action: _Optional[_Union[PlanAction, str]] = ..., variants: _Optional[_Iterable[_Union[PlanVariant, _Mapping]]] = ..., entity_field: _Optional[str] = ..., combiner: _Optional[_Union[Combiner, str]] = ..., confidence: _Optional[float] = ..., actor: _Optional[str] = ..., reason: _Optional[str] = ..., issued_at_ms: _Optional[int] = ..., for_plan: _Optional[int] = ...) -> None: ...
 
 class Value(_message.Message):
     __slots__ = ("number", "integer", "boolean", "text")

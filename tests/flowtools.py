@@ -20,7 +20,7 @@ from dataflows.core.config import Config
 from dataflows.core.descriptors import catalog_contracts, control_message, load_catalog
 from dataflows.core.events import EventBus
 from dataflows.core.records import Headers, OutMessage, SourceBatch
-from dataflows.serving import SHADOW_SINK, SINK_NAMES, build_flow
+from dataflows.serving import CONTROL_SINK, SHADOW_SINK, SINK_NAMES, build_flow
 from protos import waxserve_pb2 as pb
 
 REPO = Path(__file__).resolve().parents[1]
@@ -133,7 +133,7 @@ class Outputs:
     """Everything the sinks received, by sink name."""
 
     items: dict[str, list[Any]] = field(
-        default_factory=lambda: {n: [] for n in (*SINK_NAMES, SHADOW_SINK)}
+        default_factory=lambda: {n: [] for n in (*SINK_NAMES, SHADOW_SINK, CONTROL_SINK)}
     )
 
     def messages(self, sink: str) -> list[OutMessage]:
@@ -143,6 +143,10 @@ class Outputs:
     def scored(self) -> list[pb.ScoredRecord]:
         """Scored-topic messages, decoded."""
         return [pb.ScoredRecord.FromString(v) for _k, v, _h in self.messages("scored")]
+
+    def commands(self) -> list[pb.PlanCommand]:
+        """Plan commands the rollout judge sent to the control topic."""
+        return [pb.ControlMessage.FromString(v).plan for _k, v, _h in self.messages(CONTROL_SINK)]
 
     def shadow(self) -> list[pb.ScoredRecord]:
         """Shadow-topic messages, decoded."""
@@ -237,7 +241,7 @@ def run_flow(
     """
     outputs = outputs or Outputs()
     sinks: dict[str, Any] = {
-        name: TestingSink(outputs.items[name]) for name in (*SINK_NAMES, SHADOW_SINK)
+        name: TestingSink(outputs.items[name]) for name in (*SINK_NAMES, SHADOW_SINK, CONTROL_SINK)
     }
     if crash is not None:
         sinks[crash_sink] = CrashingSink(outputs.items[crash_sink], crash)

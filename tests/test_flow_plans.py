@@ -12,6 +12,7 @@ from bytewax.recovery import init_db_dir
 from flowtools import (
     RECORDS_TOPIC,
     WINE_CONTRACT,
+    WINE_PROTOBUF,
     CrashOnce,
     Outputs,
     batch,
@@ -171,3 +172,46 @@ def test_abort_in_a_canary_and_resume_assigns_every_record_alike(
     assert {(s.policy, s.plan_number) for s in scored} == {("canary", 2)}
     restored = [e for e in outputs.events() if e.kind == "restored"]
     assert restored and {e.plan for e in restored} == {f"canary {GBT_KEY} 0.30 over {LR_KEY} 0.70"}
+
+
+FEEDBACK_TOPIC = "feedback"
+# A classic bad model: the right weights fed the features in the wrong order.
+BAD_LR = descriptor("wine-lr", version="2-shuffled", stage="staged")
+BAD_LR.input_features[:] = list(reversed(LR.input_features))
+BAD_KEY = f"{BAD_LR.name}:{BAD_LR.version}"
+
+
+def labels(count: int) -> list[object]:
+    """Each record's true quality as a label that arrives later (ids as `records` gives)."""
+    lines = wine_lines(0, count)
+    messages = []
+    for start in range(0, count, 20):
+        for i, line in enumerate(lines[start : start + 20]):
+            row = {"record_id": f"{start}-{i}", "quality": float(line.split(";")[-1])}
+            messages.append(WINE_PROTOBUF.encode([row])[0])
+    return [batch(FEEDBACK_TOPIC, messages[i : i + 100], start=i) for i in range(0, count, 100)]
+
+
+def judged(candidate: pb.ModelDescriptor, workers: int) -> Outputs:
+    key = f"{candidate.name}:{candidate.version}"
+    commands = [plan(pb.ACTIVATE, (LR_KEY, 0)), plan(pb.CANARY, (key, 0.5))]
+    control = [control_batch(WINE_CONTRACT.to_proto(), LR, candidate, *commands)]
+    config = test_config(feedback_data_types="wine", feedback_topic=FEEDBACK_TOPIC)
+    return run_flow(config, control, records(1200), feedback=labels(1200), workers=workers)
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_the_judge_rolls_back_a_canary_that_is_worse_on_labels(workers: int) -> None:
+    out = judged(BAD_LR, workers)
+    [command] = out.commands()
+    assert (command.action, command.for_plan, command.data_type) == (pb.ROLLBACK, 2, "wine")
+    assert command.actor == "waxserve rollout judge"
+    assert command.reason.startswith(f"canary {BAD_KEY} against {LR_KEY}: ")
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_the_judge_promotes_a_canary_that_is_not_worse_on_labels(workers: int) -> None:
+    out = judged(GBT, workers)
+    [command] = out.commands()
+    assert (command.action, command.for_plan) == (pb.PROMOTE, 2)
+    assert command.reason.startswith(f"canary {GBT_KEY} against {LR_KEY}: ")

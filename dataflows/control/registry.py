@@ -52,6 +52,7 @@ from dataflows.core.events import (
     ControlRejected,
     EventBus,
     ModelInstalled,
+    PlanChanged,
 )
 from dataflows.core.reasons import Reason, Stage
 from dataflows.core.records import (
@@ -1247,6 +1248,18 @@ class Registry:
             " (staged)" if staged else "",
         )
         self._events.publish(ModelInstalled(identity))
+        if not staged and self.book.plan is not None:
+            plan = self.book.plan
+            self._events.publish(
+                PlanChanged(
+                    identity.data_type,
+                    plan.describe(),
+                    plan.number,
+                    "install",
+                    "",
+                    at_ms=identity.since_ms,
+                )
+            )
         event = model_event(
             "installed",
             identity,
@@ -1296,6 +1309,17 @@ class Registry:
             f": {command.reason}" if command.reason else "",
         )
         now_ms = int(self._clock() * 1000)
+        self._events.publish(
+            PlanChanged(
+                item.data_type,
+                plan.describe(),
+                plan.number,
+                action,
+                _clip(command.actor, MAX_NAME_LENGTH),
+                _clip(command.reason, MAX_EVENT_TEXT),
+                now_ms,
+            )
+        )
         event = model_event("plan_changed", None, now_ms, source=item, message=command.reason)
         event.plan_action = action
         event.actor = _clip(command.actor, MAX_NAME_LENGTH)

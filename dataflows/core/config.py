@@ -62,6 +62,11 @@ _BOUNDS: dict[str, tuple[float, float | None, str]] = {
     "feedback_max_predictions": (1, None, "an integer >= 1"),
     "feedback_max_bytes": (1024, None, "bytes >= 1024"),
     "gate_max_latency_us": (1, None, "microseconds >= 1"),
+    "canary_alpha": (1e-6, 0.5, "a probability from 1e-06 to 0.5"),
+    "canary_margin": (1e-9, None, "a loss > 0"),
+    "canary_min_records": (1, None, "a record count >= 1"),
+    "canary_max_records": (1, None, "a record count >= 1"),
+    "bandit_update_records": (1, None, "a record count >= 1"),
 }
 
 
@@ -116,6 +121,18 @@ class Config:
     # `shards` feedback keys keeps its share); past either the oldest are evicted.
     feedback_max_predictions: int = 1_000_000
     feedback_max_bytes: int = 256 << 20
+    # Serving plans judged on those labels (dataflows/rollout/judge.py): a canary is
+    # promoted or rolled back by a sequential test at error rate `canary_alpha`; it may be
+    # at most `canary_margin` worse in loss (0/1 error for classifiers; for regressors the
+    # bounded error (e/s)^2 / (1 + (e/s)^2), s the label's reference std) and be promoted;
+    # it decides after `canary_min_records` labelled records per model at the earliest,
+    # and rolls back at `canary_max_records` without a decision. A bandit's weights move
+    # every `bandit_update_records` labels.
+    canary_alpha: float = 0.05
+    canary_margin: float = 0.05
+    canary_min_records: int = 200
+    canary_max_records: int = 20_000
+    bandit_update_records: int = 500
     # How `waxserve topics` creates the topics that do not exist yet (existing ones are left
     # alone). Replication factor: 3 on a production cluster, 1 on a single broker.
     topic_replication_factor: int = 1
@@ -204,6 +221,11 @@ class Config:
             in_range = math.isfinite(value) and value >= lowest
             if not in_range or (highest is not None and value > highest):
                 raise ConfigError(f"WAXSERVE_{name.upper()}={value!r}: must be {allowed}")
+        if self.canary_max_records < self.canary_min_records:
+            raise ConfigError(
+                f"WAXSERVE_CANARY_MAX_RECORDS={self.canary_max_records!r}: must be at least "
+                f"WAXSERVE_CANARY_MIN_RECORDS ({self.canary_min_records})"
+            )
         if self.topic_retention_ms != -1 and self.topic_retention_ms < 1:
             raise ConfigError(
                 f"WAXSERVE_TOPIC_RETENTION_MS={self.topic_retention_ms!r}: must be -1 "

@@ -90,6 +90,28 @@ class ControlRejected:
 
 
 @dataclass(frozen=True)
+class PlanChanged:
+    """The registry put a new serving plan in effect for its data type."""
+
+    data_type: str
+    plan: str  # the plan in a line (ServingPlan.describe)
+    number: int
+    action: str  # the command's action in lower case; "install" for a new active model
+    actor: str
+    reason: str = ""
+    at_ms: int = 0
+
+    @property
+    def automatic(self) -> bool:
+        """Whether the rollout judge decided it (not a person)."""
+        return self.actor == JUDGE_ACTOR
+
+
+JUDGE_ACTOR = "waxserve rollout judge"
+"""The actor of the plan commands the rollout judge sends (dataflows/rollout/judge.py)."""
+
+
+@dataclass(frozen=True)
 class ContractInstalled:
     """The registry installed a data contract."""
 
@@ -140,6 +162,7 @@ Event = (
     | ModelInstalled
     | ControlRejected
     | ContractInstalled
+    | PlanChanged
     | DeadLettered
     | DriftClosed
     | LabelsJoined

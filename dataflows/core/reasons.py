@@ -110,5 +110,6 @@ STAGE_REASONS: dict[Stage, tuple[Reason, ...]] = {
         Reason.INCOMPATIBLE_CONTRACT,
         Reason.TOO_MANY_DATA_TYPES,
     ),
+    Stage.PLAN: (Reason.BAD_PLAN, Reason.TOO_MANY_DATA_TYPES),
 }
 """Every (stage, reason) a dead letter can have."""

@@ -901,4 +901,6 @@ def kafka_sinks(config: Config) -> dict[str, KafkaBatchSink]:
         "dlq": config.dlq_topic,
         "shadow": config.shadow_topic,
     }
-    return {name: KafkaBatchSink(config, topic, config.shards) for name, topic in topics.items()}
+    sinks = {name: KafkaBatchSink(config, topic, config.shards) for name, topic in topics.items()}
+    sinks["control"] = KafkaBatchSink(config, config.control_topic, 1)  # the rollout judge
+    return sinks

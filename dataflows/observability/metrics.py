@@ -31,6 +31,7 @@ from dataflows.core.events import (
     LabelsJoined,
     ModelInstalled,
     ModelServing,
+    PlanChanged,
     RecordsReceived,
 )
 from dataflows.core.reasons import STAGE_REASONS
@@ -151,6 +152,18 @@ CORRECT_PREDICTIONS = Counter(
     "Classifiers: labelled records whose predicted class equals the label; accuracy = "
     "this / labelled.",
     ["data_type", "model", "version"],
+)
+PLAN_CHANGES = Counter(
+    "waxserve_plan_changes",
+    "Serving-plan changes by the registry, by the action that made them and by whom: "
+    "`judge` (the rollout judge, automatic) or `operator` (anyone else; a new active model "
+    "is action `install`).",
+    ["data_type", "action", "by"],
+)
+PLAN_NUMBER = Gauge(
+    "waxserve_plan_number",
+    "The number of the serving plan in effect (it rises with every change).",
+    ["data_type"],
 )
 MODEL_INSTALLS = Counter(
     "waxserve_model_installs",
@@ -437,6 +450,10 @@ def on_event(event: Event) -> None:
         case ControlRejected(data_type=data_type, reason=reason):
             known = data_type in SERIES.data_types
             MODEL_REJECTIONS.labels(data_type if known else UNKNOWN_DATA_TYPE, reason).inc()
+        case PlanChanged(data_type=data_type, action=action, number=number):
+            by = "judge" if event.automatic else "operator"
+            PLAN_CHANGES.labels(data_type, action, by).inc()
+            PLAN_NUMBER.labels(data_type).set(number)
         case ContractInstalled(data_type=data_type):
             SERIES.add_data_type(data_type)
             CONTRACT_INSTALLS.labels(data_type).inc()

@@ -47,6 +47,7 @@ from dataflows.core.events import (
     Event,
     LabelsJoined,
     ModelServing,
+    PlanChanged,
     Quality,
 )
 from dataflows.core.lifecycle import LIFECYCLE, Lifecycle
@@ -93,6 +94,8 @@ class ProcessState:
         # shard here last started serving one: records of theirs arrive, and none serves.
         # (no_model means a contract here: as many as max_data_types at most)
         self._waiting: dict[str, int] = {}
+        # Each data type's serving plan, as its registry (in this process) last changed it.
+        self._plans: dict[str, dict[str, Any]] = {}
 
     def installed(
         self,
@@ -158,6 +161,17 @@ class ProcessState:
                 self.drift_closed(message)
             case LabelsJoined():
                 self.labels_joined(event)
+            case PlanChanged():
+                with self._lock:
+                    self._plans[event.data_type] = {
+                        "plan": event.plan,
+                        "number": event.number,
+                        "action": event.action,
+                        "actor": event.actor,
+                        "automatic": event.automatic,
+                        "reason": event.reason,
+                        "at_ms": event.at_ms,
+                    }
             case DeadLettered(data_type=data_type, stage=stage, reason=reason):
                 # Records of a data type with a contract here waited for a model in vain.
                 if stage == Stage.SCORE and reason == Reason.NO_MODEL:
@@ -259,6 +273,11 @@ class ProcessState:
                 row["feedback_labels"] = vars(labels).copy() if labels is not None else None
         rows.sort(key=lambda r: (r["data_type"], not r["serving"], -r["loaded_at_ms"]))
         return rows
+
+    def plans(self) -> dict[str, dict[str, Any]]:
+        """The serving plan of each data type whose registry is in this process."""
+        with self._lock:
+            return {k: dict(v) for k, v in self._plans.items()}
 
     def data_types(self) -> list[str]:
         """Data types this process holds a model for."""
@@ -601,6 +620,7 @@ class StateServer:
             "instance": self._instance,
             "data_types": self.state.data_types(),
             "models": self.state.models(),
+            "plans": self.state.plans(),
         }
 
     def liveness(self) -> tuple[bool, dict[str, Any]]:

@@ -168,6 +168,9 @@ def apply(
     if len(named) > MAX_VARIANTS:
         raise PlanError(f"{len(named)} models: a plan holds at most {MAX_VARIANTS}")
     plan = book.plan
+    if command.for_plan and (plan is None or plan.number != command.for_plan):
+        now = f"plan {plan.number} is in effect" if plan is not None else "no plan is in effect"
+        raise PlanError(f"the command is for plan {command.for_plan}; {now}")
     if action == pb.ROLLBACK:
         return _rollback(book, installed)
     if action == pb.ACTIVATE:
