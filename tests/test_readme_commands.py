@@ -198,6 +198,14 @@ def test_readme_parsing_joins_lines_and_drops_comments(tmp_path: Path) -> None:
 
 RUN: tuple[str, ...] = (
     "just --list",
+    # README "Serving plans", "Rolling out a model".
+    "waxserve publish wine-gbt --stage staged --wait",
+    "waxserve plan wine shadow wine-gbt:1 --wait",
+    'waxserve plan wine canary wine-gbt:1=0.1 --reason "gbt on 10%" --wait',
+    "waxserve plan wine promote --wait",
+    'waxserve rollback wine --reason "rmse worse than wine-lr" --wait',
+    "waxserve plan wine split wine-lr:1=0.5 wine-gbt:1=0.5 --wait",
+    "waxserve plan wine show",
     "just broker",
     ".venv/bin/waxserve topics",
     "WAXSERVE_BROKERS=... .venv/bin/waxserve topics --partitions 24",
@@ -439,6 +447,26 @@ def test_the_readme_commands_run(readme: Readme, kafka_config: Config) -> None:
     (signed,) = [e for e in _events(config) if e.kind == "installed" and e.model_name == "wine-gbt"]
     assert signed.signature_status == "unknown_key" and signed.signer_key_id
     assert signed.gate.startswith("quality gate passed: 12 golden set rows, outputs match")
+
+    # README "Rolling out a model", beside wine-lr (wine-gbt serves now: make wine-lr active).
+    readme.probe("plan", "wine", "activate", "wine-lr:1")
+    assert "installed: wine-gbt" in readme.run("waxserve publish wine-gbt --stage staged --wait")
+    answers = {
+        "waxserve plan wine shadow wine-gbt:1 --wait": "shadow wine-gbt:1 beside wine-lr:1",
+        'waxserve plan wine canary wine-gbt:1=0.1 --reason "gbt on 10%" --wait': (
+            "canary wine-gbt:1 0.10 over wine-lr:1 0.90"
+        ),
+        "waxserve plan wine promote --wait": "single wine-gbt:1",
+        'waxserve rollback wine --reason "rmse worse than wine-lr" --wait': "single wine-lr:1",
+        "waxserve plan wine split wine-lr:1=0.5 wine-gbt:1=0.5 --wait": (
+            "split wine-lr:1 0.50, wine-gbt:1 0.50"
+        ),
+    }
+    for command, plan in answers.items():
+        assert f"plan for wine is now: {plan}" in readme.run(command), command
+    assert "plan for wine: split wine-lr:1 0.50, wine-gbt:1 0.50" in readme.run(
+        "waxserve plan wine show"
+    )
 
     # README "Running it", against the running dataflow.
     readme.run(".venv/bin/waxserve topics")

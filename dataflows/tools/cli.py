@@ -32,7 +32,7 @@ import os
 import signal
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.request import urlopen
@@ -328,8 +328,19 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY",
         help="sign the descriptor with this Ed25519 private key (waxserve keys generate)",
     )
+    p.add_argument(
+        "--stage",
+        choices=("active", "staged"),
+        help="active (the default): it serves every record once installed; staged: loaded "
+        "and kept, serving nothing until a plan command names it (waxserve plan)",
+    )
     _add_verdict_arguments(p, "installed", "descriptor")
     p.set_defaults(run=cmd_publish)
+
+    # Imported here: plan_cli uses this module's helpers (--wait, reading topics).
+    from dataflows.tools.plan_cli import add_plan_commands
+
+    add_plan_commands(sub, common)
 
     p = sub.add_parser(
         "keys",
@@ -881,6 +892,8 @@ def build_descriptor(
         by_reference=args.by_reference,
         contract_version=args.contract_version,
     )
+    # Set before signing (`_trusted`): the signature covers the stage.
+    desc.stage = args.stage or ""
     return desc, path
 
 
@@ -948,6 +961,8 @@ def cmd_publish(config: Config, args: argparse.Namespace) -> int:
 def _describe_descriptor(config: Config, desc: pb.ModelDescriptor, path: Path) -> None:
     print(f"  format:    {FORMAT_NAMES.get(desc.format, '?')}")
     print(f"  data_type: {desc.data_type}")
+    if desc.stage:
+        print(f"  stage:     {desc.stage}")
     print(f"  sha256:    {desc.sha256}")
     if desc.HasField("golden_set"):
         print(f"  golden:    {len(desc.golden_set.inputs)} rows ({desc.golden_set.evaluator})")
@@ -1314,10 +1329,18 @@ def _plain_consumer(config: Config) -> Consumer:
 
 
 def _wait_for_verdict(
-    config: Config, published: Message, events_start: dict[int, int], timeout_s: float
+    config: Config,
+    published: Message,
+    events_start: dict[int, int],
+    timeout_s: float,
+    *,
+    verdicts: Mapping[str, int] = VERDICTS,
+    describe: Callable[[pb.ModelEvent], str] | None = None,
 ) -> int:
     """Read the events topic for the event of the control message `published` and exit
-    with its verdict (`VERDICTS`), or `EXIT_NO_VERDICT` after `timeout_s`."""
+    with its verdict (`verdicts`: event kind -> exit code), printed by `describe` (by
+    default `_verdict_line`), or `EXIT_NO_VERDICT` after `timeout_s`."""
+    describe = describe or _verdict_line
     where = (published.topic(), published.partition(), published.offset())
     print(
         f"waiting up to {timeout_s:g} s for the dataflow's verdict ({config.events_topic})",
@@ -1343,9 +1366,9 @@ def _wait_for_verdict(
                 except DecodeError:
                     continue
                 source = (event.source_topic, event.source_partition, event.source_offset)
-                if source == where and event.kind in VERDICTS:
-                    print(_verdict_line(event))
-                    return VERDICTS[event.kind]
+                if source == where and event.kind in verdicts:
+                    print(describe(event))
+                    return verdicts[event.kind]
     finally:
         consumer.close()
     print(
