@@ -417,7 +417,7 @@ class Lineage(_message.Message):
     def __init__(self, control_topic: _Optional[str] = ..., control_partition: _Optional[int] = ..., control_offset: _Optional[int] = ..., signer_key_id: _Optional[str] = ..., signature_status: _Optional[str] = ..., contract_version: _Optional[int] = ..., decision: _Optional[str] = ...) -> None: ...
 
 class ServingStats(_message.Message):
-    __slots__ = ("data_type", "model_name", "model_version", "model_sha256", "description", "format", "since_ms", "usage_count", "total_duration_ms", "min_duration_us", "max_duration_us", "mean_duration_us", "window_start_ms", "window_end_ms", "window_count", "window_labelled_count", "window_rmse", "window_accuracy", "feedback_window", "feedback_total")
+    __slots__ = ("data_type", "model_name", "model_version", "model_sha256", "description", "format", "since_ms", "usage_count", "total_duration_ms", "min_duration_us", "max_duration_us", "mean_duration_us", "window_start_ms", "window_end_ms", "window_count", "window_labelled_count", "window_rmse", "window_accuracy", "feedback_window", "feedback_total", "shadow_window")
     DATA_TYPE_FIELD_NUMBER: _ClassVar[int]
     MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -438,6 +438,7 @@ class ServingStats(_message.Message):
     WINDOW_ACCURACY_FIELD_NUMBER: _ClassVar[int]
     FEEDBACK_WINDOW_FIELD_NUMBER: _ClassVar[int]
     FEEDBACK_TOTAL_FIELD_NUMBER: _ClassVar[int]
+    SHADOW_WINDOW_FIELD_NUMBER: _ClassVar[int]
     data_type: str
     model_name: str
     model_version: str
@@ -458,7 +459,28 @@ class ServingStats(_message.Message):
     window_accuracy: float
     feedback_window: OnlineQuality
     feedback_total: OnlineQuality
-    def __init__(self, data_type: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., description: _Optional[str] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., since_ms: _Optional[int] = ..., usage_count: _Optional[int] = ..., total_duration_ms: _Optional[float] = ..., min_duration_us: _Optional[float] = ..., max_duration_us: _Optional[float] = ..., mean_duration_us: _Optional[float] = ..., window_start_ms: _Optional[int] = ..., window_end_ms: _Optional[int] = ..., window_count: _Optional[int] = ..., window_labelled_count: _Optional[int] = ..., window_rmse: _Optional[float] = ..., window_accuracy: _Optional[float] = ..., feedback_window: _Optional[_Union[OnlineQuality, _Mapping]] = ..., feedback_total: _Optional[_Union[OnlineQuality, _Mapping]] = ...) -> None: ...
+    shadow_window: ShadowAgreement
+    def __init__(self, data_type: _Optional[str] = ..., model_name: _Optional[str] = ..., model_version: _Optional[str] = ..., model_sha256: _Optional[str] = ..., description: _Optional[str] = ..., format: _Optional[_Union[ModelFormat, str]] = ..., since_ms: _Optional[int] = ..., usage_count: _Optional[int] = ..., total_duration_ms: _Optional[float] = ..., min_duration_us: _Optional[float] = ..., max_duration_us: _Optional[float] = ..., mean_duration_us: _Optional[float] = ..., window_start_ms: _Optional[int] = ..., window_end_ms: _Optional[int] = ..., window_count: _Optional[int] = ..., window_labelled_count: _Optional[int] = ..., window_rmse: _Optional[float] = ..., window_accuracy: _Optional[float] = ..., feedback_window: _Optional[_Union[OnlineQuality, _Mapping]] = ..., feedback_total: _Optional[_Union[OnlineQuality, _Mapping]] = ..., shadow_window: _Optional[_Union[ShadowAgreement, _Mapping]] = ...) -> None: ...
+
+class ShadowAgreement(_message.Message):
+    __slots__ = ("primary_name", "primary_version", "compared_count", "mean_absolute_difference", "agreement_rate", "confusion", "absolute_difference_sum", "agree_count")
+    PRIMARY_NAME_FIELD_NUMBER: _ClassVar[int]
+    PRIMARY_VERSION_FIELD_NUMBER: _ClassVar[int]
+    COMPARED_COUNT_FIELD_NUMBER: _ClassVar[int]
+    MEAN_ABSOLUTE_DIFFERENCE_FIELD_NUMBER: _ClassVar[int]
+    AGREEMENT_RATE_FIELD_NUMBER: _ClassVar[int]
+    CONFUSION_FIELD_NUMBER: _ClassVar[int]
+    ABSOLUTE_DIFFERENCE_SUM_FIELD_NUMBER: _ClassVar[int]
+    AGREE_COUNT_FIELD_NUMBER: _ClassVar[int]
+    primary_name: str
+    primary_version: str
+    compared_count: int
+    mean_absolute_difference: float
+    agreement_rate: float
+    confusion: ConfusionMatrix
+    absolute_difference_sum: float
+    agree_count: int
+    def __init__(self, primary_name: _Optional[str] = ..., primary_version: _Optional[str] = ..., compared_count: _Optional[int] = ..., mean_absolute_difference: _Optional[float] = ..., agreement_rate: _Optional[float] = ..., confusion: _Optional[_Union[ConfusionMatrix, _Mapping]] = ..., absolute_difference_sum: _Optional[float] = ..., agree_count: _Optional[int] = ...) -> None: ...
 
 class OnlineQuality(_message.Message):
     __slots__ = ("labelled_count", "rmse", "mae", "accuracy", "log_loss", "confusion", "error_count", "squared_error_sum", "absolute_error_sum", "correct_count", "log_loss_sum", "log_loss_count", "labels")

@@ -120,6 +120,14 @@ def test_a_shadow_scores_every_record_on_the_shadow_topic_only(workers: int) -> 
     assert {(s.model_name, s.variant_role) for s in shadow} == {(GBT.name, "shadow")}
     assert sorted(s.record_id for s in scored) == sorted(s.record_id for s in shadow)
     assert len(scored) == 200
+    # The shadow's stats say how it agreed with the active model, over every window.
+    active = {s.record_id: s.value for s in scored}
+    difference = sum(abs(s.value - active[s.record_id]) for s in shadow)
+    windows = [m.shadow_window for m in out.stats() if m.model_name == GBT.name]
+    assert {(w.primary_name, w.primary_version) for w in windows} == {(LR.name, LR.version)}
+    assert sum(w.compared_count for w in windows) == 200
+    assert sum(w.absolute_difference_sum for w in windows) == pytest.approx(difference, rel=1e-6)
+    assert not any(m.HasField("shadow_window") for m in out.stats() if m.model_name == LR.name)
 
 
 def test_a_plan_command_that_cannot_apply_is_refused_and_the_plan_stays() -> None:

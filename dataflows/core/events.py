@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from dataflows.monitoring.quality import LabelCounts
-from dataflows.monitoring.windows import ModelIdentity, StatsAccumulator
+from dataflows.monitoring.windows import AgreementAccumulator, ModelIdentity, StatsAccumulator
 from protos import waxserve_pb2 as pb
 
 if TYPE_CHECKING:
@@ -87,6 +87,15 @@ class ControlRejected:
     data_type: str
     stage: str  # "model" or "contract"
     reason: str
+
+
+@dataclass(frozen=True)
+class ShadowCompared:
+    """A shard compared a shadow model's outputs with the active model's on one batch."""
+
+    active: ModelIdentity
+    shadow: ModelIdentity
+    agreement: AgreementAccumulator
 
 
 @dataclass(frozen=True)
@@ -163,6 +172,7 @@ Event = (
     | ControlRejected
     | ContractInstalled
     | PlanChanged
+    | ShadowCompared
     | DeadLettered
     | DriftClosed
     | LabelsJoined

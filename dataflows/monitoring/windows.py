@@ -213,6 +213,73 @@ def _numeric(values: np.ndarray | Sequence[object] | None) -> bool:
     return isinstance(values, np.ndarray) and values.dtype.kind == "f"
 
 
+MAX_AGREEMENT_CLASSES = 32
+"""Labels a shadow's confusion matrix against the active model holds at most."""
+
+
+@dataclass
+class AgreementAccumulator:
+    """A shadow model's outputs against the active model's on the records both scored:
+    the sums behind mean absolute difference (regressors), agreement rate and a confusion
+    matrix (classifiers)."""
+
+    primary_name: str
+    primary_version: str
+    compared: int = 0
+    absolute_difference: float = 0.0
+    agree: int = 0
+    classifier: bool = False
+    pairs: dict[tuple[str, str], int] = field(default_factory=dict)
+
+    def add_values(self, active: np.ndarray, shadow: np.ndarray) -> None:
+        """Regressors: the two models' values for the same records."""
+        self.compared += len(active)
+        self.absolute_difference += float(np.abs(shadow - active).sum())
+
+    def add_labels(self, active: Sequence[str], shadow: Sequence[str]) -> None:
+        """Classifiers: the two models' labels for the same records."""
+        self.classifier = True
+        self.compared += len(active)
+        for pair in zip(active, shadow, strict=True):
+            self.agree += pair[0] == pair[1]
+            if pair in self.pairs or len(self._classes() | set(pair)) <= MAX_AGREEMENT_CLASSES:
+                self.pairs[pair] = self.pairs.get(pair, 0) + 1
+
+    def _classes(self) -> set[str]:
+        return {c for pair in self.pairs for c in pair}
+
+    def merge(self, other: AgreementAccumulator) -> None:
+        """Add another accumulator (of the same shadow) into this one."""
+        self.compared += other.compared
+        self.absolute_difference += other.absolute_difference
+        self.agree += other.agree
+        self.classifier = self.classifier or other.classifier
+        for pair, n in other.pairs.items():
+            if pair in self.pairs or len(self._classes() | set(pair)) <= MAX_AGREEMENT_CLASSES:
+                self.pairs[pair] = self.pairs.get(pair, 0) + n
+
+    def to_proto(self) -> pb.ShadowAgreement:
+        """The stats message's `shadow_window`."""
+        message = pb.ShadowAgreement(
+            primary_name=self.primary_name,
+            primary_version=self.primary_version,
+            compared_count=self.compared,
+            absolute_difference_sum=self.absolute_difference,
+            agree_count=self.agree,
+        )
+        if self.compared and self.classifier:
+            message.agreement_rate = self.agree / self.compared
+            classes = sorted(self._classes())
+            index = {c: i for i, c in enumerate(classes)}
+            counts = [0] * (len(classes) * len(classes))
+            for (active, shadow), n in self.pairs.items():
+                counts[index[active] * len(classes) + index[shadow]] += n
+            message.confusion.CopyFrom(pb.ConfusionMatrix(classes=classes, counts=counts))
+        elif self.compared:
+            message.mean_absolute_difference = self.absolute_difference / self.compared
+        return message
+
+
 @dataclass
 class StatsAccumulator:
     """Count and scoring time of the records one model scored, and how well it did on
@@ -230,6 +297,8 @@ class StatsAccumulator:
     # Quality against labels that came later (the feedback join); None: no pairs or
     # label outcomes. The fields above are the labels inside records only.
     feedback: QualityAccumulator | None = None
+    # A shadow model: its outputs against the active model's (serving plans).
+    agreement: AgreementAccumulator | None = None
 
     def add_call(self, n: int, seconds: float) -> None:
         """One model call that scored n records in `seconds`."""
@@ -281,6 +350,11 @@ class StatsAccumulator:
             if self.feedback is None:
                 self.feedback = QualityAccumulator()
             self.feedback.merge(other.feedback)
+        if other.agreement is not None:
+            if self.agreement is None:
+                mine = other.agreement
+                self.agreement = AgreementAccumulator(mine.primary_name, mine.primary_version)
+            self.agreement.merge(other.agreement)
 
 
 @dataclass(frozen=True)
@@ -491,6 +565,8 @@ def stats_message(
         message.feedback_window.CopyFrom(window_stats.feedback.to_proto())
     if total.feedback is not None:
         message.feedback_total.CopyFrom(total.feedback.to_proto())
+    if window_stats.agreement is not None:
+        message.shadow_window.CopyFrom(window_stats.agreement.to_proto())
     return message
 
 

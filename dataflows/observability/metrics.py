@@ -33,6 +33,7 @@ from dataflows.core.events import (
     ModelServing,
     PlanChanged,
     RecordsReceived,
+    ShadowCompared,
 )
 from dataflows.core.reasons import STAGE_REASONS
 from protos import waxserve_pb2 as pb
@@ -151,6 +152,22 @@ CORRECT_PREDICTIONS = Counter(
     "waxserve_correct_predictions",
     "Classifiers: labelled records whose predicted class equals the label; accuracy = "
     "this / labelled.",
+    ["data_type", "model", "version"],
+)
+SHADOW_COMPARED = Counter(
+    "waxserve_shadow_compared_records",
+    "Records a shadow model and the active model both scored (serving plans).",
+    ["data_type", "model", "version"],
+)
+SHADOW_AGREEMENTS = Counter(
+    "waxserve_shadow_agreements",
+    "Classifiers: compared records on which the shadow gave the active model's label.",
+    ["data_type", "model", "version"],
+)
+SHADOW_ABSOLUTE_DIFFERENCE = Counter(
+    "waxserve_shadow_absolute_difference",
+    "Regressors: the sum of |shadow - active| over the compared records (divide by "
+    "waxserve_shadow_compared_records_total for the mean).",
     ["data_type", "model", "version"],
 )
 PLAN_CHANGES = Counter(
@@ -450,6 +467,13 @@ def on_event(event: Event) -> None:
         case ControlRejected(data_type=data_type, reason=reason):
             known = data_type in SERIES.data_types
             MODEL_REJECTIONS.labels(data_type if known else UNKNOWN_DATA_TYPE, reason).inc()
+        case ShadowCompared(shadow=shadow, agreement=agreement):
+            labels = (shadow.data_type, shadow.name, shadow.version)
+            SHADOW_COMPARED.labels(*labels).inc(agreement.compared)
+            if agreement.classifier:
+                SHADOW_AGREEMENTS.labels(*labels).inc(agreement.agree)
+            else:
+                SHADOW_ABSOLUTE_DIFFERENCE.labels(*labels).inc(agreement.absolute_difference)
         case PlanChanged(data_type=data_type, action=action, number=number):
             by = "judge" if event.automatic else "operator"
             PLAN_CHANGES.labels(data_type, action, by).inc()

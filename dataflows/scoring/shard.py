@@ -49,6 +49,7 @@ from dataflows.core.events import (
     ModelServing,
     Quality,
     RecordsReceived,
+    ShadowCompared,
 )
 from dataflows.core.reasons import Reason, Stage
 from dataflows.core.records import (
@@ -62,6 +63,7 @@ from dataflows.core.records import (
 from dataflows.monitoring.feedback import Feedback, FeedbackRun, LabelBatch, PredictionBatch
 from dataflows.monitoring.quality import MAX_LABEL_MAGNITUDE
 from dataflows.monitoring.windows import (
+    AgreementAccumulator,
     DriftAccumulator,
     DriftPartial,
     ModelIdentity,
@@ -376,6 +378,25 @@ class ShardWindows:
         if binding.reference_text_columns:
             categorical = text[:, binding.reference_text_columns]
         drift.drift.add(reference, numeric[:, binding.reference_columns], categorical)
+
+    def add_agreement(
+        self,
+        state: ShardState,
+        shadow: ModelIdentity,
+        now_ms: int,
+        agreement: AgreementAccumulator,
+    ) -> None:
+        """Count a shadow's agreement with the active model in the shadow's stats window."""
+        start = window_start(now_ms, self._stats_ms)
+        stats = state.stats.get((shadow, start))
+        if stats is None:
+            stats = state.stats[(shadow, start)] = StatsPartial(
+                shadow, start, start + self._stats_ms, StatsAccumulator()
+            )
+        if stats.stats.agreement is None:
+            stats.stats.agreement = agreement
+        else:
+            stats.stats.agreement.merge(agreement)
 
     def add_outputs(
         self,
@@ -765,11 +786,53 @@ class ShardScorer:
                 elif rows.any():
                     out.extend(self._score(run.take(rows), binding, route.extras[key]))
             return out
-        # shadow: the active model's output stands; each shadow scores the same records
+        # shadow: the active model's output stands; each shadow scores the same records,
+        # and how it agrees with the active model is counted in its stats window.
+        outputs: dict[str, tuple[np.ndarray, Prediction]] = {}
         for key, binding in route.bindings.items():
             shadow = key != plan.active
-            out.extend(self._score(run, binding, route.extras[key], shadow=shadow))
+            extra = route.extras[key]
+            out.extend(self._score(run, binding, extra, shadow=shadow, outputs=outputs))
+        active = route.bindings[plan.active].spec.identity
+        for key, binding in route.bindings.items():
+            if key != plan.active and key in outputs and plan.active in outputs:
+                self._compare(
+                    run, active, binding.spec.identity, outputs[plan.active], outputs[key]
+                )
         return out
+
+    def _compare(
+        self,
+        run: RecordColumns,
+        active: ModelIdentity,
+        shadow: ModelIdentity,
+        active_out: tuple[np.ndarray, Prediction],
+        shadow_out: tuple[np.ndarray, Prediction],
+    ) -> None:
+        """Count a shadow's outputs against the active model's, on the records both scored."""
+        (active_offsets, active_prediction), (shadow_offsets, shadow_prediction) = (
+            active_out,
+            shadow_out,
+        )
+        both_valid = active_prediction.valid, shadow_prediction.valid
+        a_rows = np.flatnonzero(both_valid[0])
+        s_rows = np.flatnonzero(both_valid[1])
+        _, a_at, s_at = np.intersect1d(
+            active_offsets[a_rows], shadow_offsets[s_rows], return_indices=True
+        )
+        a_rows, s_rows = a_rows[a_at], s_rows[s_at]
+        agreement = AgreementAccumulator(active.name, active.version)
+        a_labels, s_labels = active_prediction.labels, shadow_prediction.labels
+        if a_labels is not None and s_labels is not None:
+            agreement.add_labels(
+                [a_labels[i] for i in a_rows.tolist()], [s_labels[i] for i in s_rows.tolist()]
+            )
+        else:
+            agreement.add_values(active_prediction.values[a_rows], shadow_prediction.values[s_rows])
+        self._events.publish(ShadowCompared(active, shadow, agreement))
+        if self._monitoring:
+            now_ms = int(self._clock() * 1000)
+            self._windows.add_agreement(self.state, shadow, now_ms, agreement)
 
     @staticmethod
     def _entity_keys(run: RecordColumns, plan: ServingPlan, contract: Contract) -> list[str]:
@@ -799,8 +862,16 @@ class ShardScorer:
         return self._stamped(out)
 
     def _score(
-        self, run: RecordColumns, binding: Binding, extra: bytes = b"", *, shadow: bool = False
+        self,
+        run: RecordColumns,
+        binding: Binding,
+        extra: bytes = b"",
+        *,
+        shadow: bool = False,
+        outputs: dict[str, tuple[np.ndarray, Prediction]] | None = None,
     ) -> list[ShardOut]:
+        """Score a run with one model. `outputs`: where to keep the model's prediction with
+        the offsets of the rows it scored, by model key (shadow comparisons)."""
         spec, runtime = binding.spec, binding.runtime
         out: list[ShardOut] = []
         x = run.numeric[:, binding.numeric_columns]
@@ -852,6 +923,8 @@ class ShardScorer:
             ]
         elapsed = time.perf_counter() - started
         now_ms = int(self._clock() * 1000)
+        if outputs is not None:
+            outputs[model_key_of(spec)] = (run.offsets, prediction)
         valid = prediction.valid
         if not valid.all():
             for i in np.flatnonzero(~valid):
