@@ -73,6 +73,14 @@ class ModelServing:
 
 
 @dataclass(frozen=True)
+class ModelStopped:
+    """A shard no longer serves `identity` (its plan left it out), and serves no model
+    instead of it."""
+
+    identity: ModelIdentity
+
+
+@dataclass(frozen=True)
 class ModelInstalled:
     """The registry installed (or, after a resume, restored) a model for its data type."""
 
@@ -168,6 +176,7 @@ Event = (
     RecordsReceived
     | BatchScored
     | ModelServing
+    | ModelStopped
     | ModelInstalled
     | ControlRejected
     | ContractInstalled

@@ -47,6 +47,7 @@ from dataflows.core.events import (
     Event,
     LabelsJoined,
     ModelServing,
+    ModelStopped,
     PlanChanged,
     Quality,
 )
@@ -134,6 +135,17 @@ class ProcessState:
                     old.retired_at_ms = now_ms
                     self._forget_retired(old.identity.data_type)
 
+    def stopped(self, identity: ModelIdentity) -> None:
+        """A shard no longer serves `identity`, and nothing instead of it."""
+        now_ms = int(self._clock() * 1000)
+        with self._lock:
+            held = self._models.get(identity)
+            if held is not None:
+                held.shards = max(0, held.shards - 1)
+                if held.shards == 0:
+                    held.retired_at_ms = now_ms
+                    self._forget_retired(identity.data_type)
+
     def scored(
         self,
         identity: ModelIdentity,
@@ -155,6 +167,8 @@ class ProcessState:
         match event:
             case ModelServing(identity=identity, previous=previous):
                 self.installed(identity, previous, event.lineage, event.gate)
+            case ModelStopped(identity=identity):
+                self.stopped(identity)
             case BatchScored(identity=identity, scored=scored, seconds=seconds, quality=quality):
                 self.scored(identity, scored, seconds, quality)
             case DriftClosed(message=message):

@@ -47,6 +47,7 @@ from dataflows.core.events import (
     BatchScored,
     EventBus,
     ModelServing,
+    ModelStopped,
     Quality,
     RecordsReceived,
     ShadowCompared,
@@ -609,11 +610,25 @@ class ShardScorer:
         self._routes[data_type] = Route.of(plan, specs, runtimes, dt.contract)
         dt.plan, dt.models = plan, dict(specs)
         dt.spec = specs[plan.active or plan.models[0]]
-        before = previous.primary.spec.identity if previous is not None else None
-        if before != dt.spec.identity:
-            provenance = dt.spec.provenance
-            gate = provenance.gate if provenance is not None else ""
-            self._events.publish(ModelServing(dt.spec.identity, before, dt.spec.lineage, gate))
+        # Which models this shard serves now: one in for one out is a swap; otherwise
+        # each model that joins or leaves the plan is said on its own.
+        route = self._routes[data_type]
+        before = [b.spec for b in previous.bindings.values()] if previous is not None else []
+        after = [b.spec for b in route.bindings.values()]
+        joined = [m for m in after if m.identity not in {b.identity for b in before}]
+        left = [m.identity for m in before if m.identity not in {a.identity for a in after}]
+        if len(joined) == 1 and len(left) == 1:
+            self._serving(joined[0], left[0])
+            return
+        for spec in joined:
+            self._serving(spec, None)
+        for identity in left:
+            self._events.publish(ModelStopped(identity))
+
+    def _serving(self, spec: ModelSpec, instead_of: ModelIdentity | None) -> None:
+        provenance = spec.provenance
+        gate = provenance.gate if provenance is not None else ""
+        self._events.publish(ModelServing(spec.identity, instead_of, spec.lineage, gate))
 
     def _install_contract(self, install: ContractInstall) -> list[ShardOut]:
         contract = install.contract

@@ -1758,6 +1758,12 @@ def format_status(processes: list[dict[str, Any]]) -> str:
         lines.append(
             f"process {process['process_id']}  {process['host']}/{process['pid']}  {process['url']}"
         )
+        for data_type, plan in sorted(process.get("plans", {}).items()):
+            by = "the rollout judge" if plan.get("automatic") else plan.get("actor") or "?"
+            lines.append(
+                f"  {data_type:<8} plan {plan['number']}: {plan['plan']}  "
+                f"({plan['action']} by {by})"
+            )
         models = process.get("models", [])
         if not models:
             lines.append("  (no model loaded yet)")

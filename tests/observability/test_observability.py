@@ -329,6 +329,8 @@ def test_dashboards_and_alerts_on_the_real_dataflow(kafka_config: Config, tmp_pa
         send_descriptor(config, descriptor("wine-gbt", version="2", sha256="0" * 64))
         assert waxserve(["publish", "wine-gbt"]) == 0
         prometheus.wait_for('waxserve_model_info{model="wine-gbt"}', flow)
+        # wine-lr (the last good model) in shadow beside it: the serving-plan panels.
+        assert waxserve(["plan", "wine", "shadow", "wine-lr:1", "--wait"]) == 0
         replay(str(WINE_CSV), *rows)
         replay(str(ERROR_CSV))  # malformed rows: dead letters at decode and score
         assert waxserve(["publish", "wine-rf-classifier"]) == 0  # accuracy needs a classifier

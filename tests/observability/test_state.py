@@ -11,7 +11,13 @@ from typing import Any
 
 import pytest
 
-from dataflows.core.events import Quality
+from dataflows.core.events import (
+    JUDGE_ACTOR,
+    ModelServing,
+    ModelStopped,
+    PlanChanged,
+    Quality,
+)
 from dataflows.monitoring.windows import ModelIdentity
 from dataflows.observability.state import (
     RETIRED_MODELS_KEPT,
@@ -216,3 +222,27 @@ def test_cluster_hosts_from_bytewaxs_hostfile(tmp_path: Path) -> None:
     ]
     assert cluster_hosts(["x"], {**env, "BYTEWAX_ADDRESSES": "a:1"}) == ["a"]
     assert cluster_hosts(["x", "-a", "b:1"], env) == ["b"]
+
+
+def test_a_canary_serves_beside_the_active_model_and_status_shows_the_plan(
+    served: tuple[ProcessState, StateServer], capsys: pytest.CaptureFixture[str]
+) -> None:
+    state, server = served
+    state.on_event(ModelServing(LR, None))
+    state.on_event(ModelServing(GBT, None))  # the canary joins the plan
+    state.on_event(
+        PlanChanged("wine", "canary wine-gbt:1 0.10 over wine-lr:1 0.90", 2, "canary", "ann@h")
+    )
+    state.scored(GBT, 10, 0.001, None)
+    rows = {m["name"]: m for m in state.models()}
+    assert rows["wine-lr"]["serving"] and rows["wine-gbt"]["serving"]
+    assert main(["status", "--url", server.url]) == 0
+    out = capsys.readouterr().out
+    assert "wine     plan 2: canary wine-gbt:1 0.10 over wine-lr:1 0.90  (canary by ann@h)" in out
+    # The judge rolls it back: the canary leaves the plan, nothing in its place.
+    state.on_event(ModelStopped(GBT))
+    state.on_event(PlanChanged("wine", "single wine-lr:1", 3, "rollback", JUDGE_ACTOR))
+    rows = {m["name"]: m for m in state.models()}
+    assert rows["wine-lr"]["serving"] and not rows["wine-gbt"]["serving"]
+    assert main(["status", "--url", server.url]) == 0
+    assert "plan 3: single wine-lr:1  (rollback by the rollout judge)" in capsys.readouterr().out
