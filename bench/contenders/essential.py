@@ -42,8 +42,9 @@ from dataflows.contracts.schema import Contract, Encoding
 from dataflows.core.descriptors import catalog_contracts, load_catalog
 from dataflows.core.records import Headers, OutMessage, RawRun, record_columns
 from dataflows.monitoring.windows import ModelIdentity
+from dataflows.rollout.plans import ServingPlan
 from dataflows.runtimes import Prediction
-from dataflows.scoring.scored import scored_messages
+from dataflows.scoring.scored import plan_field, scored_messages
 from protos import waxserve_pb2 as pb
 
 
@@ -81,6 +82,8 @@ class EssentialScorer:
         # waxserve's, but for the descriptor's position and signer.
         lineage = pb.Lineage(contract_version=contract.version, decision="active")
         self._lineage = pb.ScoredRecord(lineage=lineage).SerializeToString()
+        # and the serving plan's fields of a model serving alone (plan 1).
+        self._lineage += plan_field(ServingPlan.single(f"{name}:{version}"), "active")
 
     def score(
         self,
