@@ -223,3 +223,42 @@ def test_the_judge_promotes_a_canary_that_is_not_worse_on_labels(workers: int) -
     [command] = out.commands()
     assert (command.action, command.for_plan) == (pb.PROMOTE, 2)
     assert command.reason.startswith(f"canary {GBT_KEY} against {LR_KEY}: ")
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_an_ensemble_serves_the_mean_of_its_members_with_each_members_output(
+    workers: int,
+) -> None:
+    command = plan(pb.ENSEMBLE, (LR_KEY, 1), (GBT_KEY, 1), combiner=pb.MEAN)
+    control = [control_batch(WINE_CONTRACT.to_proto(), LR, GBT, command)]
+    out = run_flow(test_config(), control, records(100), workers=workers)
+    scored = out.scored()
+    assert len(scored) == 100 and out.dead_letters() == []
+    assert {(s.model_name, s.model_version, s.policy) for s in scored} == {
+        ("ensemble", "plan-1", "ensemble")
+    }
+    for s in scored:
+        assert [(m.model_name, m.model_version) for m in s.members] == [
+            (LR.name, LR.version),
+            (GBT.name, GBT.version),
+        ]
+        assert s.value == pytest.approx(sum(m.value for m in s.members) / 2)
+
+
+def test_abort_in_an_ensemble_of_staged_models_and_resume(tmp_path: Path) -> None:
+    # No model is active in this plan: the registry re-sends the plan itself on resume.
+    init_db_dir(tmp_path, 2)
+    command = plan(pb.ENSEMBLE, (LR_KEY, 1), (GBT_KEY, 1), combiner=pb.MEDIAN)
+    control = [control_batch(WINE_CONTRACT.to_proto(), LR, GBT, command)]
+    inputs = records(400)
+    outputs = Outputs()
+    crash = CrashOnce(after_items=8)
+    with pytest.raises(Exception, match="error writing output batch"):
+        run_flow(test_config(), control, inputs, outputs=outputs, recovery=tmp_path, crash=crash)
+    assert 0 < len(outputs.scored()) < 400
+    RUNTIMES.clear()  # a new process: nothing loaded
+    run_flow(test_config(), control, inputs, outputs=outputs, recovery=tmp_path)
+    scored = outputs.scored()
+    assert len({s.output_key for s in scored}) == 400, "every record scored"
+    assert {(s.model_name, s.policy) for s in scored} == {("ensemble", "ensemble")}
+    assert outputs.dead_letters() == []

@@ -1381,17 +1381,19 @@ class Registry:
         out: list[RegistryOut] = []
         if self.contract is not None:
             out.append(ContractInstall(self.contract, restored=True))
-        if self.current is None:
-            return out
         plan = self.book.plan
-        identity = self.current.spec.identity
-        if plan is None or plan.policy == "single":
-            restored: Install = ModelInstall(
+        if plan is not None and plan.policy != "single":
+            # Every model of the plan (a split or ensemble of staged models has no active one).
+            models = tuple(self.models[key] for key in plan.models)
+            identity = (self.current or models[0]).spec.identity
+            restored: Install = PlanInstall(identity.data_type, plan, models, restored=True)
+        elif self.current is not None:
+            identity = self.current.spec.identity
+            restored = ModelInstall(
                 self.current.spec, self.current.model_bytes, restored=True, plan=plan
             )
         else:
-            models = tuple(self.models[key] for key in plan.models)
-            restored = PlanInstall(identity.data_type, plan, models, restored=True)
+            return out
         self._events.publish(ModelInstalled(identity, restored=True))
         now_ms = int(self._clock() * 1000)
         event = model_event("restored", identity, now_ms)

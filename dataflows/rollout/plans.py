@@ -175,10 +175,11 @@ def apply(
         return _rollback(book, installed)
     if action == pb.ACTIVATE:
         return activate(book, _one(named, "ACTIVATE"))
+    number = plan.number + 1 if plan is not None else 1
+    if action in (pb.SPLIT, pb.BANDIT, pb.ENSEMBLE):  # may start from staged models alone
+        return _experiment(book, command, named, fields, number)
     if plan is None or (not plan.active and action in (pb.SHADOW, pb.CANARY)):
         raise PlanError("no model is active yet: activate one first")
-    assert plan is not None
-    number = plan.number + 1
     if action == pb.SHADOW:
         if plan.policy not in ("single", "shadow"):
             raise PlanError(f"the plan is a {plan.policy}: promote or roll it back first")
@@ -199,23 +200,6 @@ def apply(
         variants = (Variant(plan.active, "active", 1 - weight), Variant(model, "canary", weight))
         entity = _entity(command.entity_field, fields)
         return PlanBook(ServingPlan("canary", variants, number, entity), _last_good(book))
-    if action in (pb.SPLIT, pb.BANDIT):
-        if len(named) < 2:
-            raise PlanError(f"{pb.PlanAction.Name(action)} needs two models or more")
-        policy = "split" if action == pb.SPLIT else "bandit"
-        weights = [v.weight for v in command.variants]
-        if policy == "bandit" and not any(weights):
-            weights = [1.0] * len(named)  # a bandit starts even
-        shares = _normalized(weights)
-        role = ROLES[policy]
-        variants = tuple(
-            Variant(m, "active" if m == plan.active else role, w)
-            for m, w in zip(named, shares, strict=True)
-        )
-        entity = _entity(command.entity_field, fields)
-        return PlanBook(ServingPlan(policy, variants, number, entity), _last_good(book))
-    if action == pb.ENSEMBLE:
-        raise PlanError("ensemble serving is not available yet: use shadow to compare models")
     if action == pb.SET_WEIGHTS:
         if not plan.splits_traffic:
             raise PlanError(f"the plan is {plan.policy}: it has no weights to set")
@@ -264,6 +248,45 @@ def apply(
             kept_shares = _normalized([v.weight for v in kept])
             kept = tuple(replace(v, weight=w) for v, w in zip(kept, kept_shares, strict=True))
         return PlanBook(replace(plan, variants=kept, number=number), book.last_good)
+    raise PlanError(f"unknown plan action {action}")
+
+
+def _experiment(
+    book: PlanBook,
+    command: pb.PlanCommand,
+    named: list[str],
+    fields: Collection[str],
+    number: int,
+) -> PlanBook:
+    """SPLIT, BANDIT and ENSEMBLE: a new plan over the named models."""
+    action = command.action
+    active = book.plan.active if book.plan is not None else ""
+    if action in (pb.SPLIT, pb.BANDIT):
+        if len(named) < 2:
+            raise PlanError(f"{pb.PlanAction.Name(action)} needs two models or more")
+        policy = "split" if action == pb.SPLIT else "bandit"
+        weights = [v.weight for v in command.variants]
+        if policy == "bandit" and not any(weights):
+            weights = [1.0] * len(named)  # a bandit starts even
+        shares = _normalized(weights)
+        role = ROLES[policy]
+        variants = tuple(
+            Variant(m, "active" if m == active else role, w)
+            for m, w in zip(named, shares, strict=True)
+        )
+        entity = _entity(command.entity_field, fields)
+        return PlanBook(ServingPlan(policy, variants, number, entity), _last_good(book))
+    if action == pb.ENSEMBLE:
+        if len(named) < 2:
+            raise PlanError("ENSEMBLE needs two models or more")
+        combiner = COMBINERS.get(command.combiner)
+        if combiner is None:
+            raise PlanError("ENSEMBLE needs a combiner: majority, mean, median or first_confident")
+        if combiner == "first_confident" and not 0 < command.confidence <= 1:
+            raise PlanError("first_confident needs a confidence in (0, 1]")
+        variants = tuple(Variant(m, "ensemble", 1.0) for m in named)
+        plan = ServingPlan("ensemble", variants, number, "", combiner, command.confidence)
+        return PlanBook(plan, _last_good(book))
     raise PlanError(f"unknown plan action {action}")
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import os
 import socket
 import threading
@@ -73,9 +74,11 @@ from dataflows.monitoring.windows import (
     window_start,
 )
 from dataflows.rollout.assign import assign, entity_points
+from dataflows.rollout.ensemble import EnsembleError, combine
 from dataflows.rollout.plans import ServingPlan, model_key
 from dataflows.runtimes import ModelRuntime, Prediction
 from dataflows.scoring.scored import lineage_field, plan_field, scored_messages
+from protos import waxserve_pb2 as pb
 
 log = logging.getLogger(__name__)
 
@@ -213,6 +216,54 @@ class Route:
     def primary(self) -> Binding:
         """The binding of the active model (the plan's first when none is)."""
         return self.bindings[self.plan.active or self.plan.models[0]]
+
+
+def _aligned(offsets: np.ndarray, own: np.ndarray, prediction: Prediction) -> Prediction:
+    """A member's prediction on the rows at `offsets` (invalid where it scored none)."""
+    position = {o: i for i, o in enumerate(own.tolist())}
+    rows = np.array([position.get(o, -1) for o in offsets.tolist()], dtype=np.int64)
+    have = rows >= 0
+    take = np.where(have, rows, 0)
+    values = np.where(have, prediction.values[take], np.nan)
+    labels = None
+    if prediction.labels is not None:
+        labels = [prediction.labels[r] if r >= 0 else "" for r in rows.tolist()]
+    probabilities = None
+    if prediction.probabilities is not None:
+        probabilities = prediction.probabilities[take].copy()
+        probabilities[~have] = np.nan
+    valid = have & prediction.valid[take]
+    return Prediction(values, labels, probabilities, prediction.class_labels, valid)
+
+
+def _unscored(n: int) -> Prediction:
+    return Prediction(np.full(n, np.nan), None, None, (), np.zeros(n, dtype=bool))
+
+
+def _member_fields(
+    keys: tuple[str, ...], route: Route, members: list[Prediction], valid: np.ndarray
+) -> list[bytes]:
+    """Per output record (the valid rows), its members' outputs as encoded
+    `ScoredRecord.members`."""
+    out = []
+    for row in np.flatnonzero(valid).tolist():
+        record = pb.ScoredRecord()
+        for key, member in zip(keys, members, strict=True):
+            identity = route.bindings[key].spec.identity
+            output = record.members.add(model_name=identity.name, model_version=identity.version)
+            if member.valid[row]:
+                if not math.isnan(member.values[row]):
+                    output.value = float(member.values[row])
+                if member.labels is not None:
+                    output.label = member.labels[row]
+                if member.probabilities is not None:
+                    output.probabilities.update(
+                        (c, float(p))
+                        for c, p in zip(member.class_labels, member.probabilities[row], strict=True)
+                        if p == p
+                    )
+        out.append(record.SerializeToString())
+    return out
 
 
 class HeldBudget:
@@ -801,6 +852,8 @@ class ShardScorer:
                 elif rows.any():
                     out.extend(self._score(run.take(rows), binding, route.extras[key]))
             return out
+        if plan.policy == "ensemble":
+            return self._score_ensemble(run, route)
         # shadow: the active model's output stands; each shadow scores the same records,
         # and how it agrees with the active model is counted in its stats window.
         outputs: dict[str, tuple[np.ndarray, Prediction]] = {}
@@ -814,6 +867,59 @@ class ShardScorer:
                 self._compare(
                     run, active, binding.spec.identity, outputs[plan.active], outputs[key]
                 )
+        return out
+
+    def _score_ensemble(self, run: RecordColumns, route: Route) -> list[ShardOut]:
+        """Every member scores the records the first member can; one output a record,
+        combined, with each member's output in it."""
+        plan = route.plan
+        bindings = list(route.bindings.values())
+        outputs: dict[str, tuple[np.ndarray, Prediction]] = {}
+        out = self._score(run, bindings[0], emit=False, outputs=outputs)
+        first_key = plan.models[0]
+        if first_key not in outputs:
+            return out  # nothing the first member could score
+        offsets, first = outputs[first_key]
+        for binding in bindings[1:]:
+            self._score(run, binding, emit=False, outputs=outputs)
+        members = [first] + [
+            _aligned(offsets, *outputs[k]) if k in outputs else _unscored(len(offsets))
+            for k in plan.models[1:]
+        ]
+        kept = run.take(np.isin(run.offsets, offsets)) if len(offsets) < len(run) else run
+        started = time.perf_counter()
+        try:
+            prediction = combine(members, plan.combiner, plan.confidence)
+        except EnsembleError as exc:
+            message = f"ensemble of {', '.join(plan.models)}: {exc}"
+            return out + [
+                kept.dead_letter(i, Stage.SCORE, Reason.SCORE_FAILED, message)
+                for i in range(len(kept))
+            ]
+        elapsed = time.perf_counter() - started
+        identity = ModelIdentity(kept.data_type, "ensemble", f"plan-{plan.number}", "")
+        now_ms = int(self._clock() * 1000)
+        messages = scored_messages(
+            kept, identity, prediction, elapsed, now_ms, self._scored_by, route.extras[first_key]
+        )
+        member_fields = _member_fields(plan.models, route, members, prediction.valid)
+        messages = [
+            (k, (v or b"") + extra, h)
+            for (k, v, h), extra in zip(messages, member_fields, strict=True)
+        ]
+        valid = prediction.valid
+        for i in np.flatnonzero(~valid).tolist():
+            out.append(
+                kept.dead_letter(
+                    i, Stage.SCORE, Reason.INVALID_PREDICTION, "no ensemble member scored it"
+                )
+            )
+        kept_offsets = (kept.offsets if valid.all() else kept.offsets[valid]).tolist()
+        route_name = f"{kept.topic}/{kept.partition}"
+        out.append(ScoredBatch(route_name, messages, kept_offsets, kept.data_type))
+        self._events.publish(
+            BatchScored(identity, int(valid.sum()), len(kept), elapsed, np.zeros(0), None)
+        )
         return out
 
     def _compare(
@@ -884,9 +990,11 @@ class ShardScorer:
         *,
         shadow: bool = False,
         outputs: dict[str, tuple[np.ndarray, Prediction]] | None = None,
+        emit: bool = True,
     ) -> list[ShardOut]:
         """Score a run with one model. `outputs`: where to keep the model's prediction with
-        the offsets of the rows it scored, by model key (shadow comparisons)."""
+        the offsets of the rows it scored, by model key (shadows, ensembles); `emit=False`:
+        only that and the dead letters (an ensemble member: the ensemble emits)."""
         spec, runtime = binding.spec, binding.runtime
         out: list[ShardOut] = []
         x = run.numeric[:, binding.numeric_columns]
@@ -940,6 +1048,8 @@ class ShardScorer:
         now_ms = int(self._clock() * 1000)
         if outputs is not None:
             outputs[model_key_of(spec)] = (run.offsets, prediction)
+        if not emit:
+            return out
         valid = prediction.valid
         if not valid.all():
             for i in np.flatnonzero(~valid):

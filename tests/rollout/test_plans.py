@@ -97,7 +97,8 @@ def test_shadows_add_up_and_retire_one_at_a_time() -> None:
         ([command(pb.RETIRE, "lr:1")], "serves"),
         ([command(pb.CANARY, "gbt:2", entity_field="nope")], "not a field"),
         ([command(pb.CANARY, "gbt:2"), command(pb.SHADOW, "rf:3")], "promote or roll it back"),
-        ([command(pb.ENSEMBLE, "lr:1", "gbt:2")], "not available yet"),
+        ([command(pb.ENSEMBLE, "lr:1", "gbt:2")], "combiner"),
+        ([command(pb.ENSEMBLE, "lr:1", "gbt:2", combiner=pb.FIRST_CONFIDENT)], "confidence"),
         ([command(pb.ACTIVATE, "lr:1", "gbt:2")], "exactly one"),
     ],
 )
