@@ -9,6 +9,8 @@ records that follow are scored by the model the decision left serving.
 
 from __future__ import annotations
 
+import functools
+import threading
 from pathlib import Path
 
 import pytest
@@ -17,7 +19,7 @@ from test_integration import Dataflow, Reader, produce, publish
 
 from dataflows.core.config import Config
 from dataflows.core.descriptors import control_message
-from dataflows.tools.broker import control_message_key
+from dataflows.tools.broker import control_message_key, free_port
 from protos import waxserve_pb2 as pb
 
 pytestmark = pytest.mark.integration
@@ -105,3 +107,88 @@ def test_the_judge_decides_a_canary_on_labels_through_the_control_topic(
         }
     finally:
         flow.stop()
+
+
+def test_in_a_two_process_cluster_no_record_is_scored_under_an_older_plan_after_a_newer(
+    kafka_config: Config, tmp_path: Path
+) -> None:
+    """Plan commands while records stream into 2 partitions read by a 2-process cluster:
+    within each partition, in offset order, the plan numbers never go down."""
+    config = kafka_config
+    reader = Reader(config, config.scored_topic, config.events_topic, config.dlq_topic)
+    publish(config, descriptor("wine-lr"))
+    publish(config, GBT)
+    addresses = ";".join(f"127.0.0.1:{free_port()}" for _ in range(2))
+    cluster = [
+        Dataflow(config, tmp_path, "-i", str(i), "-a", addresses, "-w", "1") for i in range(2)
+    ]
+    lr, gbt = "wine-lr:1", f"{GBT.name}:{GBT.version}"
+    commands = [
+        (pb.CANARY, [(gbt, 0.3)]),
+        (pb.SET_WEIGHTS, [(gbt, 0.6)]),
+        (pb.PROMOTE, []),
+        (pb.ROLLBACK, []),
+        (pb.SPLIT, [(lr, 0.5), (gbt, 0.5)]),
+    ]
+    total = 12_000
+    values = record_bytes((wine_lines() * 8)[:total], id_prefix="r")
+    feeder = threading.Thread(
+        target=produce,
+        args=(config, config.records_topic, values),
+        kwargs={"partitions": 2, "rate": 2000},
+    )
+    try:
+        reader.wait_for(
+            "the first plan",
+            lambda: bool(reader.scored(config)) or _installed(reader, config),
+            cluster[0],
+        )
+        feeder.start()
+        for i, (action, variants) in enumerate(commands):
+            # Each while records stream: a fifth of them apart.
+            at = (i + 1) * total // (len(commands) + 1)
+            reader.wait_for(
+                f"{at} scored",
+                functools.partial(_scored_at_least, reader, config, at),
+                cluster[0],
+                120,
+            )
+            command = pb.PlanCommand(
+                data_type="wine",
+                action=action,
+                variants=[pb.PlanVariant(model=m, weight=w) for m, w in variants],
+                actor="tester@ci",
+                issued_at_ms=i + 1,
+            )
+            send(config, command)
+        feeder.join()
+        ids = lambda: {s.record_id for s in reader.scored(config)}  # noqa: E731
+        reader.wait_for("every record scored", lambda: len(ids()) >= total, cluster[0], 120)
+        changes = [e for e in plan_events(reader, config) if e.kind == "plan_changed"]
+        assert [e.plan_action for e in changes] == [
+            "canary",
+            "set_weights",
+            "promote",
+            "rollback",
+            "split",
+        ]
+        by_partition: dict[int, list[tuple[int, int]]] = {}
+        for s in reader.scored(config):
+            by_partition.setdefault(s.source_partition, []).append((s.source_offset, s.plan_number))
+        seen_plans = set()
+        for partition, scored in by_partition.items():
+            numbers = [n for _, n in sorted(scored)]
+            seen_plans |= set(numbers)
+            assert numbers == sorted(numbers), f"partition {partition} went back to an older plan"
+        assert len(seen_plans) >= 4, seen_plans  # the plans did change under the stream
+    finally:
+        for flow in cluster:
+            flow.stop()
+
+
+def _scored_at_least(reader: Reader, config: Config, count: int) -> bool:
+    return len(reader.scored(config)) >= count
+
+
+def _installed(reader: Reader, config: Config) -> bool:
+    return any(e.kind == "installed" and e.model_name == "wine-lr" for e in reader.events(config))
