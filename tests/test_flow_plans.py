@@ -262,3 +262,36 @@ def test_abort_in_an_ensemble_of_staged_models_and_resume(tmp_path: Path) -> Non
     assert len({s.output_key for s in scored}) == 400, "every record scored"
     assert {(s.model_name, s.policy) for s in scored} == {("ensemble", "ensemble")}
     assert outputs.dead_letters() == []
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_a_split_by_a_contract_field_keeps_each_entity_on_one_variant(workers: int) -> None:
+    command = plan(pb.SPLIT, (LR_KEY, 1), (GBT_KEY, 1), entity_field="alcohol")
+    control = [control_batch(WINE_CONTRACT.to_proto(), LR, GBT, command)]
+    out = run_flow(test_config(), control, records(400), workers=workers)
+    scored = out.scored()
+    assert len(scored) == 400 and {s.policy for s in scored} == {"split"}
+    lines = wine_lines(0, 400)
+    alcohol = {
+        f"{start}-{i}": line.split(";")[WINE_CONTRACT.csv_columns.index("alcohol")]
+        for start in range(0, 400, 20)
+        for i, line in enumerate(lines[start : start + 20])
+    }
+    by_entity: dict[str, set[str]] = {}
+    for s in scored:
+        by_entity.setdefault(alcohol[s.record_id], set()).add(s.model_name)
+    assert all(len(models) == 1 for models in by_entity.values())
+    assert {m for models in by_entity.values() for m in models} == {LR.name, GBT.name}
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_a_bandit_moves_its_weights_to_the_better_arm_on_labels(workers: int) -> None:
+    commands = [plan(pb.BANDIT, (LR_KEY, 0), (BAD_KEY, 0))]
+    control = [control_batch(WINE_CONTRACT.to_proto(), LR, BAD_LR, *commands)]
+    config = test_config(feedback_data_types="wine", feedback_topic=FEEDBACK_TOPIC)
+    out = run_flow(config, control, records(1200), feedback=labels(1200), workers=workers)
+    sent = out.commands()
+    assert sent and all(c.action == pb.SET_WEIGHTS and c.for_plan == 1 for c in sent)
+    weights = {v.model: v.weight for v in sent[0].variants}
+    assert weights[LR_KEY] > 0.9 > 0.1 > weights[BAD_KEY]
+    assert sent[0].reason.startswith("bandit rewards: ")
