@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["breakdown"]:
         from bench import breakdown  # loads the models and the JVM: only when asked
 
-        return breakdown.main()
+        return breakdown.main(argv[1:])
     defaults = Settings()
     parser = argparse.ArgumentParser(
         prog="python -m bench",

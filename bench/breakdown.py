@@ -26,17 +26,22 @@ can be read as a sum of measured parts. The shard's work on a run of records is
   content-type header;
 - PMML: `PmmlRuntime.predict` on a batch, and the PMML4S call alone.
 
+`python -m bench breakdown plans` (and `just bench`, via `plan_costs`) times what serving
+plans cost (issue 15): the shard's work after decoding under a single model, an A/B split
+and a shadow, per batch, with the costs derived from them (`plan_costs`).
+
 Kafka's own consume/produce work and Bytewax's scheduling are not in here: the bench's
 passthrough contender and the difference to the bench's waxserve figure hold those.
 """
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import functools
 import operator
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, cast
 
 import numpy as np
@@ -48,10 +53,18 @@ from bench.inputs import DATA_TYPE_HEADER, INPUTS, SHARED_INPUT, Feed
 from dataflows.contracts.codecs import codec_for
 from dataflows.contracts.decode import ContractCodecs
 from dataflows.contracts.schema import Contract, Encoding
-from dataflows.control.registry import ContractInstall, ControlIn, ModelInstall, Registry
+from dataflows.control.registry import (
+    ContractInstall,
+    ControlIn,
+    ModelInstall,
+    PlanInstall,
+    Registry,
+)
 from dataflows.core.config import Config
 from dataflows.core.descriptors import load_catalog
 from dataflows.core.records import RawRun, RecordColumns, SourceBatch, record_columns
+from dataflows.rollout.assign import assign, entity_points
+from dataflows.rollout.plans import model_key
 from dataflows.runtimes import PmmlRuntime, load_runtime
 from dataflows.scoring.shard import ScoredBatch, ShardOut, ShardScorer
 from dataflows.serving import process_events, router_of
@@ -104,17 +117,34 @@ def serving_shard(contract: Contract, model: str, *, monitoring: bool = True) ->
     """A shard serving a catalog model for `contract`'s data type, installed the way the
     dataflow installs it: the contract and the descriptor through the registry. Its events
     go to the dataflow process's subscribers (Prometheus metrics, queryable state)."""
-    descriptor = load_catalog()[model].descriptor()
-    descriptor.data_type = contract.data_type
+    return _installed_shard(contract, [model], [], monitoring=monitoring)
+
+
+def _installed_shard(
+    contract: Contract,
+    models: Sequence[str],
+    commands: Sequence[pb.PlanCommand],
+    *,
+    monitoring: bool = True,
+) -> ShardScorer:
+    """A shard with `contract`, these catalog models (the first active, the others
+    staged) and the plan `commands` make of them, all through the registry."""
+    control: list[ControlIn] = [ControlIn(contract.to_proto(), "control", 0, 0, None, b"")]
+    for i, model in enumerate(models):
+        descriptor = load_catalog()[model].descriptor()
+        descriptor.data_type = contract.data_type
+        if i:
+            descriptor.stage = "staged"
+        control.append(ControlIn(descriptor, "control", 0, len(control), None, b""))
+    # Plan commands name models the registry has installed: after the descriptors' loads.
     registry = Registry(None, model_dir="")
-    control = [
-        ControlIn(contract.to_proto(), "control", 0, 0, None, b""),
-        ControlIn(descriptor, "control", 0, 1, None, b""),
-    ]
     out = [*registry.on_control(control), *registry.collect(wait=True)]
-    installs = [o for o in out if isinstance(o, ContractInstall | ModelInstall)]
-    if len(installs) != 2:
-        raise RuntimeError(f"{model} was not installed for {contract.data_type}: {out}")
+    out += registry.on_control(
+        [ControlIn(c, "control", 0, len(control) + i, None, b"") for i, c in enumerate(commands)]
+    )
+    installs = [o for o in out if isinstance(o, ContractInstall | ModelInstall | PlanInstall)]
+    if len(installs) != 1 + len(models) + len(commands):
+        raise RuntimeError(f"{', '.join(models)} not installed for {contract.data_type}: {out}")
     scorer = ShardScorer(
         None,
         stats_interval_s=10,
@@ -165,6 +195,168 @@ def monitoring_cost(rounds: int = 7) -> dict[str, float]:
         on_us.append(_per_record_us(on))
         off_us.append(_per_record_us(off))
     return {"on_us": float(np.median(on_us)), "off_us": float(np.median(off_us)), "rounds": rounds}
+
+
+PRIMARY, SECOND = "wine-lr", "wine-gbt"
+"""The serving-plan cases' models: the single-model path's, and the one an experiment adds."""
+
+
+def _plan_command(action: pb.PlanAction, *variants: tuple[str, float]) -> pb.PlanCommand:
+    catalog = load_catalog()
+    return pb.PlanCommand(
+        data_type=INPUTS[SHARED_INPUT].data_type,
+        action=action,
+        variants=[
+            pb.PlanVariant(model=model_key(m, catalog[m].descriptor().version), weight=w)
+            for m, w in variants
+        ],
+        actor="bench",
+    )
+
+
+def plan_cases() -> dict[str, tuple[tuple[str, ...], list[pb.PlanCommand]]]:
+    """The serving plans timed, by name: the catalog models installed (the first active,
+    the others staged) and the plan commands after them."""
+    both = (PRIMARY, SECOND)
+    return {
+        PRIMARY: ((PRIMARY,), []),
+        SECOND: ((SECOND,), []),
+        "split 50/50": (both, [_plan_command(pb.CANARY, (SECOND, 0.5))]),
+        "split 90/10": (both, [_plan_command(pb.SPLIT, (PRIMARY, 0.9), (SECOND, 0.1))]),
+        "shadow": (both, [_plan_command(pb.SHADOW, (SECOND, 0.0))]),
+    }
+
+
+def _bytes_per_record(out: object, shadow: bool) -> float:
+    """Mean size of the scored (or shadow) messages' values in one batch's output."""
+    values = [
+        len(value or b"")
+        for o in cast(list[ShardOut], out)
+        if isinstance(o, ScoredBatch) and o.shadow == shadow
+        for _, value, _ in o.messages
+    ]
+    return float(np.mean(values)) if values else 0.0
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.thread_time}
+"""Per-batch times by both clocks: the thread's CPU time leaves out the time the shard was
+not running (this machine's two cores are shared), which the wall clock counts."""
+
+
+def plan_costs(rounds: int = 300) -> dict[str, Any]:
+    """What serving plans cost (issue 15), in-process: `ShardScorer._score_planned` of one
+    decoded 1,000-record JSON batch under each of `plan_cases()`: everything the shard does
+    after decoding. One call per case per round, the cases interleaved (each round starts
+    one case later), so that the machine's drift hits all alike; per case and clock
+    (`CLOCKS`) the median and p90 ms per batch, and the scored records' bytes.
+
+    Derived, per experiment and clock: the models' own time (a split: each model alone,
+    times the share of the batch the hash sent it; a shadow: both alone on the whole batch);
+    the overhead, its time beyond that (from the medians, and as the median of the
+    per-round differences: paired); what it adds to the primary model's own time, against
+    the second model's own (issue 15's goal: no more, a ratio ≤ 1). And two parts of a
+    split's overhead, µs a record: the entity hash and assignment
+    (`dataflows.rollout.assign`) and the two `RecordColumns.take` of a 50/50 split."""
+    feed = Feed(INPUTS[SHARED_INPUT])
+    contract = feed.contract
+    columns = _columns(raw_run(source_batch(feed), contract.data_type), contract)
+    calls: dict[str, Callable[[], object]] = {}
+    cases: dict[str, dict[str, Any]] = {}
+    coefficients: dict[str, tuple[float, float]] = {}  # the models' own: (primary, second)
+    for name, (models, commands) in plan_cases().items():
+        scorer = _installed_shard(contract, models, commands)
+        route = scorer._routes[contract.data_type]
+        calls[name] = _score(scorer, columns)
+        out = calls[name]()
+        cases[name] = {
+            "plan": route.plan.describe(),
+            "bytes_per_record": _bytes_per_record(out, shadow=False),
+            "shadow_bytes_per_record": _bytes_per_record(out, shadow=True),
+            "plan_field_bytes": max(len(v) for v in route.extras.values()),
+        }
+        if route.plan.splits_traffic:
+            chosen = assign(entity_points(columns.data_type, columns.record_ids), route.weights)
+            second = [k.split(":")[0] for k in route.bindings].index(SECOND)
+            share = float(np.mean(chosen == second))
+            cases[name]["second_share"] = share
+            coefficients[name] = (1 - share, share)
+        elif route.plan.policy == "shadow":
+            coefficients[name] = (1.0, 1.0)
+
+    names = list(calls)
+    taken: dict[str, dict[str, list[float]]] = {c: {n: [] for n in names} for c in CLOCKS}
+    wall, cpu = CLOCKS["wall"], CLOCKS["cpu"]
+    for r in range(rounds):
+        for j in range(len(names)):
+            name = names[(r + j) % len(names)]
+            started, started_cpu = wall(), cpu()
+            calls[name]()
+            taken["cpu"][name].append((cpu() - started_cpu) * 1e3)
+            taken["wall"][name].append((wall() - started) * 1e3)
+    for clock, by_case in taken.items():
+        ms = {name: np.asarray(values) for name, values in by_case.items()}
+        median = {name: float(np.median(values)) for name, values in ms.items()}
+        for name, values in ms.items():
+            cases[name][clock] = {
+                "median_ms": median[name],
+                "p90_ms": float(np.percentile(values, 90)),
+            }
+        lr, gbt = median[PRIMARY], median[SECOND]
+        for name, (a, b) in coefficients.items():
+            own = a * lr + b * gbt
+            paired = ms[name] - (a * ms[PRIMARY] + b * ms[SECOND])
+            cases[name][clock].update(
+                models_own_ms=own,
+                overhead_ms=median[name] - own,
+                overhead_paired_ms=float(np.median(paired)),
+                added_ms=median[name] - a * lr,
+                second_own_ms=b * gbt,
+                added_to_second=(median[name] - a * lr) / (b * gbt),
+            )
+
+    half = assign(entity_points(columns.data_type, columns.record_ids), [0.5, 0.5]) == 1
+    return {
+        "batch": BATCH,
+        "rounds": rounds,
+        "primary": PRIMARY,
+        "second": SECOND,
+        "cases": cases,
+        "assign_us_per_record": _per_record_us(
+            lambda: assign(entity_points(columns.data_type, columns.record_ids), [0.5, 0.5])
+        ),
+        "take_us_per_record": _per_record_us(lambda: (columns.take(half), columns.take(~half))),
+    }
+
+
+def print_plan_costs(costs: dict[str, Any]) -> None:
+    """The plans' table, and the derived costs."""
+    print(
+        f"\nserving plans: ShardScorer._score_planned of a {costs['batch']:,}-record JSON "
+        f"batch, {costs['rounds']} interleaved rounds; ms per batch, wall clock and the "
+        "thread's CPU time"
+    )
+    print(f"{'case':<12} {'median':>7} {'p90':>7} {'CPU med':>7} {'CPU p90':>7} {'B/rec':>6}  plan")
+    for name, case in costs["cases"].items():
+        w, c = case["wall"], case["cpu"]
+        print(
+            f"{name:<12} {w['median_ms']:7.3f} {w['p90_ms']:7.3f} {c['median_ms']:7.3f} "
+            f"{c['p90_ms']:7.3f} {case['bytes_per_record']:6.1f}  {case['plan']}"
+        )
+    for name, case in costs["cases"].items():
+        for clock in CLOCKS:
+            d = case[clock]
+            if "overhead_ms" not in d:
+                continue
+            print(
+                f"{name} ({clock}): overhead {d['overhead_ms']:+.3f} ms (paired "
+                f"{d['overhead_paired_ms']:+.3f}) beyond the models' own {d['models_own_ms']:.3f};"
+                f" adds {d['added_ms']:.3f} ms to {costs['primary']}'s, "
+                f"{d['added_to_second']:.2f}x {costs['second']}'s own {d['second_own_ms']:.3f}"
+            )
+    print(
+        f"entity hash + assign {costs['assign_us_per_record']:.2f} µs/record; "
+        f"the takes of a 50/50 split {costs['take_us_per_record']:.2f} µs/record"
+    )
 
 
 def decode_costs(names: Iterable[str] = INPUTS) -> dict[str, float]:
@@ -327,11 +519,27 @@ def measure() -> list[tuple[str, float]]:
     return rows
 
 
-def main() -> int:
-    """Print the table."""
-    rows = measure()
-    width = max(len(name) for name, _ in rows)
-    print(f"{'stage (1,000-record batches)':<{width}}  µs/record")
-    for name, us in rows:
-        print(f"{name:<{width}}  {us:9.2f}")
+def main(argv: Sequence[str] = ()) -> int:
+    """Print the stages' table, the serving plans' table, or both."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bench breakdown",
+        description="Per-record cost of each stage of the shard's work, in-process; and what "
+        "serving plans cost per batch (issue 15).",
+    )
+    parser.add_argument("what", nargs="?", choices=("all", "stages", "plans"), default="all")
+    parser.add_argument(
+        "--rounds",
+        type=int,
+        default=300,
+        help="interleaved rounds of the serving plans (default %(default)s)",
+    )
+    args = parser.parse_args(list(argv))
+    if args.what in ("all", "stages"):
+        rows = measure()
+        width = max(len(name) for name, _ in rows)
+        print(f"{'stage (1,000-record batches)':<{width}}  µs/record")
+        for name, us in rows:
+            print(f"{name:<{width}}  {us:9.2f}")
+    if args.what in ("all", "plans"):
+        print_plan_costs(plan_costs(args.rounds))
     return 0

@@ -466,6 +466,7 @@ def markdown(result: dict[str, Any], soak: dict[str, Any] | None, chart: str | N
         if swap.get("error"):
             lines += ["", f"The swap run failed: {swap['error']}"]
     lines += _pmml_swap_section(result, s)
+    lines += _plans_section(result)
     lines += ["", "## Soak", ""]
     if soak is not None:
         lines.append(
@@ -704,4 +705,65 @@ def _pmml_swap_section(result: dict[str, Any], s: dict[str, Any]) -> list[str]:
             ],
         ],
     )
+    return lines
+
+
+def _plans_section(result: dict[str, Any]) -> list[str]:
+    """What serving plans cost per batch (issue 15), from `bench.breakdown.plan_costs`."""
+    costs = result.get("plan_costs")
+    if not costs:
+        return []
+    lines = ["", f"## Serving plans: {costs.get('batch', 1000):,}-record batches, in-process", ""]
+    if costs.get("error"):
+        return [*lines, f"The serving-plans breakdown failed: {costs['error']}"]
+    primary, second = costs["primary"], costs["second"]
+    lines += [
+        f"`ShardScorer._score_planned` on one decoded JSON batch, {costs['rounds']} rounds, the "
+        "cases interleaved; ms per batch, wall clock and the thread's CPU time. Overhead: the "
+        f"time beyond the models' own (a split: {primary} and {second} alone, each times the "
+        "share of the batch the entity hash sent it; the shadow: both alone on the whole "
+        "batch), CPU, the median of the rounds' differences. Issue 15's goal: an experiment "
+        f"adds no more to {primary}'s own time than {second}'s own time for the records it "
+        "scores (added ÷ second's own ≤ 1.00). Method: bench/README.md.",
+        "",
+    ]
+    rows = []
+    for name, case in costs["cases"].items():
+        wall, cpu = case["wall"], case["cpu"]
+        share = case.get("second_share")
+        rows.append(
+            [
+                name,
+                case["plan"] + (f" ({share:.1%} to {second})" if share is not None else ""),
+                f"{wall['median_ms']:.3f}",
+                f"{wall['p90_ms']:.3f}",
+                f"{cpu['median_ms']:.3f}",
+                f"{cpu['overhead_paired_ms']:+.3f}" if "overhead_paired_ms" in cpu else "",
+                f"{cpu['added_to_second']:.2f}" if "added_to_second" in cpu else "",
+                ("pass" if cpu["added_to_second"] <= 1 else "**FAIL**")
+                if "added_to_second" in cpu
+                else "",
+                f"{case['bytes_per_record']:.0f}",
+            ]
+        )
+    lines += _table(
+        [
+            "case",
+            "plan",
+            "median",
+            "p90",
+            "CPU median",
+            "overhead",
+            "added ÷ second's own",
+            "goal",
+            "bytes/record",
+        ],
+        rows,
+    )
+    lines += [
+        "",
+        f"Parts of a split's overhead, µs a record: the entity hash and assignment "
+        f"{costs['assign_us_per_record']:.2f}, the two takes of a 50/50 split "
+        f"{costs['take_us_per_record']:.2f}.",
+    ]
     return lines

@@ -293,6 +293,19 @@ def run_bench(
                     f"{raw['duplicates']}"
                 )
 
+    # Issue 15: what serving plans cost per batch, in-process (no broker running meanwhile).
+    from bench import breakdown  # onnxruntime and the models: only when needed
+
+    say("serving plans in-process: single, split and shadow, per batch ...")
+    result["plan_costs"] = _attempt(say, "serving plans", breakdown.plan_costs)
+    failed |= "error" in result["plan_costs"]
+    for name, case in result["plan_costs"].get("cases", {}).items():
+        if "added_to_second" in case["cpu"]:
+            say(
+                f"serving plans: {name} overhead {case['cpu']['overhead_paired_ms']:+.3f} ms a "
+                f"batch; adds {case['cpu']['added_to_second']:.2f}x {breakdown.SECOND}'s own time"
+            )
+
     if format_names:
         result["formats"] = _format_runs(settings, format_names, work_dir / "formats", say)
         failed |= any("error" in r for e in result["formats"]["rows"].values() for r in e["reps"])

@@ -348,3 +348,34 @@ def test_breakdown_times_every_stage() -> None:
     # Figures only: timings are the benchmark's to judge (the JVM's JIT made "the PMML4S
     # call alone" anywhere from 0.7x to 2x of the whole predict in one run on this machine).
     assert all(0 < us < 1_000 for us in rows.values()), rows
+
+
+def test_breakdown_times_serving_plans() -> None:
+    # Issue 15's speed figures: every plan case is timed and reported, the derived costs
+    # are there; no timing is judged here (that is the benchmark's job).
+    from bench import breakdown
+
+    costs = breakdown.plan_costs(rounds=3)
+    cases = costs["cases"]
+    assert list(cases) == ["wine-lr", "wine-gbt", "split 50/50", "split 90/10", "shadow"]
+    assert [c["plan"].split()[0] for c in cases.values()] == [
+        "single",
+        "single",
+        "canary",
+        "split",
+        "shadow",
+    ]
+    for case in cases.values():
+        for clock in ("wall", "cpu"):
+            assert 0 < case[clock]["median_ms"] <= case[clock]["p90_ms"] < 10_000, case
+        assert case["bytes_per_record"] > 0 and case["plan_field_bytes"] > 0, case
+    # The hash sends each variant about its weight of the batch's records.
+    assert 0.4 < cases["split 50/50"]["second_share"] < 0.6
+    assert 0.05 < cases["split 90/10"]["second_share"] < 0.15
+    # Only the shadow writes shadow records; each experiment has its derived costs.
+    assert [c["shadow_bytes_per_record"] > 0 for c in cases.values()] == [0, 0, 0, 0, 1]
+    for name in ("split 50/50", "split 90/10", "shadow"):
+        assert {"overhead_ms", "overhead_paired_ms", "added_to_second"} <= set(cases[name]["cpu"])
+    assert costs["assign_us_per_record"] > 0 and costs["take_us_per_record"] > 0
+    markdown = "\n".join(report._plans_section({"plan_costs": costs}))
+    assert "## Serving plans" in markdown and "canary wine-gbt" in markdown
