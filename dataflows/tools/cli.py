@@ -582,13 +582,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="run everything on this machine: broker, dataflow, replay, model swaps",
         description="Start an embedded tansu broker (unless --brokers is given), create the "
         "topics, publish the contracts and a model per data type, start the dataflow (python "
-        "-m bytewax.run), replay the example data at --rate while swapping models mid-stream, "
-        "sending malformed rows, a model tampered after signing, one the quality gate "
-        "rejects and a burst of drifted records, and show what comes out once a second. "
-        "Every model is signed with a throw-away key the dataflow requires. Ends with a "
-        "summary that accounts for every record sent: scored or dead-lettered. Exit code 1 "
-        "if a promise is broken (a record unaccounted for, a model unsigned or not "
-        "rejected, no drift alarm). With --brokers the demo uses fresh "
+        "-m bytewax.run) with wine's labels joined, replay the example data at --rate (each "
+        "wine record's label 2 s later) while canarying a better wine model (the rollout "
+        "judge must promote it on the labels) and a bad one with its features reversed (the "
+        "judge must roll it back), swapping the other models in, sending malformed rows, a "
+        "model tampered after signing, one the quality gate rejects and a burst of drifted "
+        "records, and show what comes out once a second. The replay goes on past --duration "
+        "while the judge has a canary to decide. Every model is signed with a throw-away key "
+        "the dataflow requires. Ends with a summary that accounts for every record sent: "
+        "scored or dead-lettered. Exit code 1 if a promise is broken (a record unaccounted "
+        "for, a model unsigned or not rejected, a canary not decided as expected, no drift "
+        "alarm). With --brokers the demo uses fresh "
         "topics of its own (names with a -demo-<id> suffix) and deletes them afterwards "
         "(kept with --keep-logs).",
     )
@@ -611,8 +615,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--models",
         default=",".join(DEMO_MODELS),
         metavar="A,B,...",
-        help="the wine models (catalog names) served in turn: the first from the start, each "
-        f"next one swapped in at an equal share of --duration (default {','.join(DEMO_MODELS)})",
+        help="the wine models (catalog names): the first serves from the start, the second "
+        "is canaried (the judge should promote it: pick a better one), then a copy of it with "
+        "its features reversed (rolled back), the others swapped in "
+        f"(default {','.join(DEMO_MODELS)})",
     )
     p.add_argument(
         "--penguin-models",

@@ -5,18 +5,32 @@ topics on yours), creates the topics, publishes the data contracts of wine and p
 a first model of each, starts the dataflow (`python -m bytewax.run dataflows.serving:flow`)
 and replays both data sets at once at a steady rate, each to a topic of its own in its own
 encoding (wine as protobuf on the records topic, penguins as JSON on `waxserve-penguins`).
-Meanwhile it follows a plan: a model of each data type swapped mid-stream, malformed wine
-rows, a tampered wine model that its signature must reject, a wine model that only the
-quality gate can stop, and a burst of drifted wine records that must raise a drift alarm.
-It reads every output topic and shows what comes out once a second, and ends with a summary
-that accounts for every record sent, per data type: scored or dead-lettered.
+Each wine record's label (its quality) follows it `DEMO_LABEL_DELAY_S` later on the feedback
+topic, and the dataflow joins wine's labels to its predictions (labels that arrive later).
+Meanwhile it follows a plan (`plan_demo`): malformed wine rows; a wine model that only the
+quality gate can stop; the second wine model published staged and put in a canary on half
+the wine records (a `PlanCommand` by "waxserve demo"), which the rollout judge must promote
+on the labels; a tampered wine model that its signature must reject; a bad wine model (the
+serving model with its input features reversed, a new version) canaried likewise, which the
+judge must roll back; the other wine models and penguins' swapped in mid-stream; and a
+burst of drifted wine records that must raise a drift alarm. The judge decides by itself
+and says so on the control topic (actor "waxserve rollout judge", its evidence as the
+reason); a step that would change wine's plan while a canary waits for the judge is held
+until it decides (a new plan would end the canary), and the replay goes on past
+`--duration` while one does. It reads every output topic and shows what comes out once a
+second (each data type's plan, each model's records and online quality), and ends with a
+summary that accounts for every record sent, per data type: scored (by one model, the
+canary's records too) or dead-lettered, with the timeline of model and plan events: who
+changed the plan, and why.
 
 Every model descriptor it publishes is signed with a key pair it makes for the run (in its
-work directory), and the dataflow it starts trusts that key alone and requires signatures
-(`DemoSigner`, `dataflow_env`). At the end it checks its promises (`DemoPromises`): every
-record accounted for, every model installed signed by the demo's key, each model swapped
-in installed, the tampered model rejected `bad_signature`, the gated one `gate_failed`, a
-drift alarm for the burst; it exits 1 if one is broken.
+work directory; the staged ones too), and the dataflow it starts trusts that key alone and
+requires signatures (`DemoSigner`, `dataflow_env`). At the end it checks its promises
+(`DemoPromises`): every record accounted for, every model installed signed by the demo's
+key, each model swapped in installed, the tampered model rejected `bad_signature`, the
+gated one `gate_failed`, each canary decided by the rollout judge as expected (the good
+one promoted, the bad one rolled back: the judge's plan change with that action, and the
+expected model serving after it), a drift alarm for the burst; it exits 1 if one is broken.
 
     Demo            the orchestration: broker, topics, dataflow subprocess, replay, the plan,
                     shutdown (every step undone in reverse order, also on Ctrl-C)
@@ -24,10 +38,11 @@ drift alarm for the burst; it exits 1 if one is broken.
                     (`dataflows.tools.replay.RecordEncoder`) and what was sent of it
     DemoReplay      a thread that sends the streams, interleaved by their shares, at --rate;
                     the plan injects malformed rows and a drift burst
-    DemoSigner      the run's signing key, the trusted-keys directory, the signed,
-                    tampered and gated descriptors
+    DemoSigner      the run's signing key, the trusted-keys directory, the signed (and
+                    staged), tampered, gated and reversed descriptors
     DemoStats       folds the output topics (scored, events, dlq, drift, stats) into counts
-                    per data type (`TypeTally`); pure, no Kafka
+                    per data type (`TypeTally`), the timeline of model and plan events, and
+                    each model's online quality; pure, no Kafka
     DemoPromises    what the demo promised, checked against DemoStats at the end
     render_*        text for the live panel, the one-line progress and the final summary
 
@@ -70,6 +85,7 @@ from dataflows.core.descriptors import (
     catalog_contracts,
     load_catalog,
 )
+from dataflows.core.events import JUDGE_ACTOR
 from dataflows.core.lifecycle import STOP_DEADLINE_S
 from dataflows.tools.broker import (
     DEFAULT_PARTITIONS,
@@ -107,7 +123,9 @@ WINE_CSV = MODELS_DIR / "data" / "winequality_red.csv"
 ERROR_CSV = MODELS_DIR / "data" / "error_winequality_red.csv"
 PENGUINS_CSV = MODELS_DIR / "penguins" / "penguins.csv"
 DEMO_MODELS = ("wine-lr", "wine-gbt", "wine-pmml-lr")
-"""The wine models served in turn (`--models`)."""
+"""The wine models (`--models`): the first serves from the start; the second is canaried
+(the judge promotes it: it is better), then a copy of it with its features reversed (rolled
+back); the others are swapped in."""
 DEMO_PENGUIN_MODELS = ("penguins-species-onnx", "penguins-species-pmml")
 """The penguins models served in turn (`--penguin-models`)."""
 BYTEWAX_API_PORT = 3030  # Bytewax's default (BYTEWAX_DATAFLOW_API_PORT)
@@ -133,10 +151,22 @@ DEMO_SHIFT_FEATURE = "alcohol"
 DEMO_SHIFT_DELTA = 3.0
 DEMO_STATS_INTERVAL_S = 2.0
 DEMO_DRIFT_WINDOW_S = 5.0
-DEMO_LABEL_DELAY_S = 5.0
+DEMO_LABEL_DELAY_S = 2.0
 """The demo sends each wine record's label this long after the record, on the feedback
-topic, as labels that arrive later: the dashboard's online quality per version."""
+topic, as labels that arrive later: the online quality per version, and the evidence the
+rollout judge decides the canaries on (the sooner the labels, the sooner it can)."""
 DEMO_FEEDBACK_DATA_TYPES = (WINE,)
+DEMO_ACTOR = "waxserve demo"
+"""Who the demo's plan commands say sent them."""
+DEMO_CANARY_WEIGHT = 0.5
+"""The candidate's share of a canary: half the wine records, so that both arms reach the
+judge's WAXSERVE_CANARY_MIN_RECORDS (200) labelled records soonest."""
+DEMO_REVERSED_SUFFIX = "-reversed"
+"""The version suffix of the bad model: the serving model with its input features in
+reverse order (a new version), as a wrong feature mapping would publish it."""
+DEMO_JUDGE_TIMEOUT_S = 60.0
+"""How long the demo holds the steps that would change wine's plan (and the end of the
+replay) for the rollout judge's decision on a canary, before it gives up on it."""
 DEMO_READY_TIMEOUT_S = 120.0
 """How long the dataflow may take to start and install the first models."""
 DEMO_CATCH_UP_TIMEOUT_S = 15.0
@@ -216,16 +246,34 @@ class DemoStep:
     """Something the demo does `at_s` seconds into the replay."""
 
     at_s: float
-    action: str  # "bad_rows", "swap", "tampered", "gate", "shift"
+    action: str  # "bad_rows", "swap", "canary", "bad_canary", "tampered", "gate", "shift"
     model: str = ""
     seconds: float = 0.0  # "shift": how long
+    data_type: str = WINE  # "swap": whose model
+
+    @property
+    def changes_plan(self) -> bool:
+        """Whether it changes wine's serving plan: it would end a canary still judged."""
+        return self.data_type == WINE and self.action in ("swap", "canary", "bad_canary")
 
     def describe(self) -> str:
         """The step in a few words."""
+        share = f"{DEMO_CANARY_WEIGHT:.0%} of the {WINE} records"
         if self.action == "bad_rows":
             return f"send the rows of {ERROR_CSV.name} (malformed: expect dead letters)"
         if self.action == "swap":
             return f"publish {self.model}, signed: the dataflow swaps models mid-stream"
+        if self.action == "canary":
+            return (
+                f"publish {self.model} staged, signed, and canary it on {share}: the rollout "
+                "judge must promote it on their labels"
+            )
+        if self.action == "bad_canary":
+            return (
+                f"publish {self.model} with its input features reversed (a bad model, version "
+                f"<v>{DEMO_REVERSED_SUFFIX}) staged, signed, and canary it on {share}: the "
+                "rollout judge must roll it back"
+            )
         if self.action == "tampered":
             return (
                 f"publish {self.model}, signed, then with {DEMO_SWAPPED_IN}'s bytes and sha256 "
@@ -252,37 +300,46 @@ def plan_demo(
 ) -> list[DemoStep]:
     """What happens when, in seconds since the replay started (the first models are up then).
 
-    `models` are wine's, `penguin_models` penguins'. Each data type's models swap at equal
-    shares of the duration; a penguins swap that would come within `DEMO_PLAN_GAP_S` of
-    another step comes later. The gated (wine) model comes half a share in, under the first
-    model, at least `DEMO_PLAN_GAP_S` after the malformed rows; the tampered one half a
-    share after wine's first swap (between the first two with three models); the (wine)
-    drift burst comes late, under the last wine model, and ends early enough for its drift
-    window to close (and be reported) before the replay stops.
+    `models` are wine's, `penguin_models` penguins'. Wine, in this order, at fixed shares of
+    the duration (each step at least `DEMO_PLAN_GAP_S` after the one before): the malformed
+    rows, the gated model (under the first model), the second model canaried (the judge
+    promotes it), the tampered model, the bad model (the second model's features reversed,
+    or the first's with one model) canaried (the judge rolls it back), the other models
+    swapped in, and the drift burst late, under the last model, ending early enough for its
+    drift window to close before the replay stops. A canary needs the judge's decision
+    before wine's plan changes again: the demo holds the steps that change it until then
+    (`DemoStep.changes_plan`); the shares leave the judge room at the documented durations
+    and rates. Penguins' models swap at equal shares of the duration; a swap that would
+    come within `DEMO_PLAN_GAP_S` of another step comes later.
     """
     n = len(models)
-    share = duration_s / n
+    gap = DEMO_PLAN_GAP_S
     bad_rows_at = min(2.0, duration_s / 10)
     steps = [DemoStep(bad_rows_at, "bad_rows")]
-    steps += [DemoStep(round(k * share, 1), "swap", models[k]) for k in range(1, n)]
-    gate_at = max(0.5 * share if n > 1 else duration_s / 4, bad_rows_at + DEMO_PLAN_GAP_S)
-    steps.append(DemoStep(round(gate_at, 1), "gate", DEMO_GATED))
-    tampered_at = 1.5 * share if n > 1 else duration_s / 2
-    steps.append(DemoStep(round(tampered_at, 1), "tampered", DEMO_TAMPERED))
-    last_swap = (n - 1) * share if n > 1 else 0.0
+    at = max(0.1 * duration_s, bad_rows_at + gap)
+    steps.append(DemoStep(round(at, 1), "gate", DEMO_GATED))
+    if n > 1:
+        at = max(0.2 * duration_s, at + gap)
+        steps.append(DemoStep(round(at, 1), "canary", models[1]))
+    at = max(0.3 * duration_s, at + gap)
+    steps.append(DemoStep(round(at, 1), "tampered", DEMO_TAMPERED))
+    at = max(0.45 * duration_s, at + gap)
+    steps.append(DemoStep(round(at, 1), "bad_canary", models[min(1, n - 1)]))
+    rest = models[2:]
+    for k, model in enumerate(rest, 1):
+        at = max(0.55 * duration_s + k * 0.15 * duration_s / len(rest), at + gap)
+        steps.append(DemoStep(round(at, 1), "swap", model))
     burst = round(min(drift_window_s, 0.15 * duration_s), 1)
-    start = round(max(last_swap + 1.0, 0.7 * duration_s), 1)
+    start = round(max(at + 1.0, 0.75 * duration_s), 1)
     start = min(start, max(0.0, duration_s - burst))
     steps.append(DemoStep(start, "shift", seconds=burst))
     taken = [s.at_s for s in steps]
     for k in range(1, len(penguin_models)):
         at = round(k * duration_s / len(penguin_models), 1)
-        while any(abs(at - t) < DEMO_PLAN_GAP_S for t in taken) and at + DEMO_PLAN_GAP_S < (
-            duration_s
-        ):
-            at = round(at + DEMO_PLAN_GAP_S, 1)
+        while any(abs(at - t) < gap for t in taken) and at + gap < duration_s:
+            at = round(at + gap, 1)
         taken.append(at)
-        steps.append(DemoStep(at, "swap", penguin_models[k]))
+        steps.append(DemoStep(at, "swap", penguin_models[k], data_type=PENGUINS))
     return sorted(steps, key=lambda s: s.at_s)
 
 
@@ -349,11 +406,41 @@ class DemoSigner:
         shutil.copyfile(public, trusted / public.name)
         return cls(key, key_id, trusted)
 
-    def signed(self, entry: CatalogEntry) -> pb.ModelDescriptor:
-        """A catalog model's descriptor, signed."""
+    def signed(self, entry: CatalogEntry, *, staged: bool = False) -> pb.ModelDescriptor:
+        """A catalog model's descriptor, signed; with `staged`, loaded to serve nothing until
+        a plan command names it (the stage is signed like the rest)."""
         desc = entry.descriptor()
+        if staged:
+            desc.stage = "staged"
         sign(desc, self.key)
         return desc
+
+
+def reversed_descriptor(entry: CatalogEntry, key: Ed25519PrivateKey) -> pb.ModelDescriptor:
+    """A new version of a catalog model (`<version>-reversed`) whose input features are
+    listed in reverse order, staged and signed: a wrong feature mapping, as a publishing
+    script might make it. Signed by a trusted key and of the right names and number of
+    inputs, it installs; it scores every record, badly, and only the labels tell."""
+    desc = entry.descriptor(version=f"{entry.version}{DEMO_REVERSED_SUFFIX}")
+    desc.input_features[:] = list(reversed(desc.input_features))
+    desc.stage = "staged"
+    desc.description = f"{entry.name} with its input features in reverse order (a bad model)"
+    sign(desc, key)
+    return desc
+
+
+def canary_command(data_type: str, candidate: str, reason: str) -> pb.PlanCommand:
+    """The demo's CANARY command: `candidate` (name:version, installed staged) on
+    `DEMO_CANARY_WEIGHT` of the records beside the active model, as `waxserve plan
+    DATA_TYPE canary CANDIDATE=0.5` sends it."""
+    return pb.PlanCommand(
+        data_type=data_type,
+        action=pb.CANARY,
+        variants=[pb.PlanVariant(model=candidate, weight=DEMO_CANARY_WEIGHT)],
+        actor=DEMO_ACTOR,
+        reason=reason,
+        issued_at_ms=time.time_ns() // 1_000_000,
+    )
 
 
 # --- the records -------------------------------------------------------------------------
@@ -518,7 +605,8 @@ class ReplayStream:
 
     def next_message(self, *, shift: bool, event_time_ms: int) -> tuple[bytes, bytes, OutHeaders]:
         """The next record as key, value and headers; with `shift`, drifted if it can be."""
-        if self._extra:
+        injected = bool(self._extra)
+        if injected:
             record_id, raw = self._extra.popleft()
             self.injected += 1
         else:
@@ -543,7 +631,8 @@ class ReplayStream:
             raw, record_id=record_id, event_time_ms=event_time_ms
         )
         self.produced += 1
-        if self._labeller is not None:
+        # The injected rows are malformed on purpose: dead letters, with no label to send.
+        if self._labeller is not None and not injected:
             label, label_headers, ok = self._labeller.encode(
                 raw, record_id=record_id, event_time_ms=event_time_ms
             )
@@ -607,6 +696,11 @@ class DemoReplay:
         """Shift `DEMO_SHIFT_FEATURE` by `DEMO_SHIFT_DELTA` in the records of the next seconds
         (of the data types that have it)."""
         self._shift_until = time.monotonic() + seconds
+
+    @property
+    def shifting(self) -> bool:
+        """Whether a drift burst is under way."""
+        return time.monotonic() < self._shift_until
 
     def stop(self, *, wait: bool = True) -> None:
         """Stop sending; with `wait`, until what was sent is delivered (or failed)."""
@@ -697,21 +791,44 @@ def percentile(histogram: collections.Counter[int], q: float) -> int | None:
 @dataclasses.dataclass(frozen=True)
 class TimelineEntry:
     """A control event: when, what (installed, rejected, restored; contract_installed,
-    contract_rejected), which model or contract, for which data type."""
+    contract_rejected; plan_changed, plan_rejected), which model or contract, for which
+    data type."""
 
     at_ms: int
     kind: str
     data_type: str
-    model: str  # name:version, or "contract v<N>"
+    model: str
+    """name:version; "contract v<N>"; for a plan event the active model after it ("" if
+    none)."""
     reason: str = ""
     signer: str = ""
     """Models: the key id the descriptor was signed with (claimed, for a rejected one)."""
     message: str = ""
+    """Why: the gate's worst rows; a plan command's reason (the judge's evidence)."""
+    staged: bool = False
+    """An installed model that serves nothing until a plan command names it."""
+    action: str = ""
+    """Plan events: the command's action (canary, promote, rollback, ...)."""
+    actor: str = ""
+    """Plan events: who sent the command."""
+    plan: str = ""
+    """The plan in effect after the event, in a line (events that carry one)."""
 
     @property
     def is_model(self) -> bool:
-        """Whether it is about a model (not a contract)."""
-        return not self.kind.startswith("contract_")
+        """Whether it is about a model being installed or rejected (not a contract, not a
+        plan command)."""
+        return not self.kind.startswith(("contract_", "plan_"))
+
+    @property
+    def is_plan(self) -> bool:
+        """Whether it answers a plan command."""
+        return self.kind.startswith("plan_")
+
+    @property
+    def by_judge(self) -> bool:
+        """Whether it is the rollout judge's decision."""
+        return self.is_plan and self.actor == JUDGE_ACTOR
 
 
 def _header_text(headers: Sequence[tuple[str, bytes | str | None]]) -> dict[str, str]:
@@ -827,13 +944,25 @@ class DemoStats:
     rejected_control: collections.Counter[str] = dataclasses.field(
         default_factory=collections.Counter
     )
-    """Dead letters from other topics (descriptors and contracts on the control topic), by
-    error class."""
+    """Dead letters from other topics (descriptors, contracts and plan commands on the
+    control topic), by error class."""
+    feedback_topic: str = ""
+    """Where the labels go: its dead letters are `rejected_labels`."""
+    rejected_labels: collections.Counter[str] = dataclasses.field(
+        default_factory=collections.Counter
+    )
+    """Dead letters from the feedback topic (labels that are no label), by error class."""
     undecodable: int = 0
     current: dict[str, str] = dataclasses.field(default_factory=dict)
     """Data type -> name:version of the model serving it (per the events topic)."""
     signers: dict[str, str] = dataclasses.field(default_factory=dict)
     """Data type -> the key id that signed the model serving it ("": unsigned)."""
+    plans: dict[str, str] = dataclasses.field(default_factory=dict)
+    """Data type -> its serving plan in a line (per the latest event that carries one)."""
+    online: dict[str, pb.OnlineQuality] = dataclasses.field(default_factory=dict)
+    """name:version -> its online quality since install, on the labels joined so far."""
+    model_signers: dict[str, str] = dataclasses.field(default_factory=dict)
+    """name:version -> the key id that signed it, of the models installed."""
     timeline: list[TimelineEntry] = dataclasses.field(default_factory=list)
     model_us: dict[str, float] = dataclasses.field(default_factory=dict)
     """name:version -> mean model time per record (µs) from the latest serving stats."""
@@ -916,7 +1045,10 @@ class DemoStats:
         topic = headers.get("waxserve.source.topic", "")
         data_type = self.record_topics.get(topic)
         if data_type is None:
-            self.rejected_control[reason] += 1
+            if topic and topic == self.feedback_topic:
+                self.rejected_labels[reason] += 1
+            else:
+                self.rejected_control[reason] += 1
             return
         try:
             position: Position | None = (
@@ -929,14 +1061,16 @@ class DemoStats:
         self.tally(data_type).add_dead(position, reason)
 
     def add_event(self, event: pb.ModelEvent) -> None:
-        """A control event: a model installed, rejected or restored; a contract installed
-        or rejected."""
+        """A control event: a model installed (serving or staged), rejected or restored; a
+        contract installed or rejected; a plan command applied or refused."""
         contract = event.kind.startswith("contract_")
-        what = (
-            f"contract v{event.contract_version}"
-            if contract
-            else f"{event.model_name}:{event.model_version}"
-        )
+        if contract:
+            what = f"contract v{event.contract_version}"
+        elif event.model_name:
+            what = f"{event.model_name}:{event.model_version}"
+        else:
+            what = ""  # a plan command refused, or one that leaves no model active
+        staged = event.kind == "installed" and event.message.startswith("staged")
         entry = TimelineEntry(
             event.at_ms,
             event.kind,
@@ -945,12 +1079,27 @@ class DemoStats:
             event.reason,
             signer=event.signer_key_id,
             message=event.message,
+            staged=staged,
+            action=event.plan_action,
+            actor=event.actor,
+            plan=event.plan,
         )
         self.timeline.append(entry)
-        if event.kind in ("installed", "restored"):
+        if event.plan:
+            self.plans[event.data_type] = event.plan
+        if entry.is_plan:
+            self._add_plan_event(entry)
+        elif event.kind in ("installed", "restored"):
+            self.model_signers[what] = event.signer_key_id
+            signed = f", {_signed(event.signer_key_id)}"
+            if staged:
+                self.notes.append(
+                    f"installed {what} for {event.data_type} staged (it serves when a plan "
+                    f"names it){signed}"
+                )
+                return
             self.current[event.data_type] = what
             self.signers[event.data_type] = event.signer_key_id
-            signed = f", {_signed(event.signer_key_id)}"
             gate = f"; {event.gate}" if event.gate else ""
             self.notes.append(f"{event.kind} {what} for {event.data_type}{signed}{gate}")
         elif event.kind == "contract_installed":
@@ -965,6 +1114,55 @@ class DemoStats:
                 f"{serving} keeps serving {event.data_type}{why}"
             )
 
+    def _add_plan_event(self, entry: TimelineEntry) -> None:
+        data_type = entry.data_type
+        by = f"{entry.action or 'plan'} by {entry.actor or '?'}"
+        if entry.kind == "plan_rejected":
+            self.notes.append(
+                f"refused {by} for {data_type} ({entry.reason or '?'}: {entry.message}); the "
+                f"plan stays {entry.plan or '?'}"
+            )
+            return
+        if entry.model:  # the active model after it
+            self.current[data_type] = entry.model
+            self.signers[data_type] = self.model_signers.get(entry.model, "")
+        note = f"plan for {data_type}: {entry.plan} ({by})"
+        if entry.by_judge:
+            took = self.canary_took_s(entry)
+            after = f", {took:.1f} s into the canary" if took is not None else ""
+            note = f"THE ROLLOUT JUDGE: {entry.action}{after}: plan for {data_type}: {entry.plan}"
+        if entry.message:
+            note += f"\n{entry.message}"  # the reason; the judge's: its evidence
+        self.notes.append(note)
+
+    def canary_started(self, candidate: str) -> TimelineEntry | None:
+        """The plan change that put `candidate` (name:version) in a canary, if seen."""
+        prefix = f"canary {candidate} "
+        return next(
+            (e for e in self.timeline if e.kind == "plan_changed" and e.plan.startswith(prefix)),
+            None,
+        )
+
+    def judge_decision(self, candidate: str) -> TimelineEntry | None:
+        """The rollout judge's decision (applied) on the canary of `candidate`, if seen."""
+        prefix = f"canary {candidate} against "
+        return next(
+            (
+                e
+                for e in self.timeline
+                if e.kind == "plan_changed" and e.by_judge and e.message.startswith(prefix)
+            ),
+            None,
+        )
+
+    def canary_took_s(self, decision: TimelineEntry) -> float | None:
+        """Seconds from the canary's start to the judge's `decision` on it."""
+        candidate = decision.message.removeprefix("canary ").partition(" against ")[0]
+        started = self.canary_started(candidate)
+        if started is None:
+            return None
+        return (decision.at_ms - started.at_ms) / 1000
+
     def add_drift(self, drift: pb.DriftMetrics) -> None:
         """A drift window."""
         self.tally(drift.data_type).add_drift(drift)
@@ -978,7 +1176,10 @@ class DemoStats:
 
     def add_stats(self, stats: pb.ServingStats) -> None:
         """A serving-stats window."""
-        self.model_us[f"{stats.model_name}:{stats.model_version}"] = stats.mean_duration_us
+        model = f"{stats.model_name}:{stats.model_version}"
+        self.model_us[model] = stats.mean_duration_us
+        if stats.model_name and stats.feedback_total.labelled_count:
+            self.online[model] = stats.feedback_total
 
     # --- reading ---------------------------------------------------------------------
 
@@ -1112,6 +1313,8 @@ class DemoPromises:
     """name:version of the models swapped in mid-stream: each must install."""
     drift_burst: bool = False
     """Whether the drift burst was sent: a wine drift alarm must hold its records."""
+    canaries: dict[str, CanaryExpectation] = dataclasses.field(default_factory=dict)
+    """name:version of each candidate canaried -> what the rollout judge must decide."""
 
     def check(self, stats: DemoStats, outcome: DemoOutcome) -> list[Promise]:
         """Each promise, kept or broken."""
@@ -1125,6 +1328,7 @@ class DemoPromises:
         promises = [accounted, self._signed(stats)]
         promises += [self._installed(stats, model) for model in self.swaps]
         promises += [self._rejected(stats, m, r) for m, r in self.rejections.items()]
+        promises += [self._judged(stats, m, e) for m, e in self.canaries.items()]
         if self.drift_burst:
             promises.append(
                 Promise(
@@ -1157,6 +1361,38 @@ class DemoPromises:
         kept = any(e.kind == "rejected" and e.reason == reason for e in seen)
         kept = kept and not any(e.kind in ("installed", "restored") for e in seen)
         return Promise(f"{model} rejected: {reason}", kept, _found(seen))
+
+    @staticmethod
+    def _judged(stats: DemoStats, candidate: str, expected: CanaryExpectation) -> Promise:
+        decision = stats.judge_decision(candidate)
+        text = (
+            f"{candidate} canaried: {expected.verb} by the rollout judge, "
+            f"{expected.serving} serving after"
+        )
+        if decision is None:
+            started = stats.canary_started(candidate)
+            detail = "no decision from the rollout judge" + (
+                "" if started is not None else "; the canary never started"
+            )
+            refused = [e for e in stats.timeline if e.kind == "plan_rejected"]
+            detail += "".join(f"; refused {e.action}: {e.message}" for e in refused)
+            return Promise(text, False, detail)
+        kept = decision.action == expected.action and decision.model == expected.serving
+        detail = f"the judge's decision: {decision.action}, {decision.model or 'nothing'} serving"
+        return Promise(text, kept, detail)
+
+
+@dataclasses.dataclass(frozen=True)
+class CanaryExpectation:
+    """What the rollout judge must decide about a canary the demo starts."""
+
+    action: str  # "promote" or "rollback": the plan_action of the judge's command
+    serving: str  # name:version of the model serving alone after the decision
+
+    @property
+    def verb(self) -> str:
+        """The decision as a past participle."""
+        return {"promote": "promoted", "rollback": "rolled back"}.get(self.action, self.action)
 
 
 def _found(events: Sequence[TimelineEntry]) -> str:
@@ -1209,6 +1445,16 @@ def _drift_text(stats: DemoStats, tally: TypeTally) -> str:
     )
 
 
+def _online_text(quality: pb.OnlineQuality) -> str:
+    """A model's online quality in a few words: labels joined, RMSE or accuracy."""
+    figure = ""
+    if quality.HasField("rmse"):
+        figure = f", rmse {quality.rmse:.2f}"
+    elif quality.HasField("accuracy"):
+        figure = f", accuracy {quality.accuracy:.1%}"
+    return f"labelled {quality.labelled_count:,}{figure}"
+
+
 def render_panel(stats: DemoStats, view: DemoView) -> list[str]:
     """The live panel (a terminal redraws it in place once a second)."""
     phase = f"  [{view.phase}]" if view.phase else ""
@@ -1228,11 +1474,16 @@ def render_panel(stats: DemoStats, view: DemoView) -> list[str]:
             f"  {data_type:<9} sent {view.sent.get(data_type, 0):,}  scored {tally.scored:,}"
             f"  dead-lettered {tally.dead:,}  serving {serving}"
         )
+        plan = stats.plans.get(data_type)
+        if plan:
+            lines.append(f"    plan    {plan}")
         label = "    scored  "
         for model, count in tally.scored_by_model.items():
             us = stats.model_us.get(model)
             timing = f"  model call {us:,.0f} us/record" if us is not None else ""
-            lines.append(f"{label}{model:<24} {count:>9,}{timing}")
+            online = stats.online.get(model)
+            quality = f"  {_online_text(online)}" if online is not None else ""
+            lines.append(f"{label}{model:<24} {count:>9,}{timing}{quality}")
             label = " " * len(label)
         lines.append(f"    DLQ     {_counts(tally.dead_by_class) or 'none'}")
         lines.append(f"    drift   {_drift_text(stats, tally)}")
@@ -1250,6 +1501,9 @@ def render_line(stats: DemoStats, view: DemoView) -> str:
         drift = tally.latest_drift
         psi = "-" if drift is None else f"{drift.max_psi:.2f}{' ALARM' if drift.alarm else ''}"
         model = stats.current.get(data_type, "-")
+        plan = stats.plans.get(data_type, "")
+        if plan and not plan.startswith("single "):  # a canary, a split, ...: all of it
+            model = f"[{plan}]"
         per_type.append(f"{data_type}={model} scored {tally.scored} dlq {tally.dead} psi {psi}")
     phase = f" [{view.phase}]" if view.phase else ""
     return (
@@ -1350,6 +1604,14 @@ def render_summary(
         lines.append(
             f"    dead-lettered    {tally.dead:>9,}   {_counts(tally.dead_by_class)}".rstrip()
         )
+        # Labels that arrived later, joined to each model's predictions (a model that
+        # scored no record of this data type has none).
+        online = {m: stats.online[m] for m in tally.scored_by_model if m in stats.online}
+        if online:
+            lines.append(
+                f"    online quality   {'':>9}   "
+                + "; ".join(f"{m} {_online_text(q)}" for m, q in online.items())
+            )
         lines.append(f"    latency          {_latency(tally.latency)}")
         drift = f"    drift windows    {tally.drift_windows:>9,}   alarms {len(tally.drift_alarms)}"
         if tally.drift_alarms:
@@ -1363,11 +1625,14 @@ def render_summary(
     lines.append("  timeline           (seconds since the replay started)")
     # Events come from several partitions of the events topic: put them in time order.
     for entry in sorted(stats.timeline, key=lambda e: e.at_ms):
+        if entry.is_plan:
+            lines += _plan_lines(stats, entry)
+            continue
         reason = f"  {entry.reason}" if entry.reason else ""
         if reason and entry.is_model:
             reason += ": the previous model kept serving"
         elif entry.kind in ("installed", "restored"):
-            reason = f"  {_signed(entry.signer)}"
+            reason = f"  {_signed(entry.signer)}" + (", staged" if entry.staged else "")
         kind = entry.kind.removeprefix("contract_")
         lines.append(
             f"    {stats.clock(entry.at_ms, 8)}  {kind:<9} {entry.model} for "
@@ -1380,7 +1645,12 @@ def render_summary(
     if stats.rejected_control:
         lines.append(
             f"  rejected control   {sum(stats.rejected_control.values()):>9,}   "
-            f"dead-lettered descriptors and contracts: {_counts(stats.rejected_control)}"
+            f"dead-lettered control messages: {_counts(stats.rejected_control)}"
+        )
+    if stats.rejected_labels:
+        lines.append(
+            f"  rejected labels    {sum(stats.rejected_labels.values()):>9,}   "
+            f"dead-lettered labels: {_counts(stats.rejected_labels)}"
         )
     if stats.undecodable:
         lines.append(f"  undecodable output {stats.undecodable:>9,}   messages")
@@ -1392,6 +1662,22 @@ def render_summary(
         lines.append(f"    {state}  {promise.text}{detail}")
     if outcome.failure:
         lines.append(f"  FAILED: {outcome.failure.splitlines()[0]}")
+    return lines
+
+
+def _plan_lines(stats: DemoStats, entry: TimelineEntry) -> list[str]:
+    """A plan event in the summary's timeline: the plan after it, who changed it and why."""
+    by = f"{entry.action or '?'} by {entry.actor or '?'}"
+    clock = stats.clock(entry.at_ms, 8)
+    if entry.kind == "plan_rejected":
+        head = f"    {clock}  {'refused':<9} {by} for {entry.data_type}  {entry.reason or '?'}"
+        return [head, f"{'':22}{entry.message}"] if entry.message else [head]
+    if entry.by_judge:
+        took = stats.canary_took_s(entry)
+        by += f", {took:.1f} s into the canary" if took is not None else ""
+    lines = [f"    {clock}  {'plan':<9} {entry.plan} for {entry.data_type}  {by}"]
+    if entry.message:
+        lines.append(f"{'':22}{entry.message}")  # the reason; the judge's: its evidence
     return lines
 
 
@@ -1450,9 +1736,11 @@ class LiveView:
 
 @dataclasses.dataclass(frozen=True)
 class DemoOptions:
-    """The demo's command-line options. `models` are the wine models served in turn
-    (`--models`), `penguin_models` the penguins ones (`--penguin-models`; empty: wine only);
-    `rate` is records per second of all data types together (shares: `DEMO_DATA`)."""
+    """The demo's command-line options. `models` are the wine models (`--models`): the
+    first serves from the start, the second is canaried (and should be promoted: a better
+    model), a reversed copy of it canaried (rolled back), the others swapped in, in turn;
+    `penguin_models` the penguins ones, served in turn (`--penguin-models`; empty: wine
+    only); `rate` is records per second of all data types together (shares: `DEMO_DATA`)."""
 
     duration_s: float = 40.0
     rate: float = 1000.0
@@ -1515,7 +1803,9 @@ def dataflow_env(
     env["WAXSERVE_RECORDS_TOPICS"] = config.records_topics
     env["WAXSERVE_STATS_INTERVAL_S"] = str(DEMO_STATS_INTERVAL_S)
     env["WAXSERVE_DRIFT_WINDOW_S"] = str(DEMO_DRIFT_WINDOW_S)
-    env.setdefault("WAXSERVE_FEEDBACK_DATA_TYPES", ",".join(DEMO_FEEDBACK_DATA_TYPES))
+    # The labels the demo sends are joined for these (whatever our settings say: the
+    # rollout judge decides the canaries on them).
+    env["WAXSERVE_FEEDBACK_DATA_TYPES"] = ",".join(DEMO_FEEDBACK_DATA_TYPES)
     if fetch_wait_ms is not None:
         env["WAXSERVE_FETCH_WAIT_MS"] = str(fetch_wait_ms)
     env["BYTEWAX_DATAFLOW_API_CACHE_PATH"] = str(workdir / "bytewax")
@@ -1527,6 +1817,15 @@ def dataflow_env(
     env.setdefault("WAXSERVE_STATE_ADDR", f"127.0.0.1:{_usual_or_free(STATE_PORT)}")
     env["PYTHONUNBUFFERED"] = "1"
     return env
+
+
+@dataclasses.dataclass(frozen=True)
+class Judging:
+    """A canary the demo started, until the rollout judge decides it."""
+
+    candidate: str  # name:version
+    since: float  # time.monotonic() when the demo sent the canary command
+    refused: int  # plan commands refused before it: one more means it was refused
 
 
 class Demo:
@@ -1552,7 +1851,10 @@ class Demo:
         self.workdir = Path(tempfile.mkdtemp(prefix="waxserve-demo-"))
         self.dataflow_log = self.workdir / "dataflow.log"
         self.view = LiveView(sys.stdout, quiet=options.quiet)
-        self.stats = DemoStats(record_topics=self.config.record_topic_defaults)
+        self.stats = DemoStats(
+            record_topics=self.config.record_topic_defaults,
+            feedback_topic=self.config.feedback_topic,
+        )
         self.broker: EmbeddedBroker | None = None
         self.dataflow: subprocess.Popen[bytes] | None = None
         self.consumer: Consumer | None = None
@@ -1571,6 +1873,10 @@ class Demo:
         """The "gate" step's descriptor (its golden set is computed before the replay)."""
         self.promises = DemoPromises(key_id="")
         """What the run promised so far (the steps add theirs), checked at the end."""
+        self.judging: Judging | None = None
+        """The canary the rollout judge has yet to decide."""
+        self._held_noted = False
+        self._extended = False
 
     # --- the run ---------------------------------------------------------------------
 
@@ -1803,13 +2109,63 @@ class Demo:
         self.replay.start()
         files = " and ".join(f"{s.csv.name} ({s.contract.encoding}) to {s.topic}" for s in streams)
         self._say(f"replaying {files} in a loop (times below: seconds since now)")
-        while self.replay.seconds < self.options.duration_s:
+        while self._replaying():
             self._checkpoint()
             while self.plan and self.plan[0].at_s <= self.replay.seconds:
+                if self.plan[0].changes_plan and self._awaiting_judge():
+                    self._note_held(self.plan[0])
+                    break
                 self._do(self.plan.popleft())
             self._pump(0.1)
             self._check_children()
             self._maybe_update()
+
+    def _replaying(self) -> bool:
+        """Until --duration, and on while steps wait for the judge (the last canary too:
+        it decides on the labels of records still to come) or a late drift burst lasts."""
+        replay = self.replay
+        assert replay is not None
+        if replay.seconds < self.options.duration_s:
+            return True
+        waiting = bool(self.plan) or self._awaiting_judge()
+        if waiting and not self._extended:
+            self._extended = True
+            judging = self.judging
+            why = (
+                f"the rollout judge has yet to decide the canary of {judging.candidate}"
+                if judging is not None
+                else "steps of the plan are left"
+            )
+            self._event(f"the replay goes on past --duration: {why}")
+        return waiting or replay.shifting
+
+    def _awaiting_judge(self) -> bool:
+        """Whether the canary the demo started last still waits for the rollout judge's
+        decision (neither decided nor refused, for at most DEMO_JUDGE_TIMEOUT_S)."""
+        judging = self.judging
+        if judging is None:
+            return False
+        refused = sum(e.kind == "plan_rejected" for e in self.stats.timeline)
+        if self.stats.judge_decision(judging.candidate) is not None or refused > judging.refused:
+            self.judging = None
+        elif time.monotonic() - judging.since > DEMO_JUDGE_TIMEOUT_S:
+            self._event(
+                f"the rollout judge did not decide the canary of {judging.candidate} within "
+                f"{DEMO_JUDGE_TIMEOUT_S:g} s: going on without its decision"
+            )
+            self.judging = None
+        self._held_noted = self._held_noted and self.judging is not None
+        return self.judging is not None
+
+    def _note_held(self, step: DemoStep) -> None:
+        if self._held_noted:
+            return
+        self._held_noted = True
+        candidate = self.judging.candidate if self.judging else "?"
+        self._event(
+            f"holding the next step ({step.action} {step.model}) until the rollout judge "
+            f"decides the canary of {candidate}: a new plan would end it"
+        )
 
     def _catch_up(self, timeout: float, phase: str, *, interruptible: bool = True) -> None:
         """Stop the replay; read until every record sent is scored or dead-lettered, and every
@@ -1908,6 +2264,8 @@ class Demo:
             self._event(
                 f"published {desc.name}:{desc.version} for {desc.data_type}, signed (model swap)"
             )
+        elif step.action in ("canary", "bad_canary"):
+            self._canary(step)
         elif step.action == "tampered":
             desc = tampered_descriptor(
                 self.catalog[step.model], self.catalog[DEMO_SWAPPED_IN], self.signer.key
@@ -1933,6 +2291,38 @@ class Demo:
                 f"{DEMO_SHIFT_FEATURE} {DEMO_SHIFT_DELTA:+g} in the {WINE} records of the next "
                 f"{step.seconds:g} s (drift)"
             )
+
+    def _canary(self, step: DemoStep) -> None:
+        """Publish the candidate staged (loaded, serving nothing), then a CANARY command on
+        the control topic: the rollout judge must decide, on the labels, by itself."""
+        # Here, not at the top: plan_cli imports cli, which imports this module.
+        from dataflows.tools.plan_cli import send_plan
+
+        assert self.signer is not None
+        entry = self.catalog[step.model]
+        if step.action == "canary":
+            desc = self.signer.signed(entry, staged=True)
+            candidate = f"{desc.name}:{desc.version}"
+            expected = CanaryExpectation("promote", candidate)
+            what = "a good candidate"
+        else:
+            desc = reversed_descriptor(entry, self.signer.key)
+            candidate = f"{desc.name}:{desc.version}"
+            # Rolled back, the model it is a bad copy of serves on.
+            expected = CanaryExpectation("rollback", f"{entry.name}:{entry.version}")
+            what = f"{entry.name}:{entry.version} with its input features reversed, a bad model"
+        send_control(self.config, desc)
+        self.published.append(candidate)
+        reason = f"{what}: on {DEMO_CANARY_WEIGHT:.0%} until the rollout judge decides"
+        refused = sum(e.kind == "plan_rejected" for e in self.stats.timeline)
+        send_plan(self.config, canary_command(WINE, candidate, reason))
+        self.promises.canaries[candidate] = expected
+        self.judging = Judging(candidate, time.monotonic(), refused)
+        self._event(
+            f"published {candidate} for {WINE} staged, signed ({what}), and sent: canary "
+            f"{candidate}={DEMO_CANARY_WEIGHT:g} by {DEMO_ACTOR}: the rollout judge must "
+            f"{'promote it' if expected.action == 'promote' else 'roll it back'}"
+        )
 
     # --- reading the outputs ---------------------------------------------------------
 
@@ -2042,6 +2432,7 @@ class Demo:
         topics = [
             config.control_topic,
             config.marker_topic,
+            config.feedback_topic,
             *config.record_topic_defaults,
             *config.output_topics,
         ]

@@ -8,8 +8,10 @@ import itertools
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
+import time
 from collections import Counter
 from pathlib import Path
 
@@ -17,16 +19,24 @@ import pytest
 from flowtools import control_batch
 
 from dataflows.contracts.codecs import codec_for
+from dataflows.contracts.schema import Contract
 from dataflows.control.registry import DataTypeTable, Registry, decode_control
 from dataflows.control.signing import SignaturePolicy, TrustedKeys, verify
 from dataflows.core.config import Config
 from dataflows.core.descriptors import load_catalog, sha256_hex
+from dataflows.core.events import JUDGE_ACTOR
+from dataflows.monitoring.feedback import feedback_contract
 from dataflows.tools.demo import (
+    DEMO_ACTOR,
+    DEMO_CANARY_WEIGHT,
     DEMO_GATED,
     DEMO_GATED_BYTES,
     DEMO_GATED_VERSION,
+    DEMO_JUDGE_TIMEOUT_S,
+    DEMO_LABEL_DELAY_S,
     DEMO_PENGUIN_MODELS,
     DEMO_PLAN_GAP_S,
+    DEMO_REVERSED_SUFFIX,
     DEMO_SHIFT_DELTA,
     DEMO_SHIFT_FEATURE,
     DEMO_SWAPPED_IN,
@@ -34,18 +44,22 @@ from dataflows.tools.demo import (
     ERROR_CSV,
     PENGUINS_CSV,
     WINE_CSV,
+    CanaryExpectation,
+    Demo,
     DemoOptions,
     DemoOutcome,
     DemoPromises,
     DemoSigner,
     DemoStats,
     DemoView,
+    Judging,
     LiveView,
     ReplayStream,
     SentCounts,
     _demo_catalog,
     burst_alarms,
     burst_reported,
+    canary_command,
     dataflow_env,
     demo_config,
     demo_contract,
@@ -56,6 +70,7 @@ from dataflows.tools.demo import (
     render_line,
     render_panel,
     render_summary,
+    reversed_descriptor,
     route_records,
     shift_feature,
     shuffled_lines,
@@ -140,6 +155,44 @@ def event(
         signer_key_id=signer if model else "",
         message=message,
     )
+
+
+def plan_event(
+    plan: str,
+    action: str,
+    actor: str = DEMO_ACTOR,
+    *,
+    active: str = "wine-lr:1",
+    at_ms: int = T0_MS,
+    message: str = "",
+    number: int = 2,
+) -> pb.ModelEvent:
+    name, _, version = active.partition(":")
+    return pb.ModelEvent(
+        kind="plan_changed",
+        data_type="wine",
+        model_name=name,
+        model_version=version,
+        at_ms=at_ms,
+        message=message,
+        plan_action=action,
+        actor=actor,
+        plan=plan,
+        plan_number=number,
+    )
+
+
+GBT_CANARY = "canary wine-gbt:1 0.50 over wine-lr:1 0.50"
+PROMOTED = (
+    "canary wine-gbt:1 against wine-lr:1: candidate loss 0.1653 vs primary 0.2663 over "
+    "201/1,868 records: not worse by more than 0.05 (log LR 22.5 >= 3.0): promote"
+)
+BAD = f"wine-gbt:1{DEMO_REVERSED_SUFFIX}"
+BAD_CANARY = f"canary {BAD} 0.50 over wine-gbt:1 0.50"
+ROLLED_BACK = (
+    f"canary {BAD} against wine-gbt:1: candidate loss 0.5702 vs primary 0.1741 over "
+    "200/1,541 records: worse than primary (log LR 110.9 >= 3.0): roll back"
+)
 
 
 def drift(
@@ -502,6 +555,183 @@ def test_promises_are_kept_only_by_the_events_that_keep_them() -> None:
     )
 
 
+def _canary_stats() -> DemoStats:
+    """wine-gbt canaried and promoted by the judge, then the reversed copy canaried and
+    rolled back: the events as the registry sends them."""
+    stats = _finished_stats()
+    stats.add_event(event("installed", "wine-gbt", at_ms=T0_MS + 4000, message="staged: x"))
+    stats.add_event(plan_event(GBT_CANARY, "canary", at_ms=T0_MS + 4100, message="good"))
+    stats.add_event(
+        plan_event(
+            "single wine-gbt:1",
+            "promote",
+            JUDGE_ACTOR,
+            active="wine-gbt:1",
+            at_ms=T0_MS + 7200,
+            message=PROMOTED,
+            number=3,
+        )
+    )
+    stats.add_event(
+        event("installed", "wine-gbt", "1-reversed", at_ms=T0_MS + 9000, message="staged: x")
+    )
+    stats.add_event(
+        plan_event(BAD_CANARY, "canary", active="wine-gbt:1", at_ms=T0_MS + 9100, number=4)
+    )
+    stats.add_event(
+        plan_event(
+            "single wine-gbt:1",
+            "rollback",
+            JUDGE_ACTOR,
+            active="wine-gbt:1",
+            at_ms=T0_MS + 12_600,
+            message=ROLLED_BACK,
+            number=5,
+        )
+    )
+    return stats
+
+
+def test_plan_events_move_the_serving_model_and_the_timeline_says_who_and_why() -> None:
+    stats = _finished_stats()
+    stats.take_notes()
+    # A staged model installed serves nothing: wine-lr:1 still serves.
+    stats.add_event(event("installed", "wine-gbt", at_ms=T0_MS + 4000, message="staged: x"))
+    assert stats.current["wine"] == "wine-lr:1"
+    stats.add_event(plan_event(GBT_CANARY, "canary", at_ms=T0_MS + 4100, message="good"))
+    assert stats.plans["wine"] == GBT_CANARY and stats.current["wine"] == "wine-lr:1"
+    stats.add_event(
+        plan_event(
+            "single wine-gbt:1",
+            "promote",
+            JUDGE_ACTOR,
+            active="wine-gbt:1",
+            at_ms=T0_MS + 7200,
+            message=PROMOTED,
+            number=3,
+        )
+    )
+    # The judge's promotion: wine-gbt:1 serves, signed by the key that signed it.
+    assert stats.current["wine"] == "wine-gbt:1" and stats.signers["wine"] == KEY_ID
+    assert stats.plans["wine"] == "single wine-gbt:1"
+    notes = stats.take_notes()
+    assert notes[0] == (
+        f"installed wine-gbt:1 for wine staged (it serves when a plan names it), signed by {KEY_ID}"
+    )
+    assert notes[1] == f"plan for wine: {GBT_CANARY} (canary by {DEMO_ACTOR})\ngood"
+    assert notes[2] == (
+        "THE ROLLOUT JUDGE: promote, 3.1 s into the canary: plan for wine: single wine-gbt:1"
+        f"\n{PROMOTED}"
+    )
+    # Plan events decide no model's outcome (the summary waits for those).
+    assert stats.settled(["wine-gbt:1"]) and not stats.settled(["wine-gbt:2"])
+    assert stats.judge_decision("wine-gbt:1") is stats.timeline[-1]
+    assert stats.judge_decision(BAD) is None and stats.canary_started(BAD) is None
+    refused = pb.ModelEvent(
+        kind="plan_rejected",
+        data_type="wine",
+        at_ms=T0_MS + 8000,
+        reason="bad_plan",
+        message="canary names wine-x:1, which is not installed",
+        plan_action="canary",
+        actor=DEMO_ACTOR,
+        plan="single wine-gbt:1",
+        plan_number=3,
+    )
+    stats.add_event(refused)
+    assert stats.current["wine"] == "wine-gbt:1"  # a refused command changes nothing
+    assert stats.take_notes() == [
+        f"refused canary by {DEMO_ACTOR} for wine (bad_plan: canary names wine-x:1, which is "
+        "not installed); the plan stays single wine-gbt:1"
+    ]
+    text = "\n".join(render_summary(stats, _outcome(9, 4)))
+    timeline = text[text.index("timeline") :]
+    assert f"+4.0 s  installed wine-gbt:1 for wine  signed by {KEY_ID}, staged\n" in timeline
+    assert f"+4.1 s  plan      {GBT_CANARY} for wine  canary by {DEMO_ACTOR}\n" in timeline
+    assert (
+        f"+7.2 s  plan      single wine-gbt:1 for wine  promote by {JUDGE_ACTOR}, 3.1 s into "
+        f"the canary\n{' ' * 22}{PROMOTED}\n"
+    ) in timeline
+    assert (
+        f"+8.0 s  refused   canary by {DEMO_ACTOR} for wine  bad_plan\n{' ' * 22}canary names"
+    ) in timeline
+    panel = "\n".join(render_panel(stats, _view()))
+    assert "serving wine-gbt:1 (signed by" in panel and "    plan    single wine-gbt:1" in panel
+    assert "wine=wine-gbt:1 scored" in render_line(stats, _view())
+    stats.add_event(plan_event(BAD_CANARY, "canary", active="wine-gbt:1", number=4))
+    assert f"wine=[{BAD_CANARY}] scored" in render_line(stats, _view())
+    assert f"    plan    {BAD_CANARY}" in "\n".join(render_panel(stats, _view()))
+
+
+def test_canary_promises_are_kept_only_by_the_judges_decision() -> None:
+    promises = DemoPromises(KEY_ID)
+    promises.canaries["wine-gbt:1"] = CanaryExpectation("promote", "wine-gbt:1")
+    promises.canaries[BAD] = CanaryExpectation("rollback", "wine-gbt:1")
+    texts = [
+        "wine-gbt:1 canaried: promoted by the rollout judge, wine-gbt:1 serving after",
+        f"{BAD} canaried: rolled back by the rollout judge, wine-gbt:1 serving after",
+    ]
+    kept = promises.check(_canary_stats(), _outcome(9, 4))[-2:]
+    assert [(p.text, p.kept) for p in kept] == [(texts[0], True), (texts[1], True)]
+    text = "\n".join(render_summary(_canary_stats(), _outcome(9, 4), kept))
+    assert f"kept    {texts[0]}" in text and f"kept    {texts[1]}" in text
+    assert f"rollback by {JUDGE_ACTOR}, 3.5 s into the canary\n{' ' * 22}{ROLLED_BACK}" in text
+
+    # Not kept by: no decision; a decision by someone else; the other decision; another
+    # model left serving.
+    stats = _finished_stats()
+    stats.add_event(plan_event(GBT_CANARY, "canary"))
+    broken = promises.check(stats, _outcome(9, 4))[-2:]
+    assert [p.kept for p in broken] == [False, False]
+    assert broken[0].detail == "no decision from the rollout judge"
+    assert broken[1].detail == "no decision from the rollout judge; the canary never started"
+    by_hand = plan_event("single wine-gbt:1", "promote", "alice@laptop", active="wine-gbt:1")
+    by_hand.message = PROMOTED
+    stats.add_event(by_hand)
+    assert not promises.check(stats, _outcome(9, 4))[-2].kept
+    stats.add_event(plan_event("single wine-lr:1", "rollback", JUDGE_ACTOR, message=PROMOTED))
+    rolled_back = promises.check(stats, _outcome(9, 4))[-2]
+    assert not rolled_back.kept
+    assert rolled_back.detail == "the judge's decision: rollback, wine-lr:1 serving"
+    other = DemoPromises(KEY_ID, canaries={"wine-gbt:1": CanaryExpectation("promote", "x:1")})
+    assert not other.check(_canary_stats(), _outcome(9, 4))[-1].kept
+
+
+def test_online_quality_and_dead_lettered_labels_are_shown_apart() -> None:
+    stats = DemoStats(record_topics=TOPICS, t0_ms=T0_MS, feedback_topic="waxserve-feedback")
+    stats.add_event(event("installed", "wine-lr"))
+    stats.add_scored(scored(0))
+    window = pb.ServingStats(model_name="wine-lr", model_version="1", mean_duration_us=3.0)
+    stats.add_stats(window)
+    assert stats.online == {}  # no labels yet
+    window.feedback_total.labelled_count = 1234
+    window.feedback_total.rmse = 0.6543
+    stats.add_stats(window)
+    assert "wine-lr:1" in stats.online
+    label = dead_letter(5, "missing_field", topic="waxserve-feedback")
+    stats.add_dead_letter(label)
+    stats.add_dead_letter(dead_letter(0, "bad_signature", topic="waxserve-control"))
+    assert stats.rejected_labels == {"missing_field": 1}
+    assert stats.rejected_control == {"bad_signature": 1}
+    assert stats.tally("wine").dead == 0  # neither is a record
+    panel = "\n".join(render_panel(stats, _view()))
+    assert re.search(r"wine-lr:1 +1  model call 3 us/record  labelled 1,234, rmse 0.65", panel)
+    text = "\n".join(render_summary(stats, _outcome(1, 0)))
+    assert "online quality               wine-lr:1 labelled 1,234, rmse 0.65" in text
+    assert "rejected labels            1   dead-lettered labels: missing_field 1" in text
+    assert "rejected control           1   dead-lettered control messages: bad_signature 1" in text
+
+
+def _view() -> DemoView:
+    return DemoView(
+        elapsed_s=8.0,
+        duration_s=40,
+        sent={"wine": 10, "penguins": 4},
+        scored_per_s=1.0,
+        recent_latency=Counter({10: 1}),
+    )
+
+
 def test_live_panel_and_line_show_each_data_type() -> None:
     stats = _finished_stats()
     view = DemoView(
@@ -547,21 +777,26 @@ def test_live_view_redraws_on_a_terminal_and_appends_otherwise() -> None:
 # --- the plan -----------------------------------------------------------------------------
 
 
-def test_plan_swaps_both_sequences_and_places_the_drift_burst_under_the_last_wine_model() -> None:
+def test_plan_canaries_then_swaps_and_places_the_drift_burst_under_the_last_wine_model() -> None:
     plan = plan_demo(40, WINE_MODELS, drift_window_s=5, penguin_models=DEMO_PENGUIN_MODELS)
     steps = [(s.at_s, s.action, s.model) for s in plan]
     assert steps[0] == (2.0, "bad_rows", "")
-    assert (13.3, "swap", "wine-gbt") in steps and (26.7, "swap", "wine-pmml-lr") in steps
-    assert (6.7, "gate", DEMO_GATED) in steps  # under the first model
-    assert (20.0, "tampered", DEMO_TAMPERED) in steps
-    # Halfway, but the tampered model is there: a second later.
-    assert (21.0, "swap", "penguins-species-pmml") in steps
+    assert (4.0, "gate", DEMO_GATED) in steps  # under the first model
+    # The second model canaried (the judge promotes it), then a reversed copy of it (the
+    # judge rolls it back), then the third swapped in.
+    assert (8.0, "canary", "wine-gbt") in steps and (18.0, "bad_canary", "wine-gbt") in steps
+    assert (28.0, "swap", "wine-pmml-lr") in steps
+    assert (12.0, "tampered", DEMO_TAMPERED) in steps
+    assert (20.0, "swap", "penguins-species-pmml") in steps  # halfway
     (shift,) = [s for s in plan if s.action == "shift"]
-    assert shift.at_s > 26.7 and shift.seconds == 5 and shift.at_s + shift.seconds <= 40 - 5
+    assert shift.at_s > 28 and shift.seconds == 5 and shift.at_s + shift.seconds <= 40 - 5
     assert [s.at_s for s in plan] == sorted(s.at_s for s in plan)
     assert plan_demo(40, WINE_MODELS, drift_window_s=5) == [
         s for s in plan if not s.model.startswith("penguins")
     ]
+    # What changes wine's plan waits for the judge; the rest does not.
+    assert [s.action for s in plan if s.changes_plan] == ["canary", "bad_canary", "swap"]
+    assert [s.data_type for s in plan if s.action == "swap"] == ["penguins", "wine"]
 
 
 @pytest.mark.parametrize("duration", [12.0, 20.0, 40.0, 600.0])
@@ -574,35 +809,50 @@ def test_penguin_swaps_keep_clear_of_the_other_steps(
     plan = plan_demo(duration, WINE_MODELS, drift_window_s=5, penguin_models=penguins)
     swaps = [s for s in plan if s.model in penguins]
     assert [s.model for s in swaps] == list(penguins[1:])  # in order, each once
+    assert all(s.data_type == "penguins" and not s.changes_plan for s in swaps)
     others = [s.at_s for s in plan if s not in swaps]
     for swap in swaps:
         assert 0 < swap.at_s < duration
         assert all(abs(swap.at_s - t) >= DEMO_PLAN_GAP_S - 1e-9 for t in others)
 
 
-def test_single_models_still_get_the_trust_steps_and_the_drift_burst() -> None:
+def test_single_models_still_get_the_trust_steps_the_bad_canary_and_the_drift_burst() -> None:
     single = plan_demo(10, ["wine-lr"], drift_window_s=5, penguin_models=["penguins-species-onnx"])
-    assert [s.action for s in single] == ["bad_rows", "gate", "tampered", "shift"]
+    assert [s.action for s in single] == ["bad_rows", "gate", "tampered", "bad_canary", "shift"]
+    assert [s.model for s in single if s.action == "bad_canary"] == ["wine-lr"]  # reversed
     assert all(0 < s.at_s < 10 for s in single)
 
 
 @pytest.mark.parametrize("duration", [5.0, 12.0, 20.0, 40.0, 600.0])
 @pytest.mark.parametrize("models", [WINE_MODELS, WINE_MODELS[:2], WINE_MODELS[:1]])
-def test_every_plan_publishes_the_gated_and_the_tampered_model_once(
+def test_every_plan_publishes_the_gated_and_the_tampered_model_and_the_canaries_once(
     duration: float, models: list[str]
 ) -> None:
-    """At every duration (`just demo`: 40 s; the README's shorter one: 20 s; the end-to-end
-    test: 12 s), each promise has its step, within the replay, apart from the others."""
+    """At every duration (`just demo`: 40 s; the README's shorter one and the end-to-end
+    test: 20 s), each promise has its step, within the replay, apart from the others."""
     plan = plan_demo(duration, models, drift_window_s=5, penguin_models=DEMO_PENGUIN_MODELS)
     actions = [s.action for s in plan]
     assert actions.count("gate") == actions.count("tampered") == actions.count("shift") == 1
+    assert actions.count("bad_canary") == 1
+    assert actions.count("canary") == (1 if len(models) > 1 else 0)
     (gate,) = [s for s in plan if s.action == "gate"]
     (bad_rows,) = [s for s in plan if s.action == "bad_rows"]
     assert 0 < gate.at_s < duration and gate.at_s - bad_rows.at_s >= DEMO_PLAN_GAP_S - 1e-9
-    wine_steps = [s.at_s for s in plan if s.action != "swap" or s.model in models]
+    wine_steps = [s.at_s for s in plan if s.data_type == "wine"]
     assert len(set(wine_steps)) == len(wine_steps)  # one thing at a time
+    # Wine's plan changes in this order: the good canary, the bad one, the other models.
+    changes = [(s.action, s.model) for s in plan if s.changes_plan]
+    expected = [("canary", models[1])] if len(models) > 1 else []
+    expected += [("bad_canary", models[min(1, len(models) - 1)])]
+    assert changes == expected + [("swap", m) for m in models[2:]]
     if duration >= 12:  # the documented durations: the gated model comes under the first
-        assert all(gate.at_s < s.at_s for s in plan if s.action in ("swap", "tampered"))
+        assert all(gate.at_s < s.at_s for s in plan if s.changes_plan or s.action == "tampered")
+        assert all(s.at_s < duration for s in plan)
+    if duration >= 20:
+        # Room for the judge (3.1 s at 500 rec/s, `waxserve demo --duration 20 --rate 500`)
+        # before the next plan change, so that the demo seldom has to hold it.
+        times = [s.at_s for s in plan if s.changes_plan]
+        assert all(b - a >= 5.0 for a, b in itertools.pairwise(times))
 
 
 def test_options_map_models_to_data_types_and_the_catalog_checks_them() -> None:
@@ -712,6 +962,116 @@ def test_a_wine_stream_shifts_and_injects() -> None:
     assert not stream.next_message(shift=False, event_time_ms=T0_MS)[0].endswith(b"-shifted")
 
 
+def test_a_wine_stream_labels_its_records_later_but_not_the_malformed_rows(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr("dataflows.tools.demo.time.monotonic", lambda: now[0])
+    stream = ReplayStream(WINE, WINE_CSV, RECORDS, feedback_topic="waxserve-feedback")
+    key, _, _ = stream.next_message(shift=False, event_time_ms=T0_MS)
+    stream.inject(ERROR_CSV)
+    for _ in range(14):
+        stream.next_message(shift=False, event_time_ms=T0_MS)
+    assert len(stream.labels) == 1  # the malformed rows are dead letters: no labels
+    assert stream.due_labels(100.0 + DEMO_LABEL_DELAY_S - 0.01) == []
+    ((label_key, value, headers),) = stream.due_labels(100.0 + DEMO_LABEL_DELAY_S)
+    assert label_key == key and headers == [("data-type", b"wine")]
+    # The record's id and its true quality, in the contract's encoding.
+    labels = feedback_contract(WINE)
+    assert isinstance(labels, Contract)
+    decoded = codec_for(labels, labels.encoding).decode([value])
+    line_no = int(key.decode().split("-")[1])
+    quality = parse_csv_line(WINE_CSV.read_text().splitlines()[line_no - 1])["quality"]
+    assert decoded.numeric[0][labels.columns["quality"].index] == quality
+    penguins = ReplayStream(PENGUINS, PENGUINS_CSV, PENGUIN_RECORDS)
+    penguins.next_message(shift=False, event_time_ms=T0_MS)
+    assert not penguins.labels  # no feedback topic: no labels
+
+
+def test_the_canaries_go_through_the_registry_the_dataflow_runs(tmp_path: Path) -> None:
+    """The demo's staged and reversed descriptors and its canary commands, through the
+    registry that requires the demo's key (in process, no Kafka): each installs staged,
+    and each command makes a canary on half the records."""
+    signer = DemoSigner.create(tmp_path)
+    trusted = TrustedKeys(signer.trusted_dir)
+    catalog = load_catalog()
+    staged = signer.signed(catalog["wine-gbt"], staged=True)
+    bad = reversed_descriptor(catalog["wine-gbt"], signer.key)
+    assert (bad.name, bad.version, bad.stage) == ("wine-gbt", BAD.split(":")[1], "staged")
+    assert list(bad.input_features) == list(reversed(staged.input_features))
+    for desc in (staged, bad):
+        assert verify(desc, trusted, SignaturePolicy.REQUIRE).status == "valid"
+    command = canary_command("wine", "wine-gbt:1", "a good candidate")
+    assert (command.actor, command.variants[0].weight) == (DEMO_ACTOR, DEMO_CANARY_WEIGHT)
+    assert command.action == pb.CANARY and command.reason == "a good candidate"
+
+    registry = Registry(
+        None,
+        model_dir="",
+        data_types=DataTypeTable(),
+        signature_policy="require",
+        trusted_keys=trusted,
+    )
+    first = signer.signed(catalog["wine-lr"])
+    promote = pb.PlanCommand(data_type="wine", action=pb.PROMOTE, actor="tester")
+    items = decode_control(
+        control_batch(
+            WINE.to_proto(),
+            first,
+            staged,
+            command,
+            promote,
+            bad,
+            canary_command("wine", BAD, "a bad model"),
+        )
+    )
+    out = registry.on_control(items) + registry.collect(wait=True)  # type: ignore[arg-type]
+    events = [e for e in out if isinstance(e, pb.ModelEvent) and e.kind != "contract_installed"]
+    assert [(e.kind, e.plan_action, e.plan) for e in events] == [
+        ("installed", "", "single wine-lr:1"),
+        ("installed", "", "single wine-lr:1"),  # staged: the plan stays
+        ("plan_changed", "canary", GBT_CANARY),
+        ("plan_changed", "promote", "single wine-gbt:1"),
+        ("installed", "", "single wine-gbt:1"),
+        ("plan_changed", "canary", BAD_CANARY),
+    ]
+    assert [e.signer_key_id for e in events if e.kind == "installed"] == [signer.key_id] * 3
+    stats = DemoStats(record_topics=TOPICS)
+    for e in events:
+        stats.add_event(e)
+    assert [e.staged for e in stats.timeline] == [False, True, False, False, True, False]
+    assert stats.canary_started(BAD) is stats.timeline[-1]
+
+
+def test_steps_that_change_wines_plan_wait_for_the_judge(tmp_path: Path) -> None:
+    demo = Demo(Config(), DemoOptions(quiet=True), _demo_catalog(DemoOptions().sequences()))
+    try:
+        demo.stats = _finished_stats()
+        assert not demo._awaiting_judge()  # no canary
+        long_ago = time.monotonic() - DEMO_JUDGE_TIMEOUT_S - 1
+        demo.judging = Judging("wine-gbt:1", since=long_ago, refused=0)
+        assert not demo._awaiting_judge()  # the demo gave up waiting
+        demo.judging = Judging("wine-gbt:1", since=time.monotonic(), refused=0)
+        assert demo._awaiting_judge()
+        demo.stats.add_event(plan_event(GBT_CANARY, "canary"))
+        assert demo._awaiting_judge()  # the demo's own plan change decides nothing
+        demo.stats.add_event(
+            plan_event(
+                "single wine-gbt:1", "promote", JUDGE_ACTOR, active="wine-gbt:1", message=PROMOTED
+            )
+        )
+        assert not demo._awaiting_judge() and demo.judging is None
+        # A canary command refused ends the wait too.
+        demo.judging = Judging(BAD, since=time.monotonic(), refused=0)
+        assert demo._awaiting_judge()
+        demo.stats.add_event(
+            pb.ModelEvent(kind="plan_rejected", data_type="wine", plan_action="canary")
+        )
+        assert not demo._awaiting_judge()
+    finally:
+        shutil.rmtree(demo.workdir)
+
+
 def test_a_registry_requiring_the_demos_key_installs_its_model_and_rejects_the_other_two(
     tmp_path: Path,
 ) -> None:
@@ -776,7 +1136,9 @@ def test_each_data_type_gets_a_record_topic_with_its_default() -> None:
     )
 
 
-def test_dataflow_environment_and_fresh_topics_for_both_record_topics(tmp_path: Path) -> None:
+def test_dataflow_environment_and_fresh_topics_for_both_record_topics(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     routed = route_records(Config(brokers="kafka:9092"), ["wine", "penguins"])
     config = demo_config(routed, "abc123", fresh_topics=True)
     assert config.record_topic_defaults == {
@@ -798,6 +1160,9 @@ def test_dataflow_environment_and_fresh_topics_for_both_record_topics(tmp_path: 
         "waxserve-records-demo-abc123=wine,waxserve-penguins-demo-abc123=penguins"
     )
     assert Config.from_env(env).record_topic_defaults == config.record_topic_defaults
+    # The labels the demo sends are joined for wine, whatever our settings say.
+    monkeypatch.setenv("WAXSERVE_FEEDBACK_DATA_TYPES", "penguins")
+    assert dataflow_env(config, tmp_path)["WAXSERVE_FEEDBACK_DATA_TYPES"] == "wine"
 
 
 # --- the real thing -----------------------------------------------------------------------
@@ -818,23 +1183,24 @@ def test_demo_runs_end_to_end_and_accounts_for_every_record_of_both_data_types()
             "-m",
             "dataflows.tools.cli",
             "demo",
+            # The README's shorter demo: room for both canaries before the drift burst.
             "--duration",
-            "12",
+            "20",
             "--rate",
-            "300",
+            "500",
             "--quiet",
         ],
         cwd=REPO,
         env=env,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=300,
     )
     out = result.stdout
     assert result.returncode == 0, f"exit {result.returncode}\n{out}\n{result.stderr}"
     assert "waxserve demo summary" in out and "replaying" not in out  # --quiet: summary only
     sent = _number(r"records sent\s+([\d,]+)", out)
-    assert sent >= 12 * 300 * 0.9, out
+    assert sent >= 20 * 500 * 0.9, out
     assert re.search(r"UNACCOUNTED\s+0\s", out), out
     for data_type in ("wine", "penguins"):
         # Accounted for per data type too, and both were scored.
@@ -859,8 +1225,9 @@ def test_demo_runs_end_to_end_and_accounts_for_every_record_of_both_data_types()
         re.MULTILINE,
     )
     assert key_id is not None, out
-    for model in ("wine-lr:1", "wine-gbt:1", "penguins-species-onnx:1"):
-        assert re.search(rf"installed\s+{model} for \w+\s+signed by {key_id[1]}$", out, re.M), out
+    for model in ("wine-lr:1", "wine-gbt:1", "penguins-species-onnx:1", "wine-pmml-lr:1"):
+        signed = rf"installed\s+{model} for \w+\s+signed by {key_id[1]}(, staged)?$"
+        assert re.search(signed, out, re.M), out
     assert re.search(
         rf"rejected\s+{DEMO_TAMPERED}:1 for wine\s+bad_signature: the previous model kept", out
     ), out
@@ -869,4 +1236,22 @@ def test_demo_runs_end_to_end_and_accounts_for_every_record_of_both_data_types()
     assert f"kept    {DEMO_TAMPERED}:1 rejected: bad_signature" in out
     assert f"kept    {GATED} rejected: gate_failed" in out
     assert "kept    penguins-species-pmml:1 swapped in: installed" in out
+    assert "kept    wine-pmml-lr:1 swapped in: installed" in out
+    # Issue 15's: the rollout judge promoted the good canary and rolled back the bad one on
+    # the labels, by itself, through the control topic; the timeline says who and why.
+    judge = r"by waxserve rollout judge, [\d.]+ s into the canary"
+    canary = r"plan\s+canary wine-gbt:1 0.50 over wine-lr:1 0.50 for wine\s+canary by"
+    assert re.search(canary, out), out
+    assert re.search(rf"plan\s+single wine-gbt:1 for wine\s+promote {judge}\n", out), out
+    assert re.search(r"^ +canary wine-gbt:1 against wine-lr:1: .*: promote$", out, re.M), out
+    bad = f"wine-gbt:1{DEMO_REVERSED_SUFFIX}"
+    assert re.search(rf"plan\s+single wine-gbt:1 for wine\s+rollback {judge}\n", out), out
+    assert re.search(rf"^ +canary {bad} against wine-gbt:1: .*: roll back$", out, re.M), out
+    assert _number(rf"{bad} ([\d,]+)", out) > 0, out  # it scored its share meanwhile
+    assert (
+        "kept    wine-gbt:1 canaried: promoted by the rollout judge, wine-gbt:1 serving after"
+    ) in out
+    assert (
+        f"kept    {bad} canaried: rolled back by the rollout judge, wine-gbt:1 serving after"
+    ) in out
     assert "BROKEN" not in out, out
