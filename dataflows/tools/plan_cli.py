@@ -32,14 +32,13 @@ import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
-from confluent_kafka import KafkaError, KafkaException, Message, Producer
+from confluent_kafka import Message
 from google.protobuf.message import DecodeError
 
 from dataflows.core.config import Config
-from dataflows.core.descriptors import control_message
 from dataflows.core.records import MAX_DATA_TYPE_LENGTH, valid_data_type
 from dataflows.rollout.plans import COMBINERS, DEFAULT_CANARY_WEIGHT, MAX_VARIANTS
-from dataflows.tools.broker import control_message_key, ensure_topic, kafka_settings
+from dataflows.tools.broker import control_message_key
 from dataflows.tools.cli import (
     EXIT_REJECTED,
     PROG,
@@ -51,7 +50,7 @@ from dataflows.tools.cli import (
     _read_all,
     _wait_for_verdict,
 )
-from dataflows.tools.replay import FLUSH_TIMEOUT_S, CliError
+from dataflows.tools.replay import CliError, send_control
 from protos import waxserve_pb2 as pb
 
 ACTIONS: dict[str, pb.PlanAction] = {
@@ -421,26 +420,7 @@ def send_and_wait(
 
 def send_plan(config: Config, command: pb.PlanCommand) -> Message:
     """Produce a plan command to the control topic and wait for its delivery."""
-    ensure_topic(config, config.control_topic, 1)
-    producer = Producer(kafka_settings(config, **{"linger.ms": 0}))
-    outcome: list[tuple[KafkaError | None, Message]] = []
-    try:
-        producer.produce(
-            config.control_topic,
-            value=control_message(command),
-            key=control_message_key(command),
-            on_delivery=lambda err, msg: outcome.append((err, msg)),
-        )
-    except (KafkaException, BufferError) as exc:
-        raise CliError(f"cannot produce the plan command: {exc}") from None
-    if producer.flush(FLUSH_TIMEOUT_S) or not outcome:
-        raise CliError(
-            f"the plan command was not delivered to {config.brokers} within {FLUSH_TIMEOUT_S:g} s"
-        )
-    err, msg = outcome[0]
-    if err is not None:
-        raise CliError(f"the broker refused the plan command: {err.name()}: {err.str()}")
-    return msg
+    return send_control(config, command)
 
 
 def plan_verdict_line(event: pb.ModelEvent) -> str:

@@ -251,11 +251,15 @@ def produce(
             raise CliError(f"cannot produce to {topic}: {exc}") from None
 
 
-def send_control(config: Config, body: pb.ModelDescriptor | pb.DataContract) -> Message:
-    """Produce a descriptor or a contract to the control topic (key: its data type) and
-    wait for delivery."""
+def send_control(
+    config: Config, body: pb.ModelDescriptor | pb.DataContract | pb.PlanCommand
+) -> Message:
+    """Produce a descriptor, contract or plan command to the control topic (keyed as on a
+    compacted one: `control_message_key`) and wait for delivery."""
     value = control_message(body)
-    what = "descriptor" if isinstance(body, pb.ModelDescriptor) else "contract"
+    what = {pb.ModelDescriptor: "descriptor", pb.PlanCommand: "plan command"}.get(
+        type(body), "contract"
+    )
     ensure_topic(config, config.control_topic, 1)
     producer = Producer(
         kafka_settings(
