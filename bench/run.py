@@ -284,13 +284,15 @@ def run_bench(
             failed |= "error" in raw
             if "error" not in raw:
                 p = result["pmml_swap"]
+                # A model replaced while it still loaded never serves (swaps close together
+                # on a busy machine): its figures are None, and said so.
                 say(
-                    f"PMML swap: cold first load visible in {p['cold_visible_ms']:.0f} ms "
-                    f"(records waited at most {p['cold_wait_max_ms']:.0f} ms meanwhile); warm "
-                    f"swaps median {p['warm_visible_median_ms']:.1f} ms, max "
-                    f"{p['warm_visible_max_ms']:.1f} ms; longest wait while loading "
-                    f"{p['wait_max_ms']:.0f} ms; lost {raw['lost']}, scored twice "
-                    f"{raw['duplicates']}"
+                    f"PMML swap: cold first load visible in {_ms(p['cold_visible_ms'], 0)} "
+                    f"(records waited at most {_ms(p['cold_wait_max_ms'], 0)} meanwhile); warm "
+                    f"swaps median {_ms(p['warm_visible_median_ms'], 1)}, max "
+                    f"{_ms(p['warm_visible_max_ms'], 1)}; longest wait while loading "
+                    f"{_ms(p['wait_max_ms'], 0)}; never visible {p['never_visible']}; lost "
+                    f"{raw['lost']}, scored twice {raw['duplicates']}"
                 )
 
     # Issue 15: what serving plans cost per batch, in-process (no broker running meanwhile).
@@ -443,6 +445,11 @@ model of the process), then they alternate."""
 PMML_SWAP_ENV = {"WAXSERVE_PMML": "on"}
 """The JVM and PMML4S start with the process (`WAXSERVE_PMML=on`): with "auto" the first
 PMML model starts them on the loader thread, and JPype holds the GIL for much of it."""
+
+
+def _ms(value: float | None, digits: int) -> str:
+    """Milliseconds for the log line; "none" for a model that never served."""
+    return "none" if value is None else f"{value:.{digits}f} ms"
 
 
 def _max(values: Any) -> float | None:
