@@ -1007,6 +1007,7 @@ class Bench:
         )
         producer = PacedProducer(self, input_topic, self.settings.rate)
         scored: list[tuple[int, int, str, int]] = []  # partition, offset, version, ts
+        versions_scored: set[str] = set()
         waits: list[tuple[int, int]] = []  # event time, scored ts - event time (ms)
         dead: list[tuple[int, int]] = []
         installed: dict[str, int] = {}  # version -> at_ms
@@ -1024,6 +1025,7 @@ class Bench:
                         scored.append(
                             (rec.source_partition, rec.source_offset, rec.model_version, ts)
                         )
+                        versions_scored.add(rec.model_version)
                         waits.append((rec.event_time_ms, ts - rec.event_time_ms))
                     elif topic == config.dlq_topic:
                         headers = {k: str(v, "utf-8") for k, v in header_pairs(msg) if v}
@@ -1059,7 +1061,7 @@ class Bench:
                 # right, but measures nothing (seen with the first PMML model of a process
                 # on a busy machine, 0.3 s apart).
                 patience = time.monotonic() + 30
-                while not any(v == version for _, _, v, _ in scored):
+                while version not in versions_scored:
                     if time.monotonic() > patience:
                         break
                     pump(0.05)

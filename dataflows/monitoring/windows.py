@@ -10,7 +10,8 @@ All of it is plain numpy, testable without Bytewax.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -240,13 +241,19 @@ class AgreementAccumulator:
         """Classifiers: the two models' labels for the same records."""
         self.classifier = True
         self.compared += len(active)
-        for pair in zip(active, shadow, strict=True):
-            self.agree += pair[0] == pair[1]
-            if pair in self.pairs or len(self._classes() | set(pair)) <= MAX_AGREEMENT_CLASSES:
-                self.pairs[pair] = self.pairs.get(pair, 0) + 1
+        pairs = Counter(zip(active, shadow, strict=True))  # one count per distinct pair
+        self.agree += sum(n for (a, s), n in pairs.items() if a == s)
+        self._add_pairs(pairs)
 
-    def _classes(self) -> set[str]:
-        return {c for pair in self.pairs for c in pair}
+    def _add_pairs(self, pairs: Mapping[tuple[str, str], int]) -> None:
+        """Count pairs into the confusion matrix, up to MAX_AGREEMENT_CLASSES labels."""
+        classes = {c for pair in self.pairs for c in pair}
+        for pair, n in pairs.items():
+            if pair not in self.pairs:
+                if len(classes | set(pair)) > MAX_AGREEMENT_CLASSES:
+                    continue
+                classes.update(pair)
+            self.pairs[pair] = self.pairs.get(pair, 0) + n
 
     def merge(self, other: AgreementAccumulator) -> None:
         """Add another accumulator (of the same shadow) into this one."""
@@ -254,9 +261,7 @@ class AgreementAccumulator:
         self.absolute_difference += other.absolute_difference
         self.agree += other.agree
         self.classifier = self.classifier or other.classifier
-        for pair, n in other.pairs.items():
-            if pair in self.pairs or len(self._classes() | set(pair)) <= MAX_AGREEMENT_CLASSES:
-                self.pairs[pair] = self.pairs.get(pair, 0) + n
+        self._add_pairs(other.pairs)
 
     def to_proto(self) -> pb.ShadowAgreement:
         """The stats message's `shadow_window`."""
@@ -269,7 +274,7 @@ class AgreementAccumulator:
         )
         if self.compared and self.classifier:
             message.agreement_rate = self.agree / self.compared
-            classes = sorted(self._classes())
+            classes = sorted({c for pair in self.pairs for c in pair})
             index = {c: i for i, c in enumerate(classes)}
             counts = [0] * (len(classes) * len(classes))
             for (active, shadow), n in self.pairs.items():

@@ -442,8 +442,33 @@ def _information(variance: np.ndarray) -> np.ndarray:
     return np.where(variance > 0, 1.0 / np.where(variance > 0, variance, 1.0), 0.0)
 
 
+class _SequentialTest:
+    """What TwoSampleTest and RateGuard share: verdict codes from their statistics."""
+
+    min_records: int
+    max_records: int | None
+    at_max_records: Verdict
+
+    @property
+    def threshold(self) -> float:
+        """log(1 / alpha): a log LR at or above it decides."""
+        raise NotImplementedError
+
+    def codes(self, records: ArrayLike, rollback: ArrayLike, promote: ArrayLike) -> np.ndarray:
+        """`verdict_codes` with this test's settings; records: the smaller arm's count."""
+        return verdict_codes(
+            records,
+            rollback,
+            promote,
+            threshold=self.threshold,
+            min_records=self.min_records,
+            max_records=self.max_records,
+            at_max_records=self.at_max_records,
+        )
+
+
 @dataclass(frozen=True)
-class TwoSampleTest:
+class TwoSampleTest(_SequentialTest):
     """Candidate vs primary on a per-record loss (lower is better): ROLLBACK on evidence
     that the candidate's mean loss exceeds the primary's by more than `tolerance`, PROMOTE
     on evidence that it does not exceed it by `margin` or more; each error at most `alpha`
@@ -525,18 +550,6 @@ class TwoSampleTest:
         promote = log_mixture_lr(self.margin - diff, _information(var_promote), self.scale)
         return TwoSampleStatistics(diff, np.sqrt(var), np.sqrt(var_promote), rollback, promote)
 
-    def codes(self, records: ArrayLike, rollback: ArrayLike, promote: ArrayLike) -> np.ndarray:
-        """`verdict_codes` with this test's settings; records: the smaller arm's count."""
-        return verdict_codes(
-            records,
-            rollback,
-            promote,
-            threshold=self.threshold,
-            min_records=self.min_records,
-            max_records=self.max_records,
-            at_max_records=self.at_max_records,
-        )
-
     def decide(self, primary: MetricStats, candidate: MetricStats) -> Decision:
         """The verdict after a look at both arms' stats so far."""
         if self.binary:
@@ -574,7 +587,7 @@ _GUARD_STEPS = 0.05 * 2.0 ** (np.arange(14) / 2.0)
 
 
 @dataclass(frozen=True)
-class RateGuard:
+class RateGuard(_SequentialTest):
     """The candidate's rate of something bad (per-record values in [0, 1]: failed to score,
     disagreed with the primary, slower than a limit) against `max_rate`, without labels:
     ROLLBACK on evidence that the rate exceeds `max_rate`, PROMOTE (the guard passes) on
@@ -621,18 +634,6 @@ class RateGuard:
             return np.asarray(top + spread)
 
         return mixture(_GUARD_STEPS), mixture(-_GUARD_STEPS)
-
-    def codes(self, records: ArrayLike, rollback: ArrayLike, promote: ArrayLike) -> np.ndarray:
-        """`verdict_codes` with this guard's settings."""
-        return verdict_codes(
-            records,
-            rollback,
-            promote,
-            threshold=self.threshold,
-            min_records=self.min_records,
-            max_records=self.max_records,
-            at_max_records=self.at_max_records,
-        )
 
     def decide(self, candidate: MetricStats) -> Decision:
         """The verdict after a look at the candidate's stats so far (values in [0, 1])."""

@@ -931,25 +931,15 @@ class ShardScorer:
         shadow_out: tuple[np.ndarray, Prediction],
     ) -> None:
         """Count a shadow's outputs against the active model's, on the records both scored."""
-        (active_offsets, active_prediction), (shadow_offsets, shadow_prediction) = (
-            active_out,
-            shadow_out,
-        )
-        both_valid = active_prediction.valid, shadow_prediction.valid
-        a_rows = np.flatnonzero(both_valid[0])
-        s_rows = np.flatnonzero(both_valid[1])
-        _, a_at, s_at = np.intersect1d(
-            active_offsets[a_rows], shadow_offsets[s_rows], return_indices=True
-        )
-        a_rows, s_rows = a_rows[a_at], s_rows[s_at]
+        active_offsets, active_prediction = active_out
+        on_active = _aligned(active_offsets, *shadow_out)  # the shadow's, row by row
+        rows = np.flatnonzero(active_prediction.valid & on_active.valid).tolist()
         agreement = AgreementAccumulator(active.name, active.version)
-        a_labels, s_labels = active_prediction.labels, shadow_prediction.labels
+        a_labels, s_labels = active_prediction.labels, on_active.labels
         if a_labels is not None and s_labels is not None:
-            agreement.add_labels(
-                [a_labels[i] for i in a_rows.tolist()], [s_labels[i] for i in s_rows.tolist()]
-            )
+            agreement.add_labels([a_labels[i] for i in rows], [s_labels[i] for i in rows])
         else:
-            agreement.add_values(active_prediction.values[a_rows], shadow_prediction.values[s_rows])
+            agreement.add_values(active_prediction.values[rows], on_active.values[rows])
         self._events.publish(ShadowCompared(active, shadow, agreement))
         if self._monitoring:
             now_ms = int(self._clock() * 1000)
