@@ -294,18 +294,17 @@ def test_a_gate_rejection_keeps_the_old_model(monkeypatch: pytest.MonkeyPatch) -
 
 
 class SlowCache(RuntimeCache):
-    """A process's runtime cache whose loads of one model wait until released."""
+    """A process's runtime cache whose load of each gated model waits until its gate opens."""
 
-    def __init__(self, slow_version_digest: str) -> None:
+    def __init__(self, *gated_digests: str) -> None:
         super().__init__()
-        self.digest = slow_version_digest
-        self.release = threading.Event()
+        self.gates = {digest: threading.Event() for digest in gated_digests}
         self.threads: list[str] = []
 
     def load(self, sha256: str, *args: Any, **kwargs: Any) -> ModelRuntime:
         self.threads.append(threading.current_thread().name)
-        if sha256 == self.digest:
-            assert self.release.wait(GUARD_S)
+        if sha256 in self.gates:
+            assert self.gates[sha256].wait(GUARD_S)
         return super().load(sha256, *args, **kwargs)
 
 
@@ -349,7 +348,8 @@ def test_a_shard_in_another_process_loads_in_the_background() -> None:
         descriptor("wine-pmml-lr", version="1"), descriptor("wine-pmml-tree", version="2")
     )
     assert isinstance(second, ModelInstall) and isinstance(first, ModelInstall)
-    cache = SlowCache(second.spec.identity.sha256)
+    first_digest, second_digest = first.spec.identity.sha256, second.spec.identity.sha256
+    cache = SlowCache(first_digest, second_digest)
     loader = ThreadPoolExecutor(1, thread_name_prefix="waxserve-model-load-test")
     shard = ShardScorer(
         None, stats_interval_s=3600, drift_window_s=3600, cache=cache, loader=loader
@@ -358,6 +358,7 @@ def test_a_shard_in_another_process_loads_in_the_background() -> None:
     # No model at all yet: records wait for the first one, and are scored once it loads.
     out = shard.on_values([contract, first, run(lines, 0, "a-")])
     assert scored_versions(out) == []
+    cache.gates[first_digest].set()
     out = shard.release_held(force=True)  # waits for the load, then scores what waited
     assert scored_versions(out) == ["1"]
     # A new model: the old one serves while it loads in the background.
@@ -365,7 +366,7 @@ def test_a_shard_in_another_process_loads_in_the_background() -> None:
     out += shard.on_values([run(lines, 20, "c-")]) + shard.release_held()
     assert scored_versions(out) == ["1", "1"]
     assert shard.holds_anything and shard.next_wakeup_s() is not None
-    cache.release.set()
+    cache.gates[second_digest].set()
     out = shard.release_held(force=True) + shard.on_values([run(lines, 30, "d-")])
     assert scored_versions(out) == ["2"]
     assert all(t.startswith("waxserve-model-load-test") for t in cache.threads)
