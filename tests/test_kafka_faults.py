@@ -3,6 +3,7 @@ client timeout, and an input topic deleted and created again underneath it."""
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import itertools
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Producer
+from confluent_kafka import Consumer, Producer, TopicPartition
 from confluent_kafka.admin import AdminClient, NewTopic
 from flowtools import descriptor, record_bytes, wine_lines
 from test_integration import Dataflow, Reader, produce, publish
@@ -31,6 +32,19 @@ takes the dataflow's clients through what a broker away for minutes does at the 
 requests timed out, connections torn down, reconnects that time out in turn."""
 OUTAGE_S = 4 * SOCKET_TIMEOUT_MS / 1000
 """At least this long, and until the dataflow's flush has said it waits for the broker."""
+
+
+def topic_ends(config: Config, topic: str) -> list[int]:
+    """Each partition's end offset, asked of the broker by a new client."""
+    consumer = Consumer(kafka_settings(config, **{"group.id": "tests-ends"}))
+    try:
+        partitions = consumer.list_topics(topic, timeout=10).topics[topic].partitions
+        return [
+            consumer.get_watermark_offsets(TopicPartition(topic, p), timeout=10)[1]
+            for p in sorted(partitions)
+        ]
+    finally:
+        consumer.close()
 
 
 def test_a_broker_away_longer_than_every_client_timeout_holds_output_back_and_loses_nothing(
@@ -55,11 +69,17 @@ def test_a_broker_away_longer_than_every_client_timeout_holds_output_back_and_lo
     )
     stop_feeding = threading.Event()
     fed = 0
+    delivered: collections.Counter[str] = collections.Counter()
+
+    def count_delivery(err: Any, _msg: Any) -> None:
+        delivered["ok" if err is None else str(err)] += 1
 
     def feed() -> None:
         nonlocal fed
         while not stop_feeding.is_set():
-            feeder_producer.produce(config.records_topic, next(values), partition=fed % 2)
+            feeder_producer.produce(
+                config.records_topic, next(values), partition=fed % 2, on_delivery=count_delivery
+            )
             feeder_producer.poll(0)
             fed += 1
             time.sleep(0.01)  # ~100 records a second
@@ -84,12 +104,20 @@ def test_a_broker_away_longer_than_every_client_timeout_holds_output_back_and_lo
         finally:
             os.kill(broker.pid, signal.SIGCONT)
         fed_by_the_outage_end = fed
-        reader.wait_for(
-            "records fed after the outage scored",
-            lambda: len(keys()) >= fed_by_the_outage_end + 100,
-            flow,
-            timeout=180,
-        )
+        try:
+            reader.wait_for(
+                "records fed after the outage scored",
+                lambda: len(keys()) >= fed_by_the_outage_end + 100,
+                flow,
+                timeout=180,
+            )
+        except AssertionError as exc:
+            # Where the records stopped: in the feeder, in the dataflow, or in the reader.
+            ends = {t: topic_ends(config, t) for t in (config.records_topic, config.scored_topic)}
+            raise AssertionError(
+                f"{exc}\nfed {fed}, deliveries {dict(delivered)}, scored keys read "
+                f"{len(keys())}, topic ends {ends}"
+            ) from None
         stop_feeding.set()
         feeder.join()
         assert feeder_producer.flush(120) == 0
