@@ -656,6 +656,11 @@ class Bench:
             # Queryable state stays on, on a port of its own (3040 may be taken).
             env["WAXSERVE_STATE_ADDR"] = f"127.0.0.1:{free_port()}"
             env["WAXSERVE_MONITORING"] = "1" if contender.monitoring else "0"
+            # An ONNX-only deployment starts no JVM (`WAXSERVE_PMML=off`: it would cost
+            # ~120 MB of RSS and a second of start-up); a PMML contender's JVM starts with
+            # the process, as by default.
+            pmml = self.catalog[contender.model].format.lower() == "pmml"
+            env["WAXSERVE_PMML"] = "auto" if pmml else "off"
         elif contender.kind == "bytewax":
             command = [
                 sys.executable,
@@ -989,8 +994,8 @@ class Bench:
         """waxserve live at `settings.rate` while `swaps` descriptors alternate between two
         models, each under a version of its own; publish -> first record it scored, and
         how long records waited meanwhile. `first` serves before the swaps (default
-        `models[0]`): an ONNX model there makes the first PMML swap a cold one (the JVM
-        starts then, under WAXSERVE_PMML=auto)."""
+        `models[0]`): an ONNX model there makes the first PMML swap the process's first
+        PMML model."""
         input_topic = self.topic(f"{tag}-input", self.settings.live_partitions)
         config = self.waxserve_config(input_topic, self.settings.live_partitions)
         topics = [input_topic, *self.waxserve_topics(config)]

@@ -443,8 +443,9 @@ PMML_SWAP_MODELS = ("wine-pmml-tree", "wine-pmml-lr")
 """The PMML swap run's models: swap 1 is wine-pmml-lr (after wine-lr: the first PMML
 model of the process), then they alternate."""
 PMML_SWAP_ENV = {"WAXSERVE_PMML": "on"}
-"""The JVM and PMML4S start with the process (`WAXSERVE_PMML=on`): with "auto" the first
-PMML model starts them on the loader thread, and JPype holds the GIL for much of it."""
+"""The JVM and PMML4S start with the process (`WAXSERVE_PMML=on`; the default "auto" does
+too where Java is installed): with "lazy" the first PMML model starts them on the loader
+thread, and JPype holds the GIL for much of it."""
 
 
 def _ms(value: float | None, digits: int) -> str:

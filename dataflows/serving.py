@@ -79,7 +79,7 @@ from dataflows.observability import metrics
 from dataflows.observability.state import PROCESS_STATE, start_state_server
 from dataflows.rollout.judge import JudgeSettings, JudgeState, RolloutJudge
 from dataflows.rollout.plans import ServingPlan, model_key
-from dataflows.runtimes import jvm_started, set_jvm_policy
+from dataflows.runtimes import java_missing, jvm_started, set_jvm_policy
 from dataflows.runtimes.pmml import warm_up
 from dataflows.scoring.shard import ScoredBatch, ShardScorer, ShardState
 from dataflows.tools.broker import control_message_key
@@ -719,20 +719,33 @@ def _flow_from_env() -> Dataflow:
 
 
 def _start_the_jvm(mode: str) -> None:
-    """`WAXSERVE_PMML`: "on" starts the JVM now and loads a tiny PMML model, on the main
-    thread, before the dataflow runs (and after `lifecycle.install`, which gives it `-Xrs`),
-    so that no PMML model pays for either; "auto" leaves both to the first PMML model, on
-    the model-loader thread, where JPype still holds the GIL for a second or two of them
-    (`dataflows.runtimes.pmml.warm_up`): scoring pauses that long once; "off" rejects PMML."""
+    """`WAXSERVE_PMML`: start the JVM and load a tiny PMML model now, on the main thread,
+    before the dataflow runs (and after `lifecycle.install`, which gives it `-Xrs`), so that
+    no PMML model pays for either. JPype holds the GIL for a second or two of them
+    (`dataflows.runtimes.pmml.warm_up`): started by the first PMML model instead ("lazy"),
+    scoring would pause that long. "auto" (the default) starts it when a Java runtime is
+    installed and otherwise rejects PMML models with that reason; "on" does not run
+    without it; "lazy" and "off" start nothing now."""
     set_jvm_policy(mode)
-    if mode != "on":
+    if mode in ("lazy", "off"):
         return
-    try:
-        seconds = warm_up()
-    except Exception as exc:
-        print(f"waxserve: WAXSERVE_PMML=on: cannot start the JVM: {exc}", file=sys.stderr)
-        raise SystemExit(2) from None
-    log.info("started the JVM and PMML4S in %.2f s (WAXSERVE_PMML=on)", seconds)
+    missing = java_missing() if mode == "auto" else None
+    if missing is None:
+        try:
+            seconds = warm_up()
+        except Exception as exc:
+            if mode == "on":
+                print(f"waxserve: WAXSERVE_PMML=on: cannot start the JVM: {exc}", file=sys.stderr)
+                raise SystemExit(2) from None
+            missing = f"the JVM did not start: {exc}"
+        else:
+            log.info("started the JVM and PMML4S in %.2f s (WAXSERVE_PMML=%s)", seconds, mode)
+            return
+    log.warning(
+        "PMML models will be rejected: %s (install Java 17 for PMML, or set WAXSERVE_PMML=off)",
+        missing,
+    )
+    set_jvm_policy("off", f"PMML needs a Java runtime, and this process has none: {missing}")
 
 
 def _skip_finalization_after_the_jvm() -> None:

@@ -14,7 +14,7 @@ from pathlib import Path
 DELIVERY_MODES = ("at-least-once", "exactly-once")
 """The output delivery guarantees `Config.delivery` can ask for."""
 
-PMML_MODES = ("auto", "on", "off")
+PMML_MODES = ("auto", "on", "lazy", "off")
 """When `Config.pmml` starts the JVM that scores PMML (dataflows/runtimes/pmml.py)."""
 
 SIGNATURE_POLICIES = ("require", "warn", "off")

@@ -27,6 +27,7 @@ from dataflows.runtimes.onnx import OnnxRuntime
 from dataflows.runtimes.pmml import (
     JVM_POLICIES,
     PmmlRuntime,
+    java_missing,
     jvm_policy,
     jvm_started,
     set_jvm_policy,
@@ -45,6 +46,7 @@ __all__ = [
     "PmmlRuntime",
     "Prediction",
     "canonical_name",
+    "java_missing",
     "jvm_policy",
     "jvm_started",
     "load_runtime",

@@ -8,6 +8,7 @@ features whose categories are the field's valid values, when the DataDictionary 
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 import time
@@ -40,11 +41,16 @@ _JVM_LOCK = threading.Lock()
 _jvm_ready = False
 _jvm_begun = False  # a start began (it may still be under way on a loader thread)
 
-JVM_POLICIES = ("auto", "on", "off")
-"""When the JVM starts (`WAXSERVE_PMML`): "auto" when the first PMML model loads (on the
-model-loader thread, off the scoring path), "on" at process start before the dataflow runs
-(`start_jvm` from the main thread), "off" never: PMML models are rejected."""
+JVM_POLICIES = ("auto", "on", "lazy", "off")
+"""When the JVM starts (`WAXSERVE_PMML`). "auto": at process start, before the dataflow runs,
+when a Java runtime is installed (none: PMML models are rejected, saying so); "on": at
+process start, and a process that cannot start it does not run; "lazy": when the first PMML
+model loads, on the model-loader thread (JPype holds the GIL for a second or two of it, so
+scoring pauses once); "off": never, PMML models are rejected. In this module "auto", "on"
+and "lazy" all start the JVM on the first load if nothing started it before
+(`dataflows.serving` starts it at process start)."""
 _policy = "auto"
+_off_reason = "PMML is off in this process (WAXSERVE_PMML=off)"
 
 _NUMERIC_PMML_TYPES = {"double", "float", "integer", "boolean"}
 _TEXT_PMML_TYPES = {"string"}
@@ -162,12 +168,26 @@ def jvm_policy() -> str:
     return _policy
 
 
-def set_jvm_policy(policy: str) -> None:
-    """Set when the JVM starts (`JVM_POLICIES`); "off" makes every PMML load fail."""
-    global _policy
+def set_jvm_policy(policy: str, off_reason: str = "") -> None:
+    """Set when the JVM starts (`JVM_POLICIES`); "off" makes every PMML load fail, with
+    `off_reason` (by default: the setting says so)."""
+    global _policy, _off_reason
     if policy not in JVM_POLICIES:
         raise ValueError(f"JVM policy {policy!r}: one of {', '.join(JVM_POLICIES)}")
     _policy = policy
+    _off_reason = off_reason or "PMML is off in this process (WAXSERVE_PMML=off)"
+
+
+def java_missing() -> str | None:
+    """Why no JVM could start here (no Java runtime found: JAVA_HOME, then the usual
+    places), or None when one is installed. Looks for it without starting it."""
+    try:
+        import jpype
+
+        path = jpype.getDefaultJVMPath()
+    except Exception as exc:  # JVMNotFoundException, or JPype itself missing
+        return str(exc).strip() or type(exc).__name__
+    return None if path and os.path.exists(path) else f"no JVM library at {path!r}"
 
 
 def start_jvm() -> None:
@@ -190,7 +210,7 @@ def start_jvm() -> None:
     """
     global _jvm_ready, _jvm_begun
     if _policy == "off":
-        raise ModelError("unsupported_model", "PMML is off in this process (WAXSERVE_PMML=off)")
+        raise ModelError("unsupported_model", _off_reason)
     if _jvm_ready:
         return
     with _JVM_LOCK:
@@ -246,8 +266,8 @@ def warm_up() -> float:
     a Python class for every Java class it meets): measured with a Python thread ticking
     every millisecond beside them, gaps of 0.95 s during the start and 1.3 s during the
     first load on another thread, against 14 ms while a second model loads. Off the worker
-    thread a first load still stalls scoring that long, so `WAXSERVE_PMML=on` pays both at
-    process start, on the main thread, before the dataflow runs.
+    thread a first load still stalls scoring that long, so `WAXSERVE_PMML=auto` (the default)
+    and `on` pay both at process start, on the main thread, before the dataflow runs.
     """
     started = time.perf_counter()
     start_jvm()

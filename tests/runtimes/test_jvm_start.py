@@ -23,6 +23,7 @@ from pathlib import Path
 
 import pytest
 
+from dataflows import serving
 from dataflows.core.config import Config, ConfigError
 from dataflows.runtimes import ModelError, PmmlRuntime, jvm_policy, set_jvm_policy
 
@@ -97,16 +98,20 @@ def test_pmml_off_rejects_pmml_models() -> None:
 def test_the_setting() -> None:
     assert Config().pmml == "auto"
     assert Config.from_env({"WAXSERVE_PMML": "on"}).pmml == "on"
-    with pytest.raises(ConfigError, match="WAXSERVE_PMML='sometimes': one of auto, on, off"):
+    assert Config.from_env({"WAXSERVE_PMML": "lazy"}).pmml == "lazy"
+    with pytest.raises(ConfigError, match="WAXSERVE_PMML='sometimes': one of auto, on, lazy, off"):
         Config.from_env({"WAXSERVE_PMML": "sometimes"})
 
 
-def test_pmml_on_starts_the_jvm_before_the_dataflow_runs() -> None:
+@pytest.mark.parametrize(("mode", "started"), [("auto", True), ("on", True), ("lazy", False)])
+def test_when_the_jvm_starts(mode: str, started: bool) -> None:
+    """ "auto" (the default, Java being installed here) and "on" start it before the
+    dataflow runs, so that no PMML model pauses scoring; "lazy" leaves it to the first."""
     code = textwrap.dedent(
-        """
+        f"""
         from dataflows import serving
         from dataflows.runtimes import jvm_policy, jvm_started
-        serving._start_the_jvm("on")
+        serving._start_the_jvm({mode!r})
         print(jvm_policy(), jvm_started(), flush=True)
         import os
         os._exit(0)
@@ -116,4 +121,39 @@ def test_pmml_on_starts_the_jvm_before_the_dataflow_runs() -> None:
         [sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.split() == ["on", "True"]
+    assert done.stdout.split() == [mode, str(started)]
+
+
+def test_auto_without_java_rejects_pmml_models_saying_why(
+    monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    monkeypatch.setattr(serving, "java_missing", lambda: "No JVM shared library file found")
+    before = jvm_policy()
+    try:
+        serving._start_the_jvm("auto")  # runs: an ONNX-only machine needs no Java
+        assert jvm_policy() == "off"
+        with pytest.raises(ModelError) as caught:
+            PmmlRuntime(PMML_LR.read_bytes())
+        assert caught.value.reason == "unsupported_model"
+        assert "needs a Java runtime" in str(caught.value)
+        assert "No JVM shared library file found" in str(caught.value)
+        assert "PMML models will be rejected" in caplog.text
+    finally:
+        set_jvm_policy(before)
+
+
+def test_on_without_a_jvm_does_not_run(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def no_jvm() -> float:
+        raise RuntimeError("No JVM shared library file found")
+
+    monkeypatch.setattr(serving, "warm_up", no_jvm)
+    before = jvm_policy()
+    try:
+        with pytest.raises(SystemExit) as stopped:
+            serving._start_the_jvm("on")
+        assert stopped.value.code == 2
+        assert "WAXSERVE_PMML=on: cannot start the JVM" in capsys.readouterr().err
+    finally:
+        set_jvm_policy(before)
