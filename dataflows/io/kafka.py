@@ -24,8 +24,9 @@ import logging
 import threading
 import time
 import zlib
+from collections.abc import Collection, Mapping
 from datetime import UTC, datetime, timedelta
-from typing import Any, ClassVar, cast
+from typing import Any, ClassVar, NamedTuple, cast
 
 from bytewax.connectors.kafka import BYTEWAX_CONSUMER_LAG_GAUGE
 from bytewax.inputs import FixedPartitionedSource, StatefulSourcePartition
@@ -33,13 +34,14 @@ from bytewax.outputs import FixedPartitionedSink, StatefulSinkPartition
 from confluent_kafka import (
     OFFSET_BEGINNING,
     Consumer,
+    IsolationLevel,
     KafkaError,
     KafkaException,
     Message,
     Producer,
 )
 from confluent_kafka import TopicPartition as KafkaTopicPartition
-from confluent_kafka.admin import AdminClient
+from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from dataflows.core import lifecycle
 from dataflows.core.config import Config, ConfigError
@@ -82,6 +84,54 @@ def topic_partitions(config: Config, topic: str, timeout: float = 10.0) -> list[
     return sorted(info.partitions)
 
 
+class StallWatch:
+    """Which input partitions have records in the broker that their fetcher has not reached
+    and has not moved towards for `after_s` seconds.
+
+    librdkafka's fetcher for a partition can stay stuck after a leader change (a broker
+    fenced and back, leader epochs bumped; confluentinc/librdkafka#4492, #2625), and then
+    nothing says so: the partition just returns nothing. Assigning it again restarts its
+    fetcher. A partition whose records wait in our own buffer, or that is paused, is busy,
+    not stalled. Bookkeeping only, so that it is tested without a broker.
+    """
+
+    def __init__(self, after_s: float) -> None:
+        self.after_s = after_s
+        self._progress: dict[int, tuple[int, float]] = {}  # partition -> (position, since)
+
+    def check(
+        self,
+        now: float,
+        positions: Mapping[int, int],
+        ends: Mapping[int, int],
+        busy: Collection[int] = (),
+    ) -> list[int]:
+        """The partitions stalled at `now`, given each one's fetch position, the broker's
+        end offset (what a read_committed reader can reach) and the busy ones; a partition
+        reported is given `after_s` again before it is reported again."""
+        stalled = []
+        for partition, position in positions.items():
+            seen = self._progress.get(partition)
+            end = ends.get(partition)
+            waiting = end is not None and 0 <= position < end and partition not in busy
+            if seen is None or seen[0] != position or not waiting:
+                self._progress[partition] = (position, now)
+            elif now - seen[1] >= self.after_s:
+                stalled.append(partition)
+                self._progress[partition] = (position, now)
+        for gone in self._progress.keys() - positions.keys():
+            del self._progress[gone]
+        return stalled
+
+
+class _Fetcher(NamedTuple):
+    """A partition's fetcher, as librdkafka's statistics describe it."""
+
+    offset: int  # the next offset it fetches
+    state: str
+    queued: int  # messages fetched, waiting for the worker
+
+
 class _SharedConsumer:
     """One consumer per process and source topic, shared by the topic's source partitions.
 
@@ -112,6 +162,11 @@ class _SharedConsumer:
         self._topic_gone = False
         self._next_error_log = 0.0
         self._closed = threading.Event()
+        # From the statistics (served by consume(), so only while the worker polls).
+        self._fetchers: dict[int, _Fetcher] = {}
+        self._stats_at = time.monotonic()
+        self._stalls = StallWatch(self.STALL_S)
+        self._stalled: set[int] = set()  # found by the watch thread, assigned again by take()
         self._consumer = Consumer(
             {
                 # A broker that overfills a fetch (tansu sends ~5 MB per partition) makes
@@ -157,12 +212,15 @@ class _SharedConsumer:
 
     def _assign(self, partition: int, offset: int) -> None:
         with self._lock:
-            if partition in self._buffers:  # rebuilt without a close (an aborted run)
-                self._consumer.incremental_unassign([KafkaTopicPartition(self._topic, partition)])
-            self._buffers[partition] = collections.deque()
-            self._offsets[partition] = offset
-            self._paused.discard(partition)
-            self._consumer.incremental_assign([KafkaTopicPartition(self._topic, partition, offset)])
+            self._assign_locked(partition, offset)
+
+    def _assign_locked(self, partition: int, offset: int) -> None:
+        if partition in self._buffers:  # rebuilt without a close (an aborted run), or stalled
+            self._consumer.incremental_unassign([KafkaTopicPartition(self._topic, partition)])
+        self._buffers[partition] = collections.deque()
+        self._offsets[partition] = offset
+        self._paused.discard(partition)
+        self._consumer.incremental_assign([KafkaTopicPartition(self._topic, partition, offset)])
 
     def leave(self, partition: int) -> None:
         """Stop reading `partition`; the last partition to leave closes the consumer."""
@@ -195,6 +253,8 @@ class _SharedConsumer:
             return taken
 
     def _fetch(self) -> None:
+        if self._stalled:
+            self._restart_stalled()
         # Never blocks: librdkafka fetches in the background, and a waiting worker would
         # hold up every other step of the dataflow.
         messages = self._consumer.consume(self._batch_size, 0)
@@ -215,6 +275,30 @@ class _SharedConsumer:
             if len(buffer) > limit and partition not in self._paused:
                 self._paused.add(partition)
                 self._consumer.pause([KafkaTopicPartition(self._topic, partition)])
+
+    def _restart_stalled(self) -> None:
+        """Assign the stalled partitions again where they are: a fresh fetcher each."""
+        stalled, self._stalled = self._stalled, set()
+        for partition in stalled:
+            buffer = self._buffers.get(partition)
+            if buffer or buffer is None or partition in self._paused:
+                continue  # it moved meanwhile, or left
+            offset = self._offsets[partition]
+            fetcher = self._fetchers.get(partition, _Fetcher(-1, "unknown", 0))
+            metrics.input_partition_stalled(self._topic)
+            log.warning(
+                "input %s[%d]: no record returned for %.0f s though the broker has more "
+                "(fetcher at offset %d, state %s): assigning it again at offset %d",
+                self._topic,
+                partition,
+                self.STALL_S,
+                fetcher.offset,
+                fetcher.state,
+                offset,
+            )
+            self._assign_locked(partition, offset)  # take() holds the lock
+            # Not paused by us (checked above): a pause librdkafka kept would survive this.
+            self._consumer.resume([KafkaTopicPartition(self._topic, partition)])
 
     _UNREACHABLE = frozenset(
         {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE}
@@ -252,10 +336,16 @@ class _SharedConsumer:
         )
 
     TOPIC_CHECK_S = 10.0
+    STALL_S = 30.0
+    """A partition with records to read whose fetcher has not moved for this long is
+    assigned again (`StallWatch`)."""
+    STATS_STALE_S = 5.0
+    """Statistics older than this (every 1 s while the worker polls) judge nothing."""
 
     def _watch_topic(self, settings: dict[str, str | int | float | bool]) -> None:
-        """librdkafka says nothing when an assigned topic is deleted: ask the broker now
-        and then (its own client: the consumer may close meanwhile)."""
+        """librdkafka says nothing when an assigned topic is deleted, nor when a partition's
+        fetcher is stuck: ask the broker now and then (its own client: the consumer may
+        close meanwhile)."""
         admin = AdminClient(settings)
         while not self._closed.wait(self.TOPIC_CHECK_S):
             try:
@@ -267,9 +357,45 @@ class _SharedConsumer:
             )
             if gone:
                 self._note_topic_gone(str(info.error) if info is not None else "no metadata")
-            elif self._topic_gone:
+                continue
+            if self._topic_gone:
                 self._topic_gone = False
                 log.warning("input topic %s is back", self._topic)
+            self._watch_stalls(admin)
+
+    def _watch_stalls(self, admin: AdminClient) -> None:
+        offsets = dict(self._offsets)  # a copy: the worker changes it meanwhile
+        asked = {KafkaTopicPartition(self._topic, p): OffsetSpec.latest() for p in offsets}
+        if not asked:
+            return
+        ends: dict[int, int] = {}
+        try:
+            futures = admin.list_offsets(
+                asked, isolation_level=IsolationLevel.READ_COMMITTED, request_timeout=5
+            )
+            for tp, future in futures.items():
+                ends[tp.partition] = future.result().offset
+        except KafkaException:
+            return  # the broker is away: nothing is stalled that a reconnect won't move
+        fetchers = dict(self._fetchers)
+        # Where each fetcher is, or where we are if that is further (the statistics come
+        # every second, our offsets with every batch).
+        positions = {
+            p: max(fetchers[p].offset if p in fetchers else -1, offset)
+            for p, offset in offsets.items()
+        }
+        # Busy, not stalled: records wait in our buffer or in librdkafka's queue, or the
+        # partition is paused. A worker that has not polled lately (the statistics are
+        # old) is busy with all of them.
+        if time.monotonic() - self._stats_at > self.STATS_STALE_S:
+            busy = set(offsets)
+        else:
+            busy = {p for p, buffer in list(self._buffers.items()) if buffer}
+            busy |= {p for p, fetcher in fetchers.items() if fetcher.queued}
+            busy |= set(self._paused)
+        stalled = self._stalls.check(time.monotonic(), positions, ends, busy)
+        if stalled:
+            self._stalled = self._stalled | set(stalled)
 
     def restart(self, partition: int, error: KafkaError) -> None:
         """Read `partition` again from its beginning: its resume offset is out of range."""
@@ -298,6 +424,16 @@ class _SharedConsumer:
     def _on_stats(self, stats_json: str) -> None:
         stats = json.loads(stats_json)
         parts = stats.get("topics", {}).get(self._topic, {}).get("partitions", {})
+        self._stats_at = time.monotonic()
+        self._fetchers = {
+            int(p): _Fetcher(
+                int(part.get("next_offset", -1)),
+                str(part.get("fetch_state", "")),
+                int(part.get("fetchq_cnt", 0)),
+            )
+            for p, part in parts.items()
+            if p.lstrip("-").isdigit() and int(p) >= 0
+        }
         for partition, offset in list(self._offsets.items()):
             end = parts.get(str(partition), {}).get("ls_offset")
             if end is not None and offset >= 0:

@@ -512,6 +512,12 @@ INPUT_TOPIC_RESETS = Counter(
     "the dataflow.",
     ["topic"],
 )
+INPUT_PARTITION_STALLS = Counter(
+    "waxserve_input_partition_stalls",
+    "Times an input partition had records to read but returned none for a while, and was "
+    "assigned again (librdkafka's fetcher can stay stuck after a leader change).",
+    ["topic"],
+)
 # Exported at 0 from the start: "reachable" is a value the alert compares with, not a gap.
 for _client in KAFKA_CLIENTS:
     KAFKA_UNREACHABLE.labels(_client).set(0)
@@ -539,6 +545,11 @@ def unreachable_clients() -> list[str]:
     (what waxserve_kafka_unreachable shows): the health endpoint's readiness asks."""
     with _unreachable_lock:
         return [client for client, count in _unreachable_count.items() if count]
+
+
+def input_partition_stalled(topic: str) -> None:
+    """An input partition of `topic` stopped returning records it has: assigned again."""
+    INPUT_PARTITION_STALLS.labels(topic).inc()
 
 
 def input_topic_reset(topic: str) -> None:
