@@ -55,6 +55,9 @@ class Dataflow:
             "WAXSERVE_NO_MODEL_WAIT_S": "5",
             "BYTEWAX_DATAFLOW_API_CACHE_PATH": str(tmp),
             "WAXSERVE_STATE_ADDR": "127.0.0.1:0",  # tests that query it choose a port
+            # A JVM only in the dataflows that load PMML: started with every one (the
+            # default, tests/runtimes/test_jvm_start.py) it costs the suite ~40 s.
+            "WAXSERVE_PMML": "lazy",
             **env,
         }
         self._out = self.log.open("w")
