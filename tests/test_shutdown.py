@@ -255,6 +255,16 @@ class Partition(StatelessSinkPartition):
     def close(self):
         (OUT / "closed").touch()  # where a Kafka sink flushes
         time.sleep(float(os.environ.get("FLOW_CLOSE_S", "0")))  # a flush that waits
+        if os.environ.get("FLOW_CLOSE_HOLDS_GIL"):
+            # Native code that never returns and never lets go of the GIL: a default
+            # pthread mutex locked twice by one thread, called through PyDLL (which keeps
+            # the GIL during the call). No Python thread runs again.
+            import ctypes
+
+            libc = ctypes.PyDLL(None)
+            mutex = ctypes.create_string_buffer(64)  # zeros: PTHREAD_MUTEX_INITIALIZER
+            libc.pthread_mutex_lock(mutex)
+            libc.pthread_mutex_lock(mutex)
 
 
 def busy(item):
@@ -426,6 +436,19 @@ def test_a_stop_that_hangs_ends_at_the_deadline(tmp_path: Path) -> None:
     assert status == 1 and took <= STOP_BOUND_S, f"{status} after {took:.2f} s:\n{log}"
     assert took >= lifecycle.STOP_DEADLINE_S - 0.5, f"ended early: {took:.2f} s:\n{log}"
     assert "did not stop within" in log, log
+
+
+def test_a_stop_held_by_native_code_with_the_gil_still_ends(tmp_path: Path) -> None:
+    """The deadline's own watcher is a Python thread: when native code holds the GIL for
+    good, faulthandler's C watchdog ends the process instead, with every thread's stack."""
+    proc = _run_flow(tmp_path, FLOW_CLOSE_HOLDS_GIL="1")
+    _wait_for(tmp_path / "running", proc)
+    took, status = _stop(proc, signal.SIGTERM)
+    log = (tmp_path / "log").read_text()
+    bound = lifecycle.STOP_DEADLINE_S + lifecycle.BACKSTOP_S
+    assert status == 1 and took <= STOP_BOUND_S, f"{status} after {took:.2f} s:\n{log}"
+    assert took >= bound - 0.5, f"ended early: {took:.2f} s:\n{log}"
+    assert "Timeout (" in log and "in close" in log, log  # faulthandler's stacks
 
 
 def test_a_signal_while_starting_stops_the_dataflow_cleanly(tmp_path: Path) -> None:

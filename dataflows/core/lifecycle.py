@@ -57,6 +57,7 @@ from __future__ import annotations
 
 import _thread
 import contextlib
+import faulthandler
 import logging
 import math
 import os
@@ -80,6 +81,10 @@ other partitions, the stop hooks, the log."""
 
 REARM_S = 0.001
 """How often the watcher makes the signal pending again until Bytewax has acted on it."""
+
+BACKSTOP_S = 0.4
+"""After the deadline, this much more before the process is ended without Python (when the
+watcher itself cannot run): still within the 5 s a stop may take."""
 
 ESCALATE_S = 1.0
 """After this long, the stop is raised wherever the main thread is: a dataflow whose
@@ -331,6 +336,14 @@ class _Stopper:
         if not self.lifecycle.stopping():
             self.signum = min(arrived)
             self.lifecycle.request_stop(signal.Signals(self.signum).name)
+        # The deadline below needs the GIL, and a thread that never gives it back (native
+        # code waiting on a cluster peer that has gone) would hold the process forever:
+        # seen once, a `just cluster` process still running 60 s after Ctrl-C. faulthandler's
+        # watchdog is a C thread: BACKSTOP_S after the deadline it prints every thread's
+        # stack to stderr and ends the process (exit 1), GIL or not.
+        faulthandler.dump_traceback_later(
+            self.lifecycle.time_left() + BACKSTOP_S, exit=True, file=2
+        )
         # Pending again and again until Bytewax's check sees it: the main thread runs a
         # step's Python code most of the time, where the handler leaves it alone.
         while (left := self.lifecycle.time_left()) > 0:
