@@ -361,7 +361,10 @@ class _SharedConsumer:
             if self._topic_gone:
                 self._topic_gone = False
                 log.warning("input topic %s is back", self._topic)
-            self._watch_stalls(admin)
+            try:
+                self._watch_stalls(admin)
+            except Exception:  # this thread also watches for a deleted topic: keep it
+                log.warning("input %s: checking for stalls failed", self._topic, exc_info=True)
 
     def _watch_stalls(self, admin: AdminClient) -> None:
         offsets = dict(self._offsets)  # a copy: the worker changes it meanwhile
