@@ -446,7 +446,9 @@ def test_a_stop_held_by_native_code_with_the_gil_still_ends(tmp_path: Path) -> N
     took, status = _stop(proc, signal.SIGTERM)
     log = (tmp_path / "log").read_text()
     bound = lifecycle.STOP_DEADLINE_S + lifecycle.BACKSTOP_S
-    assert status == 1 and took <= STOP_BOUND_S, f"{status} after {took:.2f} s:\n{log}"
+    # It ends (without the watchdog it ran on past 30 s): at the bound, give or take how
+    # late a busy machine wakes the watchdog and reaps the process.
+    assert status == 1 and took <= bound + 2.0, f"{status} after {took:.2f} s:\n{log}"
     assert took >= bound - 0.5, f"ended early: {took:.2f} s:\n{log}"
     assert "Timeout (" in log and "in close" in log, log  # faulthandler's stacks
 
