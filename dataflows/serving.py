@@ -77,6 +77,7 @@ from dataflows.monitoring.feedback import (
 from dataflows.monitoring.windows import DriftPartial, MonitorState, StatsPartial
 from dataflows.observability import metrics
 from dataflows.observability.state import PROCESS_STATE, start_state_server
+from dataflows.rollout.guards import GuardCounts
 from dataflows.rollout.judge import JudgeSettings, JudgeState, RolloutJudge
 from dataflows.rollout.plans import ServingPlan, model_key
 from dataflows.runtimes import java_missing, jvm_started, set_jvm_policy
@@ -308,18 +309,25 @@ class FeedbackLogic(op.StatefulBatchLogic[PredictionBatch | LabelBatch, Any, Fee
         return self.join.state.snapshot()
 
 
-class JudgeLogic(op.StatefulBatchLogic[Install | JoinedPairs, pb.PlanCommand, JudgeState]):
+JudgeIn = Install | JoinedPairs | GuardCounts
+"""What the rollout judge hears: plans, joined labels and canaries' label-free guards."""
+
+
+class JudgeLogic(op.StatefulBatchLogic[JudgeIn, pb.PlanCommand, JudgeState]):
     """Bytewax wrapper of `RolloutJudge`, one per data type: hears its plans (the
-    registry's installs) and its joined labels, says plan commands."""
+    registry's installs), its joined labels and its canaries' guards, says plan commands."""
 
     def __init__(self, judge: RolloutJudge) -> None:
         self.judge = judge
 
-    def on_batch(self, values: list[Install | JoinedPairs]) -> tuple[Iterable[Any], bool]:
+    def on_batch(self, values: list[JudgeIn]) -> tuple[Iterable[Any], bool]:
         out: list[pb.PlanCommand] = []
         for value in values:
             if isinstance(value, JoinedPairs):
                 out.extend(self.judge.on_pairs(value))
+                continue
+            if isinstance(value, GuardCounts):
+                out.extend(self.judge.on_guards(value))
                 continue
             found = _plan_of(value)
             if found is not None:
@@ -496,21 +504,29 @@ def build_flow(
                 monitoring=config.monitoring,
                 events=events,
                 feedback=feedback,
+                canary_budget_us=config.canary_max_us_per_record,
             )
         ),
     )
     served_values = op.map("served_values", served, lambda kv: kv[1])
+    judge_inputs = [op.key_on("key_judge_installs", installs, _data_type_of)]
     if not with_feedback:
-        scored, partials, dead_serve = split(
-            "serve_split", served_values, ScoredBatch, StatsPartial | DriftPartial, DeadLetter
-        )
-    else:
-        scored, partials, dead_serve, feedback_items = split(
+        scored, partials, dead_serve, guards = split(
             "serve_split",
             served_values,
             ScoredBatch,
             StatsPartial | DriftPartial,
             DeadLetter,
+            GuardCounts,
+        )
+    else:
+        scored, partials, dead_serve, guards, feedback_items = split(
+            "serve_split",
+            served_values,
+            ScoredBatch,
+            StatsPartial | DriftPartial,
+            DeadLetter,
+            GuardCounts,
             PredictionBatch | LabelBatch,
         )
         # One owner per record id: "<data_type>#<hash(id) % shards>" holds its prediction.
@@ -539,32 +555,32 @@ def build_flow(
             "feedback_split", feedback_values, StatsPartial, JoinedPairs
         )
         partials = op.merge("partials_in", partials, feedback_partials)
-        # The rollout judge: canaries promoted or rolled back, bandits reweighted, from the
-        # labels; its commands go to the control topic like anyone's.
-        settings = JudgeSettings(
-            alpha=config.canary_alpha,
-            margin=config.canary_margin,
-            min_records=config.canary_min_records,
-            max_records=config.canary_max_records,
-            bandit_every=config.bandit_update_records,
+        judge_inputs.append(op.key_on("key_judge_pairs", joined, lambda p: p.identity.data_type))
+    # The rollout judge: canaries promoted or rolled back on their label-free guards and on
+    # labels where they come, bandits reweighted; its commands go to the control topic
+    # like anyone's.
+    judge_inputs.append(op.key_on("key_judge_guards", guards, lambda g: g.identity.data_type))
+    settings = JudgeSettings(
+        alpha=config.canary_alpha,
+        margin=config.canary_margin,
+        min_records=config.canary_min_records,
+        max_records=config.canary_max_records,
+        bandit_every=config.bandit_update_records,
+        max_error_rate=config.canary_max_error_rate,
+        max_slow_rate=config.canary_max_slow_rate,
+        max_us_per_record=config.canary_max_us_per_record,
+        labelled=feedback.listed,
+    )
+    judged = op.stateful_batch(
+        "judge",
+        cast(KeyedStream[JudgeIn], op.merge("judge_in", *judge_inputs)),
+        lambda state: JudgeLogic(RolloutJudge(state, settings, clock)),
+    )
+    commands = op.map("judge_values", judged, lambda kv: kv[1])
+    if CONTROL_SINK in sinks:
+        op.output(
+            "control_out", op.map("command_items", commands, _command_item), sinks[CONTROL_SINK]
         )
-        judged = op.stateful_batch(
-            "judge",
-            cast(
-                KeyedStream[Install | JoinedPairs],
-                op.merge(
-                    "judge_in",
-                    op.key_on("key_judge_installs", installs, _data_type_of),
-                    op.key_on("key_judge_pairs", joined, lambda p: p.identity.data_type),
-                ),
-            ),
-            lambda state: JudgeLogic(RolloutJudge(state, settings, clock)),
-        )
-        commands = op.map("judge_values", judged, lambda kv: kv[1])
-        if CONTROL_SINK in sinks:
-            op.output(
-                "control_out", op.map("command_items", commands, _command_item), sinks[CONTROL_SINK]
-            )
     # Shadow models' output: the shadow topic, never the scored one (none without a sink).
     shadow_scored = op.filter("shadow_only", scored, _is_shadow)
     scored = op.filter("primary_only", scored, lambda b: not b.shadow)

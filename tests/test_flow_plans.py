@@ -225,6 +225,30 @@ def test_the_judge_promotes_a_canary_that_is_not_worse_on_labels(workers: int) -
     assert command.reason.startswith(f"canary {GBT_KEY} against {LR_KEY}: ")
 
 
+def unlabelled_canary(workers: int, **settings: float) -> Outputs:
+    """wine-gbt canaried on 70% of 1,200 records, and no labels at all."""
+    commands = [plan(pb.ACTIVATE, (LR_KEY, 0)), plan(pb.CANARY, (GBT_KEY, 0.7))]
+    control = [control_batch(WINE_CONTRACT.to_proto(), LR, GBT, *commands)]
+    return run_flow(test_config(**settings), control, records(1200), workers=workers)
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_without_labels_a_canary_that_passes_its_guards_is_promoted(workers: int) -> None:
+    out = unlabelled_canary(workers)
+    [command] = out.commands()
+    assert (command.action, command.for_plan, command.data_type) == (pb.PROMOTE, 2, "wine")
+    assert command.reason.startswith(f"canary {GBT_KEY} passed its guards (error rate): ")
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_without_labels_a_canary_over_its_time_budget_is_rolled_back(workers: int) -> None:
+    # A budget no model meets: every record of the canary counts as slow.
+    out = unlabelled_canary(workers, canary_max_us_per_record=0.001)
+    [command] = out.commands()
+    assert (command.action, command.for_plan) == (pb.ROLLBACK, 2)
+    assert command.reason.startswith(f"canary {GBT_KEY} guard slow rate: ")
+
+
 @pytest.mark.parametrize("workers", WORKERS)
 def test_an_ensemble_serves_the_mean_of_its_members_with_each_members_output(
     workers: int,

@@ -67,6 +67,9 @@ _BOUNDS: dict[str, tuple[float, float | None, str]] = {
     "canary_min_records": (1, None, "a record count >= 1"),
     "canary_max_records": (1, None, "a record count >= 1"),
     "bandit_update_records": (1, None, "a record count >= 1"),
+    "canary_max_error_rate": (1e-6, 0.999, "a rate from 1e-06 to 0.999"),
+    "canary_max_slow_rate": (1e-6, 0.999, "a rate from 1e-06 to 0.999"),
+    "canary_max_us_per_record": (0, None, "microseconds >= 0 (0: no time guard)"),
 }
 
 
@@ -133,6 +136,14 @@ class Config:
     canary_min_records: int = 200
     canary_max_records: int = 20_000
     bandit_update_records: int = 500
+    # A canary's label-free guards (dataflows/rollout/guards.py), tested at the same error
+    # rate: rolled back on evidence that it fails to score more than `canary_max_error_rate`
+    # of its records, or (with a budget) scores more than `canary_max_slow_rate` of them
+    # slower than `canary_max_us_per_record`; without labels, promoted on evidence that it
+    # stays below both.
+    canary_max_error_rate: float = 0.01
+    canary_max_slow_rate: float = 0.05
+    canary_max_us_per_record: float = 0.0
     # How `waxserve topics` creates the topics that do not exist yet (existing ones are left
     # alone). Replication factor: 3 on a production cluster, 1 on a single broker.
     topic_replication_factor: int = 1

@@ -1,4 +1,4 @@
-"""The rollout judge: turns online reward into plan commands, per data type.
+"""The rollout judge: turns online reward and guards into plan commands, per data type.
 
 It hears the data type's plan (the registry's installs) and the (prediction, label) pairs
 the feedback join makes (`JoinedPairs`), and answers with `PlanCommand`s that go to the
@@ -13,6 +13,10 @@ its evidence, applied by the registry, recoverable and auditable like a person's
   on squared error, whose variance swamps a test tuned to a margin of 0.05. A sequential
   test (`dataflows.rollout.sequential.TwoSampleTest`) after every batch of pairs: PROMOTE
   or ROLLBACK once it decides, with `reason` the evidence in a line;
+- a canary's **label-free guards** (`dataflows.rollout.guards`): the share of its
+  records it failed to score, and of those it scored over a time budget, each tested
+  against its maximum (`RateGuard`) as the shards report them. A guard exceeded rolls the
+  canary back, labels or not; where no labels come, every guard holding promotes it;
 - a **bandit**: every `bandit_every` pairs, Thompson-sampling weights from the arms'
   rewards (`dataflows.rollout.bandit`), sent as SET_WEIGHTS when one moves by 0.01 or more.
 
@@ -34,8 +38,9 @@ import numpy as np
 from dataflows.core.events import JUDGE_ACTOR
 from dataflows.monitoring.feedback import JoinedPairs
 from dataflows.rollout.bandit import ArmStats, ThompsonAllocator, joined_rewards
+from dataflows.rollout.guards import GuardCounts
 from dataflows.rollout.plans import ServingPlan, model_key
-from dataflows.rollout.sequential import MetricStats, TwoSampleTest, Verdict
+from dataflows.rollout.sequential import Decision, MetricStats, RateGuard, TwoSampleTest, Verdict
 from protos import waxserve_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -56,6 +61,9 @@ class JudgeState:
     rewards: dict[str, ArmStats] = field(default_factory=dict)
     pairs_since_weights: int = 0
     decided: int = 0  # the plan number a canary decision was sent for
+    # Label-free guards, by model key: 0/1 per record routed to it as a canary.
+    failures: dict[str, MetricStats] = field(default_factory=dict)
+    slow: dict[str, MetricStats] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -68,6 +76,13 @@ class JudgeSettings:
     max_records: int = 20_000
     bandit_every: int = 500
     bandit_floor: float = 0.01
+    # Label-free guards (dataflows/rollout/guards.py): the highest rates a canary may fail
+    # to score at, and score slower than `max_us_per_record` at (0: no time guard).
+    max_error_rate: float = 0.01
+    max_slow_rate: float = 0.05
+    max_us_per_record: float = 0.0
+    # Data types whose labels come (feedback): their canaries are promoted on labels only.
+    labelled: Callable[[str], bool] = lambda _data_type: False
 
 
 class RolloutJudge:
@@ -92,6 +107,24 @@ class RolloutJudge:
         state.scales.update(scales)
         state.losses = {k: v for k, v in state.losses.items() if k in plan.models}
         state.rewards = {k: v for k, v in state.rewards.items() if k in plan.models}
+        state.failures = {k: v for k, v in state.failures.items() if k in plan.models}
+        state.slow = {k: v for k, v in state.slow.items() if k in plan.models}
+
+    def on_guards(self, counts: GuardCounts) -> list[pb.PlanCommand]:
+        """Take in what a canary's records showed without labels; a decision, if any."""
+        if counts.records == 0:
+            return []
+        key = model_key(counts.identity.name, counts.identity.version)
+        state = self.state
+        zero = MetricStats(0, 0.0, 0.0)
+        failed = MetricStats(counts.records, counts.failed, counts.failed)  # 0/1 values
+        slow = MetricStats(counts.records, counts.slow, counts.slow)
+        state.failures[key] = state.failures.get(key, zero).merge(failed)
+        state.slow[key] = state.slow.get(key, zero).merge(slow)
+        plan = state.plan
+        if plan is None or plan.policy != "canary" or plan.canary != key:
+            return []
+        return self._judge_canary(plan, counts.identity.data_type)
 
     def on_pairs(self, pairs: JoinedPairs) -> list[pb.PlanCommand]:
         """Take in one model's joined pairs; the commands they lead to, if any. Pairs can
@@ -119,11 +152,51 @@ class RolloutJudge:
         return []
 
     def _judge_canary(self, plan: ServingPlan, data_type: str) -> list[pb.PlanCommand]:
+        """A guard that finds the canary over its rate rolls it back, labels or not; then
+        the labels decide where they come, else every guard passing promotes it."""
         if self.state.decided == plan.number:
             return []
-        canary = next(v.model for v in plan.variants if v.role == "canary")
+        canary = plan.canary
+        guards = self._guards(canary)
+        over = [(name, d) for name, d in guards if d.verdict == Verdict.ROLLBACK]
+        if over:
+            name, decision = over[0]
+            return self._decide(plan, data_type, pb.ROLLBACK, f"guard {name}", decision)
+        if self._settings.labelled(data_type) or canary in self.state.losses:
+            return self._judge_on_labels(plan, data_type)
+        if guards and all(d.verdict == Verdict.PROMOTE for _, d in guards):
+            names = " and ".join(name for name, _ in guards)
+            evidence = "; ".join(f"{name}: {d.summary()}" for name, d in guards)
+            reason = f"canary {canary} passed its guards ({names}): {evidence}"
+            return self._decided(plan, data_type, pb.PROMOTE, reason)
+        return []
+
+    def _guards(self, canary: str) -> list[tuple[str, Decision]]:
+        """Each label-free guard's verdict on the canary so far (none before it was seen)."""
+        settings, state = self._settings, self.state
+        failures = state.failures.get(canary)
+        if failures is None:
+            return []
+        limits = [("error rate", settings.max_error_rate, failures)]
+        if settings.max_us_per_record > 0:
+            limits.append(("slow rate", settings.max_slow_rate, state.slow[canary]))
+        return [
+            (
+                name,
+                RateGuard(
+                    name,
+                    rate,
+                    alpha=settings.alpha,
+                    min_records=settings.min_records,
+                    max_records=settings.max_records,
+                ).decide(stats),
+            )
+            for name, rate, stats in limits
+        ]
+
+    def _judge_on_labels(self, plan: ServingPlan, data_type: str) -> list[pb.PlanCommand]:
         primary = self.state.losses.get(plan.active)
-        candidate = self.state.losses.get(canary)
+        candidate = self.state.losses.get(plan.canary)
         if primary is None or candidate is None:
             return []
         settings = self._settings
@@ -137,9 +210,24 @@ class RolloutJudge:
         decision = test.decide(primary, candidate)
         if decision.verdict == Verdict.CONTINUE:
             return []
-        self.state.decided = plan.number
         action = pb.PROMOTE if decision.verdict == Verdict.PROMOTE else pb.ROLLBACK
-        reason = f"canary {canary} against {plan.active}: {decision.summary()}"
+        return self._decide(plan, data_type, action, f"against {plan.active}", decision)
+
+    def _decide(
+        self,
+        plan: ServingPlan,
+        data_type: str,
+        action: pb.PlanAction,
+        what: str,
+        decision: Decision,
+    ) -> list[pb.PlanCommand]:
+        reason = f"canary {plan.canary} {what}: {decision.summary()}"
+        return self._decided(plan, data_type, action, reason)
+
+    def _decided(
+        self, plan: ServingPlan, data_type: str, action: pb.PlanAction, reason: str
+    ) -> list[pb.PlanCommand]:
+        self.state.decided = plan.number
         log.warning("%s: %s", pb.PlanAction.Name(action).lower(), reason)
         return [self._command(data_type, plan, action, [], reason)]
 

@@ -91,6 +91,14 @@ class ServingPlan:
         return ""
 
     @property
+    def canary(self) -> str:
+        """The candidate of a canary plan ("" in any other plan)."""
+        for variant in self.variants:
+            if variant.role == "canary":
+                return variant.model
+        return ""
+
+    @property
     def models(self) -> tuple[str, ...]:
         """Every model the plan uses, in order."""
         return tuple(v.model for v in self.variants)

@@ -75,6 +75,7 @@ from dataflows.monitoring.windows import (
 )
 from dataflows.rollout.assign import assign, entity_points
 from dataflows.rollout.ensemble import EnsembleError, combine
+from dataflows.rollout.guards import GuardCounts
 from dataflows.rollout.plans import ServingPlan, model_key
 from dataflows.runtimes import ModelRuntime, Prediction
 from dataflows.scoring.scored import lineage_field, plan_field, scored_messages
@@ -100,7 +101,15 @@ class ScoredBatch:
     shadow: bool = False  # a shadow model's output: the shadow topic, not the scored one
 
 
-ShardOut = ScoredBatch | DeadLetter | StatsPartial | DriftPartial | PredictionBatch | LabelBatch
+ShardOut = (
+    ScoredBatch
+    | DeadLetter
+    | StatsPartial
+    | DriftPartial
+    | PredictionBatch
+    | LabelBatch
+    | GuardCounts
+)
 
 
 # --- state -------------------------------------------------------------------------------
@@ -564,8 +573,11 @@ class ShardScorer:
         held_budget: HeldBudget | None = None,
         feedback: Feedback | None = None,
         loader: Executor = MODEL_LOADER,
+        canary_budget_us: float = 0.0,
     ) -> None:
         self.state = state if state is not None else ShardState()
+        # A canary's time budget per record (0: none), for its slow-rate guard.
+        self._canary_budget_us = canary_budget_us
         # Models this process has not loaded yet (its registry runs in another process):
         # loading on `loader` while the old model serves, per data type the newest install.
         self._loader = loader
@@ -845,12 +857,17 @@ class ShardScorer:
         if plan.splits_traffic:
             points = entity_points(run.data_type, self._entity_keys(run, plan, contract))
             chosen = assign(points, route.weights)
+            canary = plan.canary
             for i, (key, binding) in enumerate(route.bindings.items()):
                 rows = chosen == i
-                if rows.all():
-                    out.extend(self._score(run, binding, route.extras[key]))
-                elif rows.any():
-                    out.extend(self._score(run.take(rows), binding, route.extras[key]))
+                if not rows.any():
+                    continue
+                part = run if rows.all() else run.take(rows)
+                started = time.perf_counter()
+                scored = self._score(part, binding, route.extras[key])
+                out.extend(scored)
+                if key == canary:  # what the canary's records show without labels
+                    out.append(self._guard_counts(binding, part, scored, started))
             return out
         if plan.policy == "ensemble":
             return self._score_ensemble(run, route)
@@ -868,6 +885,22 @@ class ShardScorer:
                     run, active, binding.spec.identity, outputs[plan.active], outputs[key]
                 )
         return out
+
+    def _guard_counts(
+        self, binding: Binding, run: RecordColumns, scored: list[ShardOut], started: float
+    ) -> GuardCounts:
+        """The canary's failures (the model call raised, or gave no usable prediction) and
+        slow records in this batch; records it could not read are the input's fault."""
+        failed = sum(
+            1
+            for item in scored
+            if isinstance(item, DeadLetter)
+            and item.reason in (Reason.SCORE_FAILED, Reason.INVALID_PREDICTION)
+        )
+        seconds = time.perf_counter() - started
+        return GuardCounts.of(
+            binding.spec.identity, len(run), failed, seconds, self._canary_budget_us
+        )
 
     def _score_ensemble(self, run: RecordColumns, route: Route) -> list[ShardOut]:
         """Every member scores the records the first member can; one output a record,

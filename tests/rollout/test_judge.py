@@ -3,10 +3,13 @@ joined labels, as plan commands."""
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from dataflows.monitoring.feedback import JoinedPairs
 from dataflows.monitoring.windows import ModelIdentity
+from dataflows.rollout.guards import GuardCounts
 from dataflows.rollout.judge import ACTOR, JudgeSettings, RolloutJudge
 from dataflows.rollout.plans import ServingPlan, Variant
 from protos import waxserve_pb2 as pb
@@ -30,7 +33,7 @@ def canary(number: int = 2) -> ServingPlan:
     return ServingPlan("canary", variants, number)
 
 
-def judge(**settings: int) -> RolloutJudge:
+def judge(**settings: Any) -> RolloutJudge:
     return RolloutJudge(None, JudgeSettings(min_records=100, **settings), clock=lambda: 1.0)
 
 
@@ -70,3 +73,81 @@ def test_a_bandit_moves_its_weights_toward_the_better_arm() -> None:
     # A plan without an arm drops its evidence.
     j.on_plan(ServingPlan.single("clf:1", 7), {})
     assert set(j.state.rewards) == {"clf:1"}
+
+
+# --- label-free guards -----------------------------------------------------------------------
+
+
+def guard_counts(version: str, records: int, failed: int = 0, slow: int = 0) -> GuardCounts:
+    return GuardCounts(ModelIdentity("wine", "clf", version, "0" * 64), records, failed, slow)
+
+
+def guarded(labelled: bool = False, **settings: Any) -> RolloutJudge:
+    judge = RolloutJudge(
+        None,
+        JudgeSettings(min_records=100, labelled=lambda _dt: labelled, **settings),
+        clock=lambda: 1.0,
+    )
+    judge.on_plan(canary(), {})
+    return judge
+
+
+def test_a_canary_that_fails_to_score_is_rolled_back_without_labels() -> None:
+    judge = guarded()
+    out = []
+    for _ in range(10):  # 5% of its records fail, against at most 1%
+        out += judge.on_guards(guard_counts("2", 100, failed=5))
+    [command] = out
+    assert (command.action, command.for_plan, command.actor) == (pb.ROLLBACK, 2, ACTOR)
+    assert command.reason.startswith("canary clf:2 guard error rate: ")
+
+
+def test_a_canary_that_passes_its_guards_is_promoted_without_labels() -> None:
+    judge = guarded(max_us_per_record=50.0)
+    out = []
+    for _ in range(20):
+        out += judge.on_guards(guard_counts("2", 100))
+    [command] = out
+    assert command.action == pb.PROMOTE
+    assert command.reason.startswith("canary clf:2 passed its guards (error rate and slow rate)")
+    assert judge.on_guards(guard_counts("2", 100)) == []  # decided once
+
+
+def test_a_slow_canary_is_rolled_back_when_there_is_a_time_budget() -> None:
+    judge = guarded(max_us_per_record=50.0)
+    out = []
+    for _ in range(10):
+        out += judge.on_guards(guard_counts("2", 100, slow=100))
+    [command] = out
+    assert command.action == pb.ROLLBACK and "guard slow rate" in command.reason
+    # Without a budget nothing is slow: the same counts promote in the end.
+    plain = guarded()
+    assert [c.action for _ in range(20) for c in plain.on_guards(guard_counts("2", 100))] == [
+        pb.PROMOTE
+    ]
+
+
+def test_with_labels_the_guards_only_roll_back_and_the_labels_promote() -> None:
+    judge = guarded(labelled=True)
+    assert [c for _ in range(20) for c in judge.on_guards(guard_counts("2", 100))] == []
+    judge.on_pairs(pairs("1", 900, 100))
+    [command] = judge.on_pairs(pairs("2", 1860, 140))
+    assert command.action == pb.PROMOTE and " against clf:1: " in command.reason
+    failing = guarded(labelled=True)
+    out = [c for _ in range(10) for c in failing.on_guards(guard_counts("2", 100, failed=5))]
+    assert [c.action for c in out] == [pb.ROLLBACK]
+
+
+def test_the_active_models_counts_and_other_plans_decide_nothing() -> None:
+    judge = guarded()
+    assert [c for _ in range(20) for c in judge.on_guards(guard_counts("1", 100, 50))] == []
+    split = ServingPlan("split", (Variant("clf:1", "a", 0.5), Variant("clf:2", "b", 0.5)), 3)
+    judge.on_plan(split, {})
+    assert [c for _ in range(20) for c in judge.on_guards(guard_counts("2", 100, 50))] == []
+
+
+def test_guard_counts_of_a_batch() -> None:
+    identity = ModelIdentity("wine", "clf", "2", "0" * 64)
+    assert GuardCounts.of(identity, 100, 3, 0.01, 0.0) == GuardCounts(identity, 100, 3, 0)
+    assert GuardCounts.of(identity, 100, 3, 0.01, 50.0) == GuardCounts(identity, 100, 3, 100)
+    assert GuardCounts.of(identity, 100, 3, 0.001, 50.0) == GuardCounts(identity, 100, 3, 0)
