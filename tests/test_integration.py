@@ -52,7 +52,9 @@ class Dataflow:
             **config_env(config),
             "WAXSERVE_STATS_INTERVAL_S": "1",
             "WAXSERVE_DRIFT_WINDOW_S": "2",
-            "WAXSERVE_NO_MODEL_WAIT_S": "5",
+            # Records wait for a model as long as by default (30 s): on a busy machine the
+            # first install (ONNX load and quality gate) took 6.2 s, past the 5 s set here
+            # before, and the records that came first were dead-lettered as no_model.
             "BYTEWAX_DATAFLOW_API_CACHE_PATH": str(tmp),
             "WAXSERVE_STATE_ADDR": "127.0.0.1:0",  # tests that query it choose a port
             # A JVM only in the dataflows that load PMML: started with every one (the
