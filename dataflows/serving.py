@@ -569,6 +569,7 @@ def build_flow(
         max_error_rate=config.canary_max_error_rate,
         max_slow_rate=config.canary_max_slow_rate,
         max_us_per_record=config.canary_max_us_per_record,
+        promote_without_labels=config.canary_promote_without_labels,
         labelled=feedback.listed,
     )
     judged = op.stateful_batch(

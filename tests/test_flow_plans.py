@@ -225,7 +225,7 @@ def test_the_judge_promotes_a_canary_that_is_not_worse_on_labels(workers: int) -
     assert command.reason.startswith(f"canary {GBT_KEY} against {LR_KEY}: ")
 
 
-def unlabelled_canary(workers: int, **settings: float) -> Outputs:
+def unlabelled_canary(workers: int, **settings: float | bool) -> Outputs:
     """wine-gbt canaried on 70% of 1,200 records, and no labels at all."""
     commands = [plan(pb.ACTIVATE, (LR_KEY, 0)), plan(pb.CANARY, (GBT_KEY, 0.7))]
     control = [control_batch(WINE_CONTRACT.to_proto(), LR, GBT, *commands)]
@@ -233,11 +233,17 @@ def unlabelled_canary(workers: int, **settings: float) -> Outputs:
 
 
 @pytest.mark.parametrize("workers", WORKERS)
-def test_without_labels_a_canary_that_passes_its_guards_is_promoted(workers: int) -> None:
-    out = unlabelled_canary(workers)
+def test_without_labels_a_canary_that_passes_its_guards_is_promoted_if_asked(
+    workers: int,
+) -> None:
+    out = unlabelled_canary(workers, canary_promote_without_labels=True)
     [command] = out.commands()
     assert (command.action, command.for_plan, command.data_type) == (pb.PROMOTE, 2, "wine")
     assert command.reason.startswith(f"canary {GBT_KEY} passed its guards (error rate): ")
+
+
+def test_without_labels_a_canary_that_passes_its_guards_waits_for_a_person() -> None:
+    assert unlabelled_canary(1).commands() == []
 
 
 @pytest.mark.parametrize("workers", WORKERS)

@@ -139,11 +139,13 @@ class Config:
     # A canary's label-free guards (dataflows/rollout/guards.py), tested at the same error
     # rate: rolled back on evidence that it fails to score more than `canary_max_error_rate`
     # of its records, or (with a budget) scores more than `canary_max_slow_rate` of them
-    # slower than `canary_max_us_per_record`; without labels, promoted on evidence that it
-    # stays below both.
+    # slower than `canary_max_us_per_record`. Without labels, promoted on evidence that it
+    # stays below both only with `canary_promote_without_labels` (a canary someone watches
+    # by hand must not be promoted behind their back).
     canary_max_error_rate: float = 0.01
     canary_max_slow_rate: float = 0.05
     canary_max_us_per_record: float = 0.0
+    canary_promote_without_labels: bool = False
     # How `waxserve topics` creates the topics that do not exist yet (existing ones are left
     # alone). Replication factor: 3 on a production cluster, 1 on a single broker.
     topic_replication_factor: int = 1

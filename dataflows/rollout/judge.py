@@ -16,7 +16,8 @@ its evidence, applied by the registry, recoverable and auditable like a person's
 - a canary's **label-free guards** (`dataflows.rollout.guards`): the share of its
   records it failed to score, and of those it scored over a time budget, each tested
   against its maximum (`RateGuard`) as the shards report them. A guard exceeded rolls the
-  canary back, labels or not; where no labels come, every guard holding promotes it;
+  canary back, labels or not; where no labels come, every guard holding promotes it if
+  `promote_without_labels` says so (off by default: a canary watched by hand stays);
 - a **bandit**: every `bandit_every` pairs, Thompson-sampling weights from the arms'
   rewards (`dataflows.rollout.bandit`), sent as SET_WEIGHTS when one moves by 0.01 or more.
 
@@ -81,6 +82,7 @@ class JudgeSettings:
     max_error_rate: float = 0.01
     max_slow_rate: float = 0.05
     max_us_per_record: float = 0.0
+    promote_without_labels: bool = False  # every guard holding promotes an unlabelled canary
     # Data types whose labels come (feedback): their canaries are promoted on labels only.
     labelled: Callable[[str], bool] = lambda _data_type: False
 
@@ -164,7 +166,8 @@ class RolloutJudge:
             return self._decide(plan, data_type, pb.ROLLBACK, f"guard {name}", decision)
         if self._settings.labelled(data_type) or canary in self.state.losses:
             return self._judge_on_labels(plan, data_type)
-        if guards and all(d.verdict == Verdict.PROMOTE for _, d in guards):
+        promoting = self._settings.promote_without_labels
+        if promoting and guards and all(d.verdict == Verdict.PROMOTE for _, d in guards):
             names = " and ".join(name for name, _ in guards)
             evidence = "; ".join(f"{name}: {d.summary()}" for name, d in guards)
             reason = f"canary {canary} passed its guards ({names}): {evidence}"

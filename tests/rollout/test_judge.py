@@ -102,8 +102,10 @@ def test_a_canary_that_fails_to_score_is_rolled_back_without_labels() -> None:
     assert command.reason.startswith("canary clf:2 guard error rate: ")
 
 
-def test_a_canary_that_passes_its_guards_is_promoted_without_labels() -> None:
-    judge = guarded(max_us_per_record=50.0)
+def test_a_canary_that_passes_its_guards_is_promoted_without_labels_if_asked() -> None:
+    watched = guarded(max_us_per_record=50.0)  # by default a person promotes it
+    assert [c for _ in range(20) for c in watched.on_guards(guard_counts("2", 100))] == []
+    judge = guarded(max_us_per_record=50.0, promote_without_labels=True)
     out = []
     for _ in range(20):
         out += judge.on_guards(guard_counts("2", 100))
@@ -121,14 +123,14 @@ def test_a_slow_canary_is_rolled_back_when_there_is_a_time_budget() -> None:
     [command] = out
     assert command.action == pb.ROLLBACK and "guard slow rate" in command.reason
     # Without a budget nothing is slow: the same counts promote in the end.
-    plain = guarded()
+    plain = guarded(promote_without_labels=True)
     assert [c.action for _ in range(20) for c in plain.on_guards(guard_counts("2", 100))] == [
         pb.PROMOTE
     ]
 
 
 def test_with_labels_the_guards_only_roll_back_and_the_labels_promote() -> None:
-    judge = guarded(labelled=True)
+    judge = guarded(labelled=True, promote_without_labels=True)
     assert [c for _ in range(20) for c in judge.on_guards(guard_counts("2", 100))] == []
     judge.on_pairs(pairs("1", 900, 100))
     [command] = judge.on_pairs(pairs("2", 1860, 140))
