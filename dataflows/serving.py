@@ -510,25 +510,14 @@ def build_flow(
     )
     served_values = op.map("served_values", served, lambda kv: kv[1])
     judge_inputs = [op.key_on("key_judge_installs", installs, _data_type_of)]
-    if not with_feedback:
-        scored, partials, dead_serve, guards = split(
-            "serve_split",
-            served_values,
-            ScoredBatch,
-            StatsPartial | DriftPartial,
-            DeadLetter,
-            GuardCounts,
-        )
-    else:
-        scored, partials, dead_serve, guards, feedback_items = split(
-            "serve_split",
-            served_values,
-            ScoredBatch,
-            StatsPartial | DriftPartial,
-            DeadLetter,
-            GuardCounts,
-            PredictionBatch | LabelBatch,
-        )
+    kinds: list[Any] = [ScoredBatch, StatsPartial | DriftPartial, DeadLetter, GuardCounts]
+    if with_feedback:
+        kinds.append(PredictionBatch | LabelBatch)
+    scored, partials, dead_serve, guards, *feedback_out = split(
+        "serve_split", served_values, *kinds
+    )
+    if with_feedback:
+        [feedback_items] = feedback_out
         # One owner per record id: "<data_type>#<hash(id) % shards>" holds its prediction.
         joined_out = op.stateful_batch(
             "feedback",
