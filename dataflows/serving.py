@@ -77,7 +77,7 @@ from dataflows.monitoring.feedback import (
 from dataflows.monitoring.windows import DriftPartial, MonitorState, StatsPartial
 from dataflows.observability import metrics
 from dataflows.observability.state import PROCESS_STATE, start_state_server
-from dataflows.rollout.guards import GuardCounts
+from dataflows.rollout.guards import CanaryGuards, GuardCounts, label_scale
 from dataflows.rollout.judge import JudgeSettings, JudgeState, RolloutJudge
 from dataflows.rollout.plans import ServingPlan, model_key
 from dataflows.runtimes import java_missing, jvm_started, set_jvm_policy
@@ -352,11 +352,8 @@ def _plan_of(install: Install) -> tuple[ServingPlan, dict[str, float]] | None:
         return None
     scales = {}
     for model in models:
-        reference = model.spec.reference
-        label = reference.label if reference is not None else None
-        std = label.std if label is not None and not label.categorical else 0.0
         identity = model.spec.identity
-        scales[model_key(identity.name, identity.version)] = std if std > 0 else 1.0
+        scales[model_key(identity.name, identity.version)] = label_scale(model.spec.reference)
     return plan, scales
 
 
@@ -504,7 +501,11 @@ def build_flow(
                 monitoring=config.monitoring,
                 events=events,
                 feedback=feedback,
-                canary_budget_us=config.canary_max_us_per_record,
+                canary_guards=CanaryGuards(
+                    budget_us=config.canary_max_us_per_record,
+                    compare=config.canary_max_disagreement > 0,
+                    tolerance=config.canary_disagreement_tolerance,
+                ),
             )
         ),
     )
@@ -558,6 +559,7 @@ def build_flow(
         max_error_rate=config.canary_max_error_rate,
         max_slow_rate=config.canary_max_slow_rate,
         max_us_per_record=config.canary_max_us_per_record,
+        max_disagreement=config.canary_max_disagreement,
         promote_without_labels=config.canary_promote_without_labels,
         labelled=feedback.listed,
     )

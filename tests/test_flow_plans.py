@@ -255,6 +255,47 @@ def test_without_labels_a_canary_over_its_time_budget_is_rolled_back(workers: in
     assert command.reason.startswith(f"canary {GBT_KEY} guard slow rate: ")
 
 
+def disagreement_canary(candidate: pb.ModelDescriptor, workers: int, **settings: Any) -> Outputs:
+    """`candidate` canaried on 70% of 1,200 unlabelled records, which it may answer
+    otherwise than the active model for at most 35% (wine-gbt does for about 15%; the
+    shuffled wine-lr for all)."""
+    key = f"{candidate.name}:{candidate.version}"
+    commands = [plan(pb.ACTIVATE, (LR_KEY, 0)), plan(pb.CANARY, (key, 0.7))]
+    control = [control_batch(WINE_CONTRACT.to_proto(), LR, candidate, *commands)]
+    config = test_config(canary_max_disagreement=0.35, **settings)
+    return run_flow(config, control, records(1200), workers=workers)
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_without_labels_a_canary_that_disagrees_with_the_active_model_is_rolled_back(
+    workers: int,
+) -> None:
+    out = disagreement_canary(BAD_LR, workers)
+    [command] = out.commands()
+    assert (command.action, command.for_plan) == (pb.ROLLBACK, 2)
+    assert command.reason.startswith(f"canary {BAD_KEY} guard disagreement: ")
+    # The active model scored the canary's records without emitting anything for them:
+    # each record is scored once, by the model its entity is assigned to.
+    scored = out.scored()
+    assert len(scored) == len({s.record_id for s in scored}) == 1200
+    windows = [m.shadow_window for m in out.stats() if m.model_version == BAD_LR.version]
+    assert {(w.primary_name, w.primary_version) for w in windows} == {(LR.name, LR.version)}
+    canary_records = sum(1 for s in scored if s.model_version == BAD_LR.version)
+    assert sum(w.compared_count for w in windows) == canary_records > 0
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_without_labels_a_canary_that_agrees_with_the_active_model_is_promoted_if_asked(
+    workers: int,
+) -> None:
+    out = disagreement_canary(GBT, workers, canary_promote_without_labels=True)
+    [command] = out.commands()
+    assert command.action == pb.PROMOTE
+    assert command.reason.startswith(
+        f"canary {GBT_KEY} passed its guards (error rate and disagreement): "
+    )
+
+
 @pytest.mark.parametrize("workers", WORKERS)
 def test_an_ensemble_serves_the_mean_of_its_members_with_each_members_output(
     workers: int,

@@ -70,6 +70,8 @@ _BOUNDS: dict[str, tuple[float, float | None, str]] = {
     "canary_max_error_rate": (1e-6, 0.999, "a rate from 1e-06 to 0.999"),
     "canary_max_slow_rate": (1e-6, 0.999, "a rate from 1e-06 to 0.999"),
     "canary_max_us_per_record": (0, None, "microseconds >= 0 (0: no time guard)"),
+    "canary_max_disagreement": (0, 0.999, "a rate from 0 (no disagreement guard) to 0.999"),
+    "canary_disagreement_tolerance": (0, None, "label standard deviations >= 0"),
 }
 
 
@@ -139,12 +141,18 @@ class Config:
     # A canary's label-free guards (dataflows/rollout/guards.py), tested at the same error
     # rate: rolled back on evidence that it fails to score more than `canary_max_error_rate`
     # of its records, or (with a budget) scores more than `canary_max_slow_rate` of them
-    # slower than `canary_max_us_per_record`. Without labels, promoted on evidence that it
-    # stays below both only with `canary_promote_without_labels` (a canary someone watches
-    # by hand must not be promoted behind their back).
+    # slower than `canary_max_us_per_record`, or (with a limit: the active model then scores
+    # the canary's records too) answers more than `canary_max_disagreement` of them
+    # otherwise than the active model: another class, or for regressors a value more than
+    # `canary_disagreement_tolerance` label standard deviations away. Without labels,
+    # promoted on evidence that it stays below every guard only with
+    # `canary_promote_without_labels` (a canary someone watches by hand must not be
+    # promoted behind their back).
     canary_max_error_rate: float = 0.01
     canary_max_slow_rate: float = 0.05
     canary_max_us_per_record: float = 0.0
+    canary_max_disagreement: float = 0.0
+    canary_disagreement_tolerance: float = 0.5
     canary_promote_without_labels: bool = False
     # How `waxserve topics` creates the topics that do not exist yet (existing ones are left
     # alone). Replication factor: 3 on a production cluster, 1 on a single broker.

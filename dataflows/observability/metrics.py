@@ -156,7 +156,8 @@ CORRECT_PREDICTIONS = Counter(
 )
 SHADOW_COMPARED = Counter(
     "waxserve_shadow_compared_records",
-    "Records a shadow model and the active model both scored (serving plans).",
+    "Records a shadow (or a canary with a disagreement guard) and the active model both "
+    "scored (serving plans).",
     ["data_type", "model", "version"],
 )
 SHADOW_AGREEMENTS = Counter(

@@ -14,8 +14,9 @@ its evidence, applied by the registry, recoverable and auditable like a person's
   test (`dataflows.rollout.sequential.TwoSampleTest`) after every batch of pairs: PROMOTE
   or ROLLBACK once it decides, with `reason` the evidence in a line;
 - a canary's **label-free guards** (`dataflows.rollout.guards`): the share of its
-  records it failed to score, and of those it scored over a time budget, each tested
-  against its maximum (`RateGuard`) as the shards report them. A guard exceeded rolls the
+  records it failed to score, of those it scored over a time budget, and of those it
+  answered otherwise than the active model, each tested against its maximum (`RateGuard`)
+  as the shards report them. A guard exceeded rolls the
   canary back, labels or not; where no labels come, every guard holding promotes it if
   `promote_without_labels` says so (off by default: a canary watched by hand stays);
 - a **bandit**: every `bandit_every` pairs, Thompson-sampling weights from the arms'
@@ -65,6 +66,8 @@ class JudgeState:
     # Label-free guards, by model key: 0/1 per record routed to it as a canary.
     failures: dict[str, MetricStats] = field(default_factory=dict)
     slow: dict[str, MetricStats] = field(default_factory=dict)
+    # 0/1 per record the active model scored too, by the canary's key.
+    disagreements: dict[str, MetricStats] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -82,6 +85,8 @@ class JudgeSettings:
     max_error_rate: float = 0.01
     max_slow_rate: float = 0.05
     max_us_per_record: float = 0.0
+    # ... and answer otherwise than the active model at (0: no disagreement guard).
+    max_disagreement: float = 0.0
     promote_without_labels: bool = False  # every guard holding promotes an unlabelled canary
     # Data types whose labels come (feedback): their canaries are promoted on labels only.
     labelled: Callable[[str], bool] = lambda _data_type: False
@@ -111,6 +116,7 @@ class RolloutJudge:
         state.rewards = {k: v for k, v in state.rewards.items() if k in plan.models}
         state.failures = {k: v for k, v in state.failures.items() if k in plan.models}
         state.slow = {k: v for k, v in state.slow.items() if k in plan.models}
+        state.disagreements = {k: v for k, v in state.disagreements.items() if k in plan.models}
 
     def on_guards(self, counts: GuardCounts) -> list[pb.PlanCommand]:
         """Take in what a canary's records showed without labels; a decision, if any."""
@@ -121,8 +127,10 @@ class RolloutJudge:
         zero = MetricStats(0, 0.0, 0.0)
         failed = MetricStats(counts.records, counts.failed, counts.failed)  # 0/1 values
         slow = MetricStats(counts.records, counts.slow, counts.slow)
+        disagreed = MetricStats(counts.compared, counts.disagreed, counts.disagreed)
         state.failures[key] = state.failures.get(key, zero).merge(failed)
         state.slow[key] = state.slow.get(key, zero).merge(slow)
+        state.disagreements[key] = state.disagreements.get(key, zero).merge(disagreed)
         plan = state.plan
         if plan is None or plan.policy != "canary" or plan.canary != key:
             return []
@@ -183,6 +191,8 @@ class RolloutJudge:
         limits = [("error rate", settings.max_error_rate, failures)]
         if settings.max_us_per_record > 0:
             limits.append(("slow rate", settings.max_slow_rate, state.slow[canary]))
+        if settings.max_disagreement > 0:
+            limits.append(("disagreement", settings.max_disagreement, state.disagreements[canary]))
         return [
             (
                 name,

@@ -75,7 +75,13 @@ from dataflows.monitoring.windows import (
 )
 from dataflows.rollout.assign import assign, entity_points
 from dataflows.rollout.ensemble import EnsembleError, combine
-from dataflows.rollout.guards import GuardCounts
+from dataflows.rollout.guards import (
+    NO_CANARY_GUARDS,
+    CanaryGuards,
+    GuardCounts,
+    disagreements,
+    label_scale,
+)
 from dataflows.rollout.plans import ServingPlan, model_key
 from dataflows.runtimes import ModelRuntime, Prediction
 from dataflows.scoring.scored import lineage_field, plan_field, scored_messages
@@ -573,11 +579,11 @@ class ShardScorer:
         held_budget: HeldBudget | None = None,
         feedback: Feedback | None = None,
         loader: Executor = MODEL_LOADER,
-        canary_budget_us: float = 0.0,
+        canary_guards: CanaryGuards = NO_CANARY_GUARDS,
     ) -> None:
         self.state = state if state is not None else ShardState()
-        # A canary's time budget per record (0: none), for its slow-rate guard.
-        self._canary_budget_us = canary_budget_us
+        # What a canary's records are measured by for its label-free guards.
+        self._canary_guards = canary_guards
         # Models this process has not loaded yet (its registry runs in another process):
         # loading on `loader` while the old model serves, per data type the newest install.
         self._loader = loader
@@ -863,11 +869,10 @@ class ShardScorer:
                 if not rows.any():
                     continue
                 part = run if rows.all() else run.take(rows)
-                started = time.perf_counter()
-                scored = self._score(part, binding, route.extras[key])
-                out.extend(scored)
-                if key == canary:  # what the canary's records show without labels
-                    out.append(self._guard_counts(binding, part, scored, started))
+                if key != canary:
+                    out.extend(self._score(part, binding, route.extras[key]))
+                else:  # what the canary's records show without labels
+                    out.extend(self._score_canary(part, route, binding))
             return out
         if plan.policy == "ensemble":
             return self._score_ensemble(run, route)
@@ -886,21 +891,41 @@ class ShardScorer:
                 )
         return out
 
-    def _guard_counts(
-        self, binding: Binding, run: RecordColumns, scored: list[ShardOut], started: float
-    ) -> GuardCounts:
-        """The canary's failures (the model call raised, or gave no usable prediction) and
-        slow records in this batch; records it could not read are the input's fault."""
+    def _score_canary(self, run: RecordColumns, route: Route, binding: Binding) -> list[ShardOut]:
+        """Score the canary's share of a run, and count for its guards its failures (the
+        model call raised, or gave no usable prediction; records it could not read are the
+        input's fault), its slow records and, with the disagreement guard, the records on
+        which the active model, scoring them too without emitting, answers otherwise."""
+        guards = self._canary_guards
+        outputs: dict[str, tuple[np.ndarray, Prediction]] = {}
+        started = time.perf_counter()
+        scored = self._score(run, binding, route.extras[route.plan.canary], outputs=outputs)
+        seconds = time.perf_counter() - started
         failed = sum(
             1
             for item in scored
             if isinstance(item, DeadLetter)
             and item.reason in (Reason.SCORE_FAILED, Reason.INVALID_PREDICTION)
         )
-        seconds = time.perf_counter() - started
-        return GuardCounts.of(
-            binding.spec.identity, len(run), failed, seconds, self._canary_budget_us
+        compared = disagreed = 0
+        active = route.bindings.get(route.plan.active)
+        canary_key = route.plan.canary
+        if guards.compare and active is not None and canary_key in outputs:
+            self._score(run, active, emit=False, outputs=outputs)  # its dead letters: not ours
+            if route.plan.active in outputs:
+                tolerance = guards.tolerance * label_scale(active.spec.reference)
+                compared, disagreed = self._compare(
+                    run,
+                    active.spec.identity,
+                    binding.spec.identity,
+                    outputs[route.plan.active],
+                    outputs[canary_key],
+                    tolerance,
+                )
+        counts = GuardCounts.of(
+            binding.spec.identity, len(run), failed, seconds, guards.budget_us, compared, disagreed
         )
+        return [*scored, counts]
 
     def _score_ensemble(self, run: RecordColumns, route: Route) -> list[ShardOut]:
         """Every member scores the records the first member can; one output a record,
@@ -962,8 +987,11 @@ class ShardScorer:
         shadow: ModelIdentity,
         active_out: tuple[np.ndarray, Prediction],
         shadow_out: tuple[np.ndarray, Prediction],
-    ) -> None:
-        """Count a shadow's outputs against the active model's, on the records both scored."""
+        tolerance: float = 0.0,
+    ) -> tuple[int, int]:
+        """Count a shadow's (or canary's) outputs against the active model's, on the records
+        both scored, into its stats window; how many were compared, and on how many the
+        two disagreed (`disagreements`, regressors by more than `tolerance`)."""
         active_offsets, active_prediction = active_out
         on_active = _aligned(active_offsets, *shadow_out)  # the shadow's, row by row
         rows = np.flatnonzero(active_prediction.valid & on_active.valid).tolist()
@@ -977,6 +1005,7 @@ class ShardScorer:
         if self._monitoring:
             now_ms = int(self._clock() * 1000)
             self._windows.add_agreement(self.state, shadow, now_ms, agreement)
+        return len(rows), disagreements(active_prediction, on_active, rows, tolerance)
 
     @staticmethod
     def _entity_keys(run: RecordColumns, plan: ServingPlan, contract: Contract) -> list[str]:

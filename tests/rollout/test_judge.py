@@ -9,9 +9,10 @@ import numpy as np
 
 from dataflows.monitoring.feedback import JoinedPairs
 from dataflows.monitoring.windows import ModelIdentity
-from dataflows.rollout.guards import GuardCounts
+from dataflows.rollout.guards import GuardCounts, disagreements, label_scale
 from dataflows.rollout.judge import ACTOR, JudgeSettings, RolloutJudge
 from dataflows.rollout.plans import ServingPlan, Variant
+from dataflows.runtimes.base import Prediction
 from protos import waxserve_pb2 as pb
 
 CLASSES = ("bad", "good")
@@ -78,8 +79,13 @@ def test_a_bandit_moves_its_weights_toward_the_better_arm() -> None:
 # --- label-free guards -----------------------------------------------------------------------
 
 
-def guard_counts(version: str, records: int, failed: int = 0, slow: int = 0) -> GuardCounts:
-    return GuardCounts(ModelIdentity("wine", "clf", version, "0" * 64), records, failed, slow)
+def guard_counts(
+    version: str, records: int, failed: int = 0, slow: int = 0, disagreed: int | None = None
+) -> GuardCounts:
+    """Counts of a canary batch; `disagreed`: the active model scored every record too."""
+    identity = ModelIdentity("wine", "clf", version, "0" * 64)
+    compared = records if disagreed is not None else 0
+    return GuardCounts(identity, records, failed, slow, compared, disagreed or 0)
 
 
 def guarded(labelled: bool = False, **settings: Any) -> RolloutJudge:
@@ -153,3 +159,44 @@ def test_guard_counts_of_a_batch() -> None:
     assert GuardCounts.of(identity, 100, 3, 0.01, 0.0) == GuardCounts(identity, 100, 3, 0)
     assert GuardCounts.of(identity, 100, 3, 0.01, 50.0) == GuardCounts(identity, 100, 3, 100)
     assert GuardCounts.of(identity, 100, 3, 0.001, 50.0) == GuardCounts(identity, 100, 3, 0)
+    assert GuardCounts.of(identity, 100, 3, 0.001, 0, 90, 7) == GuardCounts(
+        identity, 100, 3, 0, 90, 7
+    )
+
+
+def test_disagreements_are_other_classes_or_values_beyond_the_tolerance() -> None:
+    valid = np.ones(4, dtype=bool)
+    active = Prediction(np.array([1.0, 2.0, 3.0, 4.0]), None, None, (), valid)
+    other = Prediction(np.array([1.0, 2.4, 3.6, 0.0]), None, None, (), valid)
+    assert disagreements(active, other, [0, 1, 2, 3], 0.5) == 2
+    assert disagreements(active, other, [0, 1], 0.5) == 0
+    assert disagreements(active, other, [0, 1, 2, 3], 0.0) == 3
+    labels_a = Prediction(np.zeros(3), ["a", "b", "c"], None, ("a", "b", "c"), valid[:3])
+    labels_b = Prediction(np.zeros(3), ["a", "c", "c"], None, ("a", "b", "c"), valid[:3])
+    assert disagreements(labels_a, labels_b, [0, 1, 2], 0.5) == 1
+    assert disagreements(labels_a, labels_b, [0, 2], 0.5) == 0
+    assert label_scale(None) == 1.0  # no profile: tolerances are in the label's units
+
+
+def test_a_canary_that_disagrees_with_the_active_model_is_rolled_back_without_labels() -> None:
+    judge = guarded(max_disagreement=0.2)
+    out = []
+    for _ in range(10):  # answers 40% of its records otherwise, against at most 20%
+        out += judge.on_guards(guard_counts("2", 100, disagreed=40))
+    [command] = out
+    assert command.action == pb.ROLLBACK
+    assert command.reason.startswith("canary clf:2 guard disagreement: ")
+    # Without a disagreement limit the same counts are no guard: it is promoted if asked.
+    plain = guarded(promote_without_labels=True)
+    counts = guard_counts("2", 100, disagreed=40)
+    assert [c.action for _ in range(20) for c in plain.on_guards(counts)] == [pb.PROMOTE]
+
+
+def test_with_a_disagreement_limit_promotion_waits_for_compared_records() -> None:
+    judge = guarded(max_disagreement=0.2, promote_without_labels=True)
+    # Nothing compared (the active model scored none of its records): no evidence yet.
+    assert [c for _ in range(20) for c in judge.on_guards(guard_counts("2", 100))] == []
+    out = [c for _ in range(20) for c in judge.on_guards(guard_counts("2", 100, disagreed=2))]
+    [command] = out
+    assert command.action == pb.PROMOTE
+    assert "(error rate and disagreement)" in command.reason
