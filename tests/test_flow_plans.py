@@ -314,6 +314,31 @@ def test_an_ensemble_serves_the_mean_of_its_members_with_each_members_output(
             (GBT.name, GBT.version),
         ]
         assert s.value == pytest.approx(sum(m.value for m in s.members) / 2)
+    # Monitored as any model: each member in its stats and drift windows, the ensemble's
+    # output in a stats window of its own.
+    counts = Counter[tuple[str, str]]()
+    for m in out.stats():
+        counts[(m.model_name, m.model_version)] += m.window_count
+    assert counts == {(LR.name, "1"): 100, (GBT.name, "1"): 100, ("ensemble", "plan-1"): 100}
+    drifted = {(m.model_name, m.model_version) for m in out.drift()}
+    assert drifted == {(LR.name, LR.version), (GBT.name, GBT.version)}
+
+
+@pytest.mark.parametrize("workers", WORKERS)
+def test_an_ensembles_output_is_joined_to_delayed_labels(workers: int) -> None:
+    command = plan(pb.ENSEMBLE, (LR_KEY, 1), (GBT_KEY, 1), combiner=pb.MEAN)
+    control = [control_batch(WINE_CONTRACT.to_proto(), LR, GBT, command)]
+    config = test_config(feedback_data_types="wine", feedback_topic=FEEDBACK_TOPIC)
+    out = run_flow(config, control, records(200), feedback=labels(200), workers=workers)
+    scored = {s.record_id: s.value for s in out.scored()}
+    truth = {}
+    for start in range(0, 200, 20):
+        for i, line in enumerate(wine_lines(start, 20)):
+            truth[f"{start}-{i}"] = float(line.split(";")[-1])
+    windows = [m.feedback_window for m in out.stats() if m.model_name == "ensemble"]
+    assert sum(w.labelled_count for w in windows) == 200
+    squared = sum(w.squared_error_sum for w in windows)
+    assert squared == pytest.approx(sum((scored[k] - truth[k]) ** 2 for k in truth), rel=1e-9)
 
 
 def test_abort_in_an_ensemble_of_staged_models_and_resume(tmp_path: Path) -> None:

@@ -419,15 +419,7 @@ class ShardWindows:
         """Count one model call in its windows; `numeric` and `text` are the scored
         records' rows."""
         identity = binding.spec.identity
-        start = window_start(now_ms, self._stats_ms)
-        stats = state.stats.get((identity, start))
-        if stats is None:
-            stats = state.stats[(identity, start)] = StatsPartial(
-                identity, start, start + self._stats_ms, StatsAccumulator()
-            )
-        stats.stats.add_call(scored, seconds)
-        if quality is not None:
-            quality.add_to(stats.stats)
+        self.add_stats(state, identity, now_ms, scored, seconds, quality)
         reference = binding.spec.reference
         if reference is None or binding.reference_columns is None:
             return
@@ -445,6 +437,26 @@ class ShardWindows:
         if binding.reference_text_columns:
             categorical = text[:, binding.reference_text_columns]
         drift.drift.add(reference, numeric[:, binding.reference_columns], categorical)
+
+    def add_stats(
+        self,
+        state: ShardState,
+        identity: ModelIdentity,
+        now_ms: int,
+        scored: int,
+        seconds: float,
+        quality: Quality | None,
+    ) -> None:
+        """Count one call (a model's or an ensemble's) in its stats window."""
+        start = window_start(now_ms, self._stats_ms)
+        stats = state.stats.get((identity, start))
+        if stats is None:
+            stats = state.stats[(identity, start)] = StatsPartial(
+                identity, start, start + self._stats_ms, StatsAccumulator()
+            )
+        stats.stats.add_call(scored, seconds)
+        if quality is not None:
+            quality.add_to(stats.stats)
 
     def add_agreement(
         self,
@@ -911,7 +923,8 @@ class ShardScorer:
         active = route.bindings.get(route.plan.active)
         canary_key = route.plan.canary
         if guards.compare and active is not None and canary_key in outputs:
-            self._score(run, active, emit=False, outputs=outputs)  # its dead letters: not ours
+            # Not the active model's output: no record, dead letter or window of it counts.
+            self._score(run, active, emit=False, watch=False, outputs=outputs)
             if route.plan.active in outputs:
                 tolerance = guards.tolerance * label_scale(active.spec.reference)
                 compared, disagreed = self._compare(
@@ -929,10 +942,13 @@ class ShardScorer:
 
     def _score_ensemble(self, run: RecordColumns, route: Route) -> list[ShardOut]:
         """Every member scores the records the first member can; one output a record,
-        combined, with each member's output in it."""
+        combined, with each member's output in it. Each member counts in its own stats and
+        drift windows; the ensemble's output in a stats window of its own (its latency:
+        every member's call and the combining), and in the delayed-label join."""
         plan = route.plan
         bindings = list(route.bindings.values())
         outputs: dict[str, tuple[np.ndarray, Prediction]] = {}
+        started = time.perf_counter()
         out = self._score(run, bindings[0], emit=False, outputs=outputs)
         first_key = plan.models[0]
         if first_key not in outputs:
@@ -945,7 +961,6 @@ class ShardScorer:
             for k in plan.models[1:]
         ]
         kept = run.take(np.isin(run.offsets, offsets)) if len(offsets) < len(run) else run
-        started = time.perf_counter()
         try:
             prediction = combine(members, plan.combiner, plan.confidence)
         except EnsembleError as exc:
@@ -975,9 +990,15 @@ class ShardScorer:
         kept_offsets = (kept.offsets if valid.all() else kept.offsets[valid]).tolist()
         route_name = f"{kept.topic}/{kept.partition}"
         out.append(ScoredBatch(route_name, messages, kept_offsets, kept.data_type))
-        self._events.publish(
-            BatchScored(identity, int(valid.sum()), len(kept), elapsed, np.zeros(0), None)
-        )
+        contract = self.state.data_types[kept.data_type].contract
+        if self._feedback.keeps(contract):
+            out.extend(self._feedback.predictions(kept, identity, prediction, now_ms))
+        scored = int(valid.sum())
+        quality = labelled_quality(prediction, kept.labels)
+        lags = (now_ms - kept.event_time_ms[valid]) / 1000.0
+        self._events.publish(BatchScored(identity, scored, len(kept), elapsed, lags, quality))
+        if self._monitoring:
+            self._windows.add_stats(self.state, identity, now_ms, scored, elapsed, quality)
         return out
 
     def _compare(
@@ -1043,10 +1064,12 @@ class ShardScorer:
         shadow: bool = False,
         outputs: dict[str, tuple[np.ndarray, Prediction]] | None = None,
         emit: bool = True,
+        watch: bool = True,
     ) -> list[ShardOut]:
         """Score a run with one model. `outputs`: where to keep the model's prediction with
         the offsets of the rows it scored, by model key (shadows, ensembles); `emit=False`:
-        only that and the dead letters (an ensemble member: the ensemble emits)."""
+        only that and the dead letters (an ensemble member: the ensemble emits);
+        `watch=False`: not counted in the model's stats and drift windows either."""
         spec, runtime = binding.spec, binding.runtime
         out: list[ShardOut] = []
         x = run.numeric[:, binding.numeric_columns]
@@ -1100,6 +1123,9 @@ class ShardScorer:
         now_ms = int(self._clock() * 1000)
         if outputs is not None:
             outputs[model_key_of(spec)] = (run.offsets, prediction)
+        quality = labelled_quality(prediction, run.labels)
+        if watch and self._monitoring:
+            self._watch(run, binding, prediction, elapsed, now_ms, quality)
         if not emit:
             return out
         valid = prediction.valid
@@ -1128,18 +1154,27 @@ class ShardScorer:
         if not shadow and self._feedback.keeps(self.state.data_types[run.data_type].contract):
             out.extend(self._feedback.predictions(run, spec.identity, prediction, now_ms))
         scored = int(valid.sum())
-        quality = labelled_quality(prediction, run.labels)
         lags = (now_ms - run.event_time_ms[valid]) / 1000.0
         self._events.publish(BatchScored(spec.identity, scored, len(run), elapsed, lags, quality))
-        if self._monitoring:
-            numeric, text_rows = run.numeric, run.text
-            if scored < len(run):  # only the scored records' features count
-                numeric, text_rows = numeric[valid], text_rows[valid]
-            self._windows.add(
-                self.state, binding, now_ms, scored, elapsed, quality, numeric, text_rows
-            )
-            self._windows.add_outputs(self.state, binding, now_ms, prediction, run.labels)
         return out
+
+    def _watch(
+        self,
+        run: RecordColumns,
+        binding: Binding,
+        prediction: Prediction,
+        elapsed: float,
+        now_ms: int,
+        quality: Quality | None,
+    ) -> None:
+        """Count one model call in the model's stats and drift windows."""
+        valid = prediction.valid
+        scored = int(valid.sum())
+        numeric, text_rows = run.numeric, run.text
+        if scored < len(run):  # only the scored records' features count
+            numeric, text_rows = numeric[valid], text_rows[valid]
+        self._windows.add(self.state, binding, now_ms, scored, elapsed, quality, numeric, text_rows)
+        self._windows.add_outputs(self.state, binding, now_ms, prediction, run.labels)
 
     @staticmethod
     def _unusable(
