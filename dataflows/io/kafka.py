@@ -91,13 +91,15 @@ class StallWatch:
     librdkafka's fetcher for a partition can stay stuck after a leader change (a broker
     fenced and back, leader epochs bumped; confluentinc/librdkafka#4492, #2625), and then
     nothing says so: the partition just returns nothing. Assigning it again restarts its
-    fetcher. A partition whose records wait in our own buffer, or that is paused, is busy,
-    not stalled. Bookkeeping only, so that it is tested without a broker.
+    fetcher; where that did not move it (`remedy`), a new consumer starts afresh. A
+    partition whose records wait in our own buffer, or that is paused, is busy, not
+    stalled. Bookkeeping only, so that it is tested without a broker.
     """
 
     def __init__(self, after_s: float) -> None:
         self.after_s = after_s
         self._progress: dict[int, tuple[int, float]] = {}  # partition -> (position, since)
+        self._assigned_again: dict[int, int] = {}  # partition -> offset it was assigned at
 
     def check(
         self,
@@ -122,6 +124,18 @@ class StallWatch:
         for gone in self._progress.keys() - positions.keys():
             del self._progress[gone]
         return stalled
+
+    def remedy(self, partition: int, offset: int) -> str:
+        """What to do for a partition stalled at `offset`: "assign" it again, or, where
+        that was done at this same offset and it has not moved since, a "new consumer"
+        (a fetcher can stay stuck through a new assignment: the consumer keeps the
+        partition's state, and in one broker-away test run all its partitions stayed
+        at one offset through four)."""
+        if self._assigned_again.get(partition) == offset:
+            self._assigned_again.clear()  # a new consumer assigns every partition afresh
+            return "new consumer"
+        self._assigned_again[partition] = offset
+        return "assign"
 
 
 class _Fetcher(NamedTuple):
@@ -167,26 +181,25 @@ class _SharedConsumer:
         self._stats_at = time.monotonic()
         self._stalls = StallWatch(self.STALL_S)
         self._stalled: set[int] = set()  # found by the watch thread, assigned again by take()
-        self._consumer = Consumer(
-            {
-                # A broker that overfills a fetch (tansu sends ~5 MB per partition) makes
-                # librdkafka wait fetch.queue.backoff.ms, 1 s by default, before fetching
-                # again: a backlog read stalls. Yours wins (WAXSERVE_KAFKA_*).
-                "fetch.queue.backoff.ms": "10",
-                **config.client_config(),
-                # Offsets live in Bytewax snapshots; no consumer group, no commits.
-                "group.id": "waxserve",
-                "enable.auto.commit": "false",
-                "enable.partition.eof": str(config.stop_at_end).lower(),
-                # A resume offset the partition no longer has (the topic was deleted and
-                # created again, the broker lost its data, retention passed it) is reported,
-                # not silently skipped to the end: see `restart`.
-                "auto.offset.reset": "error",
-                "fetch.wait.max.ms": str(config.fetch_wait_ms),
-                "statistics.interval.ms": "1000",
-                "stats_cb": self._on_stats,
-            }
-        )
+        self._settings: dict[str, Any] = {
+            # A broker that overfills a fetch (tansu sends ~5 MB per partition) makes
+            # librdkafka wait fetch.queue.backoff.ms, 1 s by default, before fetching
+            # again: a backlog read stalls. Yours wins (WAXSERVE_KAFKA_*).
+            "fetch.queue.backoff.ms": "10",
+            **config.client_config(),
+            # Offsets live in Bytewax snapshots; no consumer group, no commits.
+            "group.id": "waxserve",
+            "enable.auto.commit": "false",
+            "enable.partition.eof": str(config.stop_at_end).lower(),
+            # A resume offset the partition no longer has (the topic was deleted and
+            # created again, the broker lost its data, retention passed it) is reported,
+            # not silently skipped to the end: see `restart`.
+            "auto.offset.reset": "error",
+            "fetch.wait.max.ms": str(config.fetch_wait_ms),
+            "statistics.interval.ms": "1000",
+            "stats_cb": self._on_stats,
+        }
+        self._consumer = Consumer(self._settings)
         # Knowing the partition leaders before assign saves librdkafka a 500 ms retry on
         # the first fetch (seen on tansu).
         self._consumer.list_topics(topic, timeout=10)
@@ -277,28 +290,55 @@ class _SharedConsumer:
                 self._consumer.pause([KafkaTopicPartition(self._topic, partition)])
 
     def _restart_stalled(self) -> None:
-        """Assign the stalled partitions again where they are: a fresh fetcher each."""
+        """Assign the stalled partitions again where they are (a fresh fetcher each), or
+        where that did not help, start a new consumer (`StallWatch.remedy`)."""
         stalled, self._stalled = self._stalled, set()
-        for partition in stalled:
+        for partition in sorted(stalled):
             buffer = self._buffers.get(partition)
             if buffer or buffer is None or partition in self._paused:
                 continue  # it moved meanwhile, or left
             offset = self._offsets[partition]
             fetcher = self._fetchers.get(partition, _Fetcher(-1, "unknown", 0))
             metrics.input_partition_stalled(self._topic)
+            remedy = self._stalls.remedy(partition, offset)
             log.warning(
                 "input %s[%d]: no record returned for %.0f s though the broker has more "
-                "(fetcher at offset %d, state %s): assigning it again at offset %d",
+                "(fetcher at offset %d, state %s): %s",
                 self._topic,
                 partition,
                 self.STALL_S,
                 fetcher.offset,
                 fetcher.state,
-                offset,
+                f"assigning it again at offset {offset}"
+                if remedy == "assign"
+                else f"assigned again at offset {offset} before, it has not moved: "
+                "a new consumer for the topic",
             )
+            if remedy == "new consumer":
+                self._renew_consumer()  # every partition, from where each one is
+                return
             self._assign_locked(partition, offset)  # take() holds the lock
             # Not paused by us (checked above): a pause librdkafka kept would survive this.
             self._consumer.resume([KafkaTopicPartition(self._topic, partition)])
+
+    def _renew_consumer(self) -> None:
+        """Replace the consumer with a new one that reads every partition from the first
+        offset we do not hold yet; what the old one fetched and we did not take is
+        fetched again. The old one closes on a thread of its own: a stuck client must not
+        hold up the worker."""
+        old = self._consumer
+        self._consumer = Consumer(self._settings)
+        starts = []
+        for partition, buffer in self._buffers.items():
+            # After the last record we hold (an end-of-partition event has no record).
+            held = [m for m in buffer if m.error() is None]
+            offset = cast(int, held[-1].offset()) + 1 if held else self._offsets[partition]
+            starts.append(KafkaTopicPartition(self._topic, partition, offset))
+        self._consumer.incremental_assign(starts)
+        if self._paused:
+            self._consumer.pause([KafkaTopicPartition(self._topic, p) for p in self._paused])
+        self._fetchers = {}
+        threading.Thread(target=old.close, name="waxserve-close-consumer", daemon=True).start()
 
     _UNREACHABLE = frozenset(
         {KafkaError._ALL_BROKERS_DOWN, KafkaError._TRANSPORT, KafkaError._RESOLVE}

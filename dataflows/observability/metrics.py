@@ -516,7 +516,8 @@ INPUT_TOPIC_RESETS = Counter(
 INPUT_PARTITION_STALLS = Counter(
     "waxserve_input_partition_stalls",
     "Times an input partition had records to read but returned none for a while, and was "
-    "assigned again (librdkafka's fetcher can stay stuck after a leader change).",
+    "assigned again, or read by a new consumer where that did not move it (librdkafka's "
+    "fetcher can stay stuck after a leader change).",
     ["topic"],
 )
 # Exported at 0 from the start: "reachable" is a value the alert compares with, not a gap.
