@@ -14,12 +14,12 @@ labels for the data type, evidence below it on every guard promotes it (if asked
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
 
 from dataflows.monitoring.windows import DriftReference, ModelIdentity
-from dataflows.runtimes.base import Prediction
 
 GUARDS = ("error rate", "slow rate", "disagreement")
 """The guards, as the judge names them in its decisions."""
@@ -76,11 +76,12 @@ def label_scale(reference: DriftReference | None) -> float:
     return std if std > 0 else 1.0
 
 
-def disagreements(active: Prediction, other: Prediction, rows: list[int], tolerance: float) -> int:
-    """Of `rows` (both predictions valid, aligned row by row), how many the two models
-    answer differently: another label for classifiers, values more than `tolerance` apart
-    for regressors."""
-    if active.labels is not None and other.labels is not None:
-        a, o = active.labels, other.labels
-        return sum(1 for i in rows if a[i] != o[i])
-    return int((np.abs(other.values[rows] - active.values[rows]) > tolerance).sum())
+def disagreements(
+    active: Sequence[str] | np.ndarray, other: Sequence[str] | np.ndarray, tolerance: float
+) -> int:
+    """How many of the records two models both scored they answer differently, given
+    their outputs row by row: another class (classifiers' labels), or values more than
+    `tolerance` apart (regressors)."""
+    if isinstance(active, np.ndarray) and isinstance(other, np.ndarray):
+        return int((np.abs(other - active) > tolerance).sum())
+    return sum(1 for a, o in zip(active, other, strict=True) if a != o)

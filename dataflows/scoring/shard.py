@@ -19,7 +19,7 @@ import socket
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import Executor, Future
 from dataclasses import dataclass, field
 from typing import cast
@@ -235,6 +235,8 @@ class Route:
 
 def _aligned(offsets: np.ndarray, own: np.ndarray, prediction: Prediction) -> Prediction:
     """A member's prediction on the rows at `offsets` (invalid where it scored none)."""
+    if own is offsets or (len(own) == len(offsets) and np.array_equal(own, offsets)):
+        return prediction  # it scored the same rows (the usual case): nothing to align
     position = {o: i for i, o in enumerate(own.tolist())}
     rows = np.array([position.get(o, -1) for o in offsets.tolist()], dtype=np.int64)
     have = rows >= 0
@@ -1015,18 +1017,28 @@ class ShardScorer:
         two disagreed (`disagreements`, regressors by more than `tolerance`)."""
         active_offsets, active_prediction = active_out
         on_active = _aligned(active_offsets, *shadow_out)  # the shadow's, row by row
-        rows = np.flatnonzero(active_prediction.valid & on_active.valid).tolist()
+        both = active_prediction.valid & on_active.valid
+        everything = bool(both.all())  # the usual case: no row to pick
+        rows = None if everything else np.flatnonzero(both).tolist()
         agreement = AgreementAccumulator(active.name, active.version)
         a_labels, s_labels = active_prediction.labels, on_active.labels
+        mine: Sequence[str] | np.ndarray
+        theirs: Sequence[str] | np.ndarray
         if a_labels is not None and s_labels is not None:
-            agreement.add_labels([a_labels[i] for i in rows], [s_labels[i] for i in rows])
+            mine, theirs = a_labels, s_labels
+            if rows is not None:
+                mine, theirs = [a_labels[i] for i in rows], [s_labels[i] for i in rows]
+            agreement.add_labels(mine, theirs)
         else:
-            agreement.add_values(active_prediction.values[rows], on_active.values[rows])
+            mine, theirs = active_prediction.values, on_active.values
+            if rows is not None:
+                mine, theirs = mine[rows], theirs[rows]
+            agreement.add_values(mine, theirs)
         self._events.publish(ShadowCompared(active, shadow, agreement))
         if self._monitoring:
             now_ms = int(self._clock() * 1000)
             self._windows.add_agreement(self.state, shadow, now_ms, agreement)
-        return len(rows), disagreements(active_prediction, on_active, rows, tolerance)
+        return agreement.compared, disagreements(mine, theirs, tolerance)
 
     @staticmethod
     def _entity_keys(run: RecordColumns, plan: ServingPlan, contract: Contract) -> list[str]:
