@@ -255,6 +255,44 @@ def test_without_labels_a_canary_over_its_time_budget_is_rolled_back(workers: in
     assert command.reason.startswith(f"canary {GBT_KEY} guard slow rate: ")
 
 
+@pytest.mark.parametrize("workers", WORKERS)
+def test_abort_in_a_judged_canary_and_resume_keeps_the_judges_evidence(
+    workers: int, tmp_path: Path
+) -> None:
+    """Every canary record is over its time budget, and the judge rolls the canary back
+    once it has seen 600 of them: the abort comes after about 350, and the resumed run
+    scores fewer than 600 under the canary plan, so only the evidence from before the
+    abort, restored, lets it decide."""
+    init_db_dir(tmp_path, 2)
+    commands = [plan(pb.ACTIVATE, (LR_KEY, 0)), plan(pb.CANARY, (GBT_KEY, 0.7))]
+    control = [control_batch(WINE_CONTRACT.to_proto(), LR, GBT, *commands)]
+    config = test_config(canary_max_us_per_record=0.001, canary_min_records=600)
+    inputs = records(1200)
+    outputs = Outputs()
+    with pytest.raises(Exception, match="error writing output batch"):
+        run_flow(
+            config,
+            control,
+            inputs,
+            workers=workers,
+            outputs=outputs,
+            recovery=tmp_path,
+            crash=CrashOnce(after_items=50),  # scored batches: about 500 records
+        )
+    assert outputs.commands() == []
+    before = len(outputs.scored())
+    RUNTIMES.clear()  # a new process: nothing loaded
+    run_flow(config, control, inputs, workers=workers, outputs=outputs, recovery=tmp_path)
+    resumed = outputs.scored()[before:]
+    assert sum(1 for s in resumed if s.model_name == GBT.name) < 600
+    [command] = outputs.commands()
+    assert (command.action, command.for_plan) == (pb.ROLLBACK, 2)
+    assert command.reason.startswith(f"canary {GBT_KEY} guard slow rate: ")
+    # Scored twice or not, every record went to the variant its entity hashes to.
+    assert len({s.output_key for s in outputs.scored()}) == 1200
+    assert [s.model_name for s in resumed] == expected_models(resumed, [0.3, 0.7])
+
+
 def disagreement_canary(candidate: pb.ModelDescriptor, workers: int, **settings: Any) -> Outputs:
     """`candidate` canaried on 70% of 1,200 unlabelled records, which it may answer
     otherwise than the active model for at most 35% (wine-gbt does for about 15%; the
