@@ -15,8 +15,15 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from confluent_kafka import Consumer, Producer, TopicPartition
-from confluent_kafka.admin import AdminClient, NewTopic
+from confluent_kafka import (
+    Consumer,
+    KafkaError,
+    KafkaException,
+    Producer,
+    TopicCollection,
+    TopicPartition,
+)
+from confluent_kafka.admin import AdminClient, NewTopic, OffsetSpec
 from flowtools import descriptor, record_bytes, wine_lines
 from test_integration import Dataflow, Reader, produce, publish
 
@@ -133,6 +140,18 @@ def test_a_broker_away_longer_than_every_client_timeout_holds_output_back_and_lo
     assert "Timed out" in flow.log.read_text(), flow.tail()
 
 
+def topic_id(admin: AdminClient, topic: str) -> str | None:
+    """The topic's id as the broker serves it (a new one each time it is created), None
+    while it has none."""
+    futures = admin.describe_topics(TopicCollection([topic]))
+    try:
+        return str(futures[topic].result(30).topic_id)
+    except KafkaException as error:
+        if error.args[0].code() != KafkaError.UNKNOWN_TOPIC_OR_PART:
+            raise
+        return None
+
+
 def test_an_input_topic_deleted_and_created_again_is_reported_and_read_again(
     kafka_config: Config, tmp_path: Path
 ) -> None:
@@ -144,6 +163,8 @@ def test_an_input_topic_deleted_and_created_again_is_reported_and_read_again(
         produce(config, config.records_topic, record_bytes(wine_lines(0, 200)), partitions=2)
         reader.wait_for("200 scored", lambda: len(reader.scored(config)) >= 200, flow)
         admin = AdminClient(kafka_settings(config))
+        old_id = topic_id(admin, config.records_topic)
+        assert old_id is not None
         admin.delete_topics([config.records_topic])[config.records_topic].result(30)
         deadline = time.monotonic() + 60
         while True:  # the broker takes a moment to forget a deleted topic
@@ -155,8 +176,19 @@ def test_an_input_topic_deleted_and_created_again_is_reported_and_read_again(
                 if time.monotonic() > deadline:
                     raise
                 time.sleep(0.5)
+        # The controller has both changes; the broker applies them a moment later, and
+        # until then it takes records for the old topic. On a busy machine the fresh
+        # records went there, were read on from offset 100 as if nothing had happened,
+        # and nothing was reported: produce once the broker serves the new topic.
+        while topic_id(admin, config.records_topic) in (old_id, None):
+            assert time.monotonic() < deadline, "the broker still serves the deleted topic"
+            time.sleep(0.1)
         fresh = record_bytes(wine_lines(200, 100), id_prefix="fresh-")
         produce(config, config.records_topic, fresh, partitions=2)
+        ends = admin.list_offsets(
+            {TopicPartition(config.records_topic, p): OffsetSpec.latest() for p in (0, 1)}
+        )
+        assert sorted(f.result(30).offset for f in ends.values()) == [50, 50]
         reader.wait_for(
             "the new topic's records scored",
             lambda: sum(s.record_id.startswith("fresh-") for s in reader.scored(config)) >= 100,
