@@ -97,6 +97,7 @@ from dataflows.tools.replay import (
     DeliveryReport,
     Pacer,
     RecordEncoder,
+    StopRequests,
     count_lines,
     csv_lines,
     header_pairs,
@@ -1059,28 +1060,36 @@ def cmd_replay(config: Config, args: argparse.Namespace) -> int:
         dynamic_ncols=True,
     )
     start = time.monotonic()
-    try:
-        for line in csv_lines(path, loop=args.loop, header=header):
-            if args.limit is not None and sent >= args.limit:
-                break
-            pacer.wait(lambda: producer.poll(0))
-            record_id = f"{stem}-{line.line_no}"
-            if line.pass_no:
-                record_id += f"-pass{line.pass_no + 1}"
-            value, headers, ok = encoder.encode(
-                line.raw, record_id=record_id, event_time_ms=time.time_ns() // 1_000_000
-            )
-            produce(producer, topic, record_id.encode(), value, headers, report)
-            sent += 1
-            bad += not ok
-            progress.update(1)
-            if sent % 1000 == 0:
-                producer.poll(0)
-    except KeyboardInterrupt:
-        interrupted = True
-    finally:
-        progress.close()
-    undelivered = producer.flush(FLUSH_TIMEOUT_S)
+
+    def idle() -> None:
+        producer.poll(0)
+        stops.check()
+
+    # Ctrl-C stops between two records: raised inside produce() it was a TypeError.
+    with StopRequests() as stops:
+        try:
+            for line in csv_lines(path, loop=args.loop, header=header):
+                if args.limit is not None and sent >= args.limit:
+                    break
+                stops.check()
+                pacer.wait(idle)
+                record_id = f"{stem}-{line.line_no}"
+                if line.pass_no:
+                    record_id += f"-pass{line.pass_no + 1}"
+                value, headers, ok = encoder.encode(
+                    line.raw, record_id=record_id, event_time_ms=time.time_ns() // 1_000_000
+                )
+                produce(producer, topic, record_id.encode(), value, headers, report)
+                sent += 1
+                bad += not ok
+                progress.update(1)
+                if sent % 1000 == 0:
+                    producer.poll(0)
+        except KeyboardInterrupt:
+            interrupted = True
+        finally:
+            progress.close()
+        undelivered = producer.flush(FLUSH_TIMEOUT_S)  # Ctrl-C again: stop now
     elapsed = time.monotonic() - start
     failures = report.failed + undelivered
     rate = sent / elapsed if elapsed > 0 else 0.0

@@ -68,7 +68,6 @@ import time
 import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from types import FrameType
 from typing import Any, TextIO
 
 from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaException, Producer, TopicPartition
@@ -108,9 +107,9 @@ from dataflows.tools.replay import (
     OutHeaders,
     Pacer,
     RecordEncoder,
+    StopRequests,
     csv_lines,
     header_pairs,
-    in_main_thread,
     produce,
     send_control,
 )
@@ -1864,7 +1863,7 @@ class Demo:
         self.published: list[str] = []
         """name:version of every model published, for the summary to wait for its event."""
         self.fetch_wait_ms: int | None = None
-        self.stop_requested = False
+        self._stops = StopRequests()
         self.interrupted = False
         self.failure = ""
         self._last_update: float | None = None
@@ -1882,7 +1881,9 @@ class Demo:
 
     def run(self) -> int:
         """The whole demo; returns the exit code."""
-        with self._deferred_interrupts():
+        # The first Ctrl-C or SIGTERM asks to stop, where `_checkpoint` is: raised inside
+        # `Consumer.consume()` it would drop messages the summary must count.
+        with self._stops:
             with contextlib.ExitStack() as stack:
                 try:
                     self._set_up(stack)
@@ -1901,37 +1902,9 @@ class Demo:
             # Everything is stopped now (ExitStack), the numbers are final.
             return self._finish()
 
-    @contextlib.contextmanager
-    def _deferred_interrupts(self) -> Iterator[None]:
-        """The first Ctrl-C or SIGTERM only asks to stop (`_checkpoint` acts on it); the
-        second one raises KeyboardInterrupt at once.
-
-        A KeyboardInterrupt raised inside `Consumer.consume()` drops the messages it had
-        taken off librdkafka's queue, and the summary would miss them.
-        """
-        if not in_main_thread():
-            yield
-            return
-        signals = (signal.SIGINT, signal.SIGTERM)
-        previous = {sig: signal.getsignal(sig) for sig in signals}
-
-        def on_signal(signum: int, frame: FrameType | None) -> None:
-            if self.stop_requested:
-                raise KeyboardInterrupt
-            self.stop_requested = True
-
-        for sig in signals:
-            signal.signal(sig, on_signal)
-        try:
-            yield
-        finally:
-            for sig, handler in previous.items():
-                signal.signal(sig, handler)
-
     def _checkpoint(self) -> None:
         """Where a requested stop takes effect."""
-        if self.stop_requested:
-            raise KeyboardInterrupt
+        self._stops.check()
 
     def _set_up(self, stack: contextlib.ExitStack) -> None:
         options = self.options
