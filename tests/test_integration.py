@@ -643,19 +643,23 @@ def test_kill_9_and_restart_loses_no_record(kafka_config: Config, tmp_path: Path
     kinds = [e.kind for e in reader.events(config)]
     assert kinds[:2] == ["contract_installed", "installed"], kinds
     assert set(kinds[2:]) <= {"contract_installed", "installed", "restored"}, kinds
-    # At-least-once, bounded: the only duplicates are the records scored between the last
-    # snapshot and the kill, i.e. one contiguous run of offsets per source partition. The
-    # snapshot waited for covers the first third at least, whatever the speed.
+    # At-least-once, bounded: the only duplicates are records the killed process scored
+    # after the snapshot the restart resumed from. The restarted process scores one run of
+    # offsets per source partition, from there to the end; what the killed one scored of
+    # that run need not be a run too: its scored records went to two output partitions,
+    # and the kill can land after one's delivery and before the other's (seen once under
+    # load: offset 8752 scored once between duplicated neighbours). The snapshot waited
+    # for covers the first third at least, whatever the speed.
     assert duplicates <= before - total // 3
     for partition in (0, 1):
-        repeated = sorted(
-            s.source_offset
-            for s in scored
-            if s.source_partition == partition and counts[s.output_key] > 1
-        )
-        unique = sorted(set(repeated))
-        if unique:
-            assert unique == list(range(unique[0], unique[-1] + 1)), "duplicates are scattered"
+        mine = [s for s in scored if s.source_partition == partition]
+        again = sorted(s.source_offset for s in mine if s.scored_by != killed)
+        repeated = {s.source_offset for s in mine if counts[s.output_key] > 1}
+        if not again:
+            assert not repeated
+            continue
+        assert again == list(range(again[0], again[-1] + 1)), "the restart skipped offsets"
+        assert min(repeated, default=again[0]) >= again[0], "a duplicate before the resume"
     assert {s.model_name for s in scored} == {CATALOG["wine-gbt"].name}
 
 
