@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from confluent_kafka import TopicPartition
+from confluent_kafka import KafkaException, TopicPartition
 from confluent_kafka.admin import AdminClient, OffsetSpec
 
 from dataflows.contracts.decode import ContractCodecs
@@ -443,10 +443,14 @@ def test_ctrl_c_stops_replay_with_what_it_sent_delivered(
 
 
 def _topic_size(admin: AdminClient, topic: str) -> int:
-    """Messages in `topic`, all partitions (high watermarks)."""
+    """Messages in `topic`, all partitions (high watermarks); 0 while the broker cannot
+    say (a new topic's partitions answer NOT_LEADER_FOR_PARTITION for a moment)."""
     partitions = admin.list_topics(topic, timeout=10).topics[topic].partitions
     asked = {TopicPartition(topic, p): OffsetSpec.latest() for p in partitions}
-    return sum(f.result(10).offset for f in admin.list_offsets(asked).values())
+    try:
+        return sum(f.result(10).offset for f in admin.list_offsets(asked).values())
+    except KafkaException:
+        return 0
 
 
 # --- tail and topics ----------------------------------------------------------------------
