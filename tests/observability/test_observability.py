@@ -336,6 +336,12 @@ def test_dashboards_and_alerts_on_the_real_dataflow(kafka_config: Config, tmp_pa
         assert waxserve(["publish", "wine-rf-classifier"]) == 0  # accuracy needs a classifier
         prometheus.wait_for('waxserve_model_info{model="wine-rf-classifier"}', flow)
         replay(str(WINE_CSV), *rows)
+        # A counter's rate needs it to grow after its first scrape: on a busy machine the
+        # dataflow scored all these records between two scrapes, the new series' first
+        # sample held them all, and the accuracy panel stayed empty (0 / 0). More once
+        # Prometheus has the series.
+        prometheus.wait_for('waxserve_labelled_records_total{model="wine-rf-classifier"}', flow)
+        replay(str(WINE_CSV), "--rate", "400", "--limit", "200")
         # The labels, later: each joins the predictions of the three models (same ids).
         replay(str(WINE_CSV), "--feedback", *rows)
 
