@@ -324,9 +324,20 @@ def test_model_swap_mid_stream_and_pmml_reference_value(any_config: Config, tmp_
         second = record_bytes(wine_lines(0, 300), "b")
         produce(config, config.records_topic, second, partitions=2)
         reader.wait_for("600 scored", lambda: len(reader.scored(config)) >= 600, flow)
+        # The state follows the scored topic by a moment (the shards report their windows
+        # now and then): under load it still moved between the two answers 1 s after the
+        # 600th record. Read both until they agree on all 600.
+        answers: dict[str, Any] = {}
+
+        def settled() -> bool:
+            answers["models"] = get_json(f"{state}/models")
+            answers["wine"] = get_json(f"{state}/state/wine")
+            counted = sum(m["usage_count"] for m in answers["models"])
+            return bool(answers["models"] == answers["wine"] and counted == 600)
+
+        reader.wait_for("the queryable state at 600 scored", settled, flow)
         reader.read(1.0)
-        models = get_json(f"{state}/models")
-        wine = get_json(f"{state}/state/wine")
+        models, wine = answers["models"], answers["wine"]
         with pytest.raises(urllib.error.HTTPError, match="404"):
             get_json(f"{state}/state/no-such-type")
         status = subprocess.run(
