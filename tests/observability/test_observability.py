@@ -344,6 +344,9 @@ def test_dashboards_and_alerts_on_the_real_dataflow(kafka_config: Config, tmp_pa
         replay(str(WINE_CSV), "--rate", "400", "--limit", "200")
         # The labels, later: each joins the predictions of the three models (same ids).
         replay(str(WINE_CSV), "--feedback", *rows)
+        # The delayed-label counters likewise: more labels once Prometheus has the series.
+        prometheus.wait_for("waxserve_feedback_pairs_total", flow)
+        replay(str(WINE_CSV), "--feedback", "--rate", "400", "--limit", "200")
 
         queries = [q for path in DASHBOARDS for q in dashboard_queries(path)]
         # Wait until every panel shows data: the last model's series need a few scrapes.
