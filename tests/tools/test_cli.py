@@ -377,9 +377,11 @@ producer = Producer({"bootstrap.servers": "127.0.0.1:1", "log_level": 0,
 headers = [("content-type", "application/json"), ("data-type", "wine")]
 outcomes = collections.Counter()
 for trial in range(int(sys.argv[1])):
-    kill = subprocess.Popen(["bash", "-c", f"sleep {random.uniform(0.005, 0.03):.4f}; "
-                             f"kill -INT {os.getpid()}"])
+    # The killer starts inside StopRequests: on a busy machine its signal can arrive
+    # before Popen returns, and it must then be deferred like one during produce().
     with StopRequests() as stops:
+        kill = subprocess.Popen(["bash", "-c", f"sleep {random.uniform(0.005, 0.03):.4f}; "
+                                 f"kill -INT {os.getpid()}"])
         try:
             while True:
                 stops.check()
