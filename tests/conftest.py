@@ -16,6 +16,7 @@ import contextlib
 import dataclasses
 import itertools
 import os
+import signal
 import time
 import uuid
 from collections.abc import Callable, Iterator
@@ -36,6 +37,15 @@ RECORDS_PARTITIONS = 2
 _test_ids = itertools.count(1)
 
 ConsumeAll = Callable[..., list[Message]]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # A shell without job control starts `cmd &` with SIGINT ignored, and an ignored signal
+    # stays ignored across exec: every process the tests start would then ignore the Ctrl-C
+    # the Ctrl-C tests send it. Python's own handler here makes children start with the
+    # default again (and the xdist workers, started from this process, do the same).
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
