@@ -27,7 +27,7 @@ from confluent_kafka import OFFSET_BEGINNING, Consumer, KafkaError, Message, Top
 
 from dataflows.core.config import Config
 from dataflows.tools.broker import EmbeddedBroker, create_topics, kafka_settings
-from dataflows.tools.kafka_server import ApacheKafka, resolve_jars
+from dataflows.tools.kafka_server import QUICK_JIT, ApacheKafka, resolve_jars
 
 TOPIC_FIELDS = tuple(f.name for f in dataclasses.fields(Config) if f.name.endswith("_topic"))
 """The Config fields that name a topic."""
@@ -59,7 +59,9 @@ def broker(
     with capture.global_and_fixture_disabled() if capture else contextlib.nullcontext():
         resolve_jars()
     log_path = tmp_path_factory.mktemp("kafka") / "kafka.log"
-    with ApacheKafka(log_path=log_path, secure=True, progress=None) as running:
+    # A test session's broker: C1 only (QUICK_JIT) halves its CPU on a 2-core machine.
+    kafka = ApacheKafka(log_path=log_path, secure=True, progress=None, jvm_options=QUICK_JIT)
+    with kafka as running:
         yield running
 
 

@@ -83,6 +83,10 @@ JVM_OPTIONS = (
     "-XX:+ExitOnOutOfMemoryError",
     "-Djava.awt.headless=true",
 )
+QUICK_JIT = ("-XX:TieredStopAtLevel=1",)
+"""C1 only: no C2 compiles, which a short-lived JVM (the storage tool; a broker for one
+test session) pays for in CPU and never earns back. A session of the integration tests
+took 26 s of the broker's CPU with it and about twice that without (the commit says how)."""
 
 SCRAM_MECHANISM = "SCRAM-SHA-512"
 
@@ -392,7 +396,8 @@ class ApacheKafka(BrokerProcess):
     user `username`/`password` (default: a random password): `secure_listener` says how to
     log in. `heap_max`/`heap_min` are the JVM's -Xmx/-Xms (None: no -Xms); `settings` are
     broker properties over `BROKER_SETTINGS`; `progress` gets the lines of a first jar
-    download (None: quiet).
+    download (None: quiet); `jvm_options` are added to the JVM's (`QUICK_JIT` for a
+    broker that serves tests, not a benchmark).
     """
 
     STOP_TIMEOUT_S = 20.0  # a clean JVM shutdown takes longer than tansu's
@@ -414,6 +419,7 @@ class ApacheKafka(BrokerProcess):
         startup_timeout: float = 90.0,
         die_with_parent: bool = True,
         progress: Callable[[str], None] | None = _stderr,
+        jvm_options: Sequence[str] = (),
     ) -> None:
         self.host = host
         self.port = port
@@ -429,6 +435,7 @@ class ApacheKafka(BrokerProcess):
         self.startup_timeout = startup_timeout
         self.die_with_parent = die_with_parent
         self.progress = progress
+        self.jvm_options = tuple(jvm_options)
         self.cluster_id = new_cluster_id()
         self.controller_port: int | None = None
         self.secure_listener: SecureListener | None = None
@@ -506,7 +513,7 @@ class ApacheKafka(BrokerProcess):
         )
         classpath = f"{libs}/*"
         logging_options = [f"-Dlog4j2.configurationFile={LOG4J_CONFIG}"]
-        storage_tool = [java, "-Xmx256m", *JVM_OPTIONS, *logging_options]
+        storage_tool = [java, "-Xmx256m", *JVM_OPTIONS, *QUICK_JIT, *logging_options]
         storage_tool += ["-Dwaxserve.kafka.log.level=WARN", "-cp", classpath]
         storage_tool += ["kafka.tools.StorageTool", "format", "--standalone"]
         formatted = subprocess.run(
@@ -525,6 +532,7 @@ class ApacheKafka(BrokerProcess):
             java,
             *heap,
             *JVM_OPTIONS,
+            *self.jvm_options,
             *logging_options,
             "-cp",
             classpath,
