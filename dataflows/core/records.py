@@ -11,9 +11,9 @@ object matrix of the text fields (None for absent), in the contract's column lay
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar, cast, overload
 
 import msgspec
 import numpy as np
@@ -389,6 +389,74 @@ def _message_size(key: bytes | None, value: bytes | None, headers: Headers) -> i
 # --- decoded columns ---------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class EncodedKeys:
+    """Strings as UTF-8 bytes, encoded once for everything that needs their bytes: the
+    scored records' ids and a split's entity hash (`dataflows.rollout.assign`). `width` is
+    their common length in bytes (None when they differ), and then `joined` holds all of
+    them back to back, ready to view as an (n, width) byte matrix."""
+
+    items: list[bytes]
+    width: int | None
+    joined: bytes
+
+    @classmethod
+    def of(cls, strings: Sequence[str]) -> EncodedKeys:
+        """The strings, encoded."""
+        return cls.of_bytes([s.encode() for s in strings])
+
+    @classmethod
+    def of_bytes(cls, items: list[bytes]) -> EncodedKeys:
+        """Byte strings as they are."""
+        lengths = set(map(len, items))
+        width = lengths.pop() if len(lengths) == 1 else None
+        return cls(items, width, b"".join(items) if width is not None else b"")
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def take(self, at: list[int]) -> EncodedKeys:
+        """The keys at these positions."""
+        items = list(map(self.items.__getitem__, at))
+        if self.width is None:
+            return EncodedKeys.of_bytes(items)  # the rows taken may share a width
+        return EncodedKeys(items, self.width, b"".join(items))
+
+    def matrix(self) -> np.ndarray:
+        """The keys as the rows of an (n, width) uint8 matrix; only when they share a width."""
+        assert self.width is not None
+        return np.frombuffer(self.joined, np.uint8).reshape(len(self.items), self.width)
+
+
+_ENCODED_IDS = "encoded ids"
+T = TypeVar("T")
+
+
+class Picked(Sequence[T]):
+    """Some items of a sequence, by position, without copying them: what a run taken from
+    another keeps of the records as they arrived (keys, values, headers), which only a dead
+    letter reads. A split takes a run apart for every batch; copying these cost a third of
+    its takes."""
+
+    __slots__ = ("_at", "_items")
+
+    def __init__(self, items: Sequence[T], at: list[int]):
+        self._items = items
+        self._at = at
+
+    def __len__(self) -> int:
+        return len(self._at)
+
+    @overload
+    def __getitem__(self, i: int) -> T: ...
+    @overload
+    def __getitem__(self, i: slice) -> list[T]: ...
+    def __getitem__(self, i: int | slice) -> T | list[T]:
+        if isinstance(i, slice):
+            return [self._items[j] for j in self._at[i]]
+        return self._items[self._at[i]]
+
+
 @dataclass
 class RecordColumns:
     """Decoded records of one data type from one source partition, as columns.
@@ -409,17 +477,32 @@ class RecordColumns:
     numeric: np.ndarray  # float64 (n, len(contract.numeric_fields))
     text: np.ndarray  # object (n, len(contract.text_fields))
     labels: np.ndarray  # float64 or object (n,)
-    keys: list[bytes | None]
-    raw: list[bytes | None]
-    headers: list[Headers]
+    keys: Sequence[bytes | None]
+    raw: Sequence[bytes | None]
+    headers: Sequence[Headers]
+    # What `memo` has derived from this run: its model calls share it.
+    _memo: dict[str, Any] = field(default_factory=dict, repr=False, compare=False)
 
     def __len__(self) -> int:
         return len(self.record_ids)
+
+    def memo(self, name: str, compute: Callable[[], T]) -> T:
+        """What `compute` derives from this run alone, computed on first use: the model
+        calls of one run (a shadow and the active model, an ensemble's members) share it."""
+        if name not in self._memo:
+            self._memo[name] = compute()
+        return cast(T, self._memo[name])
+
+    def encoded_ids(self) -> EncodedKeys:
+        """The record ids as UTF-8 bytes: encoded once for every model call and entity
+        hash of this run, and carried into the runs `take` makes of it."""
+        return self.memo(_ENCODED_IDS, lambda: EncodedKeys.of(self.record_ids))
 
     def take(self, rows: np.ndarray) -> RecordColumns:
         """The records at these row indices (a boolean mask or integer indices)."""
         index = np.flatnonzero(rows) if rows.dtype == bool else rows
         at = index.tolist()  # Python ints: indexing a list by numpy ints is slower
+        encoded = self._memo.get(_ENCODED_IDS)
         return RecordColumns(
             data_type=self.data_type,
             contract_version=self.contract_version,
@@ -431,9 +514,10 @@ class RecordColumns:
             numeric=self.numeric[index],
             text=self.text[index],
             labels=self.labels[index],
-            keys=[self.keys[i] for i in at],
-            raw=[self.raw[i] for i in at],
-            headers=[self.headers[i] for i in at],
+            keys=Picked(self.keys, at),
+            raw=Picked(self.raw, at),
+            headers=Picked(self.headers, at),
+            _memo={_ENCODED_IDS: encoded.take(at)} if encoded is not None else {},
         )
 
     def dead_letter(self, row: int, stage: str, reason: str, message: str) -> DeadLetter:

@@ -46,28 +46,38 @@ def scored_messages(
         + lineage
     )
     rows = None if prediction.valid.all() else np.flatnonzero(prediction.valid)
-    offsets = run.offsets if rows is None else run.offsets[rows]
-    event_times = run.event_time_ms if rows is None else run.event_time_ms[rows]
-    values = prediction.values if rows is None else prediction.values[rows]
-    record_ids = run.record_ids if rows is None else [run.record_ids[i] for i in rows]
+    if rows is None:  # the usual call: the run's own fields, shared with its other calls
+        fields = run.memo(_RECORD_FIELDS, lambda: _record_fields(run))
+        values = prediction.values
+    else:
+        ids = run.encoded_ids().take(rows.tolist())
+        fields = wire.RecordFields(ids, run.offsets[rows], run.event_time_ms[rows])
+        values = prediction.values[rows]
     keys = wire.output_keys(
-        run.topic, run.partition, identity.name, identity.version, offsets.tolist()
+        run.topic, run.partition, identity.name, identity.version, fields.offset_list()
     )
     if prediction.labels is None:
-        encoded = wire.regression_records(shared, keys, record_ids, offsets, event_times, values)
+        encoded = wire.regression_records(shared, keys, fields, values)
     else:  # a classifier's value is optional: protobuf writes it with the label
         numbers = [
             own + extra
             for own, extra in zip(
-                wire.numeric_fields(offsets, event_times, None),
+                fields.offset_and_time_fields(),
                 _classifier_fields(prediction, rows, values),
                 strict=True,
             )
         ]
-        encoded = wire.scored_record_values(shared, keys, record_ids, numbers)
+        encoded = wire.scored_record_values(shared, keys, fields.ids, numbers)
     # No content-type header: the scored topic carries ScoredRecord protobuf only, and
     # a header costs ~1 µs a record to produce (bench/README.md).
     return list(zip(keys, encoded, itertools.repeat(None)))
+
+
+_RECORD_FIELDS = "scored record fields"
+
+
+def _record_fields(run: RecordColumns) -> wire.RecordFields:
+    return wire.RecordFields(run.encoded_ids(), run.offsets, run.event_time_ms)
 
 
 def lineage_field(spec: ModelSpec, contract_version: int) -> bytes:

@@ -57,6 +57,7 @@ from dataflows.core.reasons import Reason, Stage
 from dataflows.core.records import (
     DEFAULT_MAX_MESSAGE_BYTES,
     DeadLetter,
+    EncodedKeys,
     OutMessage,
     RawRun,
     RecordColumns,
@@ -1041,14 +1042,15 @@ class ShardScorer:
         return agreement.compared, disagreements(mine, theirs, tolerance)
 
     @staticmethod
-    def _entity_keys(run: RecordColumns, plan: ServingPlan, contract: Contract) -> list[str]:
-        """What keeps an entity on one variant: the plan's entity field, else the record id."""
+    def _entity_keys(run: RecordColumns, plan: ServingPlan, contract: Contract) -> EncodedKeys:
+        """What keeps an entity on one variant: the plan's entity field, else the record id
+        (whose bytes the scored records then reuse)."""
         column = contract.columns.get(plan.entity_field) if plan.entity_field else None
         if column is None:
-            return run.record_ids
+            return run.encoded_ids()
         if column.numeric:
-            return [repr(v) for v in run.numeric[:, column.index].tolist()]
-        return [str(v) for v in run.text[:, column.index].tolist()]
+            return EncodedKeys.of([repr(v) for v in run.numeric[:, column.index].tolist()])
+        return EncodedKeys.of([str(v) for v in run.text[:, column.index].tolist()])
 
     def release_held(self, *, force: bool = False) -> list[ShardOut]:
         """Serve the models that have loaded in the background, then dead-letter held

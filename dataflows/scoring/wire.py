@@ -17,8 +17,11 @@ included.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from typing import cast
 
 import numpy as np
+
+from dataflows.core.records import EncodedKeys
 
 # Tags (field number << 3 | wire type) of protos/waxserve.proto's ScoredRecord.
 _TAG_OUTPUT_KEY = b"\x0a"  # 1, length-delimited
@@ -89,6 +92,45 @@ def _fixed_varints(values: np.ndarray) -> np.ndarray | None:
     return groups
 
 
+class RecordFields:
+    """The fields of a batch's ScoredRecords that do not depend on the model: each record's
+    id, source offset and event time. Their encodings are computed on first use and kept,
+    so that every model scoring the same records (a shadow beside the active model, an
+    ensemble's members) encodes them once."""
+
+    def __init__(self, ids: EncodedKeys, offsets: np.ndarray, event_times_ms: np.ndarray):
+        self.ids = ids
+        self.offsets = offsets
+        self.event_times_ms = event_times_ms
+        self._offset_list: list[int] | None = None
+        self._fixed: tuple[np.ndarray, np.ndarray] | bool | None = False  # False: not yet
+        self._numbers: list[bytes] | None = None
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def offset_list(self) -> list[int]:
+        """The source offsets as Python ints (for the output keys)."""
+        if self._offset_list is None:
+            self._offset_list = self.offsets.tolist()
+        return self._offset_list
+
+    def fixed_varints(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """The offsets' and the event times' varints as (n, k) uint8 matrices, when each
+        column's varints are of one length; None when not."""
+        if self._fixed is False:
+            offsets = _fixed_varints(self.offsets)
+            times = _fixed_varints(self.event_times_ms) if offsets is not None else None
+            self._fixed = None if offsets is None or times is None else (offsets, times)
+        return cast(tuple[np.ndarray, np.ndarray] | None, self._fixed)
+
+    def offset_and_time_fields(self) -> list[bytes]:
+        """Per record, its encoded source offset and event time fields (no value)."""
+        if self._numbers is None:
+            self._numbers = numeric_fields(self.offsets, self.event_times_ms, None)
+        return self._numbers
+
+
 def _same_length(items: Sequence[bytes]) -> int | None:
     lengths = set(map(len, items))
     return lengths.pop() if len(lengths) == 1 else None
@@ -97,23 +139,19 @@ def _same_length(items: Sequence[bytes]) -> int | None:
 def regression_records(
     shared: bytes,
     output_keys: Sequence[bytes],
-    record_ids: Sequence[str],
-    source_offsets: np.ndarray,
-    event_times_ms: np.ndarray,
+    fields: RecordFields,
     values: np.ndarray,
 ) -> list[bytes]:
     """ScoredRecord bytes of a regressor's records: the shared fields, then each record's
     output key, record id, source offset, value and event time."""
-    ids = [r.encode() for r in record_ids]
+    ids = fields.ids
     n = len(ids)
-    key_width, id_width = _same_length(output_keys), _same_length(ids)
-    offset_bytes = time_bytes = None
-    if key_width is not None and id_width is not None:
-        offset_bytes = _fixed_varints(source_offsets)
-        time_bytes = _fixed_varints(event_times_ms) if offset_bytes is not None else None
-    if key_width is None or id_width is None or offset_bytes is None or time_bytes is None:
-        numbers = numeric_fields(source_offsets, event_times_ms, values)
-        return _join_records(shared, output_keys, ids, numbers)
+    key_width, id_width = _same_length(output_keys), ids.width
+    fixed = fields.fixed_varints() if key_width is not None and id_width is not None else None
+    if key_width is None or id_width is None or fixed is None:
+        numbers = numeric_fields(fields.offsets, fields.event_times_ms, values)
+        return _join_records(shared, output_keys, ids.items, numbers)
+    offset_bytes, time_bytes = fixed
 
     def constant(data: bytes) -> np.ndarray:
         return np.broadcast_to(np.frombuffer(data, np.uint8), (n, len(data)))
@@ -127,7 +165,7 @@ def regression_records(
             constant(shared + _TAG_OUTPUT_KEY + length_prefix(key_width)),
             rows(b"".join(output_keys), key_width),
             constant(_TAG_RECORD_ID + length_prefix(id_width)),
-            rows(b"".join(ids), id_width),
+            ids.matrix(),
             constant(bytes([_TAG_SOURCE_OFFSET])),
             offset_bytes,
             constant(bytes([_TAG_VALUE])),
@@ -171,11 +209,11 @@ def numeric_fields(
 def scored_record_values(
     shared: bytes,
     output_keys: Sequence[bytes],
-    record_ids: Sequence[str],
+    record_ids: EncodedKeys,
     numbers: Sequence[bytes],
 ) -> list[bytes]:
     """ScoredRecord bytes: the shared fields, then each record's key, id and numbers."""
-    return _join_records(shared, output_keys, [r.encode() for r in record_ids], numbers)
+    return _join_records(shared, output_keys, record_ids.items, numbers)
 
 
 def _join_records(

@@ -94,7 +94,16 @@ def test_record_columns_pull_out_id_event_time_and_label() -> None:
     assert columns.raw[2] is values[3]
     # take() keeps every column aligned.
     one = columns.take(np.array([False, False, True]))
-    assert one.record_ids == ["c"] and one.offsets.tolist() == [3] and one.raw == [values[3]]
+    assert one.record_ids == ["c"] and one.offsets.tolist() == [3] and list(one.raw) == [values[3]]
+    # A take of a take, after the ids' bytes were encoded: the dead letter of the one
+    # record left still carries its own key, value and headers, and its encoded id.
+    assert columns.encoded_ids().items == [b"a", f"{TOPIC}/2/1".encode(), b"c"]
+    last_two = columns.take(np.array([1, 2]))
+    last = last_two.take(np.array([False, True]))
+    assert last.encoded_ids().items == [b"c"] and last.encoded_ids().joined == b"c"
+    letter = last.dead_letter(0, "score", "score_failed", "x")
+    assert (letter.offset, letter.value, letter.headers) == (3, values[3], [])
+    assert last_two.raw[:] == [values[1], values[3]] and len(last.raw) == 1
 
 
 def test_a_run_that_decodes_to_nothing_gives_only_dead_letters() -> None:

@@ -8,6 +8,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from dataflows.core.records import EncodedKeys
 from dataflows.rollout.assign import assign, entity_points
 from dataflows.rollout.plans import PlanBook, PlanError, ServingPlan, activate, apply
 from protos import waxserve_pb2 as pb
@@ -107,8 +108,35 @@ def test_commands_that_cannot_apply_say_why(commands: list[pb.PlanCommand], erro
         run(SERVING_LR, *commands)
 
 
-def test_entities_stay_on_their_variant_and_shares_match_the_weights() -> None:
-    keys = [f"customer-{i}" for i in range(100_000)]
+def test_an_entitys_point_is_fixed_whatever_batch_it_comes_in() -> None:
+    # Pinned: a change of the hash moves the entities of every split in flight.
+    keys = ["customer-1", "a", "", "x" * 100]
+    assert entity_points("wine", keys).tolist() == [
+        0.2723575278055548,
+        0.834118935078728,
+        0.9199224038656453,
+        0.07467736836750438,
+    ]
+    assert entity_points("beer", keys[:1])[0] != entity_points("wine", keys[:1])[0]
+    # Mixed lengths (one matrix, each key's state stopped at its own last word), keys of
+    # one width (the usual batch), keys past LONG_KEY_BYTES (hashed by their digest) and
+    # ids already encoded: each key lands where it lands alone.
+    mixed = [f"c{i}" for i in range(300)] + ["", "é" * 40, "y" * 65, "y" * 66, "z" * 10_000]
+    alone = [entity_points("wine", [k])[0] for k in mixed]
+    assert entity_points("wine", mixed).tolist() == alone
+    assert entity_points("wine", EncodedKeys.of(mixed)).tolist() == alone
+    same_width = [f"{i:06d}" for i in range(300)]
+    assert entity_points("wine", same_width).tolist() == [
+        entity_points("wine", [k])[0] for k in same_width
+    ]
+    assert len(set(alone)) == len(mixed), "no two of these keys share a point"
+    # Zero padding does not make keys equal: the length is in the seed.
+    assert len(set(entity_points("wine", ["a", "a\0", "a\0\0"]).tolist())) == 3
+
+
+@pytest.mark.parametrize("key_format", ["customer-{}", "{:06d}"])
+def test_entities_stay_on_their_variant_and_shares_match_the_weights(key_format: str) -> None:
+    keys = [key_format.format(i) for i in range(100_000)]
     points = entity_points("wine", keys)
     assert np.array_equal(points, entity_points("wine", keys)), "stable across calls"
     chosen = assign(points, [0.7, 0.2, 0.1])

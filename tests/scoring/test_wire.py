@@ -7,6 +7,7 @@ from typing import Any
 import numpy as np
 import pytest
 
+from dataflows.core.records import EncodedKeys
 from dataflows.scoring import wire
 from protos import waxserve_pb2 as pb
 
@@ -46,7 +47,9 @@ def test_records_parse_to_the_same_message_as_protobufs_encoding(with_values: bo
     record_ids = ["", "r", "ü" * 100, "x" * 200, "y" * 20_000, *[str(i) for i in range(6)]]
     keys = [f"records/3/{o}/wine-lr/7".encode() for o in EDGE_INTS]
     numbers = wire.numeric_fields(offsets, event_times, values if with_values else None)
-    encoded = wire.scored_record_values(SHARED.SerializeToString(), keys, record_ids, numbers)
+    encoded = wire.scored_record_values(
+        SHARED.SerializeToString(), keys, EncodedKeys.of(record_ids), numbers
+    )
     assert len(encoded) == len(EDGE_INTS)
     for i, data in enumerate(encoded):
         value = float(values[i]) if with_values else None
@@ -57,7 +60,7 @@ def test_records_parse_to_the_same_message_as_protobufs_encoding(with_values: bo
 def test_an_empty_batch_encodes_to_nothing() -> None:
     empty = np.array([], dtype=np.int64)
     assert wire.numeric_fields(empty, empty, np.array([])) == []
-    assert wire.scored_record_values(b"", [], [], []) == []
+    assert wire.scored_record_values(b"", [], EncodedKeys.of([]), []) == []
 
 
 def test_length_prefixes_are_varints() -> None:
@@ -97,7 +100,9 @@ def test_regression_records_parse_to_protobufs_encoding(
     values = np.linspace(-3.5, 9.25, n)
     values[5] = -0.0
     numbers = wire.numeric_fields(offsets, event_times, values)
-    general = wire.scored_record_values(SHARED.SerializeToString(), keys, record_ids, numbers)
+    general = wire.scored_record_values(
+        SHARED.SerializeToString(), keys, EncodedKeys.of(record_ids), numbers
+    )
     general_calls: list[tuple[object, ...]] = []
     numeric_fields = wire.numeric_fields
 
@@ -107,7 +112,10 @@ def test_regression_records_parse_to_protobufs_encoding(
 
     monkeypatch.setattr(wire, "numeric_fields", counted)
     encoded = wire.regression_records(
-        SHARED.SerializeToString(), keys, record_ids, offsets, event_times, values
+        SHARED.SerializeToString(),
+        keys,
+        wire.RecordFields(EncodedKeys.of(record_ids), offsets, event_times),
+        values,
     )
     assert len(general_calls) == (0 if case == "uniform" else 1)
     parsed = [pb.ScoredRecord.FromString(data) for data in encoded]
@@ -122,7 +130,9 @@ def test_regression_records_of_edge_values() -> None:
     ids = [f"{i:02d}" for i in range(len(EDGE_INTS))]
     values = np.array([0.0, -0.0, np.inf, -np.inf, 1e-320, 1e300, 3, -7, 1, 2, 0.5])
     for offset_column in (offsets, same):
-        encoded = wire.regression_records(b"", keys, ids, offset_column, same, values)
+        encoded = wire.regression_records(
+            b"", keys, wire.RecordFields(EncodedKeys.of(ids), offset_column, same), values
+        )
         parsed = [pb.ScoredRecord.FromString(data) for data in encoded]
         expected = [
             pb.ScoredRecord(
@@ -135,4 +145,12 @@ def test_regression_records_of_edge_values() -> None:
             for k, r, o, t, v in zip(keys, ids, offset_column, same, values, strict=True)
         ]
         assert parsed == expected
-    assert wire.regression_records(b"", [], [], np.array([], np.int64), same[:0], values[:0]) == []
+    assert (
+        wire.regression_records(
+            b"",
+            [],
+            wire.RecordFields(EncodedKeys.of([]), np.array([], np.int64), same[:0]),
+            values[:0],
+        )
+        == []
+    )
