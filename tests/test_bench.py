@@ -375,7 +375,18 @@ def test_breakdown_times_serving_plans() -> None:
     # Only the shadow writes shadow records; each experiment has its derived costs.
     assert [c["shadow_bytes_per_record"] > 0 for c in cases.values()] == [0, 0, 0, 0, 1]
     for name in ("split 50/50", "split 90/10", "shadow"):
-        assert {"overhead_ms", "overhead_paired_ms", "added_to_second"} <= set(cases[name]["cpu"])
+        derived = {"overhead_paired_ms", "added_to_second", "over_single_to_second"}
+        assert derived | {"over_single_to_whole_second"} <= set(cases[name]["cpu"])
+        cpu = cases[name]["cpu"]
+        # The models' own time is measured: with a split, each on the records sent to it.
+        assert cpu["primary_own_ms"] > 0 and cpu["second_own_ms"] > 0, cpu
+        if name == "shadow":
+            assert cpu["primary_own_ms"] == cases["wine-lr"]["cpu"]["median_ms"]
+    assert set(costs["own_ms"]["cpu"]) == {
+        f"{model} on {split}"
+        for model in ("wine-lr", "wine-gbt")
+        for split in ("split 50/50", "split 90/10")
+    }
     assert costs["assign_us_per_record"] > 0 and costs["take_us_per_record"] > 0
     markdown = "\n".join(report._plans_section({"plan_costs": costs}))
     assert "## Serving plans" in markdown and "canary wine-gbt" in markdown
