@@ -60,6 +60,11 @@ class Dataflow:
             # A JVM only in the dataflows that load PMML: started with every one (the
             # default, tests/runtimes/test_jvm_start.py) it costs the suite ~40 s.
             "WAXSERVE_PMML": "lazy",
+            # Idle consumers fetch every fetch.wait.max.ms: at the default 5 ms, one idle
+            # dataflow kept the session's Kafka broker 0.1-0.4 of a core busy, at 100 ms
+            # 0.03 (Kafka answers a waiting fetch as soon as records arrive: no test
+            # waits longer for them).
+            "WAXSERVE_FETCH_WAIT_MS": "100",
             **env,
         }
         self._out = self.log.open("w")

@@ -34,6 +34,8 @@ def dataflow(kafka_config: Config, tmp_path: Path) -> Iterator[subprocess.Popen[
         **config_env(kafka_config),
         "WAXSERVE_STATE_ADDR": "",
         "BYTEWAX_DATAFLOW_API_CACHE_PATH": str(tmp_path),
+        "WAXSERVE_PMML": "lazy",  # no PMML here: no JVM (2-3 s of CPU a start)
+        "WAXSERVE_FETCH_WAIT_MS": "100",  # idle fetches: as tests/test_integration.py
     }
     log = (tmp_path / "dataflow.log").open("w")
     proc = subprocess.Popen(
