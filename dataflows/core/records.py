@@ -389,6 +389,12 @@ def _message_size(key: bytes | None, value: bytes | None, headers: Headers) -> i
 # --- decoded columns ---------------------------------------------------------------------
 
 
+def common_length(items: Sequence[bytes]) -> int | None:
+    """The length every item has, or None when they differ (or there is none)."""
+    lengths = set(map(len, items))
+    return lengths.pop() if len(lengths) == 1 else None
+
+
 @dataclass(frozen=True)
 class EncodedKeys:
     """Strings as UTF-8 bytes, encoded once for everything that needs their bytes: the
@@ -408,8 +414,7 @@ class EncodedKeys:
     @classmethod
     def of_bytes(cls, items: list[bytes]) -> EncodedKeys:
         """Byte strings as they are."""
-        lengths = set(map(len, items))
-        width = lengths.pop() if len(lengths) == 1 else None
+        width = common_length(items)
         return cls(items, width, b"".join(items) if width is not None else b"")
 
     def __len__(self) -> int:

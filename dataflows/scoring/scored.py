@@ -54,7 +54,7 @@ def scored_messages(
         fields = wire.RecordFields(ids, run.offsets[rows], run.event_time_ms[rows])
         values = prediction.values[rows]
     keys = wire.output_keys(
-        run.topic, run.partition, identity.name, identity.version, fields.offset_list()
+        run.topic, run.partition, identity.name, identity.version, fields.offset_list
     )
     if prediction.labels is None:
         encoded = wire.regression_records(shared, keys, fields, values)
@@ -62,7 +62,7 @@ def scored_messages(
         numbers = [
             own + extra
             for own, extra in zip(
-                fields.offset_and_time_fields(),
+                fields.offset_and_time_fields,
                 _classifier_fields(prediction, rows, values),
                 strict=True,
             )

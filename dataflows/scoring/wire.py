@@ -17,11 +17,13 @@ included.
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
 from typing import cast
 
 import numpy as np
 
-from dataflows.core.records import EncodedKeys
+from dataflows.core.records import EncodedKeys, common_length
 
 # Tags (field number << 3 | wire type) of protos/waxserve.proto's ScoredRecord.
 _TAG_OUTPUT_KEY = b"\x0a"  # 1, length-delimited
@@ -92,48 +94,34 @@ def _fixed_varints(values: np.ndarray) -> np.ndarray | None:
     return groups
 
 
+@dataclass
 class RecordFields:
     """The fields of a batch's ScoredRecords that do not depend on the model: each record's
     id, source offset and event time. Their encodings are computed on first use and kept,
     so that every model scoring the same records (a shadow beside the active model, an
     ensemble's members) encodes them once."""
 
-    def __init__(self, ids: EncodedKeys, offsets: np.ndarray, event_times_ms: np.ndarray):
-        self.ids = ids
-        self.offsets = offsets
-        self.event_times_ms = event_times_ms
-        self._offset_list: list[int] | None = None
-        self._fixed: tuple[np.ndarray, np.ndarray] | bool | None = False  # False: not yet
-        self._numbers: list[bytes] | None = None
+    ids: EncodedKeys
+    offsets: np.ndarray
+    event_times_ms: np.ndarray
 
-    def __len__(self) -> int:
-        return len(self.ids)
-
+    @cached_property
     def offset_list(self) -> list[int]:
         """The source offsets as Python ints (for the output keys)."""
-        if self._offset_list is None:
-            self._offset_list = self.offsets.tolist()
-        return self._offset_list
+        return cast(list[int], self.offsets.tolist())
 
+    @cached_property
     def fixed_varints(self) -> tuple[np.ndarray, np.ndarray] | None:
         """The offsets' and the event times' varints as (n, k) uint8 matrices, when each
         column's varints are of one length; None when not."""
-        if self._fixed is False:
-            offsets = _fixed_varints(self.offsets)
-            times = _fixed_varints(self.event_times_ms) if offsets is not None else None
-            self._fixed = None if offsets is None or times is None else (offsets, times)
-        return cast(tuple[np.ndarray, np.ndarray] | None, self._fixed)
+        offsets = _fixed_varints(self.offsets)
+        times = _fixed_varints(self.event_times_ms) if offsets is not None else None
+        return None if offsets is None or times is None else (offsets, times)
 
+    @cached_property
     def offset_and_time_fields(self) -> list[bytes]:
         """Per record, its encoded source offset and event time fields (no value)."""
-        if self._numbers is None:
-            self._numbers = numeric_fields(self.offsets, self.event_times_ms, None)
-        return self._numbers
-
-
-def _same_length(items: Sequence[bytes]) -> int | None:
-    lengths = set(map(len, items))
-    return lengths.pop() if len(lengths) == 1 else None
+        return numeric_fields(self.offsets, self.event_times_ms, None)
 
 
 def regression_records(
@@ -146,8 +134,8 @@ def regression_records(
     output key, record id, source offset, value and event time."""
     ids = fields.ids
     n = len(ids)
-    key_width, id_width = _same_length(output_keys), ids.width
-    fixed = fields.fixed_varints() if key_width is not None and id_width is not None else None
+    key_width, id_width = common_length(output_keys), ids.width
+    fixed = fields.fixed_varints if key_width is not None and id_width is not None else None
     if key_width is None or id_width is None or fixed is None:
         numbers = numeric_fields(fields.offsets, fields.event_times_ms, values)
         return _join_records(shared, output_keys, ids.items, numbers)
